@@ -1,0 +1,532 @@
+//! Card data, parsed at the edge.
+//!
+//! `Pan`, `Expiry`, `Cvc` and `HolderName` can only be built by their `parse` functions, so code
+//! past the API layer never handles an unchecked string. The secret ones (`Pan`, `Cvc`) live in
+//! fixed-size arrays (no reallocation leaves copies behind), are wiped on drop, print as
+//! `<redacted>` in `Debug`, and are read through one named method each. This module depends on
+//! nothing else in the crate.
+
+use std::fmt;
+
+use serde::Deserialize;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// Why a piece of card data was refused. The variants never carry the submitted value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CardError {
+    #[error("card number must be 12 to 19 digits and pass the Luhn check")]
+    InvalidNumber,
+    #[error("expiry is malformed or in the past")]
+    InvalidExpiry,
+    #[error("CVC must be 3 or 4 digits")]
+    InvalidCvc,
+    #[error("holder name is too long, empty, or holds control characters or digits")]
+    InvalidHolderName,
+}
+
+/// A string from a request body that may hold card data: wiped on drop, never printed.
+#[derive(Deserialize, Default)]
+#[serde(transparent)]
+pub struct SecretInput(Zeroizing<String>);
+
+impl SecretInput {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SecretInput {
+    fn from(s: &str) -> Self {
+        SecretInput(Zeroizing::new(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for SecretInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretInput(<redacted>)")
+    }
+}
+
+const PAN_MAX: usize = 19;
+const PAN_MIN: usize = 12;
+
+/// A primary account number: 12–19 ASCII digits that pass the Luhn check.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct Pan {
+    digits: [u8; PAN_MAX],
+    len: u8,
+}
+
+impl Pan {
+    /// Accepts digits, optionally grouped by single spaces or dashes between digit groups.
+    pub fn parse(input: &str) -> Result<Pan, CardError> {
+        let mut digits = [0u8; PAN_MAX];
+        let mut len = 0usize;
+        let mut previous_was_digit = false;
+        for byte in input.bytes() {
+            match byte {
+                b'0'..=b'9' => {
+                    let slot = digits.get_mut(len).ok_or(CardError::InvalidNumber)?;
+                    *slot = byte;
+                    len += 1;
+                    previous_was_digit = true;
+                }
+                b' ' | b'-' if previous_was_digit => previous_was_digit = false,
+                _ => {
+                    digits.zeroize();
+                    return Err(CardError::InvalidNumber);
+                }
+            }
+        }
+        let pan = Pan {
+            digits,
+            len: len as u8,
+        };
+        if !previous_was_digit || len < PAN_MIN || !luhn_valid(pan.digits()) {
+            return Err(CardError::InvalidNumber);
+        }
+        Ok(pan)
+    }
+
+    /// Rebuilds a PAN read back from the store; the same checks as `parse`.
+    pub fn from_digits(digits: &[u8]) -> Result<Pan, CardError> {
+        std::str::from_utf8(digits)
+            .map_err(|_| CardError::InvalidNumber)
+            .and_then(Pan::parse)
+    }
+
+    /// The only way to read the full number.
+    pub fn expose_digits(&self) -> &str {
+        // Only ASCII digits are ever stored, so this cannot fail.
+        std::str::from_utf8(self.digits()).unwrap_or("")
+    }
+
+    fn digits(&self) -> &[u8] {
+        self.digits.get(..usize::from(self.len)).unwrap_or(&[])
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The issuer identification number: the first six digits.
+    pub fn iin(&self) -> &str {
+        self.expose_digits().get(..6).unwrap_or("")
+    }
+
+    /// The eight-digit IIN, shown only for PANs of 16 digits or more (PCI DSS 3.4.1 allows it).
+    pub fn iin8(&self) -> Option<&str> {
+        (self.len() >= 16).then(|| self.expose_digits().get(..8).unwrap_or(""))
+    }
+
+    pub fn last4(&self) -> &str {
+        let s = self.expose_digits();
+        s.get(s.len().saturating_sub(4)..).unwrap_or("")
+    }
+
+    pub fn scheme(&self) -> Scheme {
+        Scheme::of(self)
+    }
+}
+
+impl fmt::Debug for Pan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pan(<redacted>)")
+    }
+}
+
+pub fn luhn_valid(digits: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (i, d) in digits.iter().rev().enumerate() {
+        if !d.is_ascii_digit() {
+            return false;
+        }
+        let mut v = u32::from(d - b'0');
+        if i % 2 == 1 {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        sum += v;
+    }
+    !digits.is_empty() && sum % 10 == 0
+}
+
+/// Card expiry: the card is valid through the last day of `month`/`year`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    month: u8,
+    year: u16,
+}
+
+impl Expiry {
+    /// `year` may be given with 2 or 4 digits. Refused when before the current month `today`
+    /// (year, month) or absurdly far in the future.
+    pub fn parse(month: u64, year: u64, today: (u16, u8)) -> Result<Expiry, CardError> {
+        let (this_year, this_month) = today;
+        if !(1..=12).contains(&month) {
+            return Err(CardError::InvalidExpiry);
+        }
+        let year = match year {
+            0..=99 => 2000 + year,
+            1000..=9999 => year,
+            _ => return Err(CardError::InvalidExpiry),
+        };
+        let year = u16::try_from(year).map_err(|_| CardError::InvalidExpiry)?;
+        let month = month as u8;
+        if (year, month) < (this_year, this_month) || year > this_year + 50 {
+            return Err(CardError::InvalidExpiry);
+        }
+        Ok(Expiry { month, year })
+    }
+
+    /// Rebuilds an expiry read back from the store, without the "not in the past" check.
+    pub fn stored(month: u8, year: u16) -> Expiry {
+        Expiry { month, year }
+    }
+
+    pub fn month(&self) -> u8 {
+        self.month
+    }
+
+    pub fn year(&self) -> u16 {
+        self.year
+    }
+}
+
+/// A card verification code: kept in memory only, never stored.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct Cvc {
+    digits: [u8; 4],
+    len: u8,
+}
+
+impl Cvc {
+    pub fn parse(input: &str) -> Result<Cvc, CardError> {
+        let bytes = input.as_bytes();
+        if !(3..=4).contains(&bytes.len()) || !bytes.iter().all(u8::is_ascii_digit) {
+            return Err(CardError::InvalidCvc);
+        }
+        let mut digits = [0u8; 4];
+        for (slot, b) in digits.iter_mut().zip(bytes) {
+            *slot = *b;
+        }
+        Ok(Cvc {
+            digits,
+            len: bytes.len() as u8,
+        })
+    }
+
+    /// The only way to read the code.
+    pub fn expose(&self) -> &str {
+        let digits = self.digits.get(..usize::from(self.len)).unwrap_or(&[]);
+        std::str::from_utf8(digits).unwrap_or("")
+    }
+}
+
+impl fmt::Debug for Cvc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cvc(<redacted>)")
+    }
+}
+
+/// The cardholder's name as embossed: personal data, sealed at rest.
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct HolderName(String);
+
+impl HolderName {
+    pub const MAX_CHARS: usize = 100;
+
+    /// Refuses control characters and digits: a name never needs them, and refusing digits keeps
+    /// a PAN typed into the wrong field from being stored as a "name".
+    pub fn parse(input: &str) -> Result<HolderName, CardError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty()
+            || trimmed.chars().count() > Self::MAX_CHARS
+            || trimmed
+                .chars()
+                .any(|c| c.is_control() || c.is_ascii_digit())
+        {
+            return Err(CardError::InvalidHolderName);
+        }
+        Ok(HolderName(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for HolderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HolderName(<redacted>)")
+    }
+}
+
+/// Card schemes recognised from public IIN ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Visa,
+    Mastercard,
+    Amex,
+    Discover,
+    Diners,
+    Jcb,
+    UnionPay,
+    Maestro,
+    Mir,
+    Elo,
+    Hipercard,
+    RuPay,
+    Troy,
+    Verve,
+    Unknown,
+}
+
+/// Six-digit IIN ranges, first match wins: the narrow national ranges come before the broad
+/// international ones they sit inside (Elo and RuPay inside Discover's 65, Elo inside Visa's 4).
+const IIN_RANGES: &[(u32, u32, Scheme)] = {
+    use Scheme::*;
+    &[
+        (401178, 401179, Elo),
+        (431274, 431274, Elo),
+        (438935, 438935, Elo),
+        (451416, 451416, Elo),
+        (457393, 457393, Elo),
+        (457631, 457632, Elo),
+        (504175, 504175, Elo),
+        (506699, 506778, Elo),
+        (509000, 509999, Elo),
+        (627780, 627780, Elo),
+        (636297, 636297, Elo),
+        (636368, 636368, Elo),
+        (650031, 650033, Elo),
+        (650035, 650051, Elo),
+        (650405, 650439, Elo),
+        (650485, 650538, Elo),
+        (650541, 650598, Elo),
+        (650700, 650718, Elo),
+        (650720, 650727, Elo),
+        (650901, 650978, Elo),
+        (651652, 651679, Elo),
+        (655000, 655019, Elo),
+        (655021, 655058, Elo),
+        (384100, 384100, Hipercard),
+        (384140, 384140, Hipercard),
+        (384160, 384160, Hipercard),
+        (606282, 606282, Hipercard),
+        (637095, 637095, Hipercard),
+        (637568, 637568, Hipercard),
+        (637599, 637599, Hipercard),
+        (637609, 637609, Hipercard),
+        (637612, 637612, Hipercard),
+        (506099, 506198, Verve),
+        (507865, 507964, Verve),
+        (650002, 650027, Verve),
+        (508500, 508999, RuPay),
+        (606985, 607984, RuPay),
+        (608001, 608500, RuPay),
+        (652150, 653149, RuPay),
+        (817200, 819899, RuPay),
+        (820000, 820199, RuPay),
+        (979200, 979289, Troy),
+        (220000, 220499, Mir),
+        (340000, 349999, Amex),
+        (370000, 379999, Amex),
+        (300000, 305999, Diners),
+        (309500, 309599, Diners),
+        (360000, 369999, Diners),
+        (380000, 399999, Diners),
+        (352800, 358999, Jcb),
+        (601100, 601199, Discover),
+        (622126, 622925, UnionPay),
+        (644000, 659999, Discover),
+        (620000, 629999, UnionPay),
+        (810000, 817199, UnionPay),
+        (501800, 501899, Maestro),
+        (502000, 502099, Maestro),
+        (503800, 503899, Maestro),
+        (589300, 589399, Maestro),
+        (630400, 630499, Maestro),
+        (675900, 675999, Maestro),
+        (676100, 676399, Maestro),
+        (676770, 676770, Maestro),
+        (676774, 676774, Maestro),
+        (500000, 509999, Maestro),
+        (560000, 589999, Maestro),
+        (510000, 559999, Mastercard),
+        (222100, 272099, Mastercard),
+        (400000, 499999, Visa),
+    ]
+};
+
+impl Scheme {
+    fn of(pan: &Pan) -> Scheme {
+        let iin: u32 = pan.iin().parse().unwrap_or(0);
+        IIN_RANGES
+            .iter()
+            .find(|(lo, hi, _)| (*lo..=*hi).contains(&iin))
+            .map_or(Scheme::Unknown, |(_, _, scheme)| *scheme)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Scheme::Visa => "visa",
+            Scheme::Mastercard => "mastercard",
+            Scheme::Amex => "amex",
+            Scheme::Discover => "discover",
+            Scheme::Diners => "diners",
+            Scheme::Jcb => "jcb",
+            Scheme::UnionPay => "unionpay",
+            Scheme::Maestro => "maestro",
+            Scheme::Mir => "mir",
+            Scheme::Elo => "elo",
+            Scheme::Hipercard => "hipercard",
+            Scheme::RuPay => "rupay",
+            Scheme::Troy => "troy",
+            Scheme::Verve => "verve",
+            Scheme::Unknown => "unknown",
+        }
+    }
+}
+
+/// Completes `prefix` (digits) to a Luhn-valid number of `len` digits, filling with zeros.
+/// Used to build test numbers for any IIN; never used on real card data.
+pub fn luhn_complete(prefix: &str, len: usize) -> String {
+    let mut body: String = prefix.chars().take(len.saturating_sub(1)).collect();
+    while body.len() < len.saturating_sub(1) {
+        body.push('0');
+    }
+    for check in b'0'..=b'9' {
+        let mut candidate = body.clone().into_bytes();
+        candidate.push(check);
+        if luhn_valid(&candidate) {
+            return String::from_utf8(candidate).unwrap_or_default();
+        }
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TODAY: (u16, u8) = (2026, 11);
+
+    #[test]
+    fn pan_parsing_table() {
+        let cases: &[(&str, bool)] = &[
+            ("4242424242424242", true),
+            ("4242 4242 4242 4242", true),
+            ("4242-4242-4242-4242", true),
+            ("378282246310005", true),
+            ("4242424242424241", false),
+            ("4242 4242 4242 424a", false),
+            (" 4242424242424242", false),
+            ("4242424242424242 ", false),
+            ("4242  4242424242424242", false),
+            ("4242--4242424242424242", false),
+            ("", false),
+            ("abc", false),
+            (&luhn_complete("4", 11), false),
+            (&luhn_complete("4", 12), true),
+            (&luhn_complete("4", 19), true),
+            (&luhn_complete("4", 20), false),
+            ("%B4242424242424242^DOE/JOHN^2512", false),
+        ];
+        for (input, ok) in cases {
+            assert_eq!(Pan::parse(input).is_ok(), *ok, "case #{input}#");
+        }
+    }
+
+    #[test]
+    fn pan_views() {
+        let pan = Pan::parse("4242 4242 4242 4242").unwrap();
+        assert_eq!(pan.expose_digits(), "4242424242424242");
+        assert_eq!(pan.iin(), "424242");
+        assert_eq!(pan.iin8(), Some("42424242"));
+        assert_eq!(pan.last4(), "4242");
+        let short = Pan::parse("378282246310005").unwrap();
+        assert_eq!(short.iin8(), None);
+        assert_eq!(format!("{pan:?}"), "Pan(<redacted>)");
+        assert!(!format!("{:?}", Cvc::parse("123").unwrap()).contains("123"));
+    }
+
+    #[test]
+    fn scheme_table() {
+        let cases: &[(&str, Scheme)] = &[
+            ("4242424242424242", Scheme::Visa),
+            ("5555555555554444", Scheme::Mastercard),
+            ("2223003122003222", Scheme::Mastercard),
+            ("378282246310005", Scheme::Amex),
+            ("6011111111111117", Scheme::Discover),
+            ("6445644564456445", Scheme::Discover),
+            ("3056930009020004", Scheme::Diners),
+            ("36227206271667", Scheme::Diners),
+            ("3566002020360505", Scheme::Jcb),
+            ("6200000000000005", Scheme::UnionPay),
+            ("6759649826438453", Scheme::Maestro),
+            ("2200000000000004", Scheme::Mir),
+            ("6362970000457013", Scheme::Elo),
+            ("4011780000000000", Scheme::Elo),
+            ("6062825624254001", Scheme::Hipercard),
+            ("6521500000000000", Scheme::RuPay),
+            ("9792000000000000", Scheme::Troy),
+            ("5061000000000000", Scheme::Verve),
+            ("9999990000000000", Scheme::Unknown),
+        ];
+        for (prefix, scheme) in cases {
+            let pan = Pan::parse(&luhn_complete(prefix, prefix.len())).unwrap();
+            assert_eq!(pan.scheme(), *scheme, "{prefix}");
+        }
+    }
+
+    #[test]
+    fn expiry_table() {
+        let cases: &[(u64, u64, Option<(u8, u16)>)] = &[
+            (12, 2030, Some((12, 2030))),
+            (12, 30, Some((12, 2030))),
+            (11, 2026, Some((11, 2026))),
+            (10, 2026, None),
+            (13, 2030, None),
+            (0, 2030, None),
+            (1, 2025, None),
+            (1, 2200, None),
+            (1, 123, None),
+        ];
+        for (m, y, want) in cases {
+            let got = Expiry::parse(*m, *y, TODAY)
+                .ok()
+                .map(|e| (e.month(), e.year()));
+            assert_eq!(got, *want, "{m}/{y}");
+        }
+    }
+
+    #[test]
+    fn cvc_and_name_table() {
+        for (input, ok) in [
+            ("123", true),
+            ("1234", true),
+            ("12", false),
+            ("12345", false),
+            ("12a", false),
+        ] {
+            assert_eq!(Cvc::parse(input).is_ok(), ok, "{input}");
+        }
+        for (input, ok) in [
+            ("Ada Lovelace", true),
+            ("", false),
+            ("  ", false),
+            ("4242424242424242", false),
+            ("A\u{7}B", false),
+        ] {
+            assert_eq!(HolderName::parse(input).is_ok(), ok, "{input:?}");
+        }
+        assert_eq!(Cvc::parse("987").unwrap().expose(), "987");
+    }
+}

@@ -1,0 +1,32 @@
+//! cardvault: a card vault for a payment router.
+//!
+//! Callers reach it over mutual TLS only; it tokenizes card details into envelope-encrypted
+//! records in an embedded sled store, and hands them back once, through detokenization, to
+//! callers the policy allows. `ARCHITECTURE.md` has the bird's-eye view; the code map:
+//!
+//! - [`card`]: `Pan`, `Expiry`, `Cvc` parsed at the edge, redacted and wiped;
+//! - `tokens`: object ids and project names;
+//! - `crypto`: envelope encryption and the `KeyEncryptionKey` seam;
+//! - `store`: sled trees, record encoding, group commit;
+//! - `policy`: identities and permissions, the only place that grants;
+//! - `vault`: the domain service (no HTTP);
+//! - `audit`: audit events;
+//! - `api`: actix handlers and the one error mapping;
+//! - `tls`, [`server`]: rustls configuration and the assembled daemon;
+//! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs.
+
+pub mod card;
+pub mod commands;
+pub mod config;
+pub mod dev;
+pub mod pki;
+pub mod server;
+
+mod api;
+mod audit;
+mod crypto;
+mod policy;
+mod store;
+mod tls;
+mod tokens;
+mod vault;

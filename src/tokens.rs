@@ -1,0 +1,218 @@
+//! Object ids (`card_…`, `tok_…`, `cust_…`) and project names.
+//!
+//! Ids are 32 base62 characters from the OS CSPRNG behind a kind prefix. They bear no relation
+//! to the card they name, and generation rejects any id whose digits, read as a number, pass the
+//! Luhn check or form a PAN-length run, so an id can never be mistaken for a card number by a
+//! log scanner or a DLP filter.
+
+use std::fmt;
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::card::luhn_valid;
+
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub const ID_CHARS: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdKind {
+    Card,
+    Customer,
+    CustomerToken,
+}
+
+impl IdKind {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            IdKind::Card => "card_",
+            IdKind::Customer => "cust_",
+            IdKind::CustomerToken => "tok_",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("malformed id")]
+    Malformed,
+    #[error("the system random number generator failed")]
+    Rng,
+}
+
+/// A well-formed object id of a known kind.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ObjectId {
+    kind: IdKind,
+    text: String,
+}
+
+impl ObjectId {
+    pub fn generate(kind: IdKind) -> Result<ObjectId, IdError> {
+        let rng = SystemRandom::new();
+        loop {
+            // 64 bytes give 32 accepted characters with overwhelming probability (each byte is
+            // kept with p = 248/256); one CSPRNG call per attempt.
+            let mut bytes = [0u8; 64];
+            rng.fill(&mut bytes).map_err(|_| IdError::Rng)?;
+            let mut text = String::with_capacity(kind.prefix().len() + ID_CHARS);
+            text.push_str(kind.prefix());
+            let body = bytes
+                .iter()
+                .filter(|b| **b < 248)
+                .take(ID_CHARS)
+                .filter_map(|b| ALPHABET.get(usize::from(*b % 62)).copied());
+            text.extend(body.map(char::from));
+            if text.len() == kind.prefix().len() + ID_CHARS && !looks_like_pan(&text) {
+                return Ok(ObjectId { kind, text });
+            }
+        }
+    }
+
+    /// Parses an id that must be of `kind`.
+    pub fn parse_kind(kind: IdKind, input: &str) -> Result<ObjectId, IdError> {
+        let body = input
+            .strip_prefix(kind.prefix())
+            .ok_or(IdError::Malformed)?;
+        if body.len() != ID_CHARS || !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(IdError::Malformed);
+        }
+        Ok(ObjectId {
+            kind,
+            text: input.to_owned(),
+        })
+    }
+
+    /// Parses an id of any kind.
+    pub fn parse(input: &str) -> Result<ObjectId, IdError> {
+        [IdKind::Card, IdKind::Customer, IdKind::CustomerToken]
+            .into_iter()
+            .find(|k| input.starts_with(k.prefix()))
+            .ok_or(IdError::Malformed)
+            .and_then(|k| ObjectId::parse_kind(k, input))
+    }
+
+    pub fn kind(&self) -> IdKind {
+        self.kind
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// True when the id's digits, read as one number, pass Luhn, or when it holds a run of 12 or
+/// more digits: either could trip a PAN detector.
+fn looks_like_pan(id: &str) -> bool {
+    let digits: Vec<u8> = id.bytes().filter(u8::is_ascii_digit).collect();
+    let longest_run = id
+        .as_bytes()
+        .split(|b| !b.is_ascii_digit())
+        .map(<[u8]>::len)
+        .max()
+        .unwrap_or(0);
+    longest_run >= 12 || (digits.len() >= 2 && luhn_valid(&digits))
+}
+
+/// A project (merchant account): every object belongs to exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Project(String);
+
+impl Project {
+    pub const MAX_LEN: usize = 64;
+
+    /// 1–64 characters of `a-z 0-9 _ -`.
+    pub fn parse(input: &str) -> Result<Project, IdError> {
+        let ok = !input.is_empty()
+            && input.len() <= Self::MAX_LEN
+            && input
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Project(input.to_owned()))
+        } else {
+            Err(IdError::Malformed)
+        }
+    }
+
+    pub fn default_project() -> Project {
+        Project("default".to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Project {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_well_formed_and_never_pan_like() {
+        for kind in [IdKind::Card, IdKind::Customer, IdKind::CustomerToken] {
+            for _ in 0..2000 {
+                let id = ObjectId::generate(kind).unwrap();
+                assert!(!looks_like_pan(id.as_str()));
+                assert_eq!(ObjectId::parse(id.as_str()).unwrap(), id);
+                assert_eq!(id.kind(), kind);
+            }
+        }
+    }
+
+    #[test]
+    fn pan_likeness() {
+        assert!(looks_like_pan("card_4242424242424242abc"));
+        assert!(looks_like_pan("card_a4b2c4d2e4f2g4h2i4j2k4l2m4n2o4p2"));
+        assert!(!looks_like_pan("card_abcdefghijklmnopqrstuvwxyzABCDEF"));
+    }
+
+    #[test]
+    fn parse_table() {
+        let good = "card_abcdefghijklmnopqrstuvwxyzABCDEF";
+        assert!(ObjectId::parse(good).is_ok());
+        assert!(ObjectId::parse_kind(IdKind::Customer, good).is_err());
+        for bad in [
+            "",
+            "card_",
+            "card_abc",
+            "card_abcdefghijklmnopqrstuvwxyzABCDE!",
+            "card_abcdefghijklmnopqrstuvwxyzABCDEFG",
+            "xyz_abcdefghijklmnopqrstuvwxyzABCDEF",
+            "4242424242424242",
+        ] {
+            assert!(ObjectId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn project_table() {
+        for (input, ok) in [
+            ("default", true),
+            ("shop-1_eu", true),
+            ("", false),
+            ("Shop", false),
+            ("a/b", false),
+            (&"a".repeat(65)[..], false),
+        ] {
+            assert_eq!(Project::parse(input).is_ok(), ok, "{input}");
+        }
+    }
+}

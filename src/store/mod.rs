@@ -1,0 +1,220 @@
+//! The embedded sled store. It sees only ciphertext, wrapped keys and opaque ids.
+//!
+//! Trees:
+//! - `cards`: `project \0 card_id` → [`CardRecord`]
+//! - `keys`:  `project \0 name` → a key wrapped by the KEK (`dek/<version>`, `fingerprint`)
+//! - `meta`:  store-wide values (the KEK check value)
+//!
+//! sled holds an exclusive lock on its folder: one process per store, so admin actions go
+//! through the daemon. Compression stays off so a byte scan of the folder for test PANs means
+//! something. Every write a caller is told about is made durable through [`GroupCommit`].
+
+mod commit;
+mod record;
+
+use std::path::Path;
+
+pub use commit::{FlushFailed, GroupCommit, Ticket};
+pub use record::{CardRecord, Malformed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: {0}")]
+    Corrupt(#[from] Malformed),
+    #[error(transparent)]
+    Flush(#[from] FlushFailed),
+    #[error("store: cannot start the flush thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The outcome of [`Store::swap_card`].
+pub enum Swap<E> {
+    /// No record under that id.
+    Missing,
+    /// `decide` refused the change; nothing was written.
+    Refused(E),
+    /// The record was replaced; the old value and the ticket to await before acting on it.
+    Swapped(CardRecord, Ticket),
+}
+
+pub struct Store {
+    db: sled::Db,
+    cards: sled::Tree,
+    keys: sled::Tree,
+    meta: sled::Tree,
+    commit: GroupCommit,
+}
+
+const KEK_CHECK: &[u8] = b"kek_check";
+
+fn key(project: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(project.len() + 1 + name.len());
+    k.extend_from_slice(project.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+impl Store {
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .use_compression(false)
+            .open()?;
+        let commit = GroupCommit::start(db.clone()).map_err(StoreError::Thread)?;
+        Ok(Store {
+            cards: db.open_tree("cards")?,
+            keys: db.open_tree("keys")?,
+            meta: db.open_tree("meta")?,
+            db,
+            commit,
+        })
+    }
+
+    /// Waits until the write behind `ticket` is on disk.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
+        Ok(self.commit.durable(ticket).await?)
+    }
+
+    /// Flushes everything and stops the flush thread.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.commit.shutdown();
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Inserts a new card record; the id is fresh from the CSPRNG, so an existing record under
+    /// it means a broken generator, and is refused rather than overwritten.
+    pub fn insert_card(
+        &self,
+        project: &str,
+        id: &str,
+        rec: &CardRecord,
+    ) -> Result<Ticket, StoreError> {
+        let result = self.cards.compare_and_swap(
+            key(project, id),
+            None as Option<&[u8]>,
+            Some(rec.encode()),
+        )?;
+        match result {
+            Ok(()) => Ok(self.commit.ticket()),
+            Err(_) => Err(StoreError::Corrupt(Malformed)),
+        }
+    }
+
+    pub fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
+        match self.cards.get(key(project, id))? {
+            Some(bytes) => Ok(Some(CardRecord::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Atomically replaces a card record with what `decide` makes of it: compare-and-swap in
+    /// a loop, so of any number of racing callers exactly one sees the old state and wins.
+    /// `decide` may run several times and must have no side effects.
+    pub fn swap_card<E>(
+        &self,
+        project: &str,
+        id: &str,
+        mut decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
+    ) -> Result<Swap<E>, StoreError> {
+        let k = key(project, id);
+        loop {
+            let Some(current) = self.cards.get(&k)? else {
+                return Ok(Swap::Missing);
+            };
+            let old = CardRecord::decode(&current)?;
+            let new = match decide(&old) {
+                Ok(new) => new,
+                Err(e) => return Ok(Swap::Refused(e)),
+            };
+            if self
+                .cards
+                .compare_and_swap(&k, Some(&current), Some(new.encode()))?
+                .is_ok()
+            {
+                return Ok(Swap::Swapped(old, self.commit.ticket()));
+            }
+        }
+    }
+
+    /// Removes a card record if it still holds exactly `expected` (used by the sweeper).
+    pub fn remove_card_if(
+        &self,
+        project: &str,
+        id: &str,
+        expected: &CardRecord,
+    ) -> Result<bool, StoreError> {
+        let swapped = self.cards.compare_and_swap(
+            key(project, id),
+            Some(expected.encode()),
+            None as Option<&[u8]>,
+        )?;
+        Ok(swapped.is_ok())
+    }
+
+    /// Every card record, as `(project, id, record)`; records that fail to decode are skipped
+    /// (and counted by the caller through the `Err` items).
+    pub fn cards(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, CardRecord), StoreError>> + '_ {
+        self.cards.iter().map(|item| {
+            let (k, v) = item?;
+            let mut parts = k.splitn(2, |b| *b == 0);
+            let project = parts.next().and_then(|p| std::str::from_utf8(p).ok());
+            let id = parts.next().and_then(|p| std::str::from_utf8(p).ok());
+            match (project, id) {
+                (Some(p), Some(i)) => Ok((p.to_owned(), i.to_owned(), CardRecord::decode(&v)?)),
+                _ => Err(StoreError::Corrupt(Malformed)),
+            }
+        })
+    }
+
+    /// A project's key wrapped by the KEK, if it exists.
+    pub fn wrapped_key(&self, project: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.keys.get(key(project, name))?.map(|v| v.to_vec()))
+    }
+
+    /// Stores `wrapped` unless a key of that name exists; returns the key that is now stored
+    /// (ours, or the one a racing writer stored first) and a ticket for its durability.
+    pub fn insert_wrapped_key(
+        &self,
+        project: &str,
+        name: &str,
+        wrapped: &[u8],
+    ) -> Result<(Vec<u8>, Ticket), StoreError> {
+        let k = key(project, name);
+        let stored = match self
+            .keys
+            .compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped))?
+        {
+            Ok(()) => wrapped.to_vec(),
+            Err(e) => e
+                .current
+                .map(|v| v.to_vec())
+                .ok_or(StoreError::Corrupt(Malformed))?,
+        };
+        Ok((stored, self.commit.ticket()))
+    }
+
+    /// The wrapped KEK check value, if this store has one yet.
+    pub fn kek_check(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(KEK_CHECK)?.map(|v| v.to_vec()))
+    }
+
+    /// Records the KEK check value of a new store, durably, before anything is sealed.
+    pub fn set_kek_check(&self, wrapped: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(KEK_CHECK, wrapped)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}

@@ -1,0 +1,179 @@
+//! Binary encoding of stored records, with length checks before every slice.
+//!
+//! A card record is a small plaintext header (timestamps, state, key version) followed by two
+//! sealed blobs: the card metadata, and the PAN. Using a card token drops its PAN blob for good;
+//! the metadata stays so `GET /v1/cards/{id}` can still answer `used: true`.
+
+/// Format tag: bump when the layout changes, and keep a decoder for every tag in the field.
+const CARD_FORMAT_V1: u8 = 1;
+const FLAG_USED: u8 = 0b01;
+const FLAG_HAS_PAN: u8 = 0b10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("stored record is malformed")]
+pub struct Malformed;
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct CardRecord {
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; after this the token is refused with `token_expired`.
+    pub expires_at: i64,
+    /// Unix seconds of the one use, once used.
+    pub used_at: Option<i64>,
+    /// DEK version both blobs are sealed under.
+    pub key_version: u32,
+    /// Sealed card metadata (scheme, IIN, last 4, expiry, holder name, fingerprint).
+    pub meta: Vec<u8>,
+    /// Sealed PAN; `None` once the token was used or expired.
+    pub pan: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for CardRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CardRecord")
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("used_at", &self.used_at)
+            .field("key_version", &self.key_version)
+            .field("has_pan", &self.pan.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CardRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let pan = self.pan.as_deref().unwrap_or(&[]);
+        let mut out = Vec::with_capacity(1 + 1 + 8 * 3 + 4 + 4 + self.meta.len() + 4 + pan.len());
+        out.push(CARD_FORMAT_V1);
+        let mut flags = 0;
+        if self.used_at.is_some() {
+            flags |= FLAG_USED;
+        }
+        if self.pan.is_some() {
+            flags |= FLAG_HAS_PAN;
+        }
+        out.push(flags);
+        out.extend_from_slice(&self.created_at.to_be_bytes());
+        out.extend_from_slice(&self.expires_at.to_be_bytes());
+        out.extend_from_slice(&self.used_at.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&self.key_version.to_be_bytes());
+        put_bytes(&mut out, &self.meta);
+        put_bytes(&mut out, pan);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<CardRecord, Malformed> {
+        let mut r = Reader(bytes);
+        if r.u8()? != CARD_FORMAT_V1 {
+            return Err(Malformed);
+        }
+        let flags = r.u8()?;
+        if flags & !(FLAG_USED | FLAG_HAS_PAN) != 0 {
+            return Err(Malformed);
+        }
+        let created_at = r.i64()?;
+        let expires_at = r.i64()?;
+        let used_at = r.i64()?;
+        let key_version = r.u32()?;
+        let meta = r.bytes()?.to_vec();
+        let pan = r.bytes()?;
+        if !r.0.is_empty() || meta.is_empty() || (flags & FLAG_HAS_PAN == 0) != pan.is_empty() {
+            return Err(Malformed);
+        }
+        Ok(CardRecord {
+            created_at,
+            expires_at,
+            used_at: (flags & FLAG_USED != 0).then_some(used_at),
+            key_version,
+            meta,
+            pan: (flags & FLAG_HAS_PAN != 0).then(|| pan.to_vec()),
+        })
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        if self.0.len() < n {
+            return Err(Malformed);
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
+        self.take(N)?.try_into().map_err(|_| Malformed)
+    }
+
+    fn u8(&mut self) -> Result<u8, Malformed> {
+        Ok(u8::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, Malformed> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn i64(&mut self) -> Result<i64, Malformed> {
+        Ok(i64::from_be_bytes(self.array()?))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], Malformed> {
+        let len = usize::try_from(self.u32()?).map_err(|_| Malformed)?;
+        self.take(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(pan: Option<Vec<u8>>, used_at: Option<i64>) -> CardRecord {
+        CardRecord {
+            created_at: 1_700_000_000,
+            expires_at: 1_700_086_400,
+            used_at,
+            key_version: 3,
+            meta: vec![1, 2, 3],
+            pan,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        for rec in [
+            sample(Some(vec![9; 40]), None),
+            sample(None, Some(1_700_000_100)),
+            sample(None, None),
+        ] {
+            assert_eq!(CardRecord::decode(&rec.encode()).unwrap(), rec);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_refused() {
+        let bytes = sample(Some(vec![9; 40]), None).encode();
+        for len in 0..bytes.len() {
+            assert!(CardRecord::decode(&bytes[..len]).is_err(), "prefix {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(CardRecord::decode(&longer).is_err());
+        let mut bad_flags = bytes;
+        bad_flags[1] = 0xff;
+        assert!(CardRecord::decode(&bad_flags).is_err());
+    }
+
+    #[test]
+    fn debug_shows_no_blobs() {
+        let rec = sample(Some(vec![0x42; 8]), None);
+        assert!(!format!("{rec:?}").contains("66"));
+    }
+}

@@ -1,0 +1,457 @@
+//! Who may do what: `policies/` files → decisions. The only place that grants a permission.
+//!
+//! A caller is known by its verified client certificate ([`Peer`]). Each `[[identity]]` in the
+//! policy names exactly one matcher (URI SAN, DNS SAN or subject CN), its permissions and the
+//! projects it may touch. Anything not granted is denied, and so is a certificate that matches
+//! no identity or more than one.
+//!
+//! Authorization yields a proof value, [`Grant<P>`], that only this module can construct. Vault
+//! operations take the grant for their permission, so an operation whose check was forgotten
+//! does not compile, and the grant carries the one project the operation may touch.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::tokens::Project;
+
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub uri_sans: Vec<String>,
+    pub dns_sans: Vec<String>,
+    pub common_names: Vec<String>,
+    /// The subject DN, for logs.
+    pub subject: String,
+    /// SHA-256 of the leaf certificate (DER), hex, for logs.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Permission {
+    Tokenize,
+    Read,
+    Customers,
+    Detokenize,
+    Admin,
+}
+
+impl Permission {
+    const ALL: [Permission; 5] = [
+        Permission::Tokenize,
+        Permission::Read,
+        Permission::Customers,
+        Permission::Detokenize,
+        Permission::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Tokenize => "tokenize",
+            Permission::Read => "read",
+            Permission::Customers => "customers",
+            Permission::Detokenize => "detokenize",
+            Permission::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Permission> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// Type-level permissions, so that a `Grant` names the permission it proves.
+pub trait Requires: sealed::Sealed {
+    const PERMISSION: Permission;
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! permission_marker {
+    ($name:ident, $perm:expr) => {
+        #[derive(Debug)]
+        pub enum $name {}
+        impl sealed::Sealed for $name {}
+        impl Requires for $name {
+            const PERMISSION: Permission = $perm;
+        }
+    };
+}
+
+permission_marker!(Tokenize, Permission::Tokenize);
+permission_marker!(Read, Permission::Read);
+permission_marker!(Detokenize, Permission::Detokenize);
+
+/// Proof that the policy allowed `identity` to use permission `P` on `project`.
+/// Only [`Policy::authorize`] makes one.
+pub struct Grant<P: Requires> {
+    identity: Arc<str>,
+    project: Project,
+    _permission: PhantomData<fn() -> P>,
+}
+
+impl<P: Requires> Grant<P> {
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    pub fn project(&self) -> &Project {
+        &self.project
+    }
+}
+
+impl<P: Requires> fmt::Debug for Grant<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Grant<{}>({} on {})",
+            P::PERMISSION.as_str(),
+            self.identity,
+            self.project
+        )
+    }
+}
+
+/// Why a request was denied; all of these answer 403 `forbidden` and are logged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("certificate matches no identity in the policy")]
+    UnknownIdentity,
+    #[error("certificate matches several identities: {0}")]
+    Ambiguous(String),
+    #[error("identity {identity} lacks permission {permission}")]
+    MissingPermission {
+        identity: String,
+        permission: &'static str,
+    },
+    #[error("identity {identity} may not use project {project}")]
+    Project { identity: String, project: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Matcher {
+    UriSan(String),
+    DnsSan(String),
+    CommonName(String),
+}
+
+impl Matcher {
+    fn matches(&self, peer: &Peer) -> bool {
+        let has = |list: &[String], v: &str| list.iter().any(|x| x == v);
+        match self {
+            Matcher::UriSan(v) => has(&peer.uri_sans, v),
+            Matcher::DnsSan(v) => has(&peer.dns_sans, v),
+            Matcher::CommonName(v) => has(&peer.common_names, v),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Identity {
+    name: Arc<str>,
+    matcher: Matcher,
+    permissions: HashSet<Permission>,
+    /// `None` means every project (`"*"`).
+    projects: Option<HashSet<Project>>,
+}
+
+impl Identity {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    identities: Vec<Identity>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("policy {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("policy {0}: no identities defined")]
+    Empty(PathBuf),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    identity: Vec<IdentityEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityEntry {
+    name: String,
+    uri_san: Option<String>,
+    dns_san: Option<String>,
+    common_name: Option<String>,
+    permissions: Vec<String>,
+    projects: Vec<String>,
+}
+
+impl Policy {
+    /// Loads a policy file, or every `*.toml` file in a folder (in name order).
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let read_err = |source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let mut files = Vec::new();
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).map_err(read_err)? {
+                let p = entry.map_err(read_err)?.path();
+                if p.extension().is_some_and(|e| e == "toml") {
+                    files.push(p);
+                }
+            }
+            files.sort();
+        } else {
+            files.push(path.to_owned());
+        }
+        let mut sources = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            sources.push((file, text));
+        }
+        let policy = Policy::parse(&sources)?;
+        if policy.identities.is_empty() {
+            return Err(PolicyError::Empty(path.to_owned()));
+        }
+        Ok(policy)
+    }
+
+    /// Parses policy sources `(origin, toml text)`; fails closed on anything doubtful.
+    pub fn parse(sources: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
+        let mut identities: Vec<Identity> = Vec::new();
+        for (path, text) in sources {
+            let invalid = |message: String| PolicyError::Invalid {
+                path: path.clone(),
+                message,
+            };
+            let file: PolicyFile =
+                toml::from_str(text).map_err(|e| invalid(e.message().to_owned()))?;
+            for entry in file.identity {
+                let identity = Identity::from_entry(entry).map_err(invalid)?;
+                if let Some(dup) = identities
+                    .iter()
+                    .find(|i| i.name == identity.name || i.matcher == identity.matcher)
+                {
+                    return Err(invalid(format!(
+                        "identity {:?} duplicates identity {:?} (same name or same matcher)",
+                        identity.name(),
+                        dup.name()
+                    )));
+                }
+                identities.push(identity);
+            }
+        }
+        Ok(Policy { identities })
+    }
+
+    /// The one identity this certificate matches.
+    pub fn identify(&self, peer: &Peer) -> Result<&Identity, Denied> {
+        let mut matching = self.identities.iter().filter(|i| i.matcher.matches(peer));
+        let first = matching.next().ok_or(Denied::UnknownIdentity)?;
+        if let Some(second) = matching.next() {
+            return Err(Denied::Ambiguous(format!(
+                "{}, {}",
+                first.name(),
+                second.name()
+            )));
+        }
+        Ok(first)
+    }
+
+    pub fn authorize<P: Requires>(
+        &self,
+        peer: &Peer,
+        project: &Project,
+    ) -> Result<Grant<P>, Denied> {
+        let identity = self.identify(peer)?;
+        if !identity.permissions.contains(&P::PERMISSION) {
+            return Err(Denied::MissingPermission {
+                identity: identity.name().to_owned(),
+                permission: P::PERMISSION.as_str(),
+            });
+        }
+        if let Some(projects) = &identity.projects {
+            if !projects.contains(project) {
+                return Err(Denied::Project {
+                    identity: identity.name().to_owned(),
+                    project: project.to_string(),
+                });
+            }
+        }
+        Ok(Grant {
+            identity: Arc::clone(&identity.name),
+            project: project.clone(),
+            _permission: PhantomData,
+        })
+    }
+}
+
+impl Identity {
+    fn from_entry(entry: IdentityEntry) -> Result<Identity, String> {
+        let name = entry.name.trim().to_owned();
+        if name.is_empty() {
+            return Err("an identity has an empty name".into());
+        }
+        let matcher = match (entry.uri_san, entry.dns_san, entry.common_name) {
+            (Some(v), None, None) => Matcher::UriSan(v),
+            (None, Some(v), None) => Matcher::DnsSan(v),
+            (None, None, Some(v)) => Matcher::CommonName(v),
+            (None, None, None) => {
+                return Err(format!(
+                    "identity {name:?} has no matcher: give uri_san, dns_san or common_name"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "identity {name:?} has several matchers: give exactly one"
+                ))
+            }
+        };
+        if matches!(&matcher, Matcher::UriSan(v) | Matcher::DnsSan(v) | Matcher::CommonName(v) if v.trim().is_empty())
+        {
+            return Err(format!("identity {name:?} has an empty matcher"));
+        }
+        let mut permissions = HashSet::new();
+        for p in &entry.permissions {
+            let perm = Permission::parse(p).ok_or_else(|| {
+                let known: Vec<_> = Permission::ALL.iter().map(|p| p.as_str()).collect();
+                format!(
+                    "identity {name:?}: unknown permission {p:?} (known: {})",
+                    known.join(", ")
+                )
+            })?;
+            permissions.insert(perm);
+        }
+        if entry.projects.is_empty() {
+            return Err(format!(
+                "identity {name:?} lists no projects (use [\"*\"] for all)"
+            ));
+        }
+        let projects = if entry.projects.iter().any(|p| p == "*") {
+            None
+        } else {
+            let mut set = HashSet::new();
+            for p in &entry.projects {
+                set.insert(
+                    Project::parse(p)
+                        .map_err(|_| format!("identity {name:?}: invalid project name {p:?}"))?,
+                );
+            }
+            Some(set)
+        };
+        Ok(Identity {
+            name: name.into(),
+            matcher,
+            permissions,
+            projects,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(&[(PathBuf::from("test.toml"), text.to_owned())])
+    }
+
+    const EXAMPLE: &str = r#"
+        [[identity]]
+        name = "router"
+        uri_san = "spiffe://pay/router"
+        permissions = ["tokenize", "read", "detokenize"]
+        projects = ["*"]
+
+        [[identity]]
+        name = "checkout"
+        dns_san = "checkout.pay"
+        permissions = ["tokenize"]
+        projects = ["shop-a"]
+    "#;
+
+    fn peer(uri: &[&str], dns: &[&str], cn: &[&str]) -> Peer {
+        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        Peer {
+            uri_sans: v(uri),
+            dns_sans: v(dns),
+            common_names: v(cn),
+            ..Peer::default()
+        }
+    }
+
+    #[test]
+    fn refuses_bad_policies() {
+        let cases: &[(&str, &str)] = &[
+            ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['fly']\nprojects=['*']", "unknown permission"),
+            ("[[identity]]\nname='a'\npermissions=['read']\nprojects=['*']", "no matcher"),
+            ("[[identity]]\nname='a'\nuri_san='x'\ncommon_name='y'\npermissions=['read']\nprojects=['*']", "several matchers"),
+            ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['read']\nprojects=['*']\n[[identity]]\nname='a'\nuri_san='y'\npermissions=['read']\nprojects=['*']", "duplicates"),
+            ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['read']\nprojects=['*']\n[[identity]]\nname='b'\nuri_san='x'\npermissions=['read']\nprojects=['*']", "duplicates"),
+            ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['read']\nprojects=[]", "no projects"),
+            ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['read']\nprojects=['Bad/Name']", "invalid project"),
+            ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['read']\nprojects=['*']\ncolour='red'", "unknown field"),
+            ("[[identity]]\nname='a'\nuri_san=''\npermissions=['read']\nprojects=['*']", "empty matcher"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}\n=> {err}");
+        }
+    }
+
+    #[test]
+    fn decisions_table() {
+        let policy = parse(EXAMPLE).unwrap();
+        let router = peer(&["spiffe://pay/router"], &[], &["router"]);
+        let checkout = peer(&[], &["checkout.pay"], &[]);
+        let stranger = peer(&["spiffe://pay/other"], &[], &["router"]);
+        let shop_a = Project::parse("shop-a").unwrap();
+        let shop_b = Project::parse("shop-b").unwrap();
+
+        assert!(policy.authorize::<Detokenize>(&router, &shop_b).is_ok());
+        assert!(policy.authorize::<Tokenize>(&checkout, &shop_a).is_ok());
+        assert!(matches!(
+            policy.authorize::<Tokenize>(&checkout, &shop_b),
+            Err(Denied::Project { .. })
+        ));
+        assert!(matches!(
+            policy.authorize::<Detokenize>(&checkout, &shop_a),
+            Err(Denied::MissingPermission { .. })
+        ));
+        assert_eq!(
+            policy.authorize::<Read>(&stranger, &shop_a).unwrap_err(),
+            Denied::UnknownIdentity
+        );
+        let both = peer(&["spiffe://pay/router"], &["checkout.pay"], &[]);
+        assert!(matches!(
+            policy.authorize::<Read>(&both, &shop_a),
+            Err(Denied::Ambiguous(_))
+        ));
+        let grant = policy.authorize::<Read>(&router, &shop_a).unwrap();
+        assert_eq!(
+            (grant.identity(), grant.project().as_str()),
+            ("router", "shop-a")
+        );
+    }
+}

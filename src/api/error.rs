@@ -1,0 +1,192 @@
+//! The one mapping from errors to HTTP: `{"error": {"code", "message"}}` with a stable code
+//! and a fixed message. Nothing submitted is ever echoed; the cause is logged server-side.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::card::CardError;
+use crate::policy::Denied;
+use crate::store::StoreError;
+use crate::vault::VaultError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
+impl ApiError {
+    pub const fn new(status: StatusCode, code: &'static str, message: &'static str) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message,
+        }
+    }
+
+    pub const FORBIDDEN: ApiError = ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "the caller may not do this",
+    );
+    pub const NOT_FOUND: ApiError =
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such object");
+    pub const METHOD_NOT_ALLOWED: ApiError = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this path",
+    );
+    pub const INVALID_JSON: ApiError = ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+        "the request body is not valid JSON",
+    );
+    pub const INVALID_REQUEST: ApiError = ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "the request body does not have the fields and types this endpoint takes",
+    );
+    pub const BODY_TOO_LARGE: ApiError = ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        "the request body is too large",
+    );
+    pub const INVALID_PROJECT: ApiError = ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_project",
+        "Vault-Project must be 1-64 characters of a-z, 0-9, '_' and '-'",
+    );
+    pub const PROHIBITED_DATA: ApiError = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "prohibited_data",
+        "track data and PIN blocks are never accepted",
+    );
+    pub const INVALID_FIELD: ApiError = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+        "reason and reference must be short printable text without card numbers",
+    );
+    pub const INTERNAL: ApiError = ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "internal error",
+    );
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status.as_u16(), self.code)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body = Body {
+            error: Inner {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        HttpResponse::build(self.status)
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(body)
+    }
+}
+
+impl From<CardError> for ApiError {
+    fn from(e: CardError) -> ApiError {
+        let status = StatusCode::UNPROCESSABLE_ENTITY;
+        match e {
+            CardError::InvalidNumber => ApiError::new(
+                status,
+                "invalid_number",
+                "card number must be 12 to 19 digits and pass the Luhn check",
+            ),
+            CardError::InvalidExpiry => ApiError::new(
+                status,
+                "invalid_expiry",
+                "expiry is malformed or in the past",
+            ),
+            CardError::InvalidCvc => {
+                ApiError::new(status, "invalid_cvc", "CVC must be 3 or 4 digits")
+            }
+            CardError::InvalidHolderName => ApiError::new(
+                status,
+                "invalid_holder_name",
+                "holder name must be 1 to 100 characters, without digits or control characters",
+            ),
+        }
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(e: Denied) -> ApiError {
+        tracing::info!(reason = %e, "request denied by policy");
+        ApiError::FORBIDDEN
+    }
+}
+
+impl From<VaultError> for ApiError {
+    fn from(e: VaultError) -> ApiError {
+        match &e {
+            VaultError::NotFound => ApiError::NOT_FOUND,
+            VaultError::TokenUsed => ApiError::new(
+                StatusCode::CONFLICT,
+                "token_used",
+                "this card token was already used",
+            ),
+            VaultError::TokenExpired => ApiError::new(
+                StatusCode::GONE,
+                "token_expired",
+                "this card token has expired",
+            ),
+            VaultError::Store(
+                StoreError::Sled(_) | StoreError::Flush(_) | StoreError::Thread(_),
+            ) => {
+                tracing::error!(error = %e, "storage failure");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "the store cannot take writes right now; retry later",
+                )
+            }
+            VaultError::Audit(_) => {
+                tracing::error!(error = %e, "audit failure");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "the audit trail cannot be written; the request was refused",
+                )
+            }
+            VaultError::Integrity(_) | VaultError::Store(StoreError::Corrupt(_)) => {
+                tracing::error!(error = %e, "stored record failed its integrity check");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "record_integrity",
+                    "a stored record failed its integrity check",
+                )
+            }
+            VaultError::Keys(_) | VaultError::Id(_) => {
+                tracing::error!(error = %e, "internal failure");
+                ApiError::INTERNAL
+            }
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! HTTP handlers, request and response bodies. The only module that knows actix-web's types
+//! (with `server`, which assembles the listener).
+//!
+//! Bodies are read by hand into wiping memory with a size limit, and parsed with our own error
+//! mapping: actix's JSON extractor would answer a PAN sent as a number with serde's message,
+//! which quotes the number.
+
+mod error;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+pub use error::ApiError;
+
+use crate::card::{Cvc, Expiry, HolderName, Pan, SecretInput};
+use crate::policy::{Grant, Peer, Policy, Requires};
+use crate::tokens::{IdKind, ObjectId, Project};
+use crate::vault::{this_month, NewCard, Purpose, Vault};
+
+/// Request bodies larger than this are refused with 413 before they are parsed.
+pub const BODY_LIMIT: usize = 16 * 1024;
+pub const PROJECT_HEADER: &str = "vault-project";
+
+/// What every handler shares.
+pub struct AppState {
+    pub vault: Arc<Vault>,
+    pub policy: Arc<Policy>,
+}
+
+/// Routes, shared by the daemon and anything else that serves the API.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/v1")
+            .service(resource("/health").route(web::get().to(health)))
+            .service(resource("/cards").route(web::post().to(tokenize)))
+            .service(resource("/cards/{id}").route(web::get().to(card)))
+            .service(resource("/detokenize").route(web::post().to(detokenize))),
+    )
+    .default_service(web::to(not_found));
+}
+
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NOT_FOUND)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::METHOD_NOT_ALLOWED)
+}
+
+fn peer(req: &HttpRequest) -> Result<&Peer, ApiError> {
+    req.conn_data::<Arc<Peer>>()
+        .map(AsRef::as_ref)
+        .ok_or(ApiError::FORBIDDEN)
+}
+
+fn project(req: &HttpRequest) -> Result<Project, ApiError> {
+    match req.headers().get(PROJECT_HEADER) {
+        None => Ok(Project::default_project()),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| Project::parse(v).ok())
+            .ok_or(ApiError::INVALID_PROJECT),
+    }
+}
+
+fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, ApiError> {
+    let peer = peer(req)?;
+    let project = project(req)?;
+    Ok(state.policy.authorize::<P>(peer, &project)?)
+}
+
+/// Reads at most [`BODY_LIMIT`] bytes into wiping memory and parses them as `T`.
+async fn read_json<T: DeserializeOwned>(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<T, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT) {
+        return Err(ApiError::BODY_TOO_LARGE);
+    }
+    // Allocated once at full size, so growth never leaves an unwiped copy behind.
+    let mut body = Zeroizing::new(Vec::with_capacity(BODY_LIMIT));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| ApiError::INVALID_REQUEST)?;
+        if body.len() + chunk.len() > BODY_LIMIT {
+            return Err(ApiError::BODY_TOO_LARGE);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            ApiError::INVALID_JSON
+        }
+        _ => ApiError::INVALID_REQUEST,
+    })
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
+    HttpResponse::build(status)
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(body)
+}
+
+async fn health(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    peer(&req)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ok", "sealed": false}),
+    ))
+}
+
+/// A number given either as a JSON number or as a string of digits.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Loose {
+    Int(u64),
+    Text(String),
+}
+
+impl Loose {
+    fn value(&self) -> Option<u64> {
+        match self {
+            Loose::Int(n) => Some(*n),
+            Loose::Text(s)
+                if !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                s.parse().ok()
+            }
+            Loose::Text(_) => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    number: SecretInput,
+    exp_month: Loose,
+    exp_year: Loose,
+    cvc: Option<SecretInput>,
+    holder_name: Option<String>,
+    // Named only to be refused with a clear code (PCI DSS 3.3.1: never stored after
+    // authorization, and a vault has no business receiving them).
+    track1: Option<IgnoredAny>,
+    track2: Option<IgnoredAny>,
+    track_data: Option<IgnoredAny>,
+    pin: Option<IgnoredAny>,
+    pin_block: Option<IgnoredAny>,
+}
+
+impl TokenizeRequest {
+    fn parse(self) -> Result<NewCard, ApiError> {
+        if self.track1.is_some()
+            || self.track2.is_some()
+            || self.track_data.is_some()
+            || self.pin.is_some()
+            || self.pin_block.is_some()
+        {
+            return Err(ApiError::PROHIBITED_DATA);
+        }
+        let pan = Pan::parse(self.number.expose())?;
+        let invalid_expiry = ApiError::from(crate::card::CardError::InvalidExpiry);
+        let month = self.exp_month.value().ok_or(invalid_expiry)?;
+        let year = self.exp_year.value().ok_or(invalid_expiry)?;
+        let expiry = Expiry::parse(month, year, this_month())?;
+        let cvc = self
+            .cvc
+            .as_ref()
+            .map(|c| Cvc::parse(c.expose()))
+            .transpose()?;
+        let holder_name = self
+            .holder_name
+            .as_deref()
+            .map(HolderName::parse)
+            .transpose()?;
+        Ok(NewCard {
+            pan,
+            expiry,
+            cvc,
+            holder_name,
+        })
+    }
+}
+
+async fn tokenize(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant(&req, &state)?;
+    let card = read_json::<TokenizeRequest>(&req, payload).await?.parse()?;
+    let view = state.vault.tokenize(&grant, card).await?;
+    Ok(json(StatusCode::CREATED, &view))
+}
+
+async fn card(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant(&req, &state)?;
+    let id = ObjectId::parse_kind(IdKind::Card, &path).map_err(|_| ApiError::NOT_FOUND)?;
+    Ok(json(StatusCode::OK, &state.vault.card(&grant, &id)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    token: SecretInput,
+    reason: Option<String>,
+    reference: Option<String>,
+}
+
+#[derive(Serialize)]
+struct DetokenizeResponse<'a> {
+    number: &'a str,
+    exp_month: u8,
+    exp_year: u16,
+    holder_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cvc: Option<&'a str>,
+}
+
+/// Free text that goes into the audit trail: printable ASCII, bounded, and never something
+/// that could be a card number.
+fn label(value: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    let longest_digit_run = v
+        .as_bytes()
+        .split(|b| !b.is_ascii_digit())
+        .map(<[u8]>::len)
+        .max()
+        .unwrap_or(0);
+    if v.is_empty()
+        || v.len() > max
+        || !v.bytes().all(|b| (0x20..0x7f).contains(&b))
+        || longest_digit_run >= 12
+    {
+        return Err(ApiError::INVALID_FIELD);
+    }
+    Ok(Some(v))
+}
+
+async fn detokenize(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant(&req, &state)?;
+    let body = read_json::<DetokenizeRequest>(&req, payload).await?;
+    let purpose = Purpose {
+        reason: label(body.reason, 64)?,
+        reference: label(body.reference, 128)?,
+    };
+    let token = ObjectId::parse(body.token.expose()).map_err(|_| ApiError::NOT_FOUND)?;
+    let details = state.vault.detokenize(&grant, &token, &purpose).await?;
+    Ok(json(
+        StatusCode::OK,
+        &DetokenizeResponse {
+            number: details.pan.expose_digits(),
+            exp_month: details.expiry.month(),
+            exp_year: details.expiry.year(),
+            holder_name: details.holder_name.as_ref().map(HolderName::as_str),
+            cvc: details.cvc.as_ref().map(Cvc::expose),
+        },
+    ))
+}
+
+/// Request logging: request id, caller, route pattern (never the raw path or a body), status
+/// and latency. Installed by `server` around the whole app.
+pub async fn log_request(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let request_id = request_id();
+    let caller = match (
+        req.conn_data::<Arc<Peer>>(),
+        req.app_data::<web::Data<AppState>>(),
+    ) {
+        (Some(peer), Some(state)) => match state.policy.identify(peer) {
+            Ok(identity) => identity.name().to_owned(),
+            Err(_) => format!("unmatched:{} sha256:{}", peer.subject, peer.fingerprint),
+        },
+        _ => "no-client-auth-eku".to_owned(),
+    };
+    let method = req.method().clone();
+    let mut res = next.call(req).await?;
+    let route = res
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "-".to_owned());
+    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
+        res.headers_mut()
+            .insert(header::HeaderName::from_static("request-id"), value);
+    }
+    tracing::info!(
+        request_id,
+        caller,
+        method = %method,
+        route,
+        status = res.status().as_u16(),
+        latency_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    Ok(res)
+}
+
+fn request_id() -> String {
+    let mut bytes = [0u8; 8];
+    let _ = crate::crypto::fill_random(&mut bytes);
+    crate::crypto::hex(&bytes)
+}

@@ -1,0 +1,277 @@
+//! The daemon's configuration: TOML, parsed once at startup, refused if unsafe.
+//!
+//! Relative paths are taken relative to the config file's folder, so a config and the files it
+//! names can move together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub keys_dir: PathBuf,
+    pub policies: PathBuf,
+    pub tls: TlsFiles,
+    pub card_token_ttl: Duration,
+    pub cvc_ttl: Duration,
+    /// HTTP worker threads; default: one per core.
+    pub workers: Option<usize>,
+    /// sled's page cache.
+    pub cache_bytes: u64,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: default_level(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    data_dir: PathBuf,
+    keys_dir: PathBuf,
+    policies: PathBuf,
+    tls: RawTls,
+    card_token_ttl: Option<String>,
+    cvc_ttl: Option<String>,
+    workers: Option<usize>,
+    cache_mb: Option<u64>,
+    #[serde(default)]
+    log: LogConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        let listen = raw
+            .listen
+            .parse()
+            .map_err(|_| format!("listen: {:?} is not an address:port", raw.listen))?;
+        let duration = |name: &str, value: Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(v) => parse_duration(&v)
+                .ok_or_else(|| format!("{name}: {v:?} is not a duration like 90s, 15m, 24h or 7d")),
+        };
+        let card_token_ttl = duration(
+            "card_token_ttl",
+            raw.card_token_ttl,
+            Duration::from_secs(24 * 3600),
+        )?;
+        let cvc_ttl = duration("cvc_ttl", raw.cvc_ttl, Duration::from_secs(3600))?;
+        if card_token_ttl.is_zero() || cvc_ttl.is_zero() {
+            return Err("card_token_ttl and cvc_ttl must be positive".into());
+        }
+        if raw.workers == Some(0) {
+            return Err("workers must be at least 1".into());
+        }
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let config = Config {
+            listen,
+            data_dir: resolve(raw.data_dir),
+            keys_dir: resolve(raw.keys_dir),
+            policies: resolve(raw.policies),
+            tls: TlsFiles {
+                cert: resolve(raw.tls.cert),
+                key: resolve(raw.tls.key),
+                client_ca: resolve(raw.tls.client_ca),
+            },
+            card_token_ttl,
+            cvc_ttl,
+            workers: raw.workers,
+            cache_bytes: raw.cache_mb.unwrap_or(64) * 1024 * 1024,
+            log: raw.log,
+        };
+        config.check_layout()?;
+        Ok(config)
+    }
+
+    /// Keys never sit beside the data: refuse a `keys_dir` inside `data_dir` or the reverse
+    /// (compared after resolving `..` and symlinks as far as the paths exist).
+    fn check_layout(&self) -> Result<(), String> {
+        let data = normalize(&self.data_dir);
+        let keys = normalize(&self.keys_dir);
+        if keys.starts_with(&data) || data.starts_with(&keys) {
+            return Err(format!(
+                "keys_dir ({}) must not be inside data_dir ({}) or contain it: keys never sit beside the data",
+                self.keys_dir.display(),
+                self.data_dir.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Resolves `.` and `..` lexically, then canonicalizes the longest existing ancestor (to follow
+/// symlinks) and appends the rest, so that paths that do not exist yet still compare correctly.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut clean = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                clean.pop();
+            }
+            other => clean.push(other),
+        }
+    }
+    let mut existing = clean.clone();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(canonical) = existing.canonicalize() {
+            return rest
+                .iter()
+                .rev()
+                .fold(canonical, |acc: PathBuf, part| acc.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent.to_path_buf();
+            }
+            _ => return clean,
+        }
+    }
+}
+
+/// `90s`, `15m`, `24h`, `7d`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        listen = "127.0.0.1:8443"
+        data_dir = "data"
+        keys_dir = "keys"
+        policies = "policies"
+        [tls]
+        cert = "server.pem"
+        key = "server.key"
+        client_ca = "ca.pem"
+    "#;
+
+    #[test]
+    fn durations() {
+        for (text, secs) in [
+            ("90s", Some(90)),
+            ("15m", Some(900)),
+            ("24h", Some(86_400)),
+            ("7d", Some(604_800)),
+            ("30", Some(30)),
+            ("1w", None),
+            ("", None),
+            ("h", None),
+        ] {
+            assert_eq!(parse_duration(text).map(|d| d.as_secs()), secs, "{text}");
+        }
+    }
+
+    #[test]
+    fn resolves_relative_paths_and_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/cardvault")).unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/cardvault/data"));
+        assert_eq!(c.tls.client_ca, Path::new("/etc/cardvault/ca.pem"));
+        assert_eq!(c.card_token_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.cvc_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn refuses_unsafe_or_unknown() {
+        let nested = MINIMAL.replace("keys_dir = \"keys\"", "keys_dir = \"data/keys\"");
+        assert!(Config::parse(&nested, Path::new("/tmp/x"))
+            .unwrap_err()
+            .contains("keys_dir"));
+        let dotted = MINIMAL.replace("keys_dir = \"keys\"", "keys_dir = \"other/../data/k\"");
+        assert!(Config::parse(&dotted, Path::new("/tmp")).is_err());
+        let unknown = format!("{MINIMAL}\n[extra]\nx = 1");
+        assert!(Config::parse(&unknown, Path::new("/tmp")).is_err());
+        let bad_ttl = MINIMAL.replace("listen", "card_token_ttl = \"soon\"\nlisten");
+        assert!(Config::parse(&bad_ttl, Path::new("/tmp")).is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! A small certificate authority for `cardvault dev` and for the test suite: a throwaway CA
+//! that issues server certificates and client certificates with the names a policy matches.
+//! Never used by `serve`, which takes operator-provided PEM files.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+use zeroize::Zeroizing;
+
+pub use rcgen::Error;
+
+/// A certificate and its private key, both PEM.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: Zeroizing<String>,
+}
+
+/// What a client certificate says.
+#[derive(Debug, Clone)]
+pub struct ClientSpec {
+    pub common_name: String,
+    pub uri_san: Option<String>,
+    pub dns_san: Option<String>,
+    /// Mark the certificate for client authentication (extended key usage clientAuth).
+    pub client_auth_eku: bool,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl ClientSpec {
+    /// CN = `name`, URI SAN `spiffe://cardvault.dev/<name>`, valid from yesterday for 30 days.
+    pub fn named(name: &str) -> ClientSpec {
+        let now = OffsetDateTime::now_utc();
+        ClientSpec {
+            common_name: name.to_owned(),
+            uri_san: Some(format!("spiffe://cardvault.dev/{name}")),
+            dns_san: None,
+            client_auth_eku: true,
+            not_before: now - Duration::days(1),
+            not_after: now + Duration::days(30),
+        }
+    }
+}
+
+pub struct Authority {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "cardvault dev");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+impl Authority {
+    pub fn new(common_name: &str) -> Result<Authority, Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = name(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::days(1);
+        params.not_after = now + Duration::days(365);
+        Ok(Authority {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)?,
+        })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `hosts` (DNS names or IP addresses).
+    pub fn server(&self, hosts: &[&str]) -> Result<Issued, Error> {
+        let mut params =
+            CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name = name(hosts.first().copied().unwrap_or("cardvault"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::days(1);
+        params.not_after = now + Duration::days(90);
+        self.issue(params)
+    }
+
+    pub fn client(&self, spec: &ClientSpec) -> Result<Issued, Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = name(&spec.common_name);
+        if let Some(uri) = &spec.uri_san {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into()?));
+        }
+        if let Some(dns) = &spec.dns_san {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(dns.as_str().try_into()?));
+        }
+        if spec.client_auth_eku {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        self.issue(params)
+    }
+
+    fn issue(&self, params: CertificateParams) -> Result<Issued, Error> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
+    }
+}

@@ -1,0 +1,673 @@
+//! The domain service: tokenize a card, read its metadata, detokenize it once.
+//!
+//! It takes parsed card types and policy grants, and knows nothing of HTTP. It is the only
+//! module that joins the key hierarchy (`crypto`) to the records (`store`):
+//!
+//! - every project has its own DEK (versioned) and fingerprint key, created on the project's
+//!   first write, wrapped by the KEK and kept in the store only in wrapped form;
+//! - a card record holds two sealed blobs, the metadata and the PAN, each bound by its AAD to
+//!   project, id, blob kind and key version, so a blob moved to another record never opens;
+//! - a card token is used by one atomic compare-and-swap that drops the PAN blob; the swap is
+//!   made durable before the PAN is decrypted and handed out, so a crash can lose a payment's
+//!   card but never hand the same card out twice;
+//! - CVCs live only in process memory ([`CvcCache`]), never in the store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::audit::{AuditEvent, AuditSink, Outcome};
+use crate::card::{Cvc, Expiry, HolderName, Pan};
+use crate::crypto::{aad, CryptoError, FingerprintKey, KeyEncryptionKey, KeyMaterial, SealingKey};
+use crate::policy::{Detokenize, Grant, Read, Tokenize};
+use crate::store::{CardRecord, Store, StoreError, Swap};
+use crate::tokens::{IdError, IdKind, ObjectId, Project};
+
+/// How long a used or expired card token is remembered (as `used` / `token_expired`) after it
+/// stopped being usable; its PAN is gone from the store from that moment on.
+const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The only DEK version until key rotation lands.
+const DEK_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("no such object in this project")]
+    NotFound,
+    #[error("token already used")]
+    TokenUsed,
+    #[error("token expired")]
+    TokenExpired,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("record {0} failed authentication: wrong key, or the store was tampered with")]
+    Integrity(String),
+    #[error("key hierarchy: {0}")]
+    Keys(CryptoError),
+    #[error("id generation: {0}")]
+    Id(#[from] IdError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+impl VaultError {
+    /// A stable code for audit records (the API layer keeps its own mapping to HTTP).
+    pub fn code(&self) -> &'static str {
+        match self {
+            VaultError::NotFound => "not_found",
+            VaultError::TokenUsed => "token_used",
+            VaultError::TokenExpired => "token_expired",
+            VaultError::Store(_) => "storage_unavailable",
+            VaultError::Integrity(_) => "record_integrity",
+            VaultError::Keys(_) | VaultError::Id(_) => "internal_error",
+            VaultError::Audit(_) => "audit_unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultSettings {
+    pub card_token_ttl: Duration,
+    pub cvc_ttl: Duration,
+}
+
+/// A card as accepted at tokenization.
+#[derive(Debug)]
+pub struct NewCard {
+    pub pan: Pan,
+    pub expiry: Expiry,
+    pub cvc: Option<Cvc>,
+    pub holder_name: Option<HolderName>,
+}
+
+/// Card details handed out by detokenization.
+#[derive(Debug)]
+pub struct CardDetails {
+    pub pan: Pan,
+    pub expiry: Expiry,
+    pub holder_name: Option<HolderName>,
+    pub cvc: Option<Cvc>,
+}
+
+/// Why a detokenization happened, for the audit trail.
+#[derive(Debug, Default)]
+pub struct Purpose {
+    pub reason: Option<String>,
+    pub reference: Option<String>,
+}
+
+/// What may be shown about a card: never the PAN.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CardMeta {
+    pub scheme: String,
+    pub iin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iin8: Option<String>,
+    pub last4: String,
+    pub exp_month: u8,
+    pub exp_year: u16,
+    pub holder_name: Option<String>,
+    pub fingerprint: String,
+}
+
+/// A card token's public view.
+#[derive(Debug, Clone, Serialize)]
+pub struct CardView {
+    pub id: String,
+    pub object: &'static str,
+    #[serde(flatten)]
+    pub card: CardMeta,
+    pub created_at: String,
+    pub expires_at: String,
+    pub used: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Blob {
+    Meta,
+    Pan,
+}
+
+fn record_aad(blob: Blob, project: &Project, id: &ObjectId, key_version: u32) -> Vec<u8> {
+    let kind: &[u8] = match blob {
+        Blob::Meta => b"card-meta",
+        Blob::Pan => b"card-pan",
+    };
+    aad(&[
+        b"cardvault/record/v1",
+        kind,
+        project.as_str().as_bytes(),
+        id.as_str().as_bytes(),
+        &key_version.to_be_bytes(),
+    ])
+}
+
+fn key_aad(project: &Project, name: &str) -> Vec<u8> {
+    aad(&[
+        b"cardvault/key/v1",
+        project.as_str().as_bytes(),
+        name.as_bytes(),
+    ])
+}
+
+/// A project's unwrapped keys, schedules prepared once.
+struct ProjectKeys {
+    dek_version: u32,
+    dek: SealingKey,
+    fingerprint: FingerprintKey,
+}
+
+/// Card verification codes, in memory only: taken (and wiped) by the first detokenization,
+/// or wiped by the sweeper after `cvc_ttl`. A restart forgets them all, by design.
+#[derive(Default)]
+struct CvcCache {
+    entries: Mutex<HashMap<String, (Cvc, Instant)>>,
+}
+
+impl CvcCache {
+    fn key(project: &Project, id: &ObjectId) -> String {
+        format!("{}\0{}", project.as_str(), id.as_str())
+    }
+
+    fn put(&self, project: &Project, id: &ObjectId, cvc: Cvc, until: Instant) {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(Self::key(project, id), (cvc, until));
+    }
+
+    fn take(&self, project: &Project, id: &ObjectId) -> Option<Cvc> {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (cvc, until) = map.remove(&Self::key(project, id))?;
+        (Instant::now() < until).then_some(cvc)
+    }
+
+    fn sweep(&self, now: Instant) -> usize {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
+        map.retain(|_, (_, until)| *until > now);
+        before - map.len()
+    }
+}
+
+pub struct Vault {
+    store: Store,
+    kek: Box<dyn KeyEncryptionKey>,
+    /// Unwrapped project keys. Read-mostly: a write lock only when a project is first seen.
+    keys: RwLock<HashMap<Project, Arc<ProjectKeys>>>,
+    cvcs: CvcCache,
+    settings: VaultSettings,
+    audit: Box<dyn AuditSink>,
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The current (year, month) in UTC, for expiry checks.
+pub fn this_month() -> (u16, u8) {
+    let now = time::OffsetDateTime::now_utc();
+    (
+        u16::try_from(now.year()).unwrap_or(0),
+        u8::from(now.month()),
+    )
+}
+
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+const KEK_CHECK_AAD: &[u8] = b"cardvault/kek-check/v1";
+
+impl Vault {
+    /// Opens the vault over `store`, proving first that `kek` is the KEK this store was
+    /// created with (a wrong KEK is refused here, not discovered on the first detokenize).
+    pub fn open(
+        store: Store,
+        kek: Box<dyn KeyEncryptionKey>,
+        settings: VaultSettings,
+        audit: Box<dyn AuditSink>,
+    ) -> Result<Arc<Vault>, VaultError> {
+        match store.kek_check()? {
+            Some(check) => {
+                kek.unwrap(KEK_CHECK_AAD, &check)
+                    .map_err(VaultError::Keys)?;
+            }
+            None => {
+                let probe = KeyMaterial::random().map_err(VaultError::Keys)?;
+                let wrapped = kek.wrap(KEK_CHECK_AAD, &probe).map_err(VaultError::Keys)?;
+                store.set_kek_check(&wrapped)?;
+            }
+        }
+        let vault = Arc::new(Vault {
+            store,
+            kek,
+            keys: RwLock::new(HashMap::new()),
+            cvcs: CvcCache::default(),
+            settings,
+            audit,
+        });
+        spawn_sweeper(Arc::downgrade(&vault));
+        Ok(vault)
+    }
+
+    /// Flushes the store and stops its flush thread.
+    pub fn close(&self) -> Result<(), VaultError> {
+        Ok(self.store.close()?)
+    }
+
+    pub async fn tokenize(
+        &self,
+        grant: &Grant<Tokenize>,
+        card: NewCard,
+    ) -> Result<CardView, VaultError> {
+        let result = self.tokenize_inner(grant, card).await;
+        let object = result.as_ref().ok().map(|v| v.id.as_str());
+        self.audit(
+            grant.identity(),
+            grant.project(),
+            "card.tokenize",
+            &result,
+            object,
+            &Purpose::default(),
+        )?;
+        result
+    }
+
+    async fn tokenize_inner(
+        &self,
+        grant: &Grant<Tokenize>,
+        card: NewCard,
+    ) -> Result<CardView, VaultError> {
+        let project = grant.project();
+        let keys = self
+            .project_keys(project, true)?
+            .ok_or(VaultError::NotFound)?;
+        let id = ObjectId::generate(IdKind::Card)?;
+        let meta = CardMeta {
+            scheme: card.pan.scheme().as_str().to_owned(),
+            iin: card.pan.iin().to_owned(),
+            iin8: card.pan.iin8().map(str::to_owned),
+            last4: card.pan.last4().to_owned(),
+            exp_month: card.expiry.month(),
+            exp_year: card.expiry.year(),
+            holder_name: card.holder_name.as_ref().map(|h| h.as_str().to_owned()),
+            fingerprint: keys
+                .fingerprint
+                .fingerprint(card.pan.expose_digits().as_bytes()),
+        };
+        let meta_plain = Zeroizing::new(
+            serde_json::to_vec(&meta).map_err(|_| VaultError::Integrity(id.to_string()))?,
+        );
+        let seal = |blob, plain: &[u8]| {
+            keys.dek
+                .seal(&record_aad(blob, project, &id, keys.dek_version), plain)
+                .map_err(VaultError::Keys)
+        };
+        let now = unix_now();
+        let record = CardRecord {
+            created_at: now,
+            expires_at: now.saturating_add(secs(self.settings.card_token_ttl)),
+            used_at: None,
+            key_version: keys.dek_version,
+            meta: seal(Blob::Meta, &meta_plain)?,
+            pan: Some(seal(Blob::Pan, card.pan.expose_digits().as_bytes())?),
+        };
+        let ticket = self
+            .store
+            .insert_card(project.as_str(), id.as_str(), &record)?;
+        self.store.durable(ticket).await?;
+        if let Some(cvc) = card.cvc {
+            self.cvcs
+                .put(project, &id, cvc, Instant::now() + self.settings.cvc_ttl);
+        }
+        Ok(view(&id, meta, &record))
+    }
+
+    pub fn card(&self, grant: &Grant<Read>, id: &ObjectId) -> Result<CardView, VaultError> {
+        let project = grant.project();
+        if id.kind() != IdKind::Card {
+            return Err(VaultError::NotFound);
+        }
+        let keys = self
+            .project_keys(project, false)?
+            .ok_or(VaultError::NotFound)?;
+        let record = self
+            .store
+            .card(project.as_str(), id.as_str())?
+            .ok_or(VaultError::NotFound)?;
+        let meta = self.open_meta(&keys, project, id, &record)?;
+        Ok(view(id, meta, &record))
+    }
+
+    /// Hands out a card token's details exactly once.
+    pub async fn detokenize(
+        &self,
+        grant: &Grant<Detokenize>,
+        token: &ObjectId,
+        purpose: &Purpose,
+    ) -> Result<CardDetails, VaultError> {
+        let result = self.detokenize_card(grant.project(), token).await;
+        self.audit(
+            grant.identity(),
+            grant.project(),
+            "card.detokenize",
+            &result,
+            Some(token.as_str()),
+            purpose,
+        )?;
+        result
+    }
+
+    async fn detokenize_card(
+        &self,
+        project: &Project,
+        id: &ObjectId,
+    ) -> Result<CardDetails, VaultError> {
+        if id.kind() != IdKind::Card {
+            return Err(VaultError::NotFound);
+        }
+        let keys = self
+            .project_keys(project, false)?
+            .ok_or(VaultError::NotFound)?;
+        let now = unix_now();
+        let swap = self
+            .store
+            .swap_card(project.as_str(), id.as_str(), |current| {
+                if current.used_at.is_some() {
+                    return Err(VaultError::TokenUsed);
+                }
+                if current.expires_at <= now || current.pan.is_none() {
+                    return Err(VaultError::TokenExpired);
+                }
+                Ok(CardRecord {
+                    used_at: Some(now),
+                    pan: None,
+                    ..current.clone()
+                })
+            })?;
+        let (record, ticket) = match swap {
+            Swap::Missing => return Err(VaultError::NotFound),
+            Swap::Refused(e) => return Err(e),
+            Swap::Swapped(record, ticket) => (record, ticket),
+        };
+        // The use must be on disk before the card leaves the process: after a crash the token
+        // stays used, so the card can never be handed out twice.
+        self.store.durable(ticket).await?;
+        let cvc = self.cvcs.take(project, id);
+        let meta = self.open_meta(&keys, project, id, &record)?;
+        let sealed_pan = record.pan.as_deref().ok_or(VaultError::TokenExpired)?;
+        let digits = self.open_blob(
+            &keys,
+            Blob::Pan,
+            project,
+            id,
+            record.key_version,
+            sealed_pan,
+        )?;
+        let pan = Pan::from_digits(&digits).map_err(|_| VaultError::Integrity(id.to_string()))?;
+        Ok(CardDetails {
+            pan,
+            expiry: Expiry::stored(meta.exp_month, meta.exp_year),
+            holder_name: meta
+                .holder_name
+                .as_deref()
+                .and_then(|h| HolderName::parse(h).ok()),
+            cvc,
+        })
+    }
+
+    fn open_meta(
+        &self,
+        keys: &ProjectKeys,
+        project: &Project,
+        id: &ObjectId,
+        record: &CardRecord,
+    ) -> Result<CardMeta, VaultError> {
+        let plain = self.open_blob(
+            keys,
+            Blob::Meta,
+            project,
+            id,
+            record.key_version,
+            &record.meta,
+        )?;
+        serde_json::from_slice(&plain).map_err(|_| VaultError::Integrity(id.to_string()))
+    }
+
+    fn open_blob(
+        &self,
+        keys: &ProjectKeys,
+        blob: Blob,
+        project: &Project,
+        id: &ObjectId,
+        key_version: u32,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        if key_version != keys.dek_version {
+            return Err(VaultError::Integrity(id.to_string()));
+        }
+        keys.dek
+            .open(&record_aad(blob, project, id, key_version), sealed)
+            .map_err(|_| VaultError::Integrity(id.to_string()))
+    }
+
+    /// The project's keys: from the cache, else unwrapped from the store, else (when `create`)
+    /// made, wrapped and stored. Two requests racing to create a project's keys both end up
+    /// with the one stored first.
+    fn project_keys(
+        &self,
+        project: &Project,
+        create: bool,
+    ) -> Result<Option<Arc<ProjectKeys>>, VaultError> {
+        if let Some(keys) = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(project)
+        {
+            return Ok(Some(Arc::clone(keys)));
+        }
+        let dek_name = format!("dek/{DEK_VERSION}");
+        let Some(dek) = self.project_key(project, &dek_name, create)? else {
+            return Ok(None);
+        };
+        let Some(fingerprint) = self.project_key(project, "fingerprint", create)? else {
+            return Ok(None);
+        };
+        let keys = Arc::new(ProjectKeys {
+            dek_version: DEK_VERSION,
+            dek: SealingKey::new(&dek),
+            fingerprint: FingerprintKey::new(&fingerprint),
+        });
+        let mut map = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        Ok(Some(Arc::clone(map.entry(project.clone()).or_insert(keys))))
+    }
+
+    fn project_key(
+        &self,
+        project: &Project,
+        name: &str,
+        create: bool,
+    ) -> Result<Option<KeyMaterial>, VaultError> {
+        let aad = key_aad(project, name);
+        let wrapped = match self.store.wrapped_key(project.as_str(), name)? {
+            Some(w) => w,
+            None if create => {
+                let fresh = KeyMaterial::random().map_err(VaultError::Keys)?;
+                let wrapped = self.kek.wrap(&aad, &fresh).map_err(VaultError::Keys)?;
+                // The key becomes durable with the first record sealed under it: that record's
+                // flush starts after this insert, so its ticket is not awaited separately.
+                let (stored, _ticket) =
+                    self.store
+                        .insert_wrapped_key(project.as_str(), name, &wrapped)?;
+                stored
+            }
+            None => return Ok(None),
+        };
+        self.kek
+            .unwrap(&aad, &wrapped)
+            .map(Some)
+            .map_err(VaultError::Keys)
+    }
+
+    fn audit<T>(
+        &self,
+        identity: &str,
+        project: &Project,
+        action: &'static str,
+        result: &Result<T, VaultError>,
+        object: Option<&str>,
+        purpose: &Purpose,
+    ) -> Result<(), VaultError> {
+        let event = AuditEvent {
+            action,
+            outcome: if result.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            },
+            identity,
+            project: project.as_str(),
+            object,
+            code: result.as_ref().err().map(VaultError::code),
+            reason: purpose.reason.as_deref(),
+            reference: purpose.reference.as_deref(),
+        };
+        Ok(self.audit.record(&event)?)
+    }
+
+    /// Wipes expired CVCs; drops the PAN of expired card tokens; forgets tombstones after
+    /// their retention. Safe to run while serving: every change is a compare-and-swap.
+    fn sweep_cards(&self, now: i64) -> Result<(usize, usize), StoreError> {
+        let (mut expired, mut forgotten) = (0, 0);
+        for item in self.store.cards() {
+            let (project, id, record) = match item {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweeper skipped an unreadable card record");
+                    continue;
+                }
+            };
+            if record.pan.is_some() && record.expires_at <= now {
+                let swap = self.store.swap_card(&project, &id, |current| {
+                    if current.pan.is_none() || current.expires_at > now {
+                        return Err(());
+                    }
+                    Ok(CardRecord {
+                        pan: None,
+                        ..current.clone()
+                    })
+                })?;
+                // Not awaited: an expired token's PAN is unusable whether or not this
+                // erasure reaches disk before the next flush.
+                if let Swap::Swapped(_, _ticket) = swap {
+                    expired += 1;
+                }
+            } else if record.pan.is_none() {
+                let dead_since = record.used_at.unwrap_or(record.expires_at);
+                if dead_since.saturating_add(secs(TOMBSTONE_RETENTION)) <= now
+                    && self.store.remove_card_if(&project, &id, &record)?
+                {
+                    forgotten += 1;
+                }
+            }
+        }
+        Ok((expired, forgotten))
+    }
+}
+
+fn view(id: &ObjectId, card: CardMeta, record: &CardRecord) -> CardView {
+    CardView {
+        id: id.to_string(),
+        object: "card",
+        card,
+        created_at: rfc3339(record.created_at),
+        expires_at: rfc3339(record.expires_at),
+        used: record.used_at.is_some(),
+    }
+}
+
+/// Background upkeep: CVC expiry every second, card-token expiry every minute. Holds only a
+/// weak reference, so it ends when the vault is dropped.
+fn spawn_sweeper(vault: Weak<Vault>) {
+    let spawned = std::thread::Builder::new()
+        .name("cardvault-sweep".into())
+        .spawn(move || {
+            let mut last_card_sweep = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let Some(vault) = vault.upgrade() else { return };
+                let wiped = vault.cvcs.sweep(Instant::now());
+                if wiped > 0 {
+                    tracing::debug!(wiped, "expired CVCs wiped");
+                }
+                if last_card_sweep.elapsed() >= Duration::from_secs(60) {
+                    last_card_sweep = Instant::now();
+                    match vault.sweep_cards(unix_now()) {
+                        Ok((expired, forgotten)) => {
+                            tracing::debug!(expired, forgotten, "card tokens swept")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "card token sweep failed"),
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the sweeper thread; expired CVCs are wiped only on use");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cvc_cache_takes_once_and_expires() {
+        let cache = CvcCache::default();
+        let project = Project::default_project();
+        let id = ObjectId::generate(IdKind::Card).unwrap();
+        cache.put(
+            &project,
+            &id,
+            Cvc::parse("123").unwrap(),
+            Instant::now() + Duration::from_secs(60),
+        );
+        assert_eq!(
+            cache
+                .take(&project, &id)
+                .map(|c| c.expose().to_owned())
+                .as_deref(),
+            Some("123")
+        );
+        assert!(cache.take(&project, &id).is_none());
+        cache.put(&project, &id, Cvc::parse("123").unwrap(), Instant::now());
+        assert_eq!(cache.sweep(Instant::now() + Duration::from_millis(1)), 1);
+        assert!(cache.take(&project, &id).is_none());
+    }
+
+    #[test]
+    fn aad_differs_by_every_binding() {
+        let p1 = Project::parse("a").unwrap();
+        let p2 = Project::parse("b").unwrap();
+        let i1 = ObjectId::generate(IdKind::Card).unwrap();
+        let i2 = ObjectId::generate(IdKind::Card).unwrap();
+        let base = record_aad(Blob::Pan, &p1, &i1, 1);
+        assert_ne!(base, record_aad(Blob::Meta, &p1, &i1, 1));
+        assert_ne!(base, record_aad(Blob::Pan, &p2, &i1, 1));
+        assert_ne!(base, record_aad(Blob::Pan, &p1, &i2, 1));
+        assert_ne!(base, record_aad(Blob::Pan, &p1, &i1, 2));
+    }
+}

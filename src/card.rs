@@ -488,7 +488,8 @@ mod tests {
 
     #[test]
     fn expiry_table() {
-        let cases: &[(u64, u64, Option<(u8, u16)>)] = &[
+        type Case = (u64, u64, Option<(u8, u16)>);
+        let cases: &[Case] = &[
             (12, 2030, Some((12, 2030))),
             (12, 30, Some((12, 2030))),
             (11, 2026, Some((11, 2026))),

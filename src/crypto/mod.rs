@@ -177,11 +177,11 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digit = |n: u8| char::from_digit(u32::from(n), 16).unwrap_or('0');
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        out.push(digit(b >> 4));
+        out.push(digit(b & 0x0f));
     }
     out
 }

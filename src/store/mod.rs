@@ -218,3 +218,67 @@ impl Drop for Store {
         let _ = self.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Barrier};
+
+    fn temp_store(label: &str) -> (Store, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("cardvault-store-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (Store::open(&dir, 8 << 20).unwrap(), dir)
+    }
+
+    fn record() -> CardRecord {
+        CardRecord {
+            created_at: 1,
+            expires_at: i64::MAX,
+            used_at: None,
+            key_version: 1,
+            meta: vec![1],
+            pan: Some(vec![2; 28]),
+        }
+    }
+
+    /// Sixteen threads race to use each of 100 records: exactly one wins every time.
+    #[test]
+    fn swap_card_has_exactly_one_winner() {
+        let (store, dir) = temp_store("race");
+        let store = Arc::new(store);
+        for round in 0..100 {
+            let id = format!("card_{round}");
+            let _ticket = store.insert_card("p", &id, &record()).unwrap();
+            let barrier = Arc::new(Barrier::new(16));
+            let winners: usize = (0..16)
+                .map(|_| {
+                    let (store, barrier, id) =
+                        (Arc::clone(&store), Arc::clone(&barrier), id.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let swap = store
+                            .swap_card("p", &id, |r| {
+                                if r.used_at.is_some() {
+                                    return Err(());
+                                }
+                                Ok(CardRecord {
+                                    used_at: Some(2),
+                                    pan: None,
+                                    ..r.clone()
+                                })
+                            })
+                            .unwrap();
+                        usize::from(matches!(swap, Swap::Swapped(..)))
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .sum();
+            assert_eq!(winners, 1, "round {round}");
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,539 @@
+//! Test harness: real certificates, a real daemon process, a real mTLS client.
+//!
+//! Each test gets its own folder, CA, policy, KEK and `cardvault serve` process on a free
+//! loopback port. The client is plain rustls over a TCP socket, one connection per request,
+//! so a refused handshake shows up as an error and every byte the daemon sends is seen.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cardvault::pki::{Authority, ClientSpec};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cardvault");
+
+/// A folder removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("cardvault-test-{}-{n}-{label}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("CARDVAULT_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub const POLICY: &str = r#"
+[[identity]]
+name = "router"
+uri_san = "spiffe://cardvault.test/router"
+permissions = ["tokenize", "read", "customers", "detokenize"]
+projects = ["*"]
+
+[[identity]]
+name = "checkout"
+uri_san = "spiffe://cardvault.test/checkout"
+permissions = ["tokenize", "read"]
+projects = ["*"]
+
+[[identity]]
+name = "ops"
+common_name = "ops.cardvault.test"
+permissions = ["admin"]
+projects = ["*"]
+
+[[identity]]
+name = "shop-a-edge"
+dns_san = "edge.shop-a.test"
+permissions = ["tokenize", "read"]
+projects = ["shop-a"]
+"#;
+
+/// A client identity: certificate and key files.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Everything a daemon needs on disk, before it runs.
+pub struct Setup {
+    pub dir: TempDir,
+    pub ca: Authority,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub keys_dir: PathBuf,
+    pub policy: PathBuf,
+}
+
+impl Setup {
+    pub fn new(label: &str) -> Setup {
+        Setup::with_settings(label, "")
+    }
+
+    /// `extra` is appended to the config's top-level keys (e.g. `cvc_ttl = "1s"`).
+    pub fn with_settings(label: &str, extra: &str) -> Setup {
+        let dir = TempDir::new(label);
+        let root = dir.path().to_owned();
+        let ca = Authority::new("cardvault test CA").unwrap();
+        write(&root.join("ca.pem"), &ca.cert_pem());
+        let server = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+        write(&root.join("server.pem"), &server.cert_pem);
+        write_private(&root.join("server.key"), &server.key_pem);
+        let policy = root.join("policy.toml");
+        write(&policy, POLICY);
+        let config = root.join("cardvault.toml");
+        write(
+            &config,
+            &format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkeys_dir = \"keys\"\npolicies = \"policy.toml\"\nworkers = 2\n{extra}\n\
+                 [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
+                 [log]\nlevel = \"debug\"\n"
+            ),
+        );
+        let setup = Setup {
+            data_dir: root.join("data"),
+            keys_dir: root.join("keys"),
+            dir,
+            ca,
+            config,
+            policy,
+        };
+        let out = Command::new(BIN)
+            .args(["keys", "init", "--config"])
+            .arg(&setup.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "keys init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        setup
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Issues a client certificate from this setup's CA.
+    pub fn identity(&self, spec: &ClientSpec) -> Identity {
+        issue(&self.ca, spec, self.root())
+    }
+
+    /// The router, checkout and ops identities of [`POLICY`].
+    pub fn router(&self) -> Identity {
+        self.identity(&spec("router"))
+    }
+
+    pub fn checkout(&self) -> Identity {
+        self.identity(&spec("checkout"))
+    }
+
+    pub fn ops(&self) -> Identity {
+        let mut s = spec("ops.cardvault.test");
+        s.uri_san = None;
+        self.identity(&s)
+    }
+
+    pub fn start(&self) -> Daemon {
+        Daemon::start(self)
+    }
+
+    pub fn client(&self, daemon: &Daemon, who: &Identity) -> Client {
+        Client::new(daemon.addr, &self.root().join("ca.pem"), Some(who))
+    }
+}
+
+/// A client spec with the test policy's URI SAN scheme.
+pub fn spec(name: &str) -> ClientSpec {
+    let mut s = ClientSpec::named(name);
+    s.uri_san = Some(format!("spiffe://cardvault.test/{name}"));
+    s
+}
+
+pub fn issue(ca: &Authority, spec: &ClientSpec, dir: &Path) -> Identity {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let issued = ca.client(spec).unwrap();
+    let cert = dir.join(format!("client-{n}.pem"));
+    let key = dir.join(format!("client-{n}.key"));
+    write(&cert, &issued.cert_pem);
+    write_private(&key, &issued.key_pem);
+    Identity { cert, key }
+}
+
+pub fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+pub fn write_private(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A running `cardvault serve`, with everything it printed.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(setup: &Setup) -> Daemon {
+        Daemon::try_start(setup).unwrap_or_else(|out| panic!("daemon did not start:\n{out}"))
+    }
+
+    /// Starts the daemon; `Err` carries its output when it exits or does not listen in time.
+    pub fn try_start(setup: &Setup) -> Result<Daemon, String> {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&setup.config)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = Arc::clone(&output);
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(addr) = listening_addr(&line) {
+                        let _ = tx.send(addr);
+                    }
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(addr) => {
+                    return Ok(Daemon {
+                        child,
+                        addr,
+                        output,
+                    })
+                }
+                Err(_) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(output.lock().unwrap().join("\n"));
+                }
+                Err(_) => {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        // Let the reader threads drain the pipes.
+                        std::thread::sleep(Duration::from_millis(200));
+                        return Err(output.lock().unwrap().join("\n"));
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no flush, no cleanup.
+    pub fn kill9(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.output()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(mut self) -> String {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "daemon exited with {status}");
+                std::thread::sleep(Duration::from_millis(100));
+                return self.output();
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let rest = line.split("listening on https://").nth(1)?;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    addr.parse().ok()
+}
+
+/// A blocking HTTPS client: one TLS connection per request.
+#[derive(Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    pub project: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, ca: &Path, identity: Option<&Identity>) -> Client {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some(id) => {
+                let chain = CertificateDer::pem_file_iter(&id.cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                let key = PrivateKeyDer::from_pem_file(&id.key).unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Client {
+            addr,
+            config: Arc::new(config),
+            project: None,
+        }
+    }
+
+    pub fn in_project(&self, project: &str) -> Client {
+        Client {
+            project: Some(project.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.send("GET", path, &[], None).unwrap()
+    }
+
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> Response {
+        self.send("POST", path, &[], Some(body.to_string().as_bytes()))
+            .unwrap()
+    }
+
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> Response {
+        self.send("POST", path, &[], Some(body)).unwrap()
+    }
+
+    /// Sends one request; an `Err` means TLS or the connection failed (no HTTP response).
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Response> {
+        self.connect()?.send(method, path, headers, body)
+    }
+
+    /// Opens a connection and completes the TLS handshake, so that a later `send` on it
+    /// costs only the request (used to line up racing requests).
+    pub fn connect(&self) -> std::io::Result<Connection> {
+        let tcp = TcpStream::connect(self.addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let conn = rustls::ClientConnection::new(
+            Arc::clone(&self.config),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .map_err(std::io::Error::other)?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock)?;
+        }
+        Ok(Connection {
+            tls,
+            project: self.project.clone(),
+        })
+    }
+}
+
+/// One TLS connection, used for one request.
+pub struct Connection {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    project: Option<String>,
+}
+
+impl Connection {
+    pub fn send(
+        mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Response> {
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        if let Some(p) = &self.project {
+            req.push_str(&format!("Vault-Project: {p}\r\n"));
+        }
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body.unwrap_or(&[]));
+        self.tls.write_all(&bytes)?;
+        self.tls.flush()?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match self.tls.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => break,
+                Err(e) => return Err(e),
+            }
+        }
+        parse_response(&raw).ok_or_else(|| std::io::Error::other("no HTTP response"))
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Option<Response> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(Response {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+/// Every file below `dir`, recursively.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Files below `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_below(dir)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(p)
+                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A Luhn-valid 16-digit Visa-range test number, distinct for each `n`.
+pub fn test_pan(n: u32) -> String {
+    cardvault::card::luhn_complete(&format!("4000{n:011}"), 16)
+}
+
+pub fn future_year() -> i32 {
+    time::OffsetDateTime::now_utc().year() + 3
+}
+
+pub fn card_body(pan: &str) -> serde_json::Value {
+    serde_json::json!({
+        "number": pan,
+        "exp_month": 12,
+        "exp_year": future_year(),
+        "cvc": "737",
+        "holder_name": "Grace Hopper",
+    })
+}

@@ -1,0 +1,714 @@
+//! End-to-end tests: the real `cardvault serve` binary, real mTLS with certificates minted
+//! here, a real sled folder on disk.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use cardvault::pki::{Authority, ClientSpec};
+use serde_json::json;
+use support::*;
+
+const VISA: &str = "4111111111111111";
+
+fn tokenize(client: &Client, pan: &str) -> serde_json::Value {
+    let res = client.post("/v1/cards", &card_body(pan));
+    assert_eq!(res.status, 201, "{}", res.body);
+    res.json()
+}
+
+fn detokenize(client: &Client, token: &str) -> Response {
+    client.post(
+        "/v1/detokenize",
+        &json!({"token": token, "reason": "cit", "reference": "inv_123"}),
+    )
+}
+
+#[test]
+fn tokenize_read_detokenize_once() {
+    let setup = Setup::new("lifecycle");
+    let daemon = setup.start();
+    let checkout = setup.client(&daemon, &setup.checkout());
+    let router = setup.client(&daemon, &setup.router());
+
+    let res = checkout.post("/v1/cards", &card_body("4111 1111 1111 1111"));
+    assert_eq!(res.status, 201, "{}", res.body);
+    assert!(!res.body.contains(VISA), "tokenize response holds the PAN");
+    let card = res.json();
+    let id = card["id"].as_str().unwrap();
+    assert!(id.starts_with("card_") && id.len() == 37, "{id}");
+    assert_eq!(card["scheme"], "visa");
+    assert_eq!(card["iin"], "411111");
+    assert_eq!(card["iin8"], "41111111");
+    assert_eq!(card["last4"], "1111");
+    assert_eq!(card["exp_month"], 12);
+    assert_eq!(card["exp_year"], future_year());
+    assert_eq!(card["holder_name"], "Grace Hopper");
+    assert_eq!(card["used"], false);
+    assert_eq!(card["fingerprint"].as_str().unwrap().len(), 64);
+    assert!(card.get("cvc").is_none() && card.get("number").is_none());
+
+    let meta = checkout.get(&format!("/v1/cards/{id}"));
+    assert_eq!(meta.status, 200);
+    assert_eq!(meta.json()["fingerprint"], card["fingerprint"]);
+    assert_eq!(meta.json()["used"], false);
+
+    let first = detokenize(&router, id);
+    assert_eq!(first.status, 200, "{}", first.body);
+    let details = first.json();
+    assert_eq!(details["number"], VISA);
+    assert_eq!(details["cvc"], "737");
+    assert_eq!(details["exp_month"], 12);
+    assert_eq!(details["exp_year"], future_year());
+    assert_eq!(details["holder_name"], "Grace Hopper");
+
+    let second = detokenize(&router, id);
+    assert_eq!((second.status, second.code()), (409, "token_used".into()));
+    assert!(!second.body.contains(VISA));
+
+    let after = checkout.get(&format!("/v1/cards/{id}"));
+    assert_eq!(after.json()["used"], true);
+    assert_eq!(after.json()["last4"], "1111");
+
+    let health = setup.client(&daemon, &setup.ops()).get("/v1/health");
+    assert_eq!(
+        (health.status, health.json()["status"].clone()),
+        (200, json!("ok"))
+    );
+}
+
+#[test]
+fn concurrent_detokenize_of_one_card_token_succeeds_exactly_once() {
+    let setup = Setup::new("race");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let id = tokenize(&router, VISA)["id"].as_str().unwrap().to_owned();
+
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(64));
+    let handles: Vec<_> = (0..64)
+        .map(|_| {
+            let (router, id, barrier) = (router.clone(), id.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                // Handshake first, then all 64 requests leave together.
+                let conn = router.connect().unwrap();
+                let body = json!({"token": id}).to_string();
+                barrier.wait();
+                let res = conn
+                    .send("POST", "/v1/detokenize", &[], Some(body.as_bytes()))
+                    .unwrap();
+                (res.status, res.body)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok: Vec<_> = results.iter().filter(|(s, _)| *s == 200).collect();
+    assert_eq!(ok.len(), 1, "{results:?}");
+    assert!(ok[0].1.contains(VISA));
+    for (status, body) in results.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!(*status, 409, "{body}");
+        assert!(body.contains("token_used") && !body.contains(VISA));
+    }
+}
+
+#[test]
+fn tls_layer_refuses_missing_foreign_and_expired_certificates() {
+    let setup = Setup::new("tls");
+    let daemon = setup.start();
+    let ca = setup.root().join("ca.pem");
+
+    // The control: a good certificate gets through, so the refusals below mean something.
+    let good = Client::new(daemon.addr, &ca, Some(&setup.router()));
+    assert_eq!(
+        good.send("GET", "/v1/health", &[], None).unwrap().status,
+        200
+    );
+
+    let anonymous = Client::new(daemon.addr, &ca, None);
+    assert!(
+        anonymous.send("GET", "/v1/health", &[], None).is_err(),
+        "no client certificate was accepted"
+    );
+
+    let foreign_ca = Authority::new("some other CA").unwrap();
+    let foreign = issue(&foreign_ca, &spec("router"), setup.root());
+    let foreign = Client::new(daemon.addr, &ca, Some(&foreign));
+    assert!(
+        foreign.send("GET", "/v1/health", &[], None).is_err(),
+        "foreign CA was accepted"
+    );
+
+    let mut expired_spec = spec("router");
+    expired_spec.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
+    expired_spec.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let expired = Client::new(daemon.addr, &ca, Some(&setup.identity(&expired_spec)));
+    assert!(
+        expired.send("GET", "/v1/health", &[], None).is_err(),
+        "expired certificate was accepted"
+    );
+
+    let not_yet = {
+        let mut s = spec("router");
+        s.not_before = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+        s.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+        Client::new(daemon.addr, &ca, Some(&setup.identity(&s)))
+    };
+    assert!(
+        not_yet.send("GET", "/v1/health", &[], None).is_err(),
+        "not-yet-valid certificate was accepted"
+    );
+    assert!(!daemon.output().contains("panicked"));
+}
+
+#[test]
+fn policy_decides_who_does_what() {
+    let setup = Setup::new("policy");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let checkout = setup.client(&daemon, &setup.checkout());
+    let ops = setup.client(&daemon, &setup.ops());
+    let stranger = setup.client(&daemon, &setup.identity(&spec("stranger")));
+    let mut no_eku = spec("router");
+    no_eku.client_auth_eku = false;
+    let no_eku = setup.client(&daemon, &setup.identity(&no_eku));
+    let mut shop_edge = ClientSpec::named("edge");
+    shop_edge.uri_san = None;
+    shop_edge.dns_san = Some("edge.shop-a.test".into());
+    let shop_edge = setup.client(&daemon, &setup.identity(&shop_edge));
+
+    let id = tokenize(&checkout, VISA)["id"].as_str().unwrap().to_owned();
+
+    let forbidden = |res: Response| {
+        assert_eq!(
+            (res.status, res.code()),
+            (403, "forbidden".to_owned()),
+            "{}",
+            res.body
+        );
+        assert!(!res.body.contains(VISA));
+    };
+    forbidden(detokenize(&checkout, &id));
+    forbidden(stranger.post("/v1/cards", &card_body(VISA)));
+    forbidden(stranger.get(&format!("/v1/cards/{id}")));
+    forbidden(ops.post("/v1/cards", &card_body(VISA)));
+    forbidden(ops.get(&format!("/v1/cards/{id}")));
+    forbidden(no_eku.post("/v1/detokenize", &json!({"token": id})));
+    forbidden(
+        shop_edge
+            .in_project("shop-b")
+            .post("/v1/cards", &card_body(VISA)),
+    );
+    assert_eq!(
+        shop_edge
+            .in_project("shop-a")
+            .post("/v1/cards", &card_body(VISA))
+            .status,
+        201
+    );
+
+    // The denials above consumed nothing: the router still gets the card, once.
+    assert_eq!(detokenize(&router, &id).status, 200);
+}
+
+#[test]
+fn bad_input_gets_a_4xx_with_a_code_and_never_an_echo() {
+    let setup = Setup::new("badinput");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let year = future_year();
+    let eleven = cardvault::card::luhn_complete("41111111111", 11);
+    let twenty = cardvault::card::luhn_complete("41111111111111111111", 20);
+    let body =
+        |number: serde_json::Value, month: serde_json::Value, yr: serde_json::Value, cvc: &str| {
+            json!({"number": number, "exp_month": month, "exp_year": yr, "cvc": cvc}).to_string()
+        };
+    let mut oversized = body(json!(VISA), json!(12), json!(year), "123");
+    oversized.insert_str(1, &format!("\"pad\": \"{}\",", "x".repeat(20 * 1024)));
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("non-digits", body(json!("4111-1111-1111-111x"), json!(12), json!(year), "123"), 422, "invalid_number"),
+        ("bad luhn", body(json!("4111111111111112"), json!(12), json!(year), "123"), 422, "invalid_number"),
+        ("11 digits", body(json!(eleven), json!(12), json!(year), "123"), 422, "invalid_number"),
+        ("20 digits", body(json!(twenty), json!(12), json!(year), "123"), 422, "invalid_number"),
+        ("track data as number", body(json!(format!("%B{VISA}^HOPPER/GRACE^3012")), json!(12), json!(year), "123"), 422, "invalid_number"),
+        ("month 13", body(json!(VISA), json!(13), json!(year), "123"), 422, "invalid_expiry"),
+        ("month 0", body(json!(VISA), json!(0), json!(year), "123"), 422, "invalid_expiry"),
+        ("past expiry", body(json!(VISA), json!(1), json!(2020), "123"), 422, "invalid_expiry"),
+        ("year as words", body(json!(VISA), json!(12), json!("soon"), "123"), 422, "invalid_expiry"),
+        ("2-digit cvc", body(json!(VISA), json!(12), json!(year), "12"), 422, "invalid_cvc"),
+        ("cvc letters", body(json!(VISA), json!(12), json!(year), "12a"), 422, "invalid_cvc"),
+        ("malformed json", format!("{{\"number\": \"{VISA}\", "), 400, "invalid_json"),
+        ("empty body", String::new(), 400, "invalid_json"),
+        ("number as JSON number", format!("{{\"number\": {VISA}, \"exp_month\": 12, \"exp_year\": {year}}}"), 400, "invalid_request"),
+        ("number as array", body(json!([VISA]), json!(12), json!(year), "123"), 400, "invalid_request"),
+        ("missing number", json!({"exp_month": 12, "exp_year": year}).to_string(), 400, "invalid_request"),
+        ("unknown field", json!({"number": VISA, "exp_month": 12, "exp_year": year, "pan2": VISA}).to_string(), 400, "invalid_request"),
+        ("track2 field", json!({"number": VISA, "exp_month": 12, "exp_year": year, "track2": format!(";{VISA}=3012?")}).to_string(), 422, "prohibited_data"),
+        ("pin block", json!({"number": VISA, "exp_month": 12, "exp_year": year, "pin_block": "0412AC89ABCDEF67"}).to_string(), 422, "prohibited_data"),
+        ("PAN as holder name", json!({"number": VISA, "exp_month": 12, "exp_year": year, "holder_name": VISA}).to_string(), 422, "invalid_holder_name"),
+        ("oversized body", oversized, 413, "body_too_large"),
+    ];
+    let mut seen = Vec::new();
+    for (name, body, status, code) in &cases {
+        let res = router.post_raw("/v1/cards", body.as_bytes());
+        assert_eq!(
+            (res.status, res.code().as_str()),
+            (*status, *code),
+            "{name}: {}",
+            res.body
+        );
+        assert!(
+            !res.body.contains(VISA) && !res.body.contains("4111"),
+            "{name} echoed: {}",
+            res.body
+        );
+        seen.push(res.body);
+    }
+
+    let detok_cases: Vec<(&str, serde_json::Value, u16, &str)> = vec![
+        ("PAN as token", json!({"token": VISA}), 404, "not_found"),
+        (
+            "unknown token",
+            json!({"token": "card_abcdefghijklmnopqrstuvwxyzABCDEF"}),
+            404,
+            "not_found",
+        ),
+        (
+            "customer token unknown",
+            json!({"token": "tok_abcdefghijklmnopqrstuvwxyzABCDEF"}),
+            404,
+            "not_found",
+        ),
+        (
+            "token as number",
+            json!({"token": 4111111111111111u64}),
+            400,
+            "invalid_request",
+        ),
+        (
+            "PAN in reference",
+            json!({"token": "card_abcdefghijklmnopqrstuvwxyzABCDEF", "reference": VISA}),
+            422,
+            "invalid_field",
+        ),
+    ];
+    for (name, body, status, code) in &detok_cases {
+        let res = router.post("/v1/detokenize", body);
+        assert_eq!(
+            (res.status, res.code().as_str()),
+            (*status, *code),
+            "{name}: {}",
+            res.body
+        );
+        assert!(!res.body.contains("4111"), "{name} echoed: {}", res.body);
+    }
+
+    let bad_project = router
+        .send(
+            "POST",
+            "/v1/cards",
+            &[("Vault-Project", "Shop/A")],
+            Some(card_body(VISA).to_string().as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(
+        (bad_project.status, bad_project.code()),
+        (400, "invalid_project".into())
+    );
+    let unknown_route = router.get("/v1/nothing-here");
+    assert_eq!(
+        (unknown_route.status, unknown_route.code()),
+        (404, "not_found".into())
+    );
+    let wrong_method = router.send("DELETE", "/v1/cards", &[], None).unwrap();
+    assert_eq!(
+        (wrong_method.status, wrong_method.code()),
+        (405, "method_not_allowed".into())
+    );
+    let path_pan = router.get(&format!("/v1/cards/{VISA}"));
+    assert_eq!(
+        (path_pan.status, path_pan.code()),
+        (404, "not_found".into())
+    );
+    assert!(!path_pan.body.contains(VISA));
+
+    // Nothing was half-written: no failed request left a card behind to read.
+    let output = daemon.stop();
+    assert!(!output.contains("panicked"));
+    assert!(!output.contains(VISA), "the log holds a PAN");
+    assert_eq!(
+        output
+            .matches("action=\"card.tokenize\" outcome=success")
+            .count(),
+        0,
+        "a refused card was stored"
+    );
+}
+
+#[test]
+fn projects_are_isolated_and_fingerprints_are_per_project() {
+    let setup = Setup::new("projects");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let (a, b) = (router.in_project("shop-a"), router.in_project("shop-b"));
+
+    let a1 = tokenize(&a, VISA);
+    let a2 = tokenize(&a, "4111 1111 1111 1111");
+    let b1 = tokenize(&b, VISA);
+    let other = tokenize(&a, "5555555555554444");
+    assert_eq!(a1["fingerprint"], a2["fingerprint"]);
+    assert_ne!(a1["fingerprint"], b1["fingerprint"]);
+    assert_ne!(a1["fingerprint"], other["fingerprint"]);
+    assert_eq!(other["scheme"], "mastercard");
+
+    let id = a1["id"].as_str().unwrap();
+    let res = b.get(&format!("/v1/cards/{id}"));
+    assert_eq!((res.status, res.code()), (404, "not_found".into()));
+    let res = detokenize(&b, id);
+    assert_eq!((res.status, res.code()), (404, "not_found".into()));
+    let res = detokenize(&router, id);
+    assert_eq!(
+        (res.status, res.code()),
+        (404, "not_found".into()),
+        "the default project saw shop-a's card"
+    );
+    // Still unused in its own project.
+    assert_eq!(detokenize(&a, id).json()["number"], VISA);
+}
+
+#[test]
+fn no_pan_in_plaintext_at_rest_or_in_logs() {
+    let setup = Setup::new("atrest");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let pans: Vec<String> = (0..20)
+        .map(test_pan)
+        .chain(["378282246310005".into(), "6011111111111117".into()])
+        .collect();
+    let mut ids = Vec::new();
+    for pan in &pans {
+        ids.push(tokenize(&router, pan)["id"].as_str().unwrap().to_owned());
+    }
+    for id in ids.iter().step_by(2) {
+        assert_eq!(detokenize(&router, id).status, 200);
+    }
+    let output = daemon.stop();
+
+    // The scan must be able to find something: the daemon did write a store and a key.
+    assert!(!files_below(&setup.data_dir).is_empty() && !files_below(&setup.keys_dir).is_empty());
+    for pan in &pans {
+        for dir in [&setup.data_dir, &setup.keys_dir] {
+            let hits = files_containing(dir, pan.as_bytes());
+            assert!(hits.is_empty(), "PAN in plaintext in {hits:?}");
+        }
+        assert!(!output.contains(pan.as_str()), "PAN in the log");
+        assert!(!output.contains(&pan[6..]), "PAN middle digits in the log");
+    }
+    assert!(!output.contains("Grace Hopper"), "holder name in the log");
+    assert!(
+        output.contains("card.detokenize"),
+        "the log scan saw no detokenization at all"
+    );
+}
+
+#[test]
+fn swapped_ciphertexts_never_open_as_the_other_card() {
+    let setup = Setup::new("tamper");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let (pan_a, pan_b) = (VISA, "5555555555554444");
+    let a = tokenize(&router, pan_a)["id"].as_str().unwrap().to_owned();
+    let b = tokenize(&router, pan_b)["id"].as_str().unwrap().to_owned();
+    daemon.stop();
+
+    {
+        let db = sled::open(&setup.data_dir).unwrap();
+        let cards = db.open_tree("cards").unwrap();
+        let key = |id: &str| [b"default\0".as_slice(), id.as_bytes()].concat();
+        let va = cards.get(key(&a)).unwrap().unwrap();
+        let vb = cards.get(key(&b)).unwrap().unwrap();
+        assert_ne!(va, vb);
+        cards.insert(key(&a), vb).unwrap();
+        cards.insert(key(&b), va).unwrap();
+        db.flush().unwrap();
+    }
+
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    for (id, other_pan) in [(&a, pan_b), (&b, pan_a)] {
+        let meta = router.get(&format!("/v1/cards/{id}"));
+        assert_ne!(meta.status, 200, "{}", meta.body);
+        let res = detokenize(&router, id);
+        assert_ne!(res.status, 200, "{}", res.body);
+        assert_eq!(res.code(), "record_integrity");
+        assert!(!res.body.contains(other_pan) && !res.body.contains(&other_pan[12..]));
+    }
+}
+
+#[test]
+fn acknowledged_tokens_survive_kill_9() {
+    let setup = Setup::new("kill9");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let handles: Vec<_> = (0..8u32)
+        .map(|t| {
+            let router = router.clone();
+            std::thread::spawn(move || {
+                (0..25u32)
+                    .map(|i| {
+                        let pan = test_pan(1000 + t * 100 + i);
+                        let id = tokenize(&router, &pan)["id"].as_str().unwrap().to_owned();
+                        (id, pan)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let written: Vec<(String, String)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    // The instant the last acknowledgement arrived: no graceful shutdown, no flush.
+    daemon.kill9();
+    assert_eq!(written.len(), 200);
+    assert_eq!(
+        written
+            .iter()
+            .map(|(id, _)| id)
+            .collect::<HashSet<_>>()
+            .len(),
+        200
+    );
+    assert_all_readable(&setup, &written);
+}
+
+/// Writers keep going while the daemon is killed: every write acknowledged before the kill
+/// must be there after the restart, including the last ones in flight.
+#[test]
+fn tokens_acknowledged_while_killed_mid_load_survive() {
+    let setup = Setup::new("kill9load");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles: Vec<_> = (0..16u32)
+        .map(|t| {
+            let (router, stop) = (router.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for i in 0.. {
+                    let pan = test_pan(100_000 + t * 10_000 + i);
+                    match router.send(
+                        "POST",
+                        "/v1/cards",
+                        &[],
+                        Some(card_body(&pan).to_string().as_bytes()),
+                    ) {
+                        Ok(res) if res.status == 201 => {
+                            acked.push((res.json()["id"].as_str().unwrap().to_owned(), pan))
+                        }
+                        Ok(res) => panic!("{}: {}", res.status, res.body),
+                        Err(_) if stop.load(std::sync::atomic::Ordering::SeqCst) => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    daemon.kill9();
+    let written: Vec<(String, String)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        written.len() >= 50,
+        "only {} writes before the kill",
+        written.len()
+    );
+    assert_all_readable(&setup, &written);
+}
+
+fn assert_all_readable(setup: &Setup, written: &[(String, String)]) {
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let chunks: Vec<Vec<(String, String)>> = written
+        .chunks(written.len().div_ceil(8).max(1))
+        .map(<[_]>::to_vec)
+        .collect();
+    let handles: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let router = router.clone();
+            std::thread::spawn(move || {
+                chunk
+                    .into_iter()
+                    .filter(|(id, pan)| {
+                        let res = detokenize(&router, id);
+                        res.status != 200 || res.json()["number"] != pan.as_str()
+                    })
+                    .map(|(id, _)| id)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let lost: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged tokens lost or unreadable: {lost:?}",
+        lost.len(),
+        written.len()
+    );
+}
+
+#[test]
+fn used_card_tokens_stay_used_after_kill_9() {
+    let setup = Setup::new("kill9used");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let ids: Vec<String> = (0..20)
+        .map(|i| {
+            tokenize(&router, &test_pan(i))["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(detokenize(&router, id).status, 200);
+    }
+    daemon.kill9();
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    for id in &ids {
+        assert_eq!(
+            detokenize(&router, id).code(),
+            "token_used",
+            "{id} came back usable"
+        );
+    }
+}
+
+#[test]
+fn card_tokens_and_cvcs_expire() {
+    let setup = Setup::with_settings("ttl", "card_token_ttl = \"4s\"\ncvc_ttl = \"1s\"");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let early = tokenize(&router, VISA)["id"].as_str().unwrap().to_owned();
+    let late = tokenize(&router, VISA)["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(1500));
+    let res = detokenize(&router, &early);
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert!(res.json().get("cvc").is_none(), "CVC outlived cvc_ttl");
+    assert_eq!(res.json()["number"], VISA);
+    std::thread::sleep(Duration::from_millis(4000));
+    let res = detokenize(&router, &late);
+    assert_eq!((res.status, res.code()), (410, "token_expired".into()));
+}
+
+#[test]
+fn startup_is_refused_on_unsafe_or_broken_setups() {
+    type Breakage = Box<dyn Fn(&Setup)>;
+    let cases: Vec<(&str, Breakage, &str)> = vec![
+        (
+            "missing cert",
+            Box::new(|s| std::fs::remove_file(s.root().join("server.pem")).unwrap()),
+            "server.pem",
+        ),
+        (
+            "KEK readable by others",
+            Box::new(|s| {
+                use std::os::unix::fs::PermissionsExt;
+                let kek = s.keys_dir.join("kek.key");
+                std::fs::set_permissions(kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }),
+            "chmod 600",
+        ),
+        (
+            "keys_dir inside data_dir",
+            Box::new(|s| {
+                let text = std::fs::read_to_string(&s.config)
+                    .unwrap()
+                    .replace("keys_dir = \"keys\"", "keys_dir = \"data/keys\"");
+                write(&s.config, &text);
+            }),
+            "keys_dir",
+        ),
+        (
+            "unknown permission",
+            Box::new(|s| write(&s.policy, &POLICY.replace("\"admin\"", "\"godmode\""))),
+            "unknown permission",
+        ),
+        (
+            "identity without matcher",
+            Box::new(|s| {
+                write(
+                    &s.policy,
+                    &POLICY.replace("common_name = \"ops.cardvault.test\"\n", ""),
+                )
+            }),
+            "no matcher",
+        ),
+        (
+            "duplicate identity",
+            Box::new(|s| {
+                write(
+                    &s.policy,
+                    &POLICY.replace("name = \"ops\"", "name = \"router\""),
+                )
+            }),
+            "duplicates",
+        ),
+        (
+            "missing KEK",
+            Box::new(|s| std::fs::remove_file(s.keys_dir.join("kek.key")).unwrap()),
+            "kek.key",
+        ),
+    ];
+    for (name, break_it, message) in cases {
+        let setup = Setup::new("refuse");
+        break_it(&setup);
+        match Daemon::try_start(&setup) {
+            Ok(_) => panic!("{name}: the daemon started"),
+            Err(output) => assert!(
+                output.contains(message),
+                "{name}: expected {message:?} in:\n{output}"
+            ),
+        }
+    }
+
+    // A KEK other than the one the store was made with.
+    let setup = Setup::new("wrongkek");
+    let daemon = setup.start();
+    tokenize(&setup.client(&daemon, &setup.router()), VISA);
+    daemon.stop();
+    std::fs::remove_file(setup.keys_dir.join("kek.key")).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["keys", "init", "--config"])
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let output = Daemon::try_start(&setup)
+        .err()
+        .expect("started with the wrong KEK");
+    assert!(output.contains("does not open this store"), "{output}");
+
+    // keys init never overwrites a KEK.
+    let out = std::process::Command::new(BIN)
+        .args(["keys", "init", "--config"])
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

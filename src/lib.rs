@@ -11,7 +11,7 @@
 //! - `policy`: identities and permissions, the only place that grants;
 //! - `vault`: the domain service (no HTTP);
 //! - `audit`: audit events;
-//! - `api`: actix handlers and the one error mapping;
+//! - `api`: HTTP handlers and the one error mapping;
 //! - `tls`, [`server`]: rustls configuration and the assembled daemon;
 //! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs.
 
@@ -30,3 +30,7 @@ mod store;
 mod tls;
 mod tokens;
 mod vault;
+
+/// Invariants of the code base, checked by reading the source tree.
+#[cfg(test)]
+mod tidy;

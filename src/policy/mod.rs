@@ -421,6 +421,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_policies_parse() {
+        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        assert_eq!(Policy::load(&example).unwrap().identities.len(), 3);
+        assert_eq!(parse(crate::dev::DEV_POLICY).unwrap().identities.len(), 3);
+    }
+
+    #[test]
     fn decisions_table() {
         let policy = parse(EXAMPLE).unwrap();
         let router = peer(&["spiffe://pay/router"], &[], &["router"]);

@@ -156,7 +156,11 @@ mod tests {
 
     #[test]
     fn many_concurrent_writers_all_become_durable() {
-        actix_web::rt::System::new().block_on(concurrent_writers());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(tokio::task::LocalSet::new().run_until(concurrent_writers()));
     }
 
     async fn concurrent_writers() {
@@ -171,7 +175,7 @@ mod tests {
         for i in 0..64u32 {
             let gc = Arc::clone(&gc);
             let db = db.clone();
-            tasks.push(actix_web::rt::spawn(async move {
+            tasks.push(tokio::task::spawn_local(async move {
                 db.insert(i.to_be_bytes(), &b"v"[..]).unwrap();
                 gc.durable(gc.ticket()).await
             }));

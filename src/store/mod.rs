@@ -2,8 +2,16 @@
 //!
 //! Trees:
 //! - `cards`: `project \0 card_id` → [`CardRecord`]
+//! - `customers`: `project \0 cust_id` → [`CustomerRecord`] (with its token list)
+//! - `customer_tokens`: `project \0 tok_id` → [`TokenRecord`]
+//! - `idempotency`: `project \0 identity \0 key` → [`IdempotencyRecord`]
 //! - `keys`:  `project \0 name` → a key wrapped by the KEK (`dek/<version>`, `fingerprint`)
 //! - `meta`:  store-wide values (the KEK check value)
+//!
+//! Changes that span records (a card token becoming a customer token, a customer deleted with
+//! its tokens) go through [`Store::commit`]: one sled transaction that first checks every record
+//! it depends on is still exactly as the caller read it, so a racing change makes it fail as a
+//! whole (the caller re-reads and decides again) instead of half-applying.
 //!
 //! sled holds an exclusive lock on its folder: one process per store, so admin actions go
 //! through the daemon. Compression stays off so a byte scan of the folder for test PANs means
@@ -15,7 +23,9 @@ mod record;
 use std::path::Path;
 
 pub use commit::{FlushFailed, GroupCommit, Ticket};
-pub use record::{CardRecord, Malformed};
+pub use record::{
+    CardRecord, CustomerRecord, IdempotencyRecord, Malformed, StoredResponse, TokenRecord, TokenRef,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,25 +39,138 @@ pub enum StoreError {
     Thread(std::io::Error),
 }
 
-/// The outcome of [`Store::swap_card`].
-pub enum Swap<E> {
+/// The outcome of a compare-and-swap loop ([`Store::swap_card`], [`Store::swap_token`], ...).
+pub enum Swap<R, E> {
     /// No record under that id.
     Missing,
     /// `decide` refused the change; nothing was written.
     Refused(E),
     /// The record was replaced; the old value and the ticket to await before acting on it.
-    Swapped(CardRecord, Ticket),
+    Swapped(R, Ticket),
+}
+
+/// A record type with a byte encoding.
+pub trait Codec: Sized {
+    fn encode(&self) -> Vec<u8>;
+    fn decode(bytes: &[u8]) -> Result<Self, Malformed>;
+}
+
+macro_rules! codec {
+    ($t:ty) => {
+        impl Codec for $t {
+            fn encode(&self) -> Vec<u8> {
+                <$t>::encode(self)
+            }
+            fn decode(bytes: &[u8]) -> Result<Self, Malformed> {
+                <$t>::decode(bytes)
+            }
+        }
+    };
+}
+codec!(CardRecord);
+codec!(CustomerRecord);
+codec!(TokenRecord);
+codec!(IdempotencyRecord);
+
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    Cards,
+    Customers,
+    Tokens,
+}
+
+/// Checks and writes for one [`Store::commit`].
+#[derive(Default)]
+pub struct Batch {
+    /// `(tree, key, the exact bytes expected there, or None for "absent")`
+    checks: Vec<(Space, Vec<u8>, Option<Vec<u8>>)>,
+    /// `(tree, key, new bytes, or None to remove)`
+    writes: Vec<(Space, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn expect_card(&mut self, project: &str, id: &str, rec: &CardRecord) -> &mut Batch {
+        self.checks
+            .push((Space::Cards, key(project, id), Some(rec.encode())));
+        self
+    }
+
+    pub fn put_card(&mut self, project: &str, id: &str, rec: &CardRecord) -> &mut Batch {
+        self.writes
+            .push((Space::Cards, key(project, id), Some(rec.encode())));
+        self
+    }
+
+    pub fn expect_customer(&mut self, project: &str, id: &str, rec: &CustomerRecord) -> &mut Batch {
+        self.checks
+            .push((Space::Customers, key(project, id), Some(rec.encode())));
+        self
+    }
+
+    pub fn put_customer(&mut self, project: &str, id: &str, rec: &CustomerRecord) -> &mut Batch {
+        self.writes
+            .push((Space::Customers, key(project, id), Some(rec.encode())));
+        self
+    }
+
+    pub fn remove_customer(&mut self, project: &str, id: &str) -> &mut Batch {
+        self.writes.push((Space::Customers, key(project, id), None));
+        self
+    }
+
+    pub fn expect_token(&mut self, project: &str, id: &str, rec: &TokenRecord) -> &mut Batch {
+        self.checks
+            .push((Space::Tokens, key(project, id), Some(rec.encode())));
+        self
+    }
+
+    pub fn expect_no_token(&mut self, project: &str, id: &str) -> &mut Batch {
+        self.checks.push((Space::Tokens, key(project, id), None));
+        self
+    }
+
+    pub fn put_token(&mut self, project: &str, id: &str, rec: &TokenRecord) -> &mut Batch {
+        self.writes
+            .push((Space::Tokens, key(project, id), Some(rec.encode())));
+        self
+    }
+
+    pub fn remove_token(&mut self, project: &str, id: &str) -> &mut Batch {
+        self.writes.push((Space::Tokens, key(project, id), None));
+        self
+    }
 }
 
 pub struct Store {
     db: sled::Db,
     cards: sled::Tree,
+    customers: sled::Tree,
+    tokens: sled::Tree,
+    idempotency: sled::Tree,
     keys: sled::Tree,
     meta: sled::Tree,
     commit: GroupCommit,
 }
 
 const KEK_CHECK: &[u8] = b"kek_check";
+
+fn get<R: Codec>(tree: &sled::Tree, k: &[u8]) -> Result<Option<R>, StoreError> {
+    match tree.get(k)? {
+        Some(bytes) => Ok(Some(R::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// The key of an idempotency record: project, caller identity, and the caller's key.
+pub fn idempotency_key(project: &str, identity: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(project.len() + identity.len() + key.len() + 2);
+    k.extend_from_slice(project.as_bytes());
+    k.push(0);
+    k.extend_from_slice(identity.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
 
 fn key(project: &str, name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(project.len() + 1 + name.len());
@@ -67,6 +190,9 @@ impl Store {
         let commit = GroupCommit::start(db.clone()).map_err(StoreError::Thread)?;
         Ok(Store {
             cards: db.open_tree("cards")?,
+            customers: db.open_tree("customers")?,
+            tokens: db.open_tree("customer_tokens")?,
+            idempotency: db.open_tree("idempotency")?,
             keys: db.open_tree("keys")?,
             meta: db.open_tree("meta")?,
             db,
@@ -106,10 +232,15 @@ impl Store {
     }
 
     pub fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
-        match self.cards.get(key(project, id))? {
-            Some(bytes) => Ok(Some(CardRecord::decode(&bytes)?)),
-            None => Ok(None),
-        }
+        get(&self.cards, &key(project, id))
+    }
+
+    pub fn customer(&self, project: &str, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
+        get(&self.customers, &key(project, id))
+    }
+
+    pub fn token(&self, project: &str, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        get(&self.tokens, &key(project, id))
     }
 
     /// Atomically replaces a card record with what `decide` makes of it: compare-and-swap in
@@ -119,26 +250,136 @@ impl Store {
         &self,
         project: &str,
         id: &str,
-        mut decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
-    ) -> Result<Swap<E>, StoreError> {
-        let k = key(project, id);
+        decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
+    ) -> Result<Swap<CardRecord, E>, StoreError> {
+        self.swap(&self.cards, &key(project, id), decide)
+    }
+
+    /// As [`Store::swap_card`], for a customer.
+    pub fn swap_customer<E>(
+        &self,
+        project: &str,
+        id: &str,
+        decide: impl FnMut(&CustomerRecord) -> Result<CustomerRecord, E>,
+    ) -> Result<Swap<CustomerRecord, E>, StoreError> {
+        self.swap(&self.customers, &key(project, id), decide)
+    }
+
+    /// As [`Store::swap_card`], for a customer token.
+    pub fn swap_token<E>(
+        &self,
+        project: &str,
+        id: &str,
+        decide: impl FnMut(&TokenRecord) -> Result<TokenRecord, E>,
+    ) -> Result<Swap<TokenRecord, E>, StoreError> {
+        self.swap(&self.tokens, &key(project, id), decide)
+    }
+
+    fn swap<R: Codec, E>(
+        &self,
+        tree: &sled::Tree,
+        k: &[u8],
+        mut decide: impl FnMut(&R) -> Result<R, E>,
+    ) -> Result<Swap<R, E>, StoreError> {
         loop {
-            let Some(current) = self.cards.get(&k)? else {
+            let Some(current) = tree.get(k)? else {
                 return Ok(Swap::Missing);
             };
-            let old = CardRecord::decode(&current)?;
+            let old = R::decode(&current)?;
             let new = match decide(&old) {
                 Ok(new) => new,
                 Err(e) => return Ok(Swap::Refused(e)),
             };
-            if self
-                .cards
-                .compare_and_swap(&k, Some(&current), Some(new.encode()))?
+            if tree
+                .compare_and_swap(k, Some(&current), Some(new.encode()))?
                 .is_ok()
             {
                 return Ok(Swap::Swapped(old, self.commit.ticket()));
             }
         }
+    }
+
+    /// Inserts a new customer under a fresh id.
+    pub fn insert_customer(
+        &self,
+        project: &str,
+        id: &str,
+        rec: &CustomerRecord,
+    ) -> Result<Ticket, StoreError> {
+        match self.customers.compare_and_swap(
+            key(project, id),
+            None as Option<&[u8]>,
+            Some(rec.encode()),
+        )? {
+            Ok(()) => Ok(self.commit.ticket()),
+            Err(_) => Err(StoreError::Corrupt(Malformed)),
+        }
+    }
+
+    /// Applies `batch` in one transaction if every record it checks is exactly as expected.
+    /// `Ok(None)`: a check failed (a racing change); nothing was written.
+    pub fn commit(&self, batch: &Batch) -> Result<Option<Ticket>, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let outcome = (&self.cards, &self.customers, &self.tokens).transaction(
+            |(cards, customers, tokens)| {
+                let tree = |space: Space| match space {
+                    Space::Cards => cards,
+                    Space::Customers => customers,
+                    Space::Tokens => tokens,
+                };
+                for (space, k, expected) in &batch.checks {
+                    let current = tree(*space).get(k)?;
+                    if current.as_deref() != expected.as_deref() {
+                        return Err(ConflictableTransactionError::Abort(()));
+                    }
+                }
+                for (space, k, value) in &batch.writes {
+                    match value {
+                        Some(v) => {
+                            tree(*space).insert(k.as_slice(), v.as_slice())?;
+                        }
+                        None => {
+                            tree(*space).remove(k.as_slice())?;
+                        }
+                    }
+                }
+                Ok(())
+            },
+        );
+        match outcome {
+            Ok(()) => Ok(Some(self.commit.ticket())),
+            Err(TransactionError::Abort(())) => Ok(None),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    pub fn idempotency(&self, k: &[u8]) -> Result<Option<IdempotencyRecord>, StoreError> {
+        get(&self.idempotency, k)
+    }
+
+    /// Compare-and-swap of an idempotency record; `Ok(None)` when `old` is no longer current.
+    pub fn swap_idempotency(
+        &self,
+        k: &[u8],
+        old: Option<&IdempotencyRecord>,
+        new: Option<&IdempotencyRecord>,
+    ) -> Result<Option<Ticket>, StoreError> {
+        let swapped = self.idempotency.compare_and_swap(
+            k,
+            old.map(IdempotencyRecord::encode),
+            new.map(IdempotencyRecord::encode),
+        )?;
+        Ok(swapped.is_ok().then(|| self.commit.ticket()))
+    }
+
+    /// Every idempotency record, for the sweeper.
+    pub fn idempotency_records(
+        &self,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, IdempotencyRecord), StoreError>> + '_ {
+        self.idempotency.iter().map(|item| {
+            let (k, v) = item?;
+            Ok((k.to_vec(), IdempotencyRecord::decode(&v)?))
+        })
     }
 
     /// Removes a card record if it still holds exactly `expected` (used by the sweeper).

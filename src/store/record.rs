@@ -92,6 +92,215 @@ impl CardRecord {
     }
 }
 
+/// A customer: sealed profile (contact details) plus the list of its customer tokens, so that
+/// deleting the customer removes every token in the same transaction without a scan.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CustomerRecord {
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub key_version: u32,
+    /// Sealed profile (email, name, phone, address, metadata).
+    pub profile: Vec<u8>,
+    /// The customer's tokens and their card fingerprints (keyed HMACs), oldest first.
+    pub tokens: Vec<TokenRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRef {
+    pub id: String,
+    pub fingerprint: String,
+}
+
+impl std::fmt::Debug for CustomerRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CustomerRecord")
+            .field("created_at", &self.created_at)
+            .field("key_version", &self.key_version)
+            .field("tokens", &self.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const CUSTOMER_FORMAT_V1: u8 = 1;
+
+impl CustomerRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.profile.len() + self.tokens.len() * 110);
+        out.push(CUSTOMER_FORMAT_V1);
+        out.extend_from_slice(&self.created_at.to_be_bytes());
+        out.extend_from_slice(&self.updated_at.to_be_bytes());
+        out.extend_from_slice(&self.key_version.to_be_bytes());
+        put_bytes(&mut out, &self.profile);
+        out.extend_from_slice(&(self.tokens.len() as u32).to_be_bytes());
+        for t in &self.tokens {
+            put_bytes(&mut out, t.id.as_bytes());
+            put_bytes(&mut out, t.fingerprint.as_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<CustomerRecord, Malformed> {
+        let mut r = Reader(bytes);
+        if r.u8()? != CUSTOMER_FORMAT_V1 {
+            return Err(Malformed);
+        }
+        let created_at = r.i64()?;
+        let updated_at = r.i64()?;
+        let key_version = r.u32()?;
+        let profile = r.bytes()?.to_vec();
+        let count = r.u32()?;
+        let mut tokens = Vec::new();
+        for _ in 0..count {
+            tokens.push(TokenRef {
+                id: r.string()?,
+                fingerprint: r.string()?,
+            });
+        }
+        if !r.0.is_empty() || profile.is_empty() {
+            return Err(Malformed);
+        }
+        Ok(CustomerRecord {
+            created_at,
+            updated_at,
+            key_version,
+            profile,
+            tokens,
+        })
+    }
+}
+
+/// A reusable customer token: the card (never a CVC) sealed for one customer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub customer: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub key_version: u32,
+    /// Sealed card metadata and recurring (MIT) data.
+    pub meta: Vec<u8>,
+    /// Sealed PAN.
+    pub pan: Vec<u8>,
+}
+
+impl std::fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("customer", &self.customer)
+            .field("created_at", &self.created_at)
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+const TOKEN_FORMAT_V1: u8 = 1;
+
+impl TokenRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.meta.len() + self.pan.len());
+        out.push(TOKEN_FORMAT_V1);
+        put_bytes(&mut out, self.customer.as_bytes());
+        out.extend_from_slice(&self.created_at.to_be_bytes());
+        out.extend_from_slice(&self.updated_at.to_be_bytes());
+        out.extend_from_slice(&self.key_version.to_be_bytes());
+        put_bytes(&mut out, &self.meta);
+        put_bytes(&mut out, &self.pan);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<TokenRecord, Malformed> {
+        let mut r = Reader(bytes);
+        if r.u8()? != TOKEN_FORMAT_V1 {
+            return Err(Malformed);
+        }
+        let rec = TokenRecord {
+            customer: r.string()?,
+            created_at: r.i64()?,
+            updated_at: r.i64()?,
+            key_version: r.u32()?,
+            meta: r.bytes()?.to_vec(),
+            pan: r.bytes()?.to_vec(),
+        };
+        if !r.0.is_empty() || rec.meta.is_empty() || rec.pan.is_empty() {
+            return Err(Malformed);
+        }
+        Ok(rec)
+    }
+}
+
+/// The first response to an `Idempotency-Key`, or the claim of a request still running.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub created_at: i64,
+    /// Keyed digest of method, path and body: the same key with another body is a conflict.
+    pub request_digest: Vec<u8>,
+    /// `None` while the first request runs.
+    pub response: Option<StoredResponse>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub key_version: u32,
+    /// The sealed response body.
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for IdempotencyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyRecord")
+            .field("created_at", &self.created_at)
+            .field("done", &self.response.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+const IDEMPOTENCY_FORMAT_V1: u8 = 1;
+
+impl IdempotencyRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.response.as_ref().map_or(0, |r| r.body.len()));
+        out.push(IDEMPOTENCY_FORMAT_V1);
+        out.extend_from_slice(&self.created_at.to_be_bytes());
+        put_bytes(&mut out, &self.request_digest);
+        match &self.response {
+            None => out.push(0),
+            Some(r) => {
+                out.push(1);
+                out.extend_from_slice(&r.status.to_be_bytes());
+                out.extend_from_slice(&r.key_version.to_be_bytes());
+                put_bytes(&mut out, &r.body);
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<IdempotencyRecord, Malformed> {
+        let mut r = Reader(bytes);
+        if r.u8()? != IDEMPOTENCY_FORMAT_V1 {
+            return Err(Malformed);
+        }
+        let created_at = r.i64()?;
+        let request_digest = r.bytes()?.to_vec();
+        let response = match r.u8()? {
+            0 => None,
+            1 => Some(StoredResponse {
+                status: u16::from_be_bytes(r.array()?),
+                key_version: r.u32()?,
+                body: r.bytes()?.to_vec(),
+            }),
+            _ => return Err(Malformed),
+        };
+        if !r.0.is_empty() {
+            return Err(Malformed);
+        }
+        Ok(IdempotencyRecord {
+            created_at,
+            request_digest,
+            response,
+        })
+    }
+}
+
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
     out.extend_from_slice(bytes);
@@ -128,6 +337,11 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Result<&'a [u8], Malformed> {
         let len = usize::try_from(self.u32()?).map_err(|_| Malformed)?;
         self.take(len)
+    }
+
+    fn string(&mut self) -> Result<String, Malformed> {
+        let bytes = self.bytes()?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| Malformed)
     }
 }
 
@@ -169,6 +383,66 @@ mod tests {
         let mut bad_flags = bytes;
         bad_flags[1] = 0xff;
         assert!(CardRecord::decode(&bad_flags).is_err());
+    }
+
+    #[test]
+    fn other_records_round_trip_and_refuse_truncation() {
+        let customer = CustomerRecord {
+            created_at: 5,
+            updated_at: 6,
+            key_version: 1,
+            profile: vec![7; 30],
+            tokens: vec![TokenRef {
+                id: "tok_a".into(),
+                fingerprint: "ff".into(),
+            }],
+        };
+        let token = TokenRecord {
+            customer: "cust_a".into(),
+            created_at: 1,
+            updated_at: 2,
+            key_version: 1,
+            meta: vec![3; 10],
+            pan: vec![4; 30],
+        };
+        let idem = IdempotencyRecord {
+            created_at: 9,
+            request_digest: vec![1; 32],
+            response: Some(StoredResponse {
+                status: 201,
+                key_version: 1,
+                body: vec![5; 40],
+            }),
+        };
+        let claim = IdempotencyRecord {
+            response: None,
+            ..idem.clone()
+        };
+        assert_eq!(
+            CustomerRecord::decode(&customer.encode()).unwrap(),
+            customer
+        );
+        assert_eq!(TokenRecord::decode(&token.encode()).unwrap(), token);
+        assert_eq!(IdempotencyRecord::decode(&idem.encode()).unwrap(), idem);
+        assert_eq!(IdempotencyRecord::decode(&claim.encode()).unwrap(), claim);
+        for len in 0..customer.encode().len() {
+            assert!(
+                CustomerRecord::decode(&customer.encode()[..len]).is_err(),
+                "customer prefix {len}"
+            );
+        }
+        for len in 0..token.encode().len() {
+            assert!(
+                TokenRecord::decode(&token.encode()[..len]).is_err(),
+                "token prefix {len}"
+            );
+        }
+        for len in 0..idem.encode().len() {
+            assert!(
+                IdempotencyRecord::decode(&idem.encode()[..len]).is_err(),
+                "idempotency prefix {len}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!
 //! - [`card`]: `Pan`, `Expiry`, `Cvc` parsed at the edge, redacted and wiped;
 //! - `tokens`: object ids and project names;
+//! - `customer`: customer contact details and recurring data, parsed at the edge;
 //! - `crypto`: envelope encryption and the `KeyEncryptionKey` seam;
 //! - `store`: sled trees, record encoding, group commit;
 //! - `policy`: identities and permissions, the only place that grants;
@@ -25,6 +26,7 @@ pub mod server;
 mod api;
 mod audit;
 mod crypto;
+mod customer;
 mod policy;
 mod store;
 mod tls;

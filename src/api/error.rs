@@ -6,6 +6,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::card::CardError;
+use crate::customer::FieldError;
 use crate::policy::Denied;
 use crate::store::StoreError;
 use crate::vault::VaultError;
@@ -68,6 +69,21 @@ impl ApiError {
         "invalid_field",
         "reason and reference must be short printable text without card numbers",
     );
+    pub const IDEMPOTENCY_CONFLICT: ApiError = ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_conflict",
+        "this Idempotency-Key was used with a different request",
+    );
+    pub const IDEMPOTENCY_IN_PROGRESS: ApiError = ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_in_progress",
+        "the first request with this Idempotency-Key is still running; retry shortly",
+    );
+    pub const INVALID_IDEMPOTENCY_KEY: ApiError = ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_idempotency_key",
+        "Idempotency-Key must be 1-255 printable ASCII characters",
+    );
     pub const INTERNAL: ApiError = ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal_error",
@@ -92,21 +108,29 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-impl ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        self.status
-    }
-
-    fn error_response(&self) -> HttpResponse {
+impl ApiError {
+    /// The JSON body this error is sent with.
+    pub fn body(&self) -> Vec<u8> {
         let body = Body {
             error: Inner {
                 code: self.code,
                 message: self.message,
             },
         };
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
         HttpResponse::build(self.status)
             .insert_header((header::CACHE_CONTROL, "no-store"))
-            .json(body)
+            .content_type("application/json")
+            .body(self.body())
     }
 }
 
@@ -131,6 +155,32 @@ impl From<CardError> for ApiError {
                 status,
                 "invalid_holder_name",
                 "holder name must be 1 to 100 characters, without digits or control characters",
+            ),
+        }
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> ApiError {
+        let status = StatusCode::UNPROCESSABLE_ENTITY;
+        match e {
+            FieldError::Email => ApiError::new(status, "invalid_email", "email is not a valid address"),
+            FieldError::Phone => ApiError::new(status, "invalid_phone", "phone must hold 4 to 15 digits"),
+            FieldError::Text => ApiError::new(
+                status,
+                "invalid_field",
+                "a text field is empty, too long, holds control characters, or looks like a card number",
+            ),
+            FieldError::Country => ApiError::new(status, "invalid_country", "country must be a two-letter ISO 3166 code"),
+            FieldError::Metadata => ApiError::new(
+                status,
+                "invalid_metadata",
+                "metadata: at most 50 keys of up to 40 characters, values up to 500, no card numbers",
+            ),
+            FieldError::RecurringModel | FieldError::SchemeTransactionId => ApiError::new(
+                status,
+                "invalid_recurring",
+                "recurring needs model unscheduled, subscription or installment, and an alphanumeric scheme_transaction_id of up to 64",
             ),
         }
     }
@@ -181,6 +231,15 @@ impl From<VaultError> for ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "record_integrity",
                     "a stored record failed its integrity check",
+                )
+            }
+            VaultError::Field(f) => ApiError::from(*f),
+            VaultError::Contention => {
+                tracing::warn!(error = %e, "request lost too many races");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "contention",
+                    "too many concurrent changes to the same objects; retry",
                 )
             }
             VaultError::Keys(_) | VaultError::Id(_) => {

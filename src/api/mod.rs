@@ -21,10 +21,11 @@ use zeroize::Zeroizing;
 
 pub use error::ApiError;
 
-use crate::card::{Cvc, Expiry, HolderName, Pan, SecretInput};
-use crate::policy::{Grant, Peer, Policy, Requires};
+use crate::card::{CardError, Cvc, Expiry, HolderName, Pan, SecretInput};
+use crate::customer::{NewProfile, ProfilePatch, Recurring};
+use crate::policy::{Customers, Grant, Peer, Policy, Requires};
 use crate::tokens::{IdKind, ObjectId, Project};
-use crate::vault::{this_month, NewCard, Purpose, Vault};
+use crate::vault::{this_month, Begin, NewCard, Purpose, TokenPatch, TokenView, Vault};
 
 /// Request bodies larger than this are refused with 413 before they are parsed.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -43,7 +44,25 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(resource("/health").route(web::get().to(health)))
             .service(resource("/cards").route(web::post().to(tokenize)))
             .service(resource("/cards/{id}").route(web::get().to(card)))
-            .service(resource("/detokenize").route(web::post().to(detokenize))),
+            .service(resource("/detokenize").route(web::post().to(detokenize)))
+            .service(resource("/customers").route(web::post().to(create_customer)))
+            .service(
+                resource("/customers/{customer}")
+                    .route(web::get().to(customer))
+                    .route(web::patch().to(update_customer))
+                    .route(web::delete().to(delete_customer)),
+            )
+            .service(
+                resource("/customers/{customer}/tokens")
+                    .route(web::post().to(attach_card))
+                    .route(web::get().to(list_tokens)),
+            )
+            .service(
+                resource("/customers/{customer}/tokens/{token}")
+                    .route(web::get().to(customer_token))
+                    .route(web::patch().to(update_token))
+                    .route(web::delete().to(delete_token)),
+            ),
     )
     .default_service(web::to(not_found));
 }
@@ -83,11 +102,11 @@ fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, A
     Ok(state.policy.authorize::<P>(peer, &project)?)
 }
 
-/// Reads at most [`BODY_LIMIT`] bytes into wiping memory and parses them as `T`.
-async fn read_json<T: DeserializeOwned>(
+/// Reads at most [`BODY_LIMIT`] bytes into wiping memory.
+async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
-) -> Result<T, ApiError> {
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -105,12 +124,90 @@ async fn read_json<T: DeserializeOwned>(
         }
         body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+    Ok(body)
+}
+
+/// Parses a body as `T` with our own error codes (serde's messages quote the input).
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
             ApiError::INVALID_JSON
         }
         _ => ApiError::INVALID_REQUEST,
     })
+}
+
+/// A response body ready to send, and to store for idempotent replay.
+type Reply = (StatusCode, Vec<u8>);
+
+fn reply<T: Serialize>(status: StatusCode, body: &T) -> Result<Reply, ApiError> {
+    serde_json::to_vec(body)
+        .map(|bytes| (status, bytes))
+        .map_err(|_| ApiError::INTERNAL)
+}
+
+fn send(status: StatusCode, body: Vec<u8>, replayed: bool) -> HttpResponse {
+    let mut res = HttpResponse::build(status);
+    res.insert_header((header::CACHE_CONTROL, "no-store"))
+        .content_type("application/json");
+    if replayed {
+        res.insert_header(("idempotent-replayed", "true"));
+    }
+    res.body(body)
+}
+
+/// Runs a creating request under its `Idempotency-Key`, if it has one (SPEC §4): a replay
+/// gets the first response; the same key with another body gets 409. Client errors are
+/// remembered like successes; server errors release the key so a retry can run.
+async fn idempotent<P: Requires>(
+    req: &HttpRequest,
+    state: &AppState,
+    grant: &Grant<P>,
+    body: &[u8],
+    run: impl std::future::Future<Output = Result<Reply, ApiError>>,
+) -> Result<HttpResponse, ApiError> {
+    let Some(value) = req.headers().get("idempotency-key") else {
+        let (status, bytes) = run.await?;
+        return Ok(send(status, bytes, false));
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| (0x21..0x7f).contains(&b)))
+        .ok_or(ApiError::INVALID_IDEMPOTENCY_KEY)?;
+    let claim =
+        match state
+            .vault
+            .idempotency_begin(grant, key, req.method().as_str(), req.path(), body)?
+        {
+            Begin::Proceed(claim) => claim,
+            Begin::Replay { status, body } => {
+                let status = StatusCode::from_u16(status).map_err(|_| ApiError::INTERNAL)?;
+                return Ok(send(status, body.to_vec(), true));
+            }
+            Begin::Conflict => return Err(ApiError::IDEMPOTENCY_CONFLICT),
+            Begin::InProgress => return Err(ApiError::IDEMPOTENCY_IN_PROGRESS),
+        };
+    match run.await {
+        Ok((status, bytes)) => {
+            state
+                .vault
+                .idempotency_finish(claim, status.as_u16(), &bytes)
+                .await?;
+            Ok(send(status, bytes, false))
+        }
+        Err(e) if e.status.is_client_error() => {
+            state
+                .vault
+                .idempotency_finish(claim, e.status.as_u16(), &e.body())
+                .await?;
+            Err(e)
+        }
+        Err(e) => {
+            state.vault.idempotency_abandon(claim);
+            Err(e)
+        }
+    }
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
@@ -177,7 +274,7 @@ impl TokenizeRequest {
             return Err(ApiError::PROHIBITED_DATA);
         }
         let pan = Pan::parse(self.number.expose())?;
-        let invalid_expiry = ApiError::from(crate::card::CardError::InvalidExpiry);
+        let invalid_expiry = ApiError::from(CardError::InvalidExpiry);
         let month = self.exp_month.value().ok_or(invalid_expiry)?;
         let year = self.exp_year.value().ok_or(invalid_expiry)?;
         let expiry = Expiry::parse(month, year, this_month())?;
@@ -206,9 +303,15 @@ async fn tokenize(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant(&req, &state)?;
-    let card = read_json::<TokenizeRequest>(&req, payload).await?.parse()?;
-    let view = state.vault.tokenize(&grant, card).await?;
-    Ok(json(StatusCode::CREATED, &view))
+    let body = read_body(&req, payload).await?;
+    let card = parse_json::<TokenizeRequest>(&body)?.parse()?;
+    idempotent(&req, &state, &grant, &body, async {
+        reply(
+            StatusCode::CREATED,
+            &state.vault.tokenize(&grant, card).await?,
+        )
+    })
+    .await
 }
 
 async fn card(
@@ -237,6 +340,8 @@ struct DetokenizeResponse<'a> {
     holder_name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cvc: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recurring: Option<&'a Recurring>,
 }
 
 /// Free text that goes into the audit trail: printable ASCII, bounded, and never something
@@ -265,7 +370,7 @@ async fn detokenize(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant(&req, &state)?;
-    let body = read_json::<DetokenizeRequest>(&req, payload).await?;
+    let body = parse_json::<DetokenizeRequest>(&read_body(&req, payload).await?)?;
     let purpose = Purpose {
         reason: label(body.reason, 64)?,
         reference: label(body.reference, 128)?,
@@ -280,7 +385,205 @@ async fn detokenize(
             exp_year: details.expiry.year(),
             holder_name: details.holder_name.as_ref().map(HolderName::as_str),
             cvc: details.cvc.as_ref().map(Cvc::expose),
+            recurring: details.recurring.as_ref(),
         },
+    ))
+}
+
+fn path_id(kind: IdKind, raw: &str) -> Result<ObjectId, ApiError> {
+    ObjectId::parse_kind(kind, raw).map_err(|_| ApiError::NOT_FOUND)
+}
+
+async fn create_customer(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let body = read_body(&req, payload).await?;
+    let profile = parse_json::<NewProfile>(&body)?.parse()?;
+    idempotent(&req, &state, &grant, &body, async {
+        reply(
+            StatusCode::CREATED,
+            &state.vault.create_customer(&grant, profile).await?,
+        )
+    })
+    .await
+}
+
+async fn customer(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let id = path_id(IdKind::Customer, &path)?;
+    Ok(json(StatusCode::OK, &state.vault.customer(&grant, &id)?))
+}
+
+async fn update_customer(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let id = path_id(IdKind::Customer, &path)?;
+    let patch = parse_json::<ProfilePatch>(&read_body(&req, payload).await?)?;
+    Ok(json(
+        StatusCode::OK,
+        &state.vault.update_customer(&grant, &id, patch).await?,
+    ))
+}
+
+async fn delete_customer(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let id = path_id(IdKind::Customer, &path)?;
+    state.vault.delete_customer(&grant, &id).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"id": id.as_str(), "object": "customer", "deleted": true}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachRequest {
+    source: SecretInput,
+    recurring: Option<Recurring>,
+}
+
+#[derive(Serialize)]
+struct AttachResponse {
+    #[serde(flatten)]
+    token: TokenView,
+    duplicate: bool,
+}
+
+async fn attach_card(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let customer = path_id(IdKind::Customer, &path)?;
+    let body = read_body(&req, payload).await?;
+    let request = parse_json::<AttachRequest>(&body)?;
+    let source = ObjectId::parse_kind(IdKind::Card, request.source.expose())
+        .map_err(|_| ApiError::NOT_FOUND)?;
+    let recurring = request.recurring.map(Recurring::parse).transpose()?;
+    idempotent(&req, &state, &grant, &body, async {
+        let attached = state
+            .vault
+            .attach_card(&grant, &customer, &source, recurring)
+            .await?;
+        let status = if attached.duplicate {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        reply(
+            status,
+            &AttachResponse {
+                token: attached.token,
+                duplicate: attached.duplicate,
+            },
+        )
+    })
+    .await
+}
+
+async fn list_tokens(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let customer = path_id(IdKind::Customer, &path)?;
+    let tokens = state.vault.customer_tokens(&grant, &customer)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"object": "list", "data": tokens}),
+    ))
+}
+
+fn token_path(path: &(String, String)) -> Result<(ObjectId, ObjectId), ApiError> {
+    Ok((
+        path_id(IdKind::Customer, &path.0)?,
+        path_id(IdKind::CustomerToken, &path.1)?,
+    ))
+}
+
+async fn customer_token(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let (customer, token) = token_path(&path)?;
+    Ok(json(
+        StatusCode::OK,
+        &state.vault.customer_token(&grant, &customer, &token)?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenPatchRequest {
+    exp_month: Option<Loose>,
+    exp_year: Option<Loose>,
+    recurring: Option<Recurring>,
+}
+
+async fn update_token(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let (customer, token) = token_path(&path)?;
+    let request = parse_json::<TokenPatchRequest>(&read_body(&req, payload).await?)?;
+    let expiry = match (request.exp_month, request.exp_year) {
+        (None, None) => None,
+        (Some(m), Some(y)) => {
+            let (m, y) = m.value().zip(y.value()).ok_or(CardError::InvalidExpiry)?;
+            Some(Expiry::parse(m, y, this_month())?)
+        }
+        _ => return Err(CardError::InvalidExpiry.into()),
+    };
+    let patch = TokenPatch {
+        expiry,
+        recurring: request.recurring.map(Recurring::parse).transpose()?,
+    };
+    Ok(json(
+        StatusCode::OK,
+        &state
+            .vault
+            .update_customer_token(&grant, &customer, &token, patch)
+            .await?,
+    ))
+}
+
+async fn delete_token(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Customers>(&req, &state)?;
+    let (customer, token) = token_path(&path)?;
+    state
+        .vault
+        .delete_customer_token(&grant, &customer, &token)
+        .await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"id": token.as_str(), "object": "customer_token", "deleted": true}),
     ))
 }
 

@@ -87,6 +87,7 @@ macro_rules! permission_marker {
 permission_marker!(Tokenize, Permission::Tokenize);
 permission_marker!(Read, Permission::Read);
 permission_marker!(Detokenize, Permission::Detokenize);
+permission_marker!(Customers, Permission::Customers);
 
 /// Proof that the policy allowed `identity` to use permission `P` on `project`.
 /// Only [`Policy::authorize`] makes one.

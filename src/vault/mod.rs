@@ -19,6 +19,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+mod customers;
+mod idempotency;
+
+pub use customers::{TokenPatch, TokenView};
+pub use idempotency::Begin;
+
 use crate::audit::{AuditEvent, AuditSink, Outcome};
 use crate::card::{Cvc, Expiry, HolderName, Pan};
 use crate::crypto::{aad, CryptoError, FingerprintKey, KeyEncryptionKey, KeyMaterial, SealingKey};
@@ -50,6 +56,10 @@ pub enum VaultError {
     Id(#[from] IdError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Field(crate::customer::FieldError),
+    #[error("gave up after repeated conflicting concurrent changes")]
+    Contention,
 }
 
 impl VaultError {
@@ -63,6 +73,8 @@ impl VaultError {
             VaultError::Integrity(_) => "record_integrity",
             VaultError::Keys(_) | VaultError::Id(_) => "internal_error",
             VaultError::Audit(_) => "audit_unavailable",
+            VaultError::Field(_) => "invalid_field",
+            VaultError::Contention => "contention",
         }
     }
 }
@@ -89,6 +101,8 @@ pub struct CardDetails {
     pub expiry: Expiry,
     pub holder_name: Option<HolderName>,
     pub cvc: Option<Cvc>,
+    /// Recurring (MIT) data of a customer token.
+    pub recurring: Option<crate::customer::Recurring>,
 }
 
 /// Why a detokenization happened, for the audit trail.
@@ -124,22 +138,31 @@ pub struct CardView {
     pub used: bool,
 }
 
+/// What a sealed blob is; part of its AAD, so a blob never opens as another kind.
 #[derive(Clone, Copy)]
 enum Blob {
     Meta,
     Pan,
+    CustomerProfile,
+    TokenMeta,
+    TokenPan,
+    IdempotentResponse,
 }
 
-fn record_aad(blob: Blob, project: &Project, id: &ObjectId, key_version: u32) -> Vec<u8> {
+fn record_aad(blob: Blob, project: &Project, id: &str, key_version: u32) -> Vec<u8> {
     let kind: &[u8] = match blob {
         Blob::Meta => b"card-meta",
         Blob::Pan => b"card-pan",
+        Blob::CustomerProfile => b"customer-profile",
+        Blob::TokenMeta => b"token-meta",
+        Blob::TokenPan => b"token-pan",
+        Blob::IdempotentResponse => b"idempotent-response",
     };
     aad(&[
         b"cardvault/record/v1",
         kind,
         project.as_str().as_bytes(),
-        id.as_str().as_bytes(),
+        id.as_bytes(),
         &key_version.to_be_bytes(),
     ])
 }
@@ -311,11 +334,7 @@ impl Vault {
         let meta_plain = Zeroizing::new(
             serde_json::to_vec(&meta).map_err(|_| VaultError::Integrity(id.to_string()))?,
         );
-        let seal = |blob, plain: &[u8]| {
-            keys.dek
-                .seal(&record_aad(blob, project, &id, keys.dek_version), plain)
-                .map_err(VaultError::Keys)
-        };
+        let seal = |blob, plain: &[u8]| seal(&keys, blob, project, id.as_str(), plain);
         let now = unix_now();
         let record = CardRecord {
             created_at: now,
@@ -352,14 +371,18 @@ impl Vault {
         Ok(view(id, meta, &record))
     }
 
-    /// Hands out a card token's details exactly once.
+    /// Hands out a card token's details exactly once, or a customer token's as often as asked.
     pub async fn detokenize(
         &self,
         grant: &Grant<Detokenize>,
         token: &ObjectId,
         purpose: &Purpose,
     ) -> Result<CardDetails, VaultError> {
-        let result = self.detokenize_card(grant.project(), token).await;
+        let result = match token.kind() {
+            IdKind::Card => self.detokenize_card(grant.project(), token).await,
+            IdKind::CustomerToken => self.detokenize_customer_token(grant.project(), token),
+            IdKind::Customer => Err(VaultError::NotFound),
+        };
         self.audit(
             grant.identity(),
             grant.project(),
@@ -426,6 +449,7 @@ impl Vault {
                 .as_deref()
                 .and_then(|h| HolderName::parse(h).ok()),
             cvc,
+            recurring: None,
         })
     }
 
@@ -456,12 +480,7 @@ impl Vault {
         key_version: u32,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        if key_version != keys.dek_version {
-            return Err(VaultError::Integrity(id.to_string()));
-        }
-        keys.dek
-            .open(&record_aad(blob, project, id, key_version), sealed)
-            .map_err(|_| VaultError::Integrity(id.to_string()))
+        open(keys, blob, project, id.as_str(), key_version, sealed)
     }
 
     /// The project's keys: from the cache, else unwrapped from the store, else (when `create`)
@@ -589,6 +608,37 @@ impl Vault {
     }
 }
 
+/// Seals `plain` under the project's active DEK, bound to `blob`, `project` and `id`.
+fn seal(
+    keys: &ProjectKeys,
+    blob: Blob,
+    project: &Project,
+    id: &str,
+    plain: &[u8],
+) -> Result<Vec<u8>, VaultError> {
+    keys.dek
+        .seal(&record_aad(blob, project, id, keys.dek_version), plain)
+        .map_err(VaultError::Keys)
+}
+
+/// Opens a blob sealed by [`seal`]; any mismatch of key, kind, project or id is an integrity
+/// failure, never a wrong answer.
+fn open(
+    keys: &ProjectKeys,
+    blob: Blob,
+    project: &Project,
+    id: &str,
+    key_version: u32,
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    if key_version != keys.dek_version {
+        return Err(VaultError::Integrity(id.to_owned()));
+    }
+    keys.dek
+        .open(&record_aad(blob, project, id, key_version), sealed)
+        .map_err(|_| VaultError::Integrity(id.to_owned()))
+}
+
 fn view(id: &ObjectId, card: CardMeta, record: &CardRecord) -> CardView {
     CardView {
         id: id.to_string(),
@@ -600,7 +650,8 @@ fn view(id: &ObjectId, card: CardMeta, record: &CardRecord) -> CardView {
     }
 }
 
-/// Background upkeep: CVC expiry every second, card-token expiry every minute. Holds only a
+/// Background upkeep: CVC expiry every second; card-token expiry and idempotency-key
+/// retention every minute. Holds only a
 /// weak reference, so it ends when the vault is dropped.
 fn spawn_sweeper(vault: Weak<Vault>) {
     let spawned = std::thread::Builder::new()
@@ -622,6 +673,10 @@ fn spawn_sweeper(vault: Weak<Vault>) {
                         }
                         Err(e) => tracing::warn!(error = %e, "card token sweep failed"),
                     }
+                    match vault.sweep_idempotency(unix_now()) {
+                        Ok(removed) => tracing::debug!(removed, "idempotency records swept"),
+                        Err(e) => tracing::warn!(error = %e, "idempotency sweep failed"),
+                    }
                 }
             }
         });
@@ -631,8 +686,40 @@ fn spawn_sweeper(vault: Weak<Vault>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A vault over a fresh store and KEK in temporary folders (removed when the guard drops).
+    pub(crate) fn test_vault(label: &str) -> (Arc<Vault>, TempDirs) {
+        let root =
+            std::env::temp_dir().join(format!("cardvault-vault-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("keys")).unwrap();
+        let kek_path = root.join("keys").join(crate::crypto::LOCAL_KEK_FILE);
+        crate::crypto::LocalKek::create(&kek_path).unwrap();
+        let kek = crate::crypto::LocalKek::load(&kek_path).unwrap();
+        let store = Store::open(&root.join("data"), 8 << 20).unwrap();
+        let settings = VaultSettings {
+            card_token_ttl: Duration::from_secs(3600),
+            cvc_ttl: Duration::from_secs(60),
+        };
+        let vault = Vault::open(
+            store,
+            Box::new(kek),
+            settings,
+            Box::new(crate::audit::LogSink),
+        )
+        .unwrap();
+        (vault, TempDirs(root))
+    }
+
+    pub(crate) struct TempDirs(std::path::PathBuf);
+
+    impl Drop for TempDirs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 
     #[test]
     fn cvc_cache_takes_once_and_expires() {
@@ -664,10 +751,12 @@ mod tests {
         let p2 = Project::parse("b").unwrap();
         let i1 = ObjectId::generate(IdKind::Card).unwrap();
         let i2 = ObjectId::generate(IdKind::Card).unwrap();
-        let base = record_aad(Blob::Pan, &p1, &i1, 1);
-        assert_ne!(base, record_aad(Blob::Meta, &p1, &i1, 1));
-        assert_ne!(base, record_aad(Blob::Pan, &p2, &i1, 1));
-        assert_ne!(base, record_aad(Blob::Pan, &p1, &i2, 1));
-        assert_ne!(base, record_aad(Blob::Pan, &p1, &i1, 2));
+        let (i1, i2) = (i1.as_str(), i2.as_str());
+        let base = record_aad(Blob::Pan, &p1, i1, 1);
+        assert_ne!(base, record_aad(Blob::Meta, &p1, i1, 1));
+        assert_ne!(base, record_aad(Blob::TokenPan, &p1, i1, 1));
+        assert_ne!(base, record_aad(Blob::Pan, &p2, i1, 1));
+        assert_ne!(base, record_aad(Blob::Pan, &p1, i2, 1));
+        assert_ne!(base, record_aad(Blob::Pan, &p1, i1, 2));
     }
 }

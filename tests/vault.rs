@@ -10,6 +10,9 @@
 
 mod support;
 
+#[path = "suite/customers.rs"]
+mod customers;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

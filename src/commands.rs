@@ -18,6 +18,8 @@ pub enum CommandError {
     Keys(String),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Bench(#[from] crate::bench::BenchError),
 }
 
 /// Installs the log subscriber. Nothing the crate logs carries card data or keys; the level
@@ -75,4 +77,44 @@ pub fn dev(dir: &Path, listen: &str) -> Result<(), CommandError> {
             crate::dev::curl_examples(dir, &config, app.local_addr())
         );
     })
+}
+
+/// `cardvault bench`: prints a table (or JSON) of throughput and latency per scenario.
+pub fn bench(
+    duration: &str,
+    concurrency: usize,
+    scenarios: &[String],
+    json: bool,
+    target: Option<crate::bench::Target>,
+) -> Result<(), CommandError> {
+    use crate::bench::{BenchError, BenchOptions, SCENARIOS};
+    let duration = crate::config::parse_duration(duration)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            BenchError::Setup(format!(
+                "--duration {duration:?} is not a duration like 10s or 1m"
+            ))
+        })?;
+    let scenarios = if scenarios.is_empty() || scenarios.iter().any(|s| s == "all") {
+        SCENARIOS.iter().map(|s| s.to_string()).collect()
+    } else {
+        scenarios.to_vec()
+    };
+    let options = BenchOptions {
+        duration,
+        concurrency: concurrency.max(1),
+        scenarios,
+        json,
+        target,
+    };
+    let figures = crate::bench::run(&options)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&figures).unwrap_or_default()
+        );
+    } else {
+        print!("{}", crate::bench::table(&figures));
+    }
+    Ok(())
 }

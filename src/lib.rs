@@ -14,8 +14,10 @@
 //! - `audit`: audit events;
 //! - `api`: HTTP handlers and the one error mapping;
 //! - `tls`, [`server`]: rustls configuration and the assembled daemon;
-//! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs.
+//! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs;
+//! - [`bench`]: the load generator behind `cardvault bench`.
 
+pub mod bench;
 pub mod card;
 pub mod commands;
 pub mod config;

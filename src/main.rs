@@ -31,6 +31,32 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: String,
     },
+    /// Load test over real mTLS: starts a throwaway vault unless --target is given.
+    Bench {
+        /// Length of each scenario's measured run (90s, 10s, 1m...).
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Scenario to run (repeatable); default: all of them.
+        #[arg(long = "scenario")]
+        scenarios: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// A running vault to drive instead, e.g. https://127.0.0.1:8443
+        #[arg(long, requires_all = ["cert", "key", "ca"])]
+        target: Option<String>,
+        /// Client certificate for --target (needs tokenize, read, customers, detokenize).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// CA that signed the vault's server certificate.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
     /// Key management.
     Keys {
         #[command(subcommand)]
@@ -55,6 +81,28 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Init { config },
         } => cardvault::commands::keys_init(config),
+        Command::Bench {
+            duration,
+            concurrency,
+            scenarios,
+            json,
+            target,
+            cert,
+            key,
+            ca,
+        } => {
+            // clap's `requires_all` makes --cert, --key and --ca present whenever --target is.
+            let target = match (target, cert, key, ca) {
+                (Some(url), Some(cert), Some(key), Some(ca)) => Some(cardvault::bench::Target {
+                    url: url.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                }),
+                _ => None,
+            };
+            cardvault::commands::bench(duration, *concurrency, scenarios, *json, target)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

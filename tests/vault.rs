@@ -715,3 +715,26 @@ fn startup_is_refused_on_unsafe_or_broken_setups() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// The benchmark command works end to end (its figures are not asserted: timing belongs to
+/// `cardvault bench` runs, not to tests).
+#[test]
+fn bench_command_drives_every_scenario_without_errors() {
+    let out = std::process::Command::new(BIN)
+        .args(["bench", "--duration", "1s", "--concurrency", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let figures = figures.as_array().unwrap();
+    assert_eq!(figures.len(), 7);
+    for f in figures {
+        assert!(f["requests"].as_u64().unwrap() > 0, "{f}");
+        assert_eq!(f["errors"], 0, "{f}");
+        assert!(f["server_cpu_seconds_per_1k"].as_f64().is_some(), "{f}");
+    }
+}

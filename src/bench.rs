@@ -1,0 +1,720 @@
+//! `cardvault bench`: drives a vault over real mTLS and prints throughput and latency.
+//!
+//! With no `--target` it starts its own throwaway vault (this same binary, `serve`, on a dev
+//! PKI in a temporary folder, logging at `warn`), so the figures include everything a caller
+//! pays: TLS, HTTP, policy, crypto, the store, and the flush before every acknowledged write.
+//! The load generator is a small HTTP/1.1 keep-alive client over rustls, one connection per
+//! concurrent worker (the `handshake` scenario opens a new connection per request instead).
+//!
+//! Scenarios that consume state (`detokenize-card`, `customer-token`, `mixed`) first prepare a
+//! pool of card tokens; that preparation is not part of the figures.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+pub const SCENARIOS: &[&str] = &[
+    "health",
+    "tokenize",
+    "detokenize-card",
+    "detokenize-customer",
+    "customer-token",
+    "mixed",
+    "handshake",
+];
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub duration: Duration,
+    pub concurrency: usize,
+    pub scenarios: Vec<String>,
+    pub json: bool,
+    /// An already running vault: base URL, and the client identity and CA to reach it with.
+    pub target: Option<Target>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("bench: {0}")]
+    Setup(String),
+    #[error("bench: {0}")]
+    Io(#[from] io::Error),
+}
+
+fn setup(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Setup(e.to_string())
+}
+
+/// One scenario's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figures {
+    pub scenario: String,
+    pub requests: usize,
+    pub errors: usize,
+    pub seconds: f64,
+    pub requests_per_second: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Server CPU (user + system) per 1,000 requests; only when the bench started the server.
+    pub server_cpu_seconds_per_1k: Option<f64>,
+    /// Server resident memory after the run; only when the bench started the server.
+    pub server_rss_mib: Option<f64>,
+}
+
+pub fn run(options: &BenchOptions) -> Result<Vec<Figures>, BenchError> {
+    for s in &options.scenarios {
+        if !SCENARIOS.contains(&s.as_str()) {
+            return Err(setup(format!(
+                "unknown scenario {s:?}; known: {}",
+                SCENARIOS.join(", ")
+            )));
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .enable_all()
+        .build()?;
+    let (server, client) = match &options.target {
+        Some(target) => (None, Client::new(target)?),
+        None => {
+            let server = LocalServer::start()?;
+            let client = Client::new(&server.target)?;
+            (Some(server), client)
+        }
+    };
+    runtime.block_on(client.wait_ready())?;
+    let mut all = Vec::new();
+    for scenario in &options.scenarios {
+        let figures =
+            runtime.block_on(run_scenario(&client, scenario, options, server.as_ref()))?;
+        if !options.json {
+            eprintln!(
+                "  {} done: {:.0} req/s",
+                figures.scenario, figures.requests_per_second
+            );
+        }
+        all.push(figures);
+    }
+    Ok(all)
+}
+
+/// The figures as a table, with each scenario's throughput relative to `health`.
+pub fn table(figures: &[Figures]) -> String {
+    let health = figures
+        .iter()
+        .find(|f| f.scenario == "health")
+        .map(|f| f.requests_per_second);
+    let mut out = format!(
+        "{:<20} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9} {:>8}\n",
+        "scenario",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "cpu-s/1k",
+        "x health",
+        "rss MiB"
+    );
+    for f in figures {
+        let cpu = f
+            .server_cpu_seconds_per_1k
+            .map_or("-".to_owned(), |c| format!("{c:.3}"));
+        // How many times the cost of the bare mTLS + HTTP stack a request of this kind takes.
+        let ratio = health.map_or("-".to_owned(), |h| {
+            format!("{:.2}", h / f.requests_per_second.max(1e-9))
+        });
+        let rss = f
+            .server_rss_mib
+            .map_or("-".to_owned(), |r| format!("{r:.0}"));
+        out.push_str(&format!(
+            "{:<20} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>9} {:>9} {:>8}\n",
+            f.scenario,
+            f.requests_per_second,
+            f.p50_ms,
+            f.p90_ms,
+            f.p99_ms,
+            f.max_ms,
+            f.errors,
+            cpu,
+            ratio,
+            rss
+        ));
+    }
+    out
+}
+
+/// A throwaway vault in a temporary folder, stopped and removed on drop.
+struct LocalServer {
+    child: Child,
+    dir: PathBuf,
+    target: Target,
+}
+
+impl LocalServer {
+    fn start() -> Result<LocalServer, BenchError> {
+        let dir = std::env::temp_dir().join(format!("cardvault-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Pick a free port; the short race with other processes is acceptable for a bench.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config = crate::dev::prepare(&dir, &format!("127.0.0.1:{port}")).map_err(setup)?;
+        let mut text = std::fs::read_to_string(&config)?;
+        text.push_str("\n[log]\nlevel = \"warn\"\n");
+        std::fs::write(&config, text)?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let pki = dir.join("pki");
+        Ok(LocalServer {
+            child,
+            target: Target {
+                url: format!("https://127.0.0.1:{port}"),
+                cert: pki.join("router.pem"),
+                key: pki.join("router.key"),
+                ca: pki.join("ca.pem"),
+            },
+            dir,
+        })
+    }
+
+    /// User + system CPU seconds the server process has used so far (Linux `/proc`).
+    fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        // USER_HZ is 100 on every Linux architecture this runs on.
+        Some((utime + stime) / 100.0)
+    }
+
+    /// Resident set size of the server process, MiB.
+    fn rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[derive(Clone)]
+struct Client {
+    addr: SocketAddr,
+    host: String,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl Client {
+    fn new(target: &Target) -> Result<Client, BenchError> {
+        let authority = target
+            .url
+            .strip_prefix("https://")
+            .ok_or_else(|| setup("--target must be an https:// URL"))?
+            .trim_end_matches('/');
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+            .map_err(setup)?
+            .next()
+            .ok_or_else(|| setup("--target does not resolve"))?;
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .to_owned();
+        let server_name = ServerName::try_from(host.clone()).map_err(setup)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&target.ca).map_err(setup)? {
+            roots.add(cert.map_err(setup)?).map_err(setup)?;
+        }
+        let chain = CertificateDer::pem_file_iter(&target.cert)
+            .map_err(setup)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(setup)?;
+        let key = PrivateKeyDer::from_pem_file(&target.key).map_err(setup)?;
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(setup)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(setup)?;
+        Ok(Client {
+            addr,
+            host,
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+
+    async fn connect(&self) -> io::Result<Conn> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let stream = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    async fn wait_ready(&self) -> Result<(), BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let request = self.request("GET", "/v1/health", None);
+        loop {
+            if let Ok(mut conn) = self.connect().await {
+                if let Ok((200, _)) = conn.send(&request).await {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(setup("the vault did not answer /v1/health within 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&str>) -> Vec<u8> {
+        let body = body.unwrap_or("");
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            self.host,
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+struct Conn {
+    stream: TlsStream<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    /// Sends one request and reads one response (keep-alive, `content-length` bodies).
+    async fn send(&mut self, request: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+        self.stream.write_all(request).await?;
+        self.stream.flush().await?;
+        loop {
+            if let Some((status, header_len, body_len)) = parse_head(&self.buf)? {
+                if self.buf.len() >= header_len + body_len {
+                    let body = self
+                        .buf
+                        .get(header_len..header_len + body_len)
+                        .unwrap_or(&[])
+                        .to_vec();
+                    self.buf.drain(..header_len + body_len);
+                    return Ok((status, body));
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+            self.buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+        }
+    }
+}
+
+/// `(status, header length, content length)` once the head is complete.
+fn parse_head(buf: &[u8]) -> io::Result<Option<(u16, usize, usize)>> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(buf.get(..end).unwrap_or(&[]))
+        .map_err(|_| io::Error::other("bad head"))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other("bad status line"))?;
+    let length = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok(Some((status, end + 4, length)))
+}
+
+fn json_field(body: &[u8], field: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.get(field)?.as_str().map(str::to_owned)
+}
+
+fn card_json(n: usize) -> String {
+    let pan = crate::card::luhn_complete(&format!("4{:014}", n % 100_000_000_000_000), 16);
+    let year = time::OffsetDateTime::now_utc().year() + 3;
+    format!(
+        r#"{{"number":"{pan}","exp_month":12,"exp_year":{year},"cvc":"123","holder_name":"Bench Card"}}"#
+    )
+}
+
+/// What one worker does per request.
+#[derive(Clone)]
+enum Work {
+    Fixed(Arc<Vec<u8>>),
+    /// Detokenize the card tokens of a shared pool, each once.
+    DetokenizeCards(Arc<Pool>),
+    DetokenizeCustomer(Arc<Vec<String>>),
+    Attach(Arc<Pool>, Arc<Vec<String>>),
+    Mixed(Arc<Pool>, Arc<Vec<String>>),
+    Handshake,
+}
+
+/// Card tokens prepared before a run, handed out once each.
+struct Pool {
+    ids: Vec<String>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    fn take(&self) -> Option<&str> {
+        self.ids
+            .get(self.next.fetch_add(1, Ordering::Relaxed))
+            .map(String::as_str)
+    }
+}
+
+async fn run_scenario(
+    client: &Client,
+    scenario: &str,
+    options: &BenchOptions,
+    server: Option<&LocalServer>,
+) -> Result<Figures, BenchError> {
+    let work = prepare(client, scenario, options).await?;
+    let cpu_before = server.and_then(LocalServer::cpu_seconds);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..options.concurrency {
+        let (client, work, stop) = (client.clone(), work.clone(), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            drive(&client, &work, &stop, worker).await
+        }));
+    }
+    tokio::time::sleep(options.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let mut finished = started;
+    for t in tasks {
+        let (lat, err, done) = t.await.map_err(setup)?;
+        latencies.extend(lat);
+        errors += err;
+        finished = finished.max(done);
+    }
+    // A worker stops early when a prepared pool runs dry: count the time work was done.
+    let seconds = finished.duration_since(started).as_secs_f64().max(1e-3);
+    let cpu = match (cpu_before, server.and_then(LocalServer::cpu_seconds)) {
+        (Some(a), Some(b)) if !latencies.is_empty() => {
+            Some((b - a) / latencies.len() as f64 * 1000.0)
+        }
+        _ => None,
+    };
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1);
+        latencies.get(i).map_or(0.0, |us| f64::from(*us) / 1000.0)
+    };
+    Ok(Figures {
+        scenario: scenario.to_owned(),
+        requests: latencies.len(),
+        errors,
+        seconds,
+        requests_per_second: latencies.len() as f64 / seconds,
+        p50_ms: pct(0.50),
+        p90_ms: pct(0.90),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        server_cpu_seconds_per_1k: cpu,
+        server_rss_mib: server.and_then(LocalServer::rss_mib),
+    })
+}
+
+/// Builds what the scenario needs before the clock starts.
+async fn prepare(
+    client: &Client,
+    scenario: &str,
+    options: &BenchOptions,
+) -> Result<Work, BenchError> {
+    let customers = |n: usize| async move { make_customers(client, n).await };
+    Ok(match scenario {
+        "health" => Work::Fixed(Arc::new(client.request("GET", "/v1/health", None))),
+        "tokenize" => Work::Fixed(Arc::new(client.request(
+            "POST",
+            "/v1/cards",
+            Some(&card_json(1)),
+        ))),
+        "detokenize-card" => Work::DetokenizeCards(Arc::new(card_pool(client, options).await?)),
+        "detokenize-customer" => {
+            let owners = customers(1).await?;
+            let mut tokens = Vec::new();
+            let mut conn = client.connect().await?;
+            for i in 0..100 {
+                let card = tokenize_one(client, &mut conn, i).await?;
+                let owner = owners.first().map(String::as_str).unwrap_or("");
+                let req = client.request(
+                    "POST",
+                    &format!("/v1/customers/{owner}/tokens"),
+                    Some(&format!(r#"{{"source":"{card}"}}"#)),
+                );
+                let (status, body) = conn.send(&req).await?;
+                let id = json_field(&body, "id")
+                    .filter(|_| status < 300)
+                    .ok_or_else(|| setup("could not make a customer token"))?;
+                tokens.push(id);
+            }
+            Work::DetokenizeCustomer(Arc::new(tokens))
+        }
+        "customer-token" => {
+            let pool = card_pool(client, options).await?;
+            let owners = customers(pool.ids.len() / 10 + 1).await?;
+            Work::Attach(Arc::new(pool), Arc::new(owners))
+        }
+        "mixed" => {
+            let pool = card_pool(client, options).await?;
+            let owners = customers(1).await?;
+            let owner = owners.first().cloned().unwrap_or_default();
+            let mut conn = client.connect().await?;
+            let mut tokens = Vec::new();
+            for i in 0..20 {
+                let card = tokenize_one(client, &mut conn, 1_000_000 + i).await?;
+                let req = client.request(
+                    "POST",
+                    &format!("/v1/customers/{owner}/tokens"),
+                    Some(&format!(r#"{{"source":"{card}"}}"#)),
+                );
+                let (_, body) = conn.send(&req).await?;
+                tokens.extend(json_field(&body, "id"));
+            }
+            Work::Mixed(Arc::new(pool), Arc::new(tokens))
+        }
+        "handshake" => Work::Handshake,
+        other => return Err(setup(format!("unknown scenario {other}"))),
+    })
+}
+
+async fn tokenize_one(client: &Client, conn: &mut Conn, n: usize) -> Result<String, BenchError> {
+    let (status, body) = conn
+        .send(&client.request("POST", "/v1/cards", Some(&card_json(n))))
+        .await?;
+    json_field(&body, "id")
+        .filter(|_| status == 201)
+        .ok_or_else(|| setup(format!("tokenize failed with {status}")))
+}
+
+async fn make_customers(client: &Client, n: usize) -> Result<Vec<String>, BenchError> {
+    let mut conn = client.connect().await?;
+    let req = client.request(
+        "POST",
+        "/v1/customers",
+        Some(r#"{"name":"Bench Customer"}"#),
+    );
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (status, body) = conn.send(&req).await?;
+        out.push(
+            json_field(&body, "id")
+                .filter(|_| status == 201)
+                .ok_or_else(|| setup("could not make a customer"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Tokenizes distinct cards at full speed for the scenario's duration: enough for a run of
+/// the same length that uses each token once (using a token is never cheaper than making one).
+async fn card_pool(client: &Client, options: &BenchOptions) -> Result<Pool, BenchError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..options.concurrency {
+        let (client, stop, counter) = (client.clone(), Arc::clone(&stop), Arc::clone(&counter));
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let Ok(mut conn) = client.connect().await else {
+                return ids;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                match tokenize_one(&client, &mut conn, n).await {
+                    Ok(id) => ids.push(id),
+                    Err(_) => break,
+                }
+            }
+            ids
+        }));
+    }
+    tokio::time::sleep(options.duration + Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.map_err(setup)?);
+    }
+    if ids.is_empty() {
+        return Err(setup("could not prepare card tokens"));
+    }
+    Ok(Pool {
+        ids,
+        next: AtomicUsize::new(0),
+    })
+}
+
+/// One worker: requests back to back until told to stop; returns latencies (µs), errors, and
+/// when it stopped.
+async fn drive(
+    client: &Client,
+    work: &Work,
+    stop: &AtomicBool,
+    worker: usize,
+) -> (Vec<u32>, usize, Instant) {
+    let mut latencies = Vec::with_capacity(1 << 16);
+    let mut errors = 0;
+    let mut conn = None;
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let request = match work {
+            Work::Fixed(req) => req.as_ref().clone(),
+            Work::DetokenizeCards(pool) => match pool.take() {
+                Some(id) => client.request(
+                    "POST",
+                    "/v1/detokenize",
+                    Some(&format!(r#"{{"token":"{id}"}}"#)),
+                ),
+                None => break,
+            },
+            Work::DetokenizeCustomer(tokens) => {
+                let id = tokens
+                    .get((worker + i) % tokens.len().max(1))
+                    .map_or("", String::as_str);
+                client.request(
+                    "POST",
+                    "/v1/detokenize",
+                    Some(&format!(r#"{{"token":"{id}","reason":"mit"}}"#)),
+                )
+            }
+            Work::Attach(pool, owners) => {
+                let next = pool.next.fetch_add(1, Ordering::Relaxed);
+                let (Some(card), Some(owner)) = (pool.ids.get(next), owners.get(next / 10)) else {
+                    break;
+                };
+                client.request(
+                    "POST",
+                    &format!("/v1/customers/{owner}/tokens"),
+                    Some(&format!(r#"{{"source":"{card}"}}"#)),
+                )
+            }
+            Work::Mixed(pool, tokens) => match i % 4 {
+                // A checkout mix: half new cards, a quarter one-off payments, a quarter
+                // payments with a stored card.
+                0 | 1 => client.request(
+                    "POST",
+                    "/v1/cards",
+                    Some(&card_json(worker * 1_000_000 + i)),
+                ),
+                2 => match pool.take() {
+                    Some(id) => client.request(
+                        "POST",
+                        "/v1/detokenize",
+                        Some(&format!(r#"{{"token":"{id}","reason":"cit"}}"#)),
+                    ),
+                    None => client.request(
+                        "POST",
+                        "/v1/cards",
+                        Some(&card_json(worker * 1_000_000 + i)),
+                    ),
+                },
+                _ => {
+                    let id = tokens
+                        .get(i % tokens.len().max(1))
+                        .map_or("", String::as_str);
+                    client.request(
+                        "POST",
+                        "/v1/detokenize",
+                        Some(&format!(r#"{{"token":"{id}","reason":"mit"}}"#)),
+                    )
+                }
+            },
+            Work::Handshake => client.request("GET", "/v1/health", None),
+        };
+        let started = Instant::now();
+        if conn.is_none() || matches!(work, Work::Handshake) {
+            conn = client.connect().await.ok();
+        }
+        let ok = match conn.as_mut() {
+            Some(c) => matches!(c.send(&request).await, Ok((200..=299, _))),
+            None => false,
+        };
+        latencies.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+        if !ok {
+            errors += 1;
+            conn = None;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    (latencies, errors, Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_response_heads() {
+        let raw = b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nx: y\r\n\r\n{}HTTP/1.1";
+        assert_eq!(parse_head(raw).unwrap(), Some((201, raw.len() - "{}HTTP/1.1".len(), 2)));
+        assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\n").unwrap(), None);
+        assert!(parse_head(b"garbage\r\n\r\n").is_err());
+    }
+}

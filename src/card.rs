@@ -157,6 +157,33 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
     !digits.is_empty() && sum % 10 == 0
 }
 
+/// True when `text` could hold a card number: 12 or more digits in a row, single spaces,
+/// dashes or dots between them allowed (as card numbers are written). Deliberately blunt:
+/// any 12-digit stretch of a longer number has a one-in-ten chance of passing Luhn, so a Luhn
+/// test would let a PAN hidden in a longer run (a PAN followed by its CVC) through. Free text
+/// headed for logs or storage is refused when this is true.
+pub fn contains_pan(text: &str) -> bool {
+    let mut digits = 0usize;
+    let mut separator = false;
+    for b in text.bytes() {
+        match b {
+            b'0'..=b'9' => {
+                digits += 1;
+                separator = false;
+                if digits >= PAN_MIN {
+                    return true;
+                }
+            }
+            b' ' | b'-' | b'.' if digits > 0 && !separator => separator = true,
+            _ => {
+                digits = 0;
+                separator = false;
+            }
+        }
+    }
+    false
+}
+
 /// Card expiry: the card is valid through the last day of `month`/`year`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry {
@@ -441,6 +468,27 @@ mod tests {
         ];
         for (input, ok) in cases {
             assert_eq!(Pan::parse(input).is_ok(), *ok, "case #{input}#");
+        }
+    }
+
+    #[test]
+    fn pan_detection_in_free_text() {
+        for (input, found) in [
+            ("4111111111111111", true),
+            ("card 4111 1111 1111 1111 please", true),
+            ("4111-1111-1111-1111", true),
+            ("4111.1111.1111.1111", true),
+            ("4111 1111 1111 1111 123", true),
+            ("ref 9 4111111111111111", true),
+            ("378282246310005", true),
+            ("order 12345", false),
+            ("inv_2026_000123", false),
+            ("4111111111111112", true),
+            ("inv 2026-11-27 no. 12345", false),
+            ("+1 202 555 0143", false),
+            ("", false),
+        ] {
+            assert_eq!(contains_pan(input), found, "{input}");
         }
     }
 

@@ -122,7 +122,7 @@ fn looks_like_pan(id: &str) -> bool {
         .map(<[u8]>::len)
         .max()
         .unwrap_or(0);
-    longest_run >= 12 || (digits.len() >= 2 && luhn_valid(&digits))
+    longest_run >= 12 || luhn_valid(&digits)
 }
 
 /// A project (merchant account): every object belongs to exactly one.
@@ -182,6 +182,10 @@ mod tests {
         assert!(looks_like_pan("card_4242424242424242abc"));
         assert!(looks_like_pan("card_a4b2c4d2e4f2g4h2i4j2k4l2m4n2o4p2"));
         assert!(!looks_like_pan("card_abcdefghijklmnopqrstuvwxyzABCDEF"));
+        assert!(
+            looks_like_pan("card_abcdefghijklmnopqrstuvwxyzABCDE0"),
+            "a lone 0 passes Luhn"
+        );
     }
 
     #[test]

@@ -300,6 +300,18 @@ fn bad_input_gets_a_4xx_with_a_code_and_never_an_echo() {
             422,
             "invalid_field",
         ),
+        (
+            "spaced PAN in reason",
+            json!({"token": "card_abcdefghijklmnopqrstuvwxyzABCDEF", "reason": "4111 1111 1111 1111"}),
+            422,
+            "invalid_field",
+        ),
+        (
+            "dashed PAN and CVC in reference",
+            json!({"token": "card_abcdefghijklmnopqrstuvwxyzABCDEF", "reference": "4111-1111-1111-1111-737"}),
+            422,
+            "invalid_field",
+        ),
     ];
     for (name, body, status, code) in &detok_cases {
         let res = router.post("/v1/detokenize", body);

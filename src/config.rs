@@ -130,6 +130,14 @@ impl Config {
         if card_token_ttl.is_zero() || cvc_ttl.is_zero() {
             return Err("card_token_ttl and cvc_ttl must be positive".into());
         }
+        // A card token is for one checkout, and a CVC must not outlive the authorization it
+        // was collected for.
+        if card_token_ttl > Duration::from_secs(30 * 86_400) {
+            return Err("card_token_ttl must be at most 30d".into());
+        }
+        if cvc_ttl > Duration::from_secs(86_400) {
+            return Err("cvc_ttl must be at most 24h".into());
+        }
         if raw.workers == Some(0) {
             return Err("workers must be at least 1".into());
         }
@@ -271,7 +279,14 @@ mod tests {
         assert!(Config::parse(&dotted, Path::new("/tmp")).is_err());
         let unknown = format!("{MINIMAL}\n[extra]\nx = 1");
         assert!(Config::parse(&unknown, Path::new("/tmp")).is_err());
-        let bad_ttl = MINIMAL.replace("listen", "card_token_ttl = \"soon\"\nlisten");
-        assert!(Config::parse(&bad_ttl, Path::new("/tmp")).is_err());
+        for ttl in [
+            "card_token_ttl = \"soon\"",
+            "card_token_ttl = \"31d\"",
+            "cvc_ttl = \"2d\"",
+            "cvc_ttl = \"0s\"",
+        ] {
+            let bad = MINIMAL.replace("listen", &format!("{ttl}\nlisten"));
+            assert!(Config::parse(&bad, Path::new("/tmp")).is_err(), "{ttl}");
+        }
     }
 }

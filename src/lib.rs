@@ -17,6 +17,18 @@
 //! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs;
 //! - [`bench`]: the load generator behind `cardvault bench`.
 
+/// `Debug` for types that hold personal or card data: prints only the type name, so a stray
+/// `{:?}` in a log line or a panic cannot leak what they hold.
+macro_rules! redacted_debug {
+    ($($t:ty),* $(,)?) => {
+        $(impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!(stringify!($t), "(<redacted>)"))
+            }
+        })*
+    };
+}
+
 pub mod bench;
 pub mod card;
 pub mod commands;

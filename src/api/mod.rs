@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 
 pub use error::ApiError;
 
-use crate::card::{CardError, Cvc, Expiry, HolderName, Pan, SecretInput};
+use crate::card::{contains_pan, CardError, Cvc, Expiry, HolderName, Pan, SecretInput};
 use crate::customer::{NewProfile, ProfilePatch, Recurring};
 use crate::policy::{Customers, Grant, Peer, Policy, Requires};
 use crate::tokens::{IdKind, ObjectId, Project};
@@ -156,18 +156,35 @@ fn send(status: StatusCode, body: Vec<u8>, replayed: bool) -> HttpResponse {
     res.body(body)
 }
 
-/// Runs a creating request under its `Idempotency-Key`, if it has one (SPEC §4): a replay
-/// gets the first response; the same key with another body gets 409. Client errors are
-/// remembered like successes; server errors release the key so a retry can run.
+/// What a creating request made: its reply, and what a replay rebuilds the reply from.
+struct Created {
+    reply: Reply,
+    replay: Replayable,
+}
+
+/// Kept for an `Idempotency-Key` instead of the reply itself (which may hold personal data):
+/// the object made, and whether it was an existing one.
+#[derive(Serialize, Deserialize)]
+struct Replayable {
+    object: String,
+    #[serde(default)]
+    duplicate: bool,
+}
+
+/// Runs a creating request under its `Idempotency-Key`, if it has one (SPEC §4). A replay gets
+/// the first outcome: a success is rebuilt by `render` from the live object (404 if it was
+/// deleted since), an error is sent as it was. The same key with another body gets 409. A
+/// server error releases the key so a retry can run.
 async fn idempotent<P: Requires>(
     req: &HttpRequest,
     state: &AppState,
     grant: &Grant<P>,
     body: &[u8],
-    run: impl std::future::Future<Output = Result<Reply, ApiError>>,
+    run: impl std::future::Future<Output = Result<Created, ApiError>>,
+    render: impl FnOnce(&Replayable) -> Result<Vec<u8>, ApiError>,
 ) -> Result<HttpResponse, ApiError> {
     let Some(value) = req.headers().get("idempotency-key") else {
-        let (status, bytes) = run.await?;
+        let (status, bytes) = run.await?.reply;
         return Ok(send(status, bytes, false));
     };
     let key = value
@@ -183,30 +200,31 @@ async fn idempotent<P: Requires>(
             Begin::Proceed(claim) => claim,
             Begin::Replay { status, body } => {
                 let status = StatusCode::from_u16(status).map_err(|_| ApiError::INTERNAL)?;
-                return Ok(send(status, body.to_vec(), true));
+                if !status.is_success() {
+                    return Ok(send(status, body, true));
+                }
+                let replay: Replayable =
+                    serde_json::from_slice(&body).map_err(|_| ApiError::INTERNAL)?;
+                return Ok(send(status, render(&replay)?, true));
             }
             Begin::Conflict => return Err(ApiError::IDEMPOTENCY_CONFLICT),
             Begin::InProgress => return Err(ApiError::IDEMPOTENCY_IN_PROGRESS),
         };
     match run.await {
-        Ok((status, bytes)) => {
-            state
-                .vault
-                .idempotency_finish(claim, status.as_u16(), &bytes)
-                .await?;
+        Ok(Created {
+            reply: (status, bytes),
+            replay,
+        }) => {
+            let kept = serde_json::to_vec(&replay).map_err(|_| ApiError::INTERNAL)?;
+            claim.finish(status.as_u16(), kept).await?;
             Ok(send(status, bytes, false))
         }
         Err(e) if e.status.is_client_error() => {
-            state
-                .vault
-                .idempotency_finish(claim, e.status.as_u16(), &e.body())
-                .await?;
+            claim.finish(e.status.as_u16(), e.body()).await?;
             Err(e)
         }
-        Err(e) => {
-            state.vault.idempotency_abandon(claim);
-            Err(e)
-        }
+        // Dropping the claim releases the key.
+        Err(e) => Err(e),
     }
 }
 
@@ -224,18 +242,22 @@ async fn health(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     ))
 }
 
-/// A number given either as a JSON number or as a string of digits.
+/// A number given either as a JSON number or as a string of digits. Any other JSON value
+/// is accepted here and refused by the field's own check (422 with the field's code, not a
+/// generic 400).
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Loose {
     Int(u64),
     Text(String),
+    Other(serde::de::IgnoredAny),
 }
 
 impl Loose {
     fn value(&self) -> Option<u64> {
         match self {
             Loose::Int(n) => Some(*n),
+            Loose::Other(_) => None,
             Loose::Text(s)
                 if !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()) =>
             {
@@ -305,13 +327,25 @@ async fn tokenize(
     let grant = grant(&req, &state)?;
     let body = read_body(&req, payload).await?;
     let card = parse_json::<TokenizeRequest>(&body)?.parse()?;
-    idempotent(&req, &state, &grant, &body, async {
+    let run = async {
+        let view = state.vault.tokenize(&grant, card).await?;
+        Ok(Created {
+            replay: Replayable {
+                object: view.id.clone(),
+                duplicate: false,
+            },
+            reply: reply(StatusCode::CREATED, &view)?,
+        })
+    };
+    let render = |r: &Replayable| {
+        let id = path_id(IdKind::Card, &r.object)?;
         reply(
             StatusCode::CREATED,
-            &state.vault.tokenize(&grant, card).await?,
+            &state.vault.tokenized_card(&grant, &id)?,
         )
-    })
-    .await
+        .map(|(_, b)| b)
+    };
+    idempotent(&req, &state, &grant, &body, run, render).await
 }
 
 async fn card(
@@ -348,16 +382,10 @@ struct DetokenizeResponse<'a> {
 /// that could be a card number.
 fn label(value: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
     let Some(v) = value else { return Ok(None) };
-    let longest_digit_run = v
-        .as_bytes()
-        .split(|b| !b.is_ascii_digit())
-        .map(<[u8]>::len)
-        .max()
-        .unwrap_or(0);
     if v.is_empty()
         || v.len() > max
         || !v.bytes().all(|b| (0x20..0x7f).contains(&b))
-        || longest_digit_run >= 12
+        || contains_pan(&v)
     {
         return Err(ApiError::INVALID_FIELD);
     }
@@ -402,13 +430,21 @@ async fn create_customer(
     let grant = grant::<Customers>(&req, &state)?;
     let body = read_body(&req, payload).await?;
     let profile = parse_json::<NewProfile>(&body)?.parse()?;
-    idempotent(&req, &state, &grant, &body, async {
-        reply(
-            StatusCode::CREATED,
-            &state.vault.create_customer(&grant, profile).await?,
-        )
-    })
-    .await
+    let run = async {
+        let view = state.vault.create_customer(&grant, profile).await?;
+        Ok(Created {
+            replay: Replayable {
+                object: view.id.clone(),
+                duplicate: false,
+            },
+            reply: reply(StatusCode::CREATED, &view)?,
+        })
+    };
+    let render = |r: &Replayable| {
+        let id = path_id(IdKind::Customer, &r.object)?;
+        reply(StatusCode::CREATED, &state.vault.customer(&grant, &id)?).map(|(_, b)| b)
+    };
+    idempotent(&req, &state, &grant, &body, run, render).await
 }
 
 async fn customer(
@@ -457,10 +493,13 @@ struct AttachRequest {
     recurring: Option<Recurring>,
 }
 
+/// A customer token as created: its view, plus `token` (its id, as SPEC §4 names it) and
+/// whether it already existed.
 #[derive(Serialize)]
 struct AttachResponse {
+    token: String,
     #[serde(flatten)]
-    token: TokenView,
+    view: TokenView,
     duplicate: bool,
 }
 
@@ -477,25 +516,39 @@ async fn attach_card(
     let source = ObjectId::parse_kind(IdKind::Card, request.source.expose())
         .map_err(|_| ApiError::NOT_FOUND)?;
     let recurring = request.recurring.map(Recurring::parse).transpose()?;
-    idempotent(&req, &state, &grant, &body, async {
-        let attached = state
-            .vault
-            .attach_card(&grant, &customer, &source, recurring)
-            .await?;
-        let status = if attached.duplicate {
+    let respond = |token: TokenView, duplicate: bool| {
+        let status = if duplicate {
             StatusCode::OK
         } else {
             StatusCode::CREATED
         };
+        let replay = Replayable {
+            object: token.id.clone(),
+            duplicate,
+        };
         reply(
             status,
             &AttachResponse {
-                token: attached.token,
-                duplicate: attached.duplicate,
+                token: token.id.clone(),
+                view: token,
+                duplicate,
             },
         )
-    })
-    .await
+        .map(|reply| Created { reply, replay })
+    };
+    let run = async {
+        let attached = state
+            .vault
+            .attach_card(&grant, &customer, &source, recurring)
+            .await?;
+        respond(attached.token, attached.duplicate)
+    };
+    let render = |r: &Replayable| {
+        let token = path_id(IdKind::CustomerToken, &r.object)?;
+        let view = state.vault.customer_token(&grant, &customer, &token)?;
+        respond(view, r.duplicate).map(|created| created.reply.1)
+    };
+    idempotent(&req, &state, &grant, &body, run, render).await
 }
 
 async fn list_tokens(

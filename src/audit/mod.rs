@@ -1,8 +1,11 @@
 //! Audit events: who touched which object, when, with what outcome. Never card data or keys.
 //!
-//! The vault reports every security-relevant action through [`AuditSink`]. The sink here
-//! writes structured `tracing` events under the `audit` target; a sink is allowed to fail, and
-//! the vault then refuses the action it could not record (fail closed).
+//! The vault reports every security-relevant action, success or failure, through
+//! [`AuditSink`], after the action. The sink here writes structured `tracing` events under the
+//! `audit` target. A sink may fail; the caller then gets 503 `audit_unavailable`, but the
+//! action has already happened (for a card token: it is used up and its card withheld).
+//! Writing the event ahead of the action, so that an unrecordable action never happens, comes
+//! with the tamper-evident audit file.
 
 use std::fmt;
 

@@ -33,7 +33,6 @@ struct Shared {
     wake_lock: Mutex<()>,
     wake: Condvar,
     stop: AtomicBool,
-    progress: watch::Sender<Progress>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -58,12 +57,13 @@ impl GroupCommit {
             wake_lock: Mutex::new(()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
-            progress: tx,
         });
         let thread_shared = Arc::clone(&shared);
+        // The sender lives in the thread: when the thread ends (shutdown, or a panic), the
+        // channel closes and every waiting writer gets `FlushFailed` instead of waiting forever.
         let thread = std::thread::Builder::new()
             .name("cardvault-flush".into())
-            .spawn(move || flush_loop(&thread_shared, &db))?;
+            .spawn(move || flush_loop(&thread_shared, &db, &tx))?;
         Ok(GroupCommit {
             shared,
             progress: rx,
@@ -128,7 +128,7 @@ impl Drop for GroupCommit {
 const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
 const LINGER_MIN_BATCH: u64 = 4;
 
-fn flush_loop(shared: &Shared, db: &sled::Db) {
+fn flush_loop(shared: &Shared, db: &sled::Db, progress: &watch::Sender<Progress>) {
     let mut covered = 0u64;
     let mut last_batch = 0u64;
     loop {
@@ -145,7 +145,7 @@ fn flush_loop(shared: &Shared, db: &sled::Db) {
         }
         let target = shared.issued.load(Ordering::SeqCst);
         let result = db.flush();
-        shared.progress.send_modify(|p| match result {
+        progress.send_modify(|p| match result {
             Ok(_) => p.durable = target,
             Err(_) => p.failed = target,
         });

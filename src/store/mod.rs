@@ -4,7 +4,8 @@
 //! - `cards`: `project \0 card_id` → [`CardRecord`]
 //! - `customers`: `project \0 cust_id` → [`CustomerRecord`] (with its token list)
 //! - `customer_tokens`: `project \0 tok_id` → [`TokenRecord`]
-//! - `idempotency`: `project \0 identity \0 key` → [`IdempotencyRecord`]
+//! - `idempotency`: `project \0 scope` → [`IdempotencyRecord`], where the scope is an HMAC of
+//!   the caller identity and its `Idempotency-Key` (a caller-chosen key never reaches disk)
 //! - `keys`:  `project \0 name` → a key wrapped by the KEK (`dek/<version>`, `fingerprint`)
 //! - `meta`:  store-wide values (the KEK check value)
 //!
@@ -159,17 +160,6 @@ fn get<R: Codec>(tree: &sled::Tree, k: &[u8]) -> Result<Option<R>, StoreError> {
         Some(bytes) => Ok(Some(R::decode(&bytes)?)),
         None => Ok(None),
     }
-}
-
-/// The key of an idempotency record: project, caller identity, and the caller's key.
-pub fn idempotency_key(project: &str, identity: &str, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(project.len() + identity.len() + key.len() + 2);
-    k.extend_from_slice(project.as_bytes());
-    k.push(0);
-    k.extend_from_slice(identity.as_bytes());
-    k.push(0);
-    k.extend_from_slice(key.as_bytes());
-    k
 }
 
 fn key(project: &str, name: &str) -> Vec<u8> {
@@ -353,33 +343,46 @@ impl Store {
         }
     }
 
-    pub fn idempotency(&self, k: &[u8]) -> Result<Option<IdempotencyRecord>, StoreError> {
-        get(&self.idempotency, k)
+    pub fn idempotency(
+        &self,
+        project: &str,
+        scope: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        get(&self.idempotency, &key(project, scope))
     }
 
     /// Compare-and-swap of an idempotency record; `Ok(None)` when `old` is no longer current.
     pub fn swap_idempotency(
         &self,
-        k: &[u8],
+        project: &str,
+        scope: &str,
         old: Option<&IdempotencyRecord>,
         new: Option<&IdempotencyRecord>,
     ) -> Result<Option<Ticket>, StoreError> {
         let swapped = self.idempotency.compare_and_swap(
-            k,
+            key(project, scope),
             old.map(IdempotencyRecord::encode),
             new.map(IdempotencyRecord::encode),
         )?;
         Ok(swapped.is_ok().then(|| self.commit.ticket()))
     }
 
-    /// Every idempotency record, for the sweeper.
-    pub fn idempotency_records(
-        &self,
-    ) -> impl Iterator<Item = Result<(Vec<u8>, IdempotencyRecord), StoreError>> + '_ {
-        self.idempotency.iter().map(|item| {
+    /// Removes idempotency records created before `cutoff` (unix seconds); returns how many.
+    pub fn remove_idempotency_before(&self, cutoff: i64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for item in self.idempotency.iter() {
             let (k, v) = item?;
-            Ok((k.to_vec(), IdempotencyRecord::decode(&v)?))
-        })
+            let stale = IdempotencyRecord::decode(&v).map_or(true, |r| r.created_at < cutoff);
+            if stale
+                && self
+                    .idempotency
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Removes a card record if it still holds exactly `expected` (used by the sweeper).

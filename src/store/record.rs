@@ -227,31 +227,27 @@ impl TokenRecord {
     }
 }
 
-/// The first response to an `Idempotency-Key`, or the claim of a request still running.
-#[derive(Clone, PartialEq, Eq)]
+/// The outcome of the first request under an `Idempotency-Key`, or the claim of a request
+/// still running. Holds no card data or personal data: a success is kept as the id of the
+/// object made (the reply is rebuilt from the live object), an error as its fixed-text body.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRecord {
     pub created_at: i64,
     /// Keyed digest of method, path and body: the same key with another body is a conflict.
     pub request_digest: Vec<u8>,
+    /// The process (boot id) that claimed the key; a claim left by an earlier process, which
+    /// died before answering, may be taken over.
+    pub owner: u64,
     /// `None` while the first request runs.
     pub response: Option<StoredResponse>,
 }
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
     pub status: u16,
-    pub key_version: u32,
-    /// The sealed response body.
+    /// For a success: what to rebuild the reply from (an object id and flags, see the API);
+    /// for an error: the error body.
     pub body: Vec<u8>,
-}
-
-impl std::fmt::Debug for IdempotencyRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdempotencyRecord")
-            .field("created_at", &self.created_at)
-            .field("done", &self.response.is_some())
-            .finish_non_exhaustive()
-    }
 }
 
 const IDEMPOTENCY_FORMAT_V1: u8 = 1;
@@ -262,12 +258,12 @@ impl IdempotencyRecord {
         out.push(IDEMPOTENCY_FORMAT_V1);
         out.extend_from_slice(&self.created_at.to_be_bytes());
         put_bytes(&mut out, &self.request_digest);
+        out.extend_from_slice(&self.owner.to_be_bytes());
         match &self.response {
             None => out.push(0),
             Some(r) => {
                 out.push(1);
                 out.extend_from_slice(&r.status.to_be_bytes());
-                out.extend_from_slice(&r.key_version.to_be_bytes());
                 put_bytes(&mut out, &r.body);
             }
         }
@@ -281,11 +277,11 @@ impl IdempotencyRecord {
         }
         let created_at = r.i64()?;
         let request_digest = r.bytes()?.to_vec();
+        let owner = u64::from_be_bytes(r.array()?);
         let response = match r.u8()? {
             0 => None,
             1 => Some(StoredResponse {
                 status: u16::from_be_bytes(r.array()?),
-                key_version: r.u32()?,
                 body: r.bytes()?.to_vec(),
             }),
             _ => return Err(Malformed),
@@ -296,6 +292,7 @@ impl IdempotencyRecord {
         Ok(IdempotencyRecord {
             created_at,
             request_digest,
+            owner,
             response,
         })
     }
@@ -408,9 +405,9 @@ mod tests {
         let idem = IdempotencyRecord {
             created_at: 9,
             request_digest: vec![1; 32],
+            owner: 77,
             response: Some(StoredResponse {
                 status: 201,
-                key_version: 1,
                 body: vec![5; 40],
             }),
         };

@@ -22,14 +22,16 @@ use crate::tokens::{IdKind, ObjectId, Project};
 /// How often a multi-record change is retried after losing a race before giving up.
 const MAX_ATTEMPTS: usize = 16;
 
+redacted_debug!(TokenMeta, CustomerView, TokenView, Attached);
+
 /// What is sealed in a customer token's metadata blob.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct TokenMeta {
     card: CardMeta,
     recurring: Option<Recurring>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct CustomerView {
     pub id: String,
     pub object: &'static str,
@@ -39,7 +41,7 @@ pub struct CustomerView {
     pub updated_at: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct TokenView {
     pub id: String,
     pub object: &'static str,
@@ -52,7 +54,6 @@ pub struct TokenView {
 }
 
 /// The result of attaching a card to a customer.
-#[derive(Debug)]
 pub struct Attached {
     pub token: TokenView,
     /// The customer already held this card: the existing token is returned.
@@ -84,7 +85,7 @@ fn customer_id(id: &ObjectId) -> Result<&str, VaultError> {
 }
 
 impl Vault {
-    pub async fn create_customer(
+    async fn create_customer_inner(
         &self,
         grant: &Grant<Customers>,
         profile: Profile,
@@ -112,7 +113,6 @@ impl Vault {
             .store
             .insert_customer(project.as_str(), id.as_str(), &record)?;
         self.store.durable(ticket).await?;
-        self.audit_customer(grant, "customer.create", Some(id.as_str()))?;
         Ok(customer_view(id.as_str(), profile, &record))
     }
 
@@ -134,7 +134,7 @@ impl Vault {
         Ok(customer_view(id, profile, &record))
     }
 
-    pub async fn update_customer(
+    async fn update_customer_inner(
         &self,
         grant: &Grant<Customers>,
         id: &ObjectId,
@@ -177,7 +177,6 @@ impl Vault {
             Swap::Refused(e) => return Err(e),
         };
         self.store.durable(ticket).await?;
-        self.audit_customer(grant, "customer.update", Some(id))?;
         let profile = patched.ok_or(VaultError::NotFound)?;
         Ok(customer_view(
             id,
@@ -190,7 +189,7 @@ impl Vault {
     }
 
     /// Deletes a customer and every token it holds, in one transaction.
-    pub async fn delete_customer(
+    async fn delete_customer_inner(
         &self,
         grant: &Grant<Customers>,
         id: &ObjectId,
@@ -211,7 +210,6 @@ impl Vault {
             }
             if let Some(ticket) = self.store.commit(&batch)? {
                 self.store.durable(ticket).await?;
-                self.audit_customer(grant, "customer.delete", Some(id))?;
                 return Ok(());
             }
         }
@@ -437,7 +435,7 @@ impl Vault {
         ))
     }
 
-    pub async fn update_customer_token(
+    async fn update_customer_token_inner(
         &self,
         grant: &Grant<Customers>,
         customer: &ObjectId,
@@ -473,7 +471,6 @@ impl Vault {
             Swap::Refused(e) => return Err(e),
         };
         self.store.durable(ticket).await?;
-        self.audit_customer(grant, "customer_token.update", Some(tid))?;
         let meta = new_meta.ok_or(VaultError::NotFound)?;
         Ok(token_view(
             tid,
@@ -485,7 +482,7 @@ impl Vault {
         ))
     }
 
-    pub async fn delete_customer_token(
+    async fn delete_customer_token_inner(
         &self,
         grant: &Grant<Customers>,
         customer: &ObjectId,
@@ -507,7 +504,6 @@ impl Vault {
                 .remove_token(p, token.as_str());
             if let Some(ticket) = self.store.commit(&batch)? {
                 self.store.durable(ticket).await?;
-                self.audit_customer(grant, "customer_token.delete", Some(token.as_str()))?;
                 return Ok(());
             }
         }
@@ -572,21 +568,81 @@ impl Vault {
             .ok_or(VaultError::NotFound)?;
         Ok((keys, record))
     }
+}
 
-    fn audit_customer(
+/// The audited entry points: each records one audit event, success or failure.
+impl Vault {
+    pub async fn create_customer(
+        &self,
+        grant: &Grant<Customers>,
+        profile: Profile,
+    ) -> Result<CustomerView, VaultError> {
+        let result = self.create_customer_inner(grant, profile).await;
+        let object = result.as_ref().ok().map(|v| v.id.clone());
+        self.audited(grant, "customer.create", object.as_deref(), result)
+    }
+
+    pub async fn update_customer(
+        &self,
+        grant: &Grant<Customers>,
+        id: &ObjectId,
+        patch: ProfilePatch,
+    ) -> Result<CustomerView, VaultError> {
+        let result = self.update_customer_inner(grant, id, patch).await;
+        self.audited(grant, "customer.update", Some(id.as_str()), result)
+    }
+
+    /// Deletes a customer and every token it holds, in one transaction.
+    pub async fn delete_customer(
+        &self,
+        grant: &Grant<Customers>,
+        id: &ObjectId,
+    ) -> Result<(), VaultError> {
+        let result = self.delete_customer_inner(grant, id).await;
+        self.audited(grant, "customer.delete", Some(id.as_str()), result)
+    }
+
+    pub async fn update_customer_token(
+        &self,
+        grant: &Grant<Customers>,
+        customer: &ObjectId,
+        token: &ObjectId,
+        patch: TokenPatch,
+    ) -> Result<TokenView, VaultError> {
+        let result = self
+            .update_customer_token_inner(grant, customer, token, patch)
+            .await;
+        self.audited(grant, "customer_token.update", Some(token.as_str()), result)
+    }
+
+    pub async fn delete_customer_token(
+        &self,
+        grant: &Grant<Customers>,
+        customer: &ObjectId,
+        token: &ObjectId,
+    ) -> Result<(), VaultError> {
+        let result = self
+            .delete_customer_token_inner(grant, customer, token)
+            .await;
+        self.audited(grant, "customer_token.delete", Some(token.as_str()), result)
+    }
+
+    fn audited<T>(
         &self,
         grant: &Grant<Customers>,
         action: &'static str,
         object: Option<&str>,
-    ) -> Result<(), VaultError> {
+        result: Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
         self.audit(
             grant.identity(),
             grant.project(),
             action,
-            &Ok(()),
+            &result,
             object,
             &Purpose::default(),
-        )
+        )?;
+        result
     }
 }
 

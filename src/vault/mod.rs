@@ -112,8 +112,10 @@ pub struct Purpose {
     pub reference: Option<String>,
 }
 
+redacted_debug!(CardMeta, CardView);
+
 /// What may be shown about a card: never the PAN.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CardMeta {
     pub scheme: String,
     pub iin: String,
@@ -127,7 +129,7 @@ pub struct CardMeta {
 }
 
 /// A card token's public view.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct CardView {
     pub id: String,
     pub object: &'static str,
@@ -146,7 +148,6 @@ enum Blob {
     CustomerProfile,
     TokenMeta,
     TokenPan,
-    IdempotentResponse,
 }
 
 fn record_aad(blob: Blob, project: &Project, id: &str, key_version: u32) -> Vec<u8> {
@@ -156,7 +157,6 @@ fn record_aad(blob: Blob, project: &Project, id: &str, key_version: u32) -> Vec<
         Blob::CustomerProfile => b"customer-profile",
         Blob::TokenMeta => b"token-meta",
         Blob::TokenPan => b"token-pan",
-        Blob::IdempotentResponse => b"idempotent-response",
     };
     aad(&[
         b"cardvault/record/v1",
@@ -186,7 +186,8 @@ struct ProjectKeys {
 /// or wiped by the sweeper after `cvc_ttl`. A restart forgets them all, by design.
 #[derive(Default)]
 struct CvcCache {
-    entries: Mutex<HashMap<String, (Cvc, Instant)>>,
+    /// Boxed so that a growing map moves pointers, not CVCs: the old table is freed unwiped.
+    entries: Mutex<HashMap<String, (Box<Cvc>, Instant)>>,
 }
 
 impl CvcCache {
@@ -196,13 +197,13 @@ impl CvcCache {
 
     fn put(&self, project: &Project, id: &ObjectId, cvc: Cvc, until: Instant) {
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(Self::key(project, id), (cvc, until));
+        map.insert(Self::key(project, id), (Box::new(cvc), until));
     }
 
     fn take(&self, project: &Project, id: &ObjectId) -> Option<Cvc> {
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let (cvc, until) = map.remove(&Self::key(project, id))?;
-        (Instant::now() < until).then_some(cvc)
+        (Instant::now() < until).then_some(*cvc)
     }
 
     fn sweep(&self, now: Instant) -> usize {
@@ -221,6 +222,8 @@ pub struct Vault {
     cvcs: CvcCache,
     settings: VaultSettings,
     audit: Box<dyn AuditSink>,
+    /// Random per process: marks the idempotency claims this process owns.
+    boot_id: u64,
 }
 
 pub fn unix_now() -> i64 {
@@ -274,6 +277,8 @@ impl Vault {
                 store.set_kek_check(&wrapped)?;
             }
         }
+        let mut boot_id = [0u8; 8];
+        crate::crypto::fill_random(&mut boot_id).map_err(VaultError::Keys)?;
         let vault = Arc::new(Vault {
             store,
             kek,
@@ -281,6 +286,7 @@ impl Vault {
             cvcs: CvcCache::default(),
             settings,
             audit,
+            boot_id: u64::from_be_bytes(boot_id),
         });
         spawn_sweeper(Arc::downgrade(&vault));
         Ok(vault)
@@ -356,7 +362,20 @@ impl Vault {
     }
 
     pub fn card(&self, grant: &Grant<Read>, id: &ObjectId) -> Result<CardView, VaultError> {
-        let project = grant.project();
+        self.card_view(grant.project(), id)
+    }
+
+    /// The card a tokenization made, for replaying its `Idempotency-Key`: the caller may
+    /// tokenize without holding `read`, and gets back what it got the first time.
+    pub fn tokenized_card(
+        &self,
+        grant: &Grant<Tokenize>,
+        id: &ObjectId,
+    ) -> Result<CardView, VaultError> {
+        self.card_view(grant.project(), id)
+    }
+
+    fn card_view(&self, project: &Project, id: &ObjectId) -> Result<CardView, VaultError> {
         if id.kind() != IdKind::Card {
             return Err(VaultError::NotFound);
         }

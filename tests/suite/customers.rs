@@ -65,6 +65,7 @@ fn customer_token_lifecycle() {
     assert!(tok.starts_with("tok_") && tok.len() == 36, "{tok}");
     assert_eq!(token["customer"], cust.as_str());
     assert_eq!(token["duplicate"], false);
+    assert_eq!(token["token"], token["id"]);
     assert_eq!(
         (
             token["scheme"].as_str(),
@@ -482,6 +483,36 @@ fn idempotency_keys_replay_conflict_and_race() {
         .unwrap();
     assert_eq!(res.status, 201);
     assert_ne!(res.json()["id"], first.json()["id"]);
+
+    // A replay is rebuilt from the live object: once the customer is deleted, it is gone.
+    let doomed = post(
+        "key-doomed",
+        "/v1/customers",
+        &json!({"email": "doomed@example.com"}),
+    );
+    let doomed_id = doomed.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        send(
+            &router,
+            "DELETE",
+            &format!("/v1/customers/{doomed_id}"),
+            None
+        )
+        .status,
+        200
+    );
+    let ghost = post(
+        "key-doomed",
+        "/v1/customers",
+        &json!({"email": "doomed@example.com"}),
+    );
+    assert_eq!(
+        (ghost.status, ghost.code()),
+        (404, "not_found".into()),
+        "{}",
+        ghost.body
+    );
+    assert!(!ghost.body.contains("doomed@example.com"));
 
     // A client error is remembered like a success.
     let bad = json!({"email": "nope"});

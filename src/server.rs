@@ -38,7 +38,9 @@ pub enum StartupError {
     #[error("{0} (is another cardvault running on this data_dir?)")]
     Store(#[from] StoreError),
     #[error("the key-encryption key does not open this store ({0}); wrong keys_dir?")]
-    Vault(#[from] VaultError),
+    WrongKek(VaultError),
+    #[error("opening the vault: {0}")]
+    Vault(VaultError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -72,7 +74,12 @@ impl Application {
             cvc_ttl: config.cvc_ttl,
         };
         tracing::info!(kek = kek.describe(), data_dir = %config.data_dir.display(), "opening the vault");
-        let vault = Vault::open(store, Box::new(kek), settings, Box::new(LogSink))?;
+        let vault = Vault::open(store, Box::new(kek), settings, Box::new(LogSink)).map_err(
+            |e| match e {
+                VaultError::Keys(_) => StartupError::WrongKek(e),
+                other => StartupError::Vault(other),
+            },
+        )?;
 
         let listener = TcpListener::bind(config.listen).map_err(|source| StartupError::Bind {
             addr: config.listen,

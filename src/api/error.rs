@@ -234,6 +234,11 @@ impl From<VaultError> for ApiError {
                 )
             }
             VaultError::Field(f) => ApiError::from(*f),
+            VaultError::TooManyTokens => ApiError::new(
+                StatusCode::CONFLICT,
+                "too_many_tokens",
+                "this customer already holds the most cards allowed (100); delete one first",
+            ),
             VaultError::Contention => {
                 tracing::warn!(error = %e, "request lost too many races");
                 ApiError::new(

@@ -50,6 +50,17 @@ pub enum Swap<R, E> {
     Swapped(R, Ticket),
 }
 
+impl<R, E> Swap<R, E> {
+    /// The old record and its ticket; `missing` when there was no record, the refusal as is.
+    pub fn swapped(self, missing: E) -> Result<(R, Ticket), E> {
+        match self {
+            Swap::Swapped(old, ticket) => Ok((old, ticket)),
+            Swap::Missing => Err(missing),
+            Swap::Refused(e) => Err(e),
+        }
+    }
+}
+
 /// A record type with a byte encoding.
 pub trait Codec: Sized {
     fn encode(&self) -> Vec<u8>;

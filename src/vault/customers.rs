@@ -16,11 +16,14 @@ use super::{
 use crate::card::{Expiry, HolderName, Pan};
 use crate::customer::{Profile, ProfilePatch, Recurring};
 use crate::policy::{Customers, Grant};
-use crate::store::{Batch, CardRecord, CustomerRecord, Swap, TokenRecord, TokenRef};
+use crate::store::{Batch, CardRecord, CustomerRecord, TokenRecord, TokenRef};
 use crate::tokens::{IdKind, ObjectId, Project};
 
 /// How often a multi-record change is retried after losing a race before giving up.
 const MAX_ATTEMPTS: usize = 16;
+/// Distinct cards one customer may hold. The customer record lists its tokens and is rewritten
+/// by every attach, so the list must stay short; real customers hold a handful of cards.
+pub const MAX_TOKENS_PER_CUSTOMER: usize = 100;
 
 redacted_debug!(TokenMeta, CustomerView, TokenView, Attached);
 
@@ -171,11 +174,7 @@ impl Vault {
                 ..rec.clone()
             })
         })?;
-        let (old, ticket) = match swap {
-            Swap::Swapped(old, ticket) => (old, ticket),
-            Swap::Missing => return Err(VaultError::NotFound),
-            Swap::Refused(e) => return Err(e),
-        };
+        let (old, ticket) = swap.swapped(VaultError::NotFound)?;
         self.store.durable(ticket).await?;
         let profile = patched.ok_or(VaultError::NotFound)?;
         Ok(customer_view(
@@ -345,6 +344,9 @@ impl Vault {
                     (existing.id.clone(), updated, meta, true)
                 }
                 None => {
+                    if customer_rec.tokens.len() >= MAX_TOKENS_PER_CUSTOMER {
+                        return Err(VaultError::TooManyTokens);
+                    }
                     let token_id = ObjectId::generate(IdKind::CustomerToken)?;
                     let tid = token_id.as_str();
                     let digits = open(
@@ -465,11 +467,7 @@ impl Vault {
                 ..rec.clone()
             })
         })?;
-        let (old, ticket) = match swap {
-            Swap::Swapped(old, ticket) => (old, ticket),
-            Swap::Missing => return Err(VaultError::NotFound),
-            Swap::Refused(e) => return Err(e),
-        };
+        let (old, ticket) = swap.swapped(VaultError::NotFound)?;
         self.store.durable(ticket).await?;
         let meta = new_meta.ok_or(VaultError::NotFound)?;
         Ok(token_view(

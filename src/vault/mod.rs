@@ -60,6 +60,8 @@ pub enum VaultError {
     Field(crate::customer::FieldError),
     #[error("gave up after repeated conflicting concurrent changes")]
     Contention,
+    #[error("the customer holds the most tokens allowed")]
+    TooManyTokens,
 }
 
 impl VaultError {
@@ -75,6 +77,7 @@ impl VaultError {
             VaultError::Audit(_) => "audit_unavailable",
             VaultError::Field(_) => "invalid_field",
             VaultError::Contention => "contention",
+            VaultError::TooManyTokens => "too_many_tokens",
         }
     }
 }
@@ -440,22 +443,18 @@ impl Vault {
                     ..current.clone()
                 })
             })?;
-        let (record, ticket) = match swap {
-            Swap::Missing => return Err(VaultError::NotFound),
-            Swap::Refused(e) => return Err(e),
-            Swap::Swapped(record, ticket) => (record, ticket),
-        };
+        let (record, ticket) = swap.swapped(VaultError::NotFound)?;
         // The use must be on disk before the card leaves the process: after a crash the token
         // stays used, so the card can never be handed out twice.
         self.store.durable(ticket).await?;
         let cvc = self.cvcs.take(project, id);
         let meta = self.open_meta(&keys, project, id, &record)?;
         let sealed_pan = record.pan.as_deref().ok_or(VaultError::TokenExpired)?;
-        let digits = self.open_blob(
+        let digits = open(
             &keys,
             Blob::Pan,
             project,
-            id,
+            id.as_str(),
             record.key_version,
             sealed_pan,
         )?;
@@ -479,27 +478,15 @@ impl Vault {
         id: &ObjectId,
         record: &CardRecord,
     ) -> Result<CardMeta, VaultError> {
-        let plain = self.open_blob(
+        let plain = open(
             keys,
             Blob::Meta,
             project,
-            id,
+            id.as_str(),
             record.key_version,
             &record.meta,
         )?;
         serde_json::from_slice(&plain).map_err(|_| VaultError::Integrity(id.to_string()))
-    }
-
-    fn open_blob(
-        &self,
-        keys: &ProjectKeys,
-        blob: Blob,
-        project: &Project,
-        id: &ObjectId,
-        key_version: u32,
-        sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        open(keys, blob, project, id.as_str(), key_version, sealed)
     }
 
     /// The project's keys: from the cache, else unwrapped from the store, else (when `create`)

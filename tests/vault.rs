@@ -13,6 +13,9 @@ mod support;
 #[path = "suite/customers.rs"]
 mod customers;
 
+#[path = "suite/crash.rs"]
+mod crash;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

@@ -160,10 +160,17 @@ pub fn curl_examples(dir: &Path, config: &Config, addr: std::net::SocketAddr) ->
         out,
         "# 1. tokenize a test card as the checkout edge; keep the card token"
     );
+    let saved = dir.join("card.json");
     let _ = writeln!(
         out,
-        "CARD=$({} -H 'content-type: application/json' -d '{{\"number\":\"4242 4242 4242 4242\",\"exp_month\":12,\"exp_year\":{exp_year},\"cvc\":\"123\",\"holder_name\":\"Ada Lovelace\"}}' {base}/cards | tee /dev/stderr | sed -E 's/.*\"id\":\"(card_[A-Za-z0-9]+)\".*/\\1/'); echo; echo $CARD\n",
-        as_caller("checkout")
+        "{} -H 'content-type: application/json' -d '{{\"number\":\"4242 4242 4242 4242\",\"exp_month\":12,\"exp_year\":{exp_year},\"cvc\":\"123\",\"holder_name\":\"Ada Lovelace\"}}' {base}/cards | tee {saved}",
+        as_caller("checkout"),
+        saved = saved.display()
+    );
+    let _ = writeln!(
+        out,
+        "CARD=$(sed -E 's/.*\"id\":\"(card_[A-Za-z0-9]+)\".*/\\1/' {}); echo $CARD\n",
+        saved.display()
     );
     let _ = writeln!(out, "# 2. read its metadata (never the number)");
     let _ = writeln!(out, "{} {base}/cards/$CARD\n", as_caller("checkout"));

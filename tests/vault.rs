@@ -753,3 +753,65 @@ fn bench_command_drives_every_scenario_without_errors() {
         assert!(f["server_cpu_seconds_per_1k"].as_f64().is_some(), "{f}");
     }
 }
+
+/// `cardvault dev` prints curl lines that work exactly as printed: run them with bash + curl.
+#[test]
+fn dev_command_prints_curl_lines_that_work() {
+    let dir = TempDir::new("dev");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(BIN)
+        .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let mut script = String::from("set -e\n");
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.starts_with("curl ") || line.starts_with("CARD=") {
+            script.push_str(&line);
+            script.push('\n');
+        }
+        if line.contains("listening on https://") {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script}\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        script.lines().filter(|l| l.starts_with("curl ")).count(),
+        6,
+        "{script}"
+    );
+    for expected in [
+        r#""status":"ok""#,
+        r#""last4":"4242""#,
+        r#""number":"4242424242424242""#,
+        r#""cvc":"123""#,
+        r#""code":"token_used""#,
+        r#""code":"forbidden""#,
+    ] {
+        assert!(text.contains(expected), "missing {expected} in:\n{text}");
+    }
+}

@@ -162,6 +162,23 @@ struct Created {
     replay: Replayable,
 }
 
+impl Created {
+    fn new<T: Serialize>(
+        status: StatusCode,
+        object: &str,
+        duplicate: bool,
+        view: &T,
+    ) -> Result<Created, ApiError> {
+        Ok(Created {
+            replay: Replayable {
+                object: object.to_owned(),
+                duplicate,
+            },
+            reply: reply(status, view)?,
+        })
+    }
+}
+
 /// Kept for an `Idempotency-Key` instead of the reply itself (which may hold personal data):
 /// the object made, and whether it was an existing one.
 #[derive(Serialize, Deserialize)]
@@ -329,13 +346,7 @@ async fn tokenize(
     let card = parse_json::<TokenizeRequest>(&body)?.parse()?;
     let run = async {
         let view = state.vault.tokenize(&grant, card).await?;
-        Ok(Created {
-            replay: Replayable {
-                object: view.id.clone(),
-                duplicate: false,
-            },
-            reply: reply(StatusCode::CREATED, &view)?,
-        })
+        Created::new(StatusCode::CREATED, &view.id, false, &view)
     };
     let render = |r: &Replayable| {
         let id = path_id(IdKind::Card, &r.object)?;
@@ -432,13 +443,7 @@ async fn create_customer(
     let profile = parse_json::<NewProfile>(&body)?.parse()?;
     let run = async {
         let view = state.vault.create_customer(&grant, profile).await?;
-        Ok(Created {
-            replay: Replayable {
-                object: view.id.clone(),
-                duplicate: false,
-            },
-            reply: reply(StatusCode::CREATED, &view)?,
-        })
+        Created::new(StatusCode::CREATED, &view.id, false, &view)
     };
     let render = |r: &Replayable| {
         let id = path_id(IdKind::Customer, &r.object)?;
@@ -516,25 +521,23 @@ async fn attach_card(
     let source = ObjectId::parse_kind(IdKind::Card, request.source.expose())
         .map_err(|_| ApiError::NOT_FOUND)?;
     let recurring = request.recurring.map(Recurring::parse).transpose()?;
-    let respond = |token: TokenView, duplicate: bool| {
+    let respond = |view: TokenView, duplicate: bool| {
         let status = if duplicate {
             StatusCode::OK
         } else {
             StatusCode::CREATED
         };
-        let replay = Replayable {
-            object: token.id.clone(),
-            duplicate,
-        };
-        reply(
+        let token = view.id.clone();
+        Created::new(
             status,
+            &token,
+            duplicate,
             &AttachResponse {
-                token: token.id.clone(),
-                view: token,
+                token: token.clone(),
+                view,
                 duplicate,
             },
         )
-        .map(|reply| Created { reply, replay })
     };
     let run = async {
         let attached = state

@@ -74,13 +74,18 @@ impl GroupCommit {
     /// Call after the write has returned.
     pub fn ticket(&self) -> Ticket {
         let ticket = self.shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        self.wake_flusher();
+        Ticket(ticket)
+    }
+
+    /// Notifies while holding the lock the flusher checks under, so no wake-up is lost.
+    fn wake_flusher(&self) {
         let _guard = self
             .shared
             .wake_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         self.shared.wake.notify_one();
-        Ticket(ticket)
     }
 
     /// Resolves once a flush that started after the ticket was taken has completed.
@@ -100,14 +105,7 @@ impl GroupCommit {
     /// Stops the flusher after one last flush; idempotent.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        {
-            let _guard = self
-                .shared
-                .wake_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            self.shared.wake.notify_one();
-        }
+        self.wake_flusher();
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
             let _ = handle.join();

@@ -402,9 +402,11 @@ fn projects_are_isolated_and_fingerprints_are_per_project() {
 
 #[test]
 fn no_pan_in_plaintext_at_rest_or_in_logs() {
-    let setup = Setup::new("atrest");
+    // At trace level, every crate's logging is on: actix's dispatcher, rustls, sled.
+    let setup = Setup::with_log_level("atrest", "", "trace");
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
+    let checkout = setup.client(&daemon, &setup.checkout());
     let pans: Vec<String> = (0..20)
         .map(test_pan)
         .chain(["378282246310005".into(), "6011111111111117".into()])
@@ -416,7 +418,67 @@ fn no_pan_in_plaintext_at_rest_or_in_logs() {
     for id in ids.iter().step_by(2) {
         assert_eq!(detokenize(&router, id).status, 200);
     }
+    // Error paths carrying the same card data: each must be refused without logging it.
+    let pan = &pans[0];
+    let year = future_year();
+    let refused: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "/v1/cards",
+            format!(r#"{{"number": {pan}, "exp_month": 12, "exp_year": {year}}}"#).into_bytes(),
+        ),
+        (
+            "/v1/cards",
+            format!(r#"{{"number": "{pan}", "exp_month": 13, "exp_year": {year}, "cvc": "737"}}"#)
+                .into_bytes(),
+        ),
+        (
+            "/v1/cards",
+            format!(r#"{{"number": "{pan}", "exp_month": 12, "exp_year": {year}, "cvc": "73"}}"#)
+                .into_bytes(),
+        ),
+        (
+            "/v1/cards",
+            format!(r#"{{"number": "{pan}", "track2": ";{pan}=3012?"}}"#).into_bytes(),
+        ),
+        ("/v1/cards", format!(r#"{{"number": "{pan}""#).into_bytes()),
+        (
+            "/v1/cards",
+            format!(r#"{{"pad": "{}", "number": "{pan}"}}"#, "x".repeat(20_000)).into_bytes(),
+        ),
+        (
+            "/v1/detokenize",
+            format!(r#"{{"token": "{pan}"}}"#).into_bytes(),
+        ),
+        (
+            "/v1/detokenize",
+            format!(r#"{{"token": "{}", "reference": "{pan}"}}"#, ids[1]).into_bytes(),
+        ),
+        (
+            "/v1/customers",
+            format!(r#"{{"name": "{pan}", "metadata": {{"card": "{pan}"}}}}"#).into_bytes(),
+        ),
+    ];
+    for (path, body) in &refused {
+        let res = router.post_raw(path, body);
+        assert!(
+            (400..500).contains(&res.status),
+            "{path}: {} {}",
+            res.status,
+            res.body
+        );
+        assert!(!res.body.contains(pan.as_str()));
+    }
+    assert_eq!(
+        checkout
+            .post("/v1/detokenize", &json!({"token": ids[1]}))
+            .status,
+        403
+    );
     let output = daemon.stop();
+    assert!(
+        output.contains("actix_http::h1"),
+        "trace logging was not on"
+    );
 
     // The scan must be able to find something: the daemon did write a store and a key.
     assert!(!files_below(&setup.data_dir).is_empty() && !files_below(&setup.keys_dir).is_empty());

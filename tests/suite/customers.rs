@@ -620,7 +620,7 @@ fn customers_and_tokens_are_isolated_by_project() {
 
 #[test]
 fn no_contact_details_or_pan_at_rest_or_in_logs() {
-    let setup = Setup::new("cust-atrest");
+    let setup = Setup::with_log_level("cust-atrest", "", "trace");
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let pans = [test_pan(77), "5555555555554444".to_owned()];

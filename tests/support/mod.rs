@@ -98,6 +98,11 @@ impl Setup {
 
     /// `extra` is appended to the config's top-level keys (e.g. `cvc_ttl = "1s"`).
     pub fn with_settings(label: &str, extra: &str) -> Setup {
+        Setup::with_log_level(label, extra, "debug")
+    }
+
+    /// For the leak scans: `trace` shows everything every crate logs.
+    pub fn with_log_level(label: &str, extra: &str, level: &str) -> Setup {
         let dir = TempDir::new(label);
         let root = dir.path().to_owned();
         let ca = Authority::new("cardvault test CA").unwrap();
@@ -113,7 +118,7 @@ impl Setup {
             &format!(
                 "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkeys_dir = \"keys\"\npolicies = \"policy.toml\"\nworkers = 2\n{extra}\n\
                  [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
-                 [log]\nlevel = \"debug\"\n"
+                 [log]\nlevel = \"{level}\"\n"
             ),
         );
         let setup = Setup {

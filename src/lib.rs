@@ -50,3 +50,6 @@ mod vault;
 /// Invariants of the code base, checked by reading the source tree.
 #[cfg(test)]
 mod tidy;
+
+#[cfg(test)]
+mod fuzz;

@@ -705,3 +705,36 @@ fn request_id() -> String {
     });
     format!("{prefix}{:012x}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Request bodies of any shape get a code, never a panic.
+        #[test]
+        fn request_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(req) = parse_json::<TokenizeRequest>(&body) {
+                let _ = req.parse();
+            }
+            let _ = parse_json::<DetokenizeRequest>(&body);
+            let _ = parse_json::<AttachRequest>(&body);
+            let _ = parse_json::<TokenPatchRequest>(&body);
+            if let Ok(p) = parse_json::<NewProfile>(&body) {
+                let _ = p.parse();
+            }
+            let _ = parse_json::<ProfilePatch>(&body);
+        }
+
+        #[test]
+        fn near_valid_card_bodies_never_panic(
+            number in any::<String>(), month in any::<i64>(), year in any::<String>(), cvc in any::<String>(), name in any::<String>(),
+        ) {
+            let body = serde_json::json!({"number": number, "exp_month": month, "exp_year": year, "cvc": cvc, "holder_name": name});
+            if let Ok(req) = parse_json::<TokenizeRequest>(body.to_string().as_bytes()) {
+                let _ = req.parse();
+            }
+        }
+    }
+}

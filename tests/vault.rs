@@ -16,6 +16,9 @@ mod customers;
 #[path = "suite/crash.rs"]
 mod crash;
 
+#[path = "suite/disk.rs"]
+mod disk;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

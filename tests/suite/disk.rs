@@ -1,0 +1,154 @@
+//! Disk trouble: `data_dir` on a small tmpfs that fills up.
+//!
+//! Needs root (to mount a tmpfs), which CI has; elsewhere the test says so and passes without
+//! checking anything.
+//!
+//! Both tests fail today and are ignored until the gaps they show are closed (run them with
+//! `cargo test --locked --test vault disk -- --ignored`):
+//! - after ENOSPC, the daemon answers every later write with 503 even once space returns:
+//!   the first half of the first test (a clean 503 `storage_unavailable`, never a 500) passes,
+//!   the recovery does not;
+//! - sled opens a store whose files were overwritten with garbage, and the daemon serves it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::support::*;
+
+/// A tmpfs mounted on `path`, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).ok()?;
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_owned()))
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+#[ignore = "known gap: writes keep failing after ENOSPC even once space returns"]
+fn a_full_disk_gets_503_and_the_vault_recovers_when_space_returns() {
+    let setup = Setup::new("diskfull");
+    let Some(tmpfs) = Tmpfs::mount(&setup.data_dir, "4m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+
+    // Fill the disk: every answer is a 201 or a clean 503, never a 500 or a dropped connection.
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for i in 0..20_000u32 {
+        let pan = test_pan(300_000 + i);
+        let res = router.post("/v1/cards", &card_body(&pan));
+        match res.status {
+            201 => acked.push((res.json()["id"].as_str().unwrap().to_owned(), pan)),
+            503 => {
+                assert_eq!(res.code(), "storage_unavailable", "{}", res.body);
+                refused += 1;
+                if refused >= 5 {
+                    break;
+                }
+            }
+            other => panic!("{other} while the disk filled: {}", res.body),
+        }
+    }
+    assert!(
+        refused >= 5,
+        "the disk never filled ({} cards written)",
+        acked.len()
+    );
+    assert!(!acked.is_empty());
+
+    // Space returns: the same daemon takes writes again, without a restart.
+    tmpfs.resize("64m");
+    let mut recovered = false;
+    for i in 0..100u32 {
+        let pan = test_pan(400_000 + i);
+        let res = router.post("/v1/cards", &card_body(&pan));
+        if res.status == 201 {
+            acked.push((res.json()["id"].as_str().unwrap().to_owned(), pan));
+            recovered = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        recovered,
+        "the daemon did not take writes again once space returned"
+    );
+
+    // Everything acknowledged, before and after the full disk, is there after a crash.
+    daemon.kill9();
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    for (id, pan) in &acked {
+        let res = router.post("/v1/detokenize", &serde_json::json!({"token": id}));
+        assert_eq!(res.status, 200, "{id}: {}", res.body);
+        assert_eq!(res.json()["number"], pan.as_str());
+    }
+    drop(daemon);
+}
+
+#[test]
+#[ignore = "known gap: sled opens a store overwritten with garbage, and the daemon serves it"]
+fn a_corrupted_store_stops_startup_with_a_message() {
+    let setup = Setup::new("corrupt");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    for i in 0..20 {
+        assert_eq!(
+            router.post("/v1/cards", &card_body(&test_pan(i))).status,
+            201
+        );
+    }
+    daemon.stop();
+    // Overwrite the middle of every store file with garbage.
+    for file in files_below(&setup.data_dir) {
+        let mut bytes = std::fs::read(&file).unwrap();
+        let len = bytes.len();
+        if len > 64 {
+            for b in &mut bytes[len / 4..len * 3 / 4] {
+                *b = 0xA5;
+            }
+            std::fs::write(&file, bytes).unwrap();
+        }
+    }
+    match Daemon::try_start(&setup) {
+        Ok(daemon) => {
+            drop(daemon);
+            panic!("the daemon served a corrupted store");
+        }
+        Err(output) => assert!(
+            output.contains("cardvault: error:"),
+            "no clear message:\n{output}"
+        ),
+    }
+}

@@ -285,6 +285,16 @@ impl Loose {
     }
 }
 
+/// An expiry from request fields: 422 `invalid_expiry` for anything but a current or future
+/// month.
+fn expiry(month: &Loose, year: &Loose) -> Result<Expiry, ApiError> {
+    let (month, year) = month
+        .value()
+        .zip(year.value())
+        .ok_or(CardError::InvalidExpiry)?;
+    Ok(Expiry::parse(month, year, this_month())?)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenizeRequest {
@@ -313,10 +323,7 @@ impl TokenizeRequest {
             return Err(ApiError::PROHIBITED_DATA);
         }
         let pan = Pan::parse(self.number.expose())?;
-        let invalid_expiry = ApiError::from(CardError::InvalidExpiry);
-        let month = self.exp_month.value().ok_or(invalid_expiry)?;
-        let year = self.exp_year.value().ok_or(invalid_expiry)?;
-        let expiry = Expiry::parse(month, year, this_month())?;
+        let expiry = expiry(&self.exp_month, &self.exp_year)?;
         let cvc = self
             .cvc
             .as_ref()
@@ -607,10 +614,7 @@ async fn update_token(
     let request = parse_json::<TokenPatchRequest>(&read_body(&req, payload).await?)?;
     let expiry = match (request.exp_month, request.exp_year) {
         (None, None) => None,
-        (Some(m), Some(y)) => {
-            let (m, y) = m.value().zip(y.value()).ok_or(CardError::InvalidExpiry)?;
-            Some(Expiry::parse(m, y, this_month())?)
-        }
+        (Some(m), Some(y)) => Some(expiry(&m, &y)?),
         _ => return Err(CardError::InvalidExpiry.into()),
     };
     let patch = TokenPatch {

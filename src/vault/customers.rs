@@ -13,7 +13,7 @@ use super::{
     open, rfc3339, seal, unix_now, Blob, CardDetails, CardMeta, ProjectKeys, Purpose, Vault,
     VaultError,
 };
-use crate::card::{Expiry, HolderName, Pan};
+use crate::card::Expiry;
 use crate::customer::{Profile, ProfilePatch, Recurring};
 use crate::policy::{Customers, Grant};
 use crate::store::{Batch, CardRecord, CustomerRecord, TokenRecord, TokenRef};
@@ -531,18 +531,7 @@ impl Vault {
             record.key_version,
             &record.pan,
         )?;
-        let pan = Pan::from_digits(&digits).map_err(|_| VaultError::Integrity(tid.to_owned()))?;
-        Ok(CardDetails {
-            pan,
-            expiry: Expiry::stored(meta.card.exp_month, meta.card.exp_year),
-            holder_name: meta
-                .card
-                .holder_name
-                .as_deref()
-                .and_then(|h| HolderName::parse(h).ok()),
-            cvc: None,
-            recurring: meta.recurring,
-        })
+        CardDetails::open(&digits, &meta.card, None, meta.recurring, tid)
     }
 
     /// The token, if it exists in this project and belongs to `customer`.

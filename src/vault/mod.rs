@@ -108,6 +108,29 @@ pub struct CardDetails {
     pub recurring: Option<crate::customer::Recurring>,
 }
 
+impl CardDetails {
+    /// Details from a decrypted PAN and the card's metadata; a PAN that no longer parses means
+    /// the record is damaged.
+    fn open(
+        digits: &[u8],
+        meta: &CardMeta,
+        cvc: Option<Cvc>,
+        recurring: Option<crate::customer::Recurring>,
+        id: &str,
+    ) -> Result<CardDetails, VaultError> {
+        Ok(CardDetails {
+            pan: Pan::from_digits(digits).map_err(|_| VaultError::Integrity(id.to_owned()))?,
+            expiry: Expiry::stored(meta.exp_month, meta.exp_year),
+            holder_name: meta
+                .holder_name
+                .as_deref()
+                .and_then(|h| HolderName::parse(h).ok()),
+            cvc,
+            recurring,
+        })
+    }
+}
+
 /// Why a detokenization happened, for the audit trail.
 #[derive(Debug, Default)]
 pub struct Purpose {
@@ -458,17 +481,7 @@ impl Vault {
             record.key_version,
             sealed_pan,
         )?;
-        let pan = Pan::from_digits(&digits).map_err(|_| VaultError::Integrity(id.to_string()))?;
-        Ok(CardDetails {
-            pan,
-            expiry: Expiry::stored(meta.exp_month, meta.exp_year),
-            holder_name: meta
-                .holder_name
-                .as_deref()
-                .and_then(|h| HolderName::parse(h).ok()),
-            cvc,
-            recurring: None,
-        })
+        CardDetails::open(&digits, &meta, cvc, None, id.as_str())
     }
 
     fn open_meta(

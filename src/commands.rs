@@ -26,9 +26,13 @@ pub enum CommandError {
 /// only decides how much of the rest is shown.
 pub fn init_logging(log: &LogConfig) {
     let level = log.level.parse().unwrap_or(tracing::Level::INFO);
+    // Colours only on a terminal: logs sent to a file or journald stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_target(true);
+        .with_target(true)
+        .with_ansi(ansi);
     let _ = match log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Human => builder.try_init(),

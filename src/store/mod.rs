@@ -213,23 +213,14 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts a new card record; the id is fresh from the CSPRNG, so an existing record under
-    /// it means a broken generator, and is refused rather than overwritten.
+    /// Inserts a new card record under a fresh id.
     pub fn insert_card(
         &self,
         project: &str,
         id: &str,
         rec: &CardRecord,
     ) -> Result<Ticket, StoreError> {
-        let result = self.cards.compare_and_swap(
-            key(project, id),
-            None as Option<&[u8]>,
-            Some(rec.encode()),
-        )?;
-        match result {
-            Ok(()) => Ok(self.commit.ticket()),
-            Err(_) => Err(StoreError::Corrupt(Malformed)),
-        }
+        self.insert_new(&self.cards, &key(project, id), rec)
     }
 
     pub fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
@@ -307,11 +298,18 @@ impl Store {
         id: &str,
         rec: &CustomerRecord,
     ) -> Result<Ticket, StoreError> {
-        match self.customers.compare_and_swap(
-            key(project, id),
-            None as Option<&[u8]>,
-            Some(rec.encode()),
-        )? {
+        self.insert_new(&self.customers, &key(project, id), rec)
+    }
+
+    /// Inserts a record that must not exist yet. Ids are fresh from the CSPRNG, so an existing
+    /// record under one means a broken generator, and is refused rather than overwritten.
+    fn insert_new<R: Codec>(
+        &self,
+        tree: &sled::Tree,
+        k: &[u8],
+        rec: &R,
+    ) -> Result<Ticket, StoreError> {
+        match tree.compare_and_swap(k, None as Option<&[u8]>, Some(rec.encode()))? {
             Ok(()) => Ok(self.commit.ticket()),
             Err(_) => Err(StoreError::Corrupt(Malformed)),
         }

@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -253,35 +252,14 @@ struct Client {
 
 impl Client {
     fn new(target: &Target) -> Result<Client, BenchError> {
-        let authority = target
-            .url
-            .strip_prefix("https://")
-            .ok_or_else(|| setup("--target must be an https:// URL"))?
-            .trim_end_matches('/');
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        let (authority, host) = crate::client::authority(&target.url).map_err(setup)?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&authority)
             .map_err(setup)?
             .next()
             .ok_or_else(|| setup("--target does not resolve"))?;
-        let host = authority
-            .rsplit_once(':')
-            .map_or(authority, |(h, _)| h)
-            .to_owned();
         let server_name = ServerName::try_from(host.clone()).map_err(setup)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&target.ca).map_err(setup)? {
-            roots.add(cert.map_err(setup)?).map_err(setup)?;
-        }
-        let chain = CertificateDer::pem_file_iter(&target.cert)
-            .map_err(setup)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(setup)?;
-        let key = PrivateKeyDer::from_pem_file(&target.key).map_err(setup)?;
-        let config = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(setup)?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(setup)?;
+        let config =
+            crate::client::tls_config(&target.ca, &target.cert, &target.key).map_err(setup)?;
         Ok(Client {
             addr,
             host,

@@ -1,9 +1,17 @@
 //! The binary's subcommands, behind a thin `main`: each returns an error the caller prints.
 
-use std::path::Path;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
+use zeroize::Zeroizing;
+
+use crate::client::AdminClient;
 use crate::config::{Config, LogConfig, LogFormat};
-use crate::crypto::{LocalKek, LOCAL_KEK_FILE};
+use crate::crypto::custody::{
+    self, Custody, KdfParams, Share, CUSTODIANS_DIR, DESCRIPTOR_FILE, NEXT_CUSTODIANS_DIR,
+};
+use crate::crypto::{new_kek_id, DevKey, KeyMaterial, DEV_KEY_FILE};
 use crate::server::{Application, StartupError};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,19 +62,453 @@ fn run(config: &Config, on_listening: impl FnOnce(&Application)) -> Result<(), C
     })
 }
 
-/// `cardvault keys init --config FILE`: a new local KEK in `keys_dir`, never overwriting one.
-pub fn keys_init(config_path: &Path) -> Result<(), CommandError> {
-    let config = Config::load(config_path)?;
-    std::fs::create_dir_all(&config.keys_dir).map_err(|e| {
-        CommandError::Keys(format!("cannot create {}: {e}", config.keys_dir.display()))
-    })?;
-    let path = config.keys_dir.join(LOCAL_KEK_FILE);
-    LocalKek::create(&path).map_err(|e| CommandError::Keys(e.to_string()))?;
-    println!(
-        "wrote a new key-encryption key to {} (mode 0600)",
-        path.display()
+/// Passphrases given as files, `NAME=PATH` each; anyone not listed is asked on the terminal.
+pub struct Passphrases(Vec<(String, PathBuf)>);
+
+impl Passphrases {
+    pub fn parse(args: &[String]) -> Result<Passphrases, CommandError> {
+        args.iter()
+            .map(|a| match a.split_once('=') {
+                Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+                    Ok((name.to_owned(), PathBuf::from(path)))
+                }
+                _ => Err(CommandError::Keys(format!(
+                    "--passphrase-file {a:?}: expected NAME=PATH"
+                ))),
+            })
+            .collect::<Result<_, _>>()
+            .map(Passphrases)
+    }
+
+    /// The passphrase of `name`: from its file (which group and others must not read), else
+    /// from the terminal without echo (twice when `confirm`).
+    fn get(
+        &self,
+        name: &str,
+        prompt: &str,
+        confirm: bool,
+    ) -> Result<Zeroizing<String>, CommandError> {
+        if let Some((_, path)) = self.0.iter().find(|(n, _)| n == name) {
+            return read_passphrase_file(path);
+        }
+        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            return Err(CommandError::Keys(format!(
+                "no passphrase for {name}: give --passphrase-file {name}=PATH or run on a terminal"
+            )));
+        }
+        let first = Zeroizing::new(
+            rpassword::prompt_password(prompt).map_err(|e| CommandError::Keys(e.to_string()))?,
+        );
+        if confirm {
+            let again = Zeroizing::new(
+                rpassword::prompt_password("again: ")
+                    .map_err(|e| CommandError::Keys(e.to_string()))?,
+            );
+            if *again != *first {
+                return Err(CommandError::Keys(format!(
+                    "the two passphrases for {name} differ"
+                )));
+            }
+        }
+        Ok(first)
+    }
+}
+
+fn read_passphrase_file(path: &Path) -> Result<Zeroizing<String>, CommandError> {
+    custody::check_private(path).map_err(|e| CommandError::Keys(e.to_string()))?;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| CommandError::Keys(format!("{}: {e}", path.display())))?,
     );
-    println!("back it up offline: without it, nothing in data_dir can be read");
+    Ok(Zeroizing::new(
+        text.trim_end_matches(['\n', '\r']).to_owned(),
+    ))
+}
+
+/// A field of a JSON reply, `null` when absent.
+fn at<'a>(value: &'a serde_json::Value, pointer: &str) -> &'a serde_json::Value {
+    value.pointer(pointer).unwrap_or(&serde_json::Value::Null)
+}
+
+fn keys_error(e: impl std::fmt::Display) -> CommandError {
+    CommandError::Keys(e.to_string())
+}
+
+fn private_dir(path: &Path) -> Result<(), CommandError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| CommandError::Keys(format!("cannot create {}: {e}", path.display())))
+}
+
+fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CommandError> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| CommandError::Keys(format!("cannot create {}: {e}", path.display())))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| CommandError::Keys(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Makes a new random KEK, splits it for `custodians` and writes their sealed shares and the
+/// custody descriptor into `dir` (which must not exist). The KEK never touches disk; the
+/// shares come back in memory (wiped on drop) for a caller that needs k of them.
+fn write_custody(
+    dir: &Path,
+    custodians: &[String],
+    threshold: u8,
+    passphrases: &Passphrases,
+) -> Result<(Custody, Vec<Share>), CommandError> {
+    let kek = KeyMaterial::random().map_err(keys_error)?;
+    let kek_id = new_kek_id().map_err(keys_error)?;
+    let now = crate::vault::rfc3339(crate::vault::unix_now());
+    let (custody, shares) =
+        custody::split(&kek, &kek_id, custodians, threshold, &now).map_err(keys_error)?;
+    drop(kek);
+    if dir.exists() {
+        return Err(CommandError::Keys(format!(
+            "{} exists: refusing to overwrite custodian shares",
+            dir.display()
+        )));
+    }
+    private_dir(dir)?;
+    let written = (|| {
+        for share in &shares {
+            let passphrase = passphrases.get(
+                &share.custodian,
+                &format!(
+                    "new passphrase for {} (at least {} characters): ",
+                    share.custodian,
+                    custody::MIN_PASSPHRASE_LEN
+                ),
+                true,
+            )?;
+            let text =
+                custody::seal_share(share, threshold, passphrase.as_bytes(), KdfParams::MINIMUM)
+                    .map_err(keys_error)?;
+            write_new(&custody::share_path(dir, &share.custodian), &text, 0o600)?;
+        }
+        write_new(&dir.join(DESCRIPTOR_FILE), &custody.to_json(), 0o600)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(dir);
+        return Err(e);
+    }
+    Ok((custody, shares))
+}
+
+/// `cardvault keys init`: a KEK split among custodians, or (`--insecure-dev-key`) the dev key.
+pub fn keys_init(
+    config_path: &Path,
+    custodians: Option<&str>,
+    threshold: Option<u8>,
+    passphrase_files: &[String],
+    insecure_dev_key: bool,
+) -> Result<(), CommandError> {
+    let config = Config::load(config_path)?;
+    private_dir(&config.keys_dir)?;
+    let custody_dir = config.keys_dir.join(CUSTODIANS_DIR);
+    let dev_key = config.keys_dir.join(DEV_KEY_FILE);
+    if custody_dir.exists() || dev_key.exists() {
+        return Err(CommandError::Keys(format!(
+            "{} already holds a key; refusing to make another",
+            config.keys_dir.display()
+        )));
+    }
+    if insecure_dev_key {
+        if custodians.is_some() {
+            return Err(CommandError::Keys(
+                "--insecure-dev-key and --custodians exclude each other".into(),
+            ));
+        }
+        DevKey::create(&dev_key).map_err(keys_error)?;
+        println!(
+            "wrote an INSECURE dev key to {}: one file holds the whole KEK; for dev and tests only",
+            dev_key.display()
+        );
+        return Ok(());
+    }
+    let (Some(custodians), Some(threshold)) = (custodians, threshold) else {
+        return Err(CommandError::Keys(
+            "give --custodians NAME,NAME,... and --threshold K (or --insecure-dev-key for dev)"
+                .into(),
+        ));
+    };
+    let names: Vec<String> = custodians.split(',').map(|n| n.trim().to_owned()).collect();
+    let (custody, _shares) = write_custody(
+        &custody_dir,
+        &names,
+        threshold,
+        &Passphrases::parse(passphrase_files)?,
+    )?;
+    println!(
+        "made KEK {} and split it {}-of-{}; the KEK itself was not written anywhere",
+        custody.kek_id,
+        custody.threshold,
+        custody.custodians.len()
+    );
+    for c in &custody.custodians {
+        println!(
+            "  {}: {}",
+            c.name,
+            custody::share_path(&custody_dir, &c.name).display()
+        );
+    }
+    println!(
+        "each custodian keeps a copy of their own share file and passphrase; {} of them unseal",
+        custody.threshold
+    );
+    Ok(())
+}
+
+/// How an operator command reaches the daemon.
+pub struct Connect {
+    pub config: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA of the vault's server certificate; default: the config's `tls.client_ca`.
+    pub ca: Option<PathBuf>,
+    /// Default: `https://` and the config's `listen` (a wildcard address becomes loopback).
+    pub url: Option<String>,
+}
+
+impl Connect {
+    fn open(&self) -> Result<(Config, AdminClient), CommandError> {
+        let config = Config::load(&self.config)?;
+        let url = match &self.url {
+            Some(url) => url.clone(),
+            None => {
+                let mut addr = config.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("https://{addr}")
+            }
+        };
+        let ca = self
+            .ca
+            .clone()
+            .unwrap_or_else(|| config.tls.client_ca.clone());
+        let client = AdminClient::new(&url, &ca, &self.cert, &self.key).map_err(keys_error)?;
+        Ok((config, client))
+    }
+}
+
+fn expect_ok(reply: crate::client::Reply) -> Result<serde_json::Value, CommandError> {
+    if reply.status == 200 {
+        return Ok(reply.body);
+    }
+    Err(CommandError::Keys(format!(
+        "the vault answered {} {}: {}",
+        reply.status,
+        at(&reply.body, "/error/code").as_str().unwrap_or(""),
+        at(&reply.body, "/error/message").as_str().unwrap_or("")
+    )))
+}
+
+/// Opens a share file with its custodian's passphrase (from `files`, else the terminal).
+fn open_share_file(path: &Path, passphrases: &Passphrases) -> Result<Share, CommandError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CommandError::Keys(format!("{}: {e}", path.display())))?;
+    let custodian = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| at(&v, "/custodian").as_str().map(str::to_owned))
+        .ok_or_else(|| CommandError::Keys(format!("{} is not a share file", path.display())))?;
+    let passphrase = passphrases.get(
+        &custodian,
+        &format!("passphrase for {custodian}'s share: "),
+        false,
+    )?;
+    custody::open_share(&text, passphrase.as_bytes()).map_err(keys_error)
+}
+
+/// `cardvault unseal`: opens one share locally and submits it with the custodian's own
+/// certificate.
+pub fn unseal(
+    connect: &Connect,
+    share_file: &Path,
+    passphrase_file: Option<&Path>,
+) -> Result<(), CommandError> {
+    let (_, client) = connect.open()?;
+    let passphrases = Passphrases(Vec::new());
+    let share = match passphrase_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(share_file)
+                .map_err(|e| CommandError::Keys(format!("{}: {e}", share_file.display())))?;
+            let passphrase = read_passphrase_file(path)?;
+            custody::open_share(&text, passphrase.as_bytes()).map_err(keys_error)?
+        }
+        None => open_share_file(share_file, &passphrases)?,
+    };
+    let body = Zeroizing::new(
+        serde_json::json!({"kek_id": share.kek_id, "share": *share.to_hex()}).to_string(),
+    );
+    drop(share);
+    let reply = expect_ok(
+        client
+            .send("POST", "/v1/admin/unseal", Some(body.as_bytes()))
+            .map_err(keys_error)?,
+    )?;
+    if at(&reply, "/sealed") == false {
+        println!("unsealed: the vault is serving");
+    } else {
+        println!(
+            "share accepted: {} of {} custodians; still sealed",
+            at(&reply, "/received"),
+            at(&reply, "/threshold")
+        );
+    }
+    Ok(())
+}
+
+/// `cardvault keys status`: the key inventory, as a table or JSON.
+pub fn keys_status(connect: &Connect, json: bool) -> Result<(), CommandError> {
+    let (_, client) = connect.open()?;
+    let inventory = expect_ok(
+        client
+            .send("GET", "/v1/admin/keys", None)
+            .map_err(keys_error)?,
+    )?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&inventory).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!(
+        "sealed: {}   active DEK version: {}",
+        at(&inventory, "/sealed"),
+        at(&inventory, "/active_dek_version")
+    );
+    println!(
+        "{:<28} {:<13} {:<13} {:>11} {:>9}  purpose",
+        "key", "algorithm", "state", "encryptions", "records"
+    );
+    for k in at(&inventory, "/keys").as_array().into_iter().flatten() {
+        let num = |f: &str| {
+            k.get(f)
+                .and_then(serde_json::Value::as_u64)
+                .map_or("-".into(), |n| n.to_string())
+        };
+        println!(
+            "{:<28} {:<13} {:<13} {:>11} {:>9}  {}{}",
+            at(k, "/id").as_str().unwrap_or(""),
+            at(k, "/algorithm").as_str().unwrap_or(""),
+            at(k, "/state").as_str().unwrap_or(""),
+            num("encryptions"),
+            num("records"),
+            at(k, "/purpose").as_str().unwrap_or(""),
+            at(k, "/custody")
+                .as_str()
+                .map(|c| format!(" [{c}]"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `cardvault keys rotate`: a new DEK version now.
+pub fn keys_rotate(connect: &Connect) -> Result<(), CommandError> {
+    let (_, client) = connect.open()?;
+    let reply = expect_ok(
+        client
+            .send("POST", "/v1/admin/keys/rotate", Some(b"{}"))
+            .map_err(keys_error)?,
+    )?;
+    println!(
+        "DEK version {} is active; older versions are being re-encrypted away (see `keys status`)",
+        at(&reply, "/active_dek_version")
+    );
+    Ok(())
+}
+
+/// `cardvault keys rekey`: k current custodians open their shares; a new KEK is split for the
+/// new custodian list into `custodians.next/`; the daemon re-wraps every key under it; then
+/// the new folder replaces the old one, whose shares no longer open anything.
+pub fn keys_rekey(
+    connect: &Connect,
+    share_files: &[PathBuf],
+    passphrase_files: &[String],
+    custodians: &str,
+    threshold: u8,
+    new_passphrase_files: &[String],
+) -> Result<(), CommandError> {
+    let (config, client) = connect.open()?;
+    let current_dir = config.keys_dir.join(CUSTODIANS_DIR);
+    let next_dir = config.keys_dir.join(NEXT_CUSTODIANS_DIR);
+    let current = Custody::load(&current_dir).map_err(keys_error)?;
+    if next_dir.exists() {
+        return Err(CommandError::Keys(format!(
+            "{} exists: a rekey did not finish; see keys/README.md before trying again",
+            next_dir.display()
+        )));
+    }
+    let passphrases = Passphrases::parse(passphrase_files)?;
+    let shares = share_files
+        .iter()
+        .map(|f| open_share_file(f, &passphrases))
+        .collect::<Result<Vec<_>, _>>()?;
+    for share in &shares {
+        current.verify(share).map_err(keys_error)?;
+    }
+    let names: Vec<String> = custodians.split(',').map(|n| n.trim().to_owned()).collect();
+    let (next, mut next_shares) = write_custody(
+        &next_dir,
+        &names,
+        threshold,
+        &Passphrases::parse(new_passphrase_files)?,
+    )?;
+    // k of the new shares let the daemon rebuild the new KEK.
+    next_shares.truncate(usize::from(next.threshold));
+    let result = (|| {
+        let entries = |list: &[Share]| -> Vec<serde_json::Value> {
+            list.iter()
+                .map(|s| serde_json::json!({"custodian": s.custodian, "share": *s.to_hex()}))
+                .collect()
+        };
+        let body = Zeroizing::new(
+            serde_json::json!({
+                "shares": entries(&shares),
+                "next": next,
+                "next_shares": entries(&next_shares),
+            })
+            .to_string(),
+        );
+        expect_ok(
+            client
+                .send("POST", "/v1/admin/keys/rekey", Some(body.as_bytes()))
+                .map_err(keys_error)?,
+        )
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&next_dir);
+        return Err(e);
+    }
+    let retired = config.keys_dir.join(format!("{CUSTODIANS_DIR}.retired"));
+    let _ = std::fs::remove_dir_all(&retired);
+    std::fs::rename(&current_dir, &retired)
+        .and_then(|()| std::fs::rename(&next_dir, &current_dir))
+        .map_err(|e| {
+            CommandError::Keys(format!(
+                "the vault now uses KEK {}, but moving {} into place failed: {e}; the daemon \
+                 also finds it there after a restart",
+                next.kek_id,
+                next_dir.display()
+            ))
+        })?;
+    let _ = std::fs::remove_dir_all(&retired);
+    println!(
+        "rekeyed: KEK {} ({}-of-{}) replaces {}; the old shares open nothing any more",
+        next.kek_id,
+        next.threshold,
+        next.custodians.len(),
+        current.kek_id
+    );
     Ok(())
 }
 

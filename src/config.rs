@@ -34,6 +34,9 @@ pub struct Config {
     /// sled's page cache.
     pub cache_bytes: u64,
     pub log: LogConfig,
+    /// Allows the single-file dev KEK (`cardvault dev`, tests). Never in production.
+    pub insecure_dev_key: bool,
+    pub keys: crate::vault::KeySettings,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +90,19 @@ struct RawConfig {
     cache_mb: Option<u64>,
     #[serde(default)]
     log: LogConfig,
+    #[serde(default)]
+    insecure_dev_key: bool,
+    #[serde(default)]
+    keys: RawKeys,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    dek_max_encryptions: Option<u64>,
+    dek_max_age: Option<String>,
+    reencrypt_batch: Option<usize>,
+    reencrypt_pause: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -138,6 +154,37 @@ impl Config {
         if cvc_ttl > Duration::from_secs(86_400) {
             return Err("cvc_ttl must be at most 24h".into());
         }
+        let defaults = crate::vault::KeySettings::default();
+        let keys = crate::vault::KeySettings {
+            dek_max_encryptions: raw
+                .keys
+                .dek_max_encryptions
+                .unwrap_or(defaults.dek_max_encryptions),
+            dek_max_age: duration(
+                "keys.dek_max_age",
+                raw.keys.dek_max_age,
+                defaults.dek_max_age,
+            )?,
+            reencrypt_batch: raw.keys.reencrypt_batch.unwrap_or(defaults.reencrypt_batch),
+            reencrypt_pause: duration(
+                "keys.reencrypt_pause",
+                raw.keys.reencrypt_pause,
+                defaults.reencrypt_pause,
+            )?,
+        };
+        // Random 96-bit nonces: past 2^32 seals under one key, a nonce collision is no longer
+        // negligible. Rotation must come well before.
+        if keys.dek_max_encryptions == 0
+            || keys.dek_max_encryptions > crate::vault::GCM_NONCE_LIMIT / 2
+        {
+            return Err("keys.dek_max_encryptions must be between 1 and 2^31".into());
+        }
+        if keys.dek_max_age.is_zero() || keys.dek_max_age > Duration::from_secs(365 * 86_400) {
+            return Err("keys.dek_max_age must be positive and at most 365d".into());
+        }
+        if keys.reencrypt_batch == 0 {
+            return Err("keys.reencrypt_batch must be at least 1".into());
+        }
         if raw.workers == Some(0) {
             return Err("workers must be at least 1".into());
         }
@@ -157,6 +204,8 @@ impl Config {
             workers: raw.workers,
             cache_bytes: raw.cache_mb.unwrap_or(64) * 1024 * 1024,
             log: raw.log,
+            insecure_dev_key: raw.insecure_dev_key,
+            keys,
         };
         config.check_layout()?;
         Ok(config)
@@ -211,7 +260,7 @@ fn normalize(path: &Path) -> PathBuf {
     }
 }
 
-/// `90s`, `15m`, `24h`, `7d`, or a bare number of seconds.
+/// `250ms`, `90s`, `15m`, `24h`, `7d`, or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text
@@ -219,6 +268,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().ok()?;
+    if unit == "ms" {
+        return Some(Duration::from_millis(n));
+    }
     let seconds = match unit {
         "" | "s" => n,
         "m" => n.checked_mul(60)?,
@@ -255,6 +307,7 @@ mod tests {
             ("1w", None),
             ("", None),
             ("h", None),
+            ("20ms", Some(0)),
         ] {
             assert_eq!(parse_duration(text).map(|d| d.as_secs()), secs, "{text}");
         }

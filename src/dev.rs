@@ -13,7 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::crypto::{LocalKek, LOCAL_KEK_FILE};
+use crate::crypto::{DevKey, DEV_KEY_FILE};
 use crate::pki::{Authority, ClientSpec};
 
 const MARKER: &str = ".cardvault-dev";
@@ -34,7 +34,7 @@ projects = ["*"]
 [[identity]]
 name = "ops"
 uri_san = "spiffe://cardvault.dev/ops"
-permissions = ["admin"]
+permissions = ["keys"]
 projects = ["*"]
 "#;
 
@@ -110,13 +110,15 @@ pub fn prepare(dir: &Path, listen: &str) -> Result<PathBuf, DevError> {
         write(&pki.join(format!("{name}.key")), &client.key_pem, 0o600)?;
     }
     write(&dir.join("policy.toml"), DEV_POLICY, 0o644)?;
-    LocalKek::create(&keys.join(LOCAL_KEK_FILE))?;
+    DevKey::create(&keys.join(DEV_KEY_FILE))?;
     let config = format!(
         r#"# Written by `cardvault dev`. Paths are relative to this file.
 listen = "{listen}"
 data_dir = "data"
 keys_dir = "keys"
 policies = "policy.toml"
+# One local file holds the whole KEK: fine for a throwaway dev vault, never for real cards.
+insecure_dev_key = true
 
 [tls]
 cert = "pki/server.pem"

@@ -7,15 +7,17 @@
 //! - [`card`]: `Pan`, `Expiry`, `Cvc` parsed at the edge, redacted and wiped;
 //! - `tokens`: object ids and project names;
 //! - `customer`: customer contact details and recurring data, parsed at the edge;
-//! - `crypto`: envelope encryption and the `KeyEncryptionKey` seam;
+//! - [`crypto`]: envelope encryption, the KEK, and its custody in Shamir shares;
 //! - `store`: sled trees, record encoding, group commit;
 //! - `policy`: identities and permissions, the only place that grants;
-//! - `vault`: the domain service (no HTTP);
+//! - `vault`: the domain service (no HTTP), with the key hierarchy at run time (sealing,
+//!   rotation, re-encryption, rekey);
 //! - `audit`: audit events;
 //! - `api`: HTTP handlers and the one error mapping;
 //! - `tls`, [`server`]: rustls configuration and the assembled daemon;
 //! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs;
-//! - [`bench`]: the load generator behind `cardvault bench`.
+//! - [`bench`]: the load generator behind `cardvault bench`;
+//! - [`client`]: the operator side of the admin API (`unseal`, `keys ...`).
 
 /// `Debug` for types that hold personal or card data: prints only the type name, so a stray
 /// `{:?}` in a log line or a panic cannot leak what they hold.
@@ -31,6 +33,7 @@ macro_rules! redacted_debug {
 
 pub mod bench;
 pub mod card;
+pub mod client;
 pub mod commands;
 pub mod config;
 pub mod dev;
@@ -39,7 +42,7 @@ pub mod server;
 
 mod api;
 mod audit;
-mod crypto;
+pub mod crypto;
 mod customer;
 mod policy;
 mod store;

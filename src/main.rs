@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -62,14 +62,99 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Submit one custodian's share to a sealed vault (with the custodian's own certificate).
+    Unseal {
+        #[command(flatten)]
+        connect: Connect,
+        /// The custodian's share file (keys_dir/custodians/NAME.share).
+        #[arg(long)]
+        share: PathBuf,
+        /// Read the passphrase from this file (mode 0600) instead of the terminal.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
+/// How an operator command reaches the running vault.
+#[derive(Args)]
+struct Connect {
+    #[arg(long)]
+    config: PathBuf,
+    /// Client certificate (PEM) of the operator or custodian.
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    /// CA of the vault's server certificate; default: the config's tls.client_ca.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Default: https:// and the config's listen address.
+    #[arg(long)]
+    url: Option<String>,
+}
+
+impl Connect {
+    fn to_lib(&self) -> cardvault::commands::Connect {
+        cardvault::commands::Connect {
+            config: self.config.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+            url: self.url.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Create the key-encryption key in the config's keys_dir.
+    /// Make the KEK and split it among custodians (k of n unseal), or make the insecure dev key.
     Init {
         #[arg(long)]
         config: PathBuf,
+        /// Custodian names, comma-separated; each is also the name of their policy identity.
+        #[arg(long, required_unless_present = "insecure_dev_key")]
+        custodians: Option<String>,
+        /// How many custodians it takes to unseal (at least 2).
+        #[arg(long, required_unless_present = "insecure_dev_key")]
+        threshold: Option<u8>,
+        /// NAME=PATH: read NAME's new passphrase from PATH (mode 0600); repeatable.
+        #[arg(long = "passphrase-file")]
+        passphrase_files: Vec<String>,
+        /// One local file holding the whole KEK, for dev and tests; serve refuses it unless
+        /// the config says insecure_dev_key = true.
+        #[arg(long)]
+        insecure_dev_key: bool,
+    },
+    /// The key inventory: every key, its state, encryption count and records.
+    Status {
+        #[command(flatten)]
+        connect: Connect,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new DEK version active now; older versions are re-encrypted away.
+    Rotate {
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Replace the KEK: k current custodians prove custody, new shares for a new list.
+    Rekey {
+        #[command(flatten)]
+        connect: Connect,
+        /// A current custodian's share file; give k of them.
+        #[arg(long = "share", required = true)]
+        shares: Vec<PathBuf>,
+        /// NAME=PATH: a current custodian's passphrase file; repeatable.
+        #[arg(long = "passphrase-file")]
+        passphrase_files: Vec<String>,
+        /// The new custodian list, comma-separated.
+        #[arg(long)]
+        custodians: String,
+        #[arg(long)]
+        threshold: u8,
+        /// NAME=PATH: a new custodian's new passphrase file; repeatable.
+        #[arg(long = "new-passphrase-file")]
+        new_passphrase_files: Vec<String>,
     },
 }
 
@@ -78,9 +163,45 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Serve { config } => cardvault::commands::serve(config),
         Command::Dev { dir, listen } => cardvault::commands::dev(dir, listen),
-        Command::Keys {
-            command: KeysCommand::Init { config },
-        } => cardvault::commands::keys_init(config),
+        Command::Keys { command } => match command {
+            KeysCommand::Init {
+                config,
+                custodians,
+                threshold,
+                passphrase_files,
+                insecure_dev_key,
+            } => cardvault::commands::keys_init(
+                config,
+                custodians.as_deref(),
+                *threshold,
+                passphrase_files,
+                *insecure_dev_key,
+            ),
+            KeysCommand::Status { connect, json } => {
+                cardvault::commands::keys_status(&connect.to_lib(), *json)
+            }
+            KeysCommand::Rotate { connect } => cardvault::commands::keys_rotate(&connect.to_lib()),
+            KeysCommand::Rekey {
+                connect,
+                shares,
+                passphrase_files,
+                custodians,
+                threshold,
+                new_passphrase_files,
+            } => cardvault::commands::keys_rekey(
+                &connect.to_lib(),
+                shares,
+                passphrase_files,
+                custodians,
+                *threshold,
+                new_passphrase_files,
+            ),
+        },
+        Command::Unseal {
+            connect,
+            share,
+            passphrase_file,
+        } => cardvault::commands::unseal(&connect.to_lib(), share, passphrase_file.as_deref()),
         Command::Bench {
             duration,
             concurrency,

@@ -16,11 +16,12 @@ use actix_web::{middleware, web, App, HttpServer};
 use crate::api::{self, AppState};
 use crate::audit::LogSink;
 use crate::config::Config;
-use crate::crypto::{CryptoError, KeyEncryptionKey, LocalKek};
+use crate::crypto::custody::{Custody, CUSTODIANS_DIR, NEXT_CUSTODIANS_DIR};
+use crate::crypto::{CryptoError, DevKey, DEV_KEY_FILE};
 use crate::policy::{Policy, PolicyError};
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
-use crate::vault::{Vault, VaultError, VaultSettings};
+use crate::vault::{KeySource, Vault, VaultError, VaultSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -39,6 +40,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("the key-encryption key does not open this store ({0}); wrong keys_dir?")]
     WrongKek(VaultError),
+    #[error("keys_dir {0}")]
+    Keys(String),
     #[error("opening the vault: {0}")]
     Vault(VaultError),
     #[error("cannot listen on {addr}: {source}")]
@@ -46,6 +49,63 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Where the KEK comes from: custodian shares (the vault starts sealed), or the insecure dev
+/// key when the config allows it. Of `custodians/` and `custodians.next/` (left by a rekey
+/// that switched the store but not yet the folders), the one for the store's KEK is used.
+fn key_source(config: &Config, store_kek: Option<String>) -> Result<KeySource, StartupError> {
+    let dev_key = config.keys_dir.join(DEV_KEY_FILE);
+    let candidates: Vec<Custody> = [CUSTODIANS_DIR, NEXT_CUSTODIANS_DIR]
+        .iter()
+        .map(|dir| config.keys_dir.join(dir))
+        .filter(|dir| dir.exists())
+        .map(|dir| Custody::load(&dir))
+        .collect::<Result<_, _>>()?;
+    if !candidates.is_empty() && dev_key.exists() {
+        return Err(StartupError::Keys(format!(
+            "{} holds custodian shares and an insecure dev key: remove the dev key",
+            config.keys_dir.display()
+        )));
+    }
+    if let Some(first) = candidates.first() {
+        let chosen = match &store_kek {
+            None => Some(first),
+            Some(id) => candidates.iter().find(|c| &c.kek_id == id),
+        };
+        return match chosen {
+            Some(custody) => {
+                tracing::info!(kek = %custody.kek_id, threshold = custody.threshold, custodians = custody.custodians.len(), "KEK held by custodians");
+                Ok(KeySource::Custody(custody.clone()))
+            }
+            None => Err(StartupError::Keys(format!(
+                "{}: the custodian shares are for {}, but this store is under {}",
+                config.keys_dir.display(),
+                candidates
+                    .iter()
+                    .map(|c| c.kek_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                store_kek.unwrap_or_default()
+            ))),
+        };
+    }
+    if dev_key.exists() {
+        if !config.insecure_dev_key {
+            return Err(StartupError::Keys(format!(
+                "{} holds only the INSECURE dev key; production needs custodian shares \
+                 (`cardvault keys init --custodians ...`). Set insecure_dev_key = true only \
+                 outside production",
+                config.keys_dir.display()
+            )));
+        }
+        tracing::warn!("running on the INSECURE dev key: one file holds the whole KEK; never use this with real cards");
+        return Ok(KeySource::Dev(Box::new(DevKey::load(&dev_key)?)));
+    }
+    Err(StartupError::Keys(format!(
+        "{} holds no key: run `cardvault keys init --config FILE --custodians NAMES --threshold K`",
+        config.keys_dir.display()
+    )))
 }
 
 pub struct Application {
@@ -59,7 +119,6 @@ impl Application {
         let policy = Arc::new(Policy::load(&config.policies)?);
         let tls_config =
             tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
-        let kek = LocalKek::load(&config.keys_dir.join(crate::crypto::LOCAL_KEK_FILE))?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -69,17 +128,20 @@ impl Application {
                 source,
             })?;
         let store = Store::open(&config.data_dir, config.cache_bytes)?;
+        let source = key_source(config, store.kek_id()?)?;
         let settings = VaultSettings {
             card_token_ttl: config.card_token_ttl,
             cvc_ttl: config.cvc_ttl,
+            keys: config.keys.clone(),
         };
-        tracing::info!(kek = kek.describe(), data_dir = %config.data_dir.display(), "opening the vault");
-        let vault = Vault::open(store, Box::new(kek), settings, Box::new(LogSink)).map_err(
-            |e| match e {
-                VaultError::Keys(_) => StartupError::WrongKek(e),
+        let vault =
+            Vault::open(store, source, settings, Box::new(LogSink)).map_err(|e| match e {
+                VaultError::Keys(_) | VaultError::WrongKek(_) => StartupError::WrongKek(e),
                 other => StartupError::Vault(other),
-            },
-        )?;
+            })?;
+        if vault.is_sealed() {
+            tracing::warn!("the vault is SEALED: k custodians must run `cardvault unseal`");
+        }
 
         let listener = TcpListener::bind(config.listen).map_err(|source| StartupError::Bind {
             addr: config.listen,

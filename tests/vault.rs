@@ -19,6 +19,9 @@ mod crash;
 #[path = "suite/disk.rs"]
 mod disk;
 
+#[path = "suite/keys.rs"]
+mod keys;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -712,7 +715,7 @@ fn startup_is_refused_on_unsafe_or_broken_setups() {
             "KEK readable by others",
             Box::new(|s| {
                 use std::os::unix::fs::PermissionsExt;
-                let kek = s.keys_dir.join("kek.key");
+                let kek = s.keys_dir.join(DEV_KEY);
                 std::fs::set_permissions(kek, std::fs::Permissions::from_mode(0o644)).unwrap();
             }),
             "chmod 600",
@@ -729,7 +732,7 @@ fn startup_is_refused_on_unsafe_or_broken_setups() {
         ),
         (
             "unknown permission",
-            Box::new(|s| write(&s.policy, &POLICY.replace("\"admin\"", "\"godmode\""))),
+            Box::new(|s| write(&s.policy, &POLICY.replace("\"keys\"", "\"godmode\""))),
             "unknown permission",
         ),
         (
@@ -754,8 +757,18 @@ fn startup_is_refused_on_unsafe_or_broken_setups() {
         ),
         (
             "missing KEK",
-            Box::new(|s| std::fs::remove_file(s.keys_dir.join("kek.key")).unwrap()),
-            "kek.key",
+            Box::new(|s| std::fs::remove_file(s.keys_dir.join(DEV_KEY)).unwrap()),
+            "holds no key",
+        ),
+        (
+            "dev key without insecure_dev_key",
+            Box::new(|s| {
+                let text = std::fs::read_to_string(&s.config)
+                    .unwrap()
+                    .replace("insecure_dev_key = true\n", "");
+                write(&s.config, &text);
+            }),
+            "holds only the INSECURE dev key",
         ),
     ];
     for (name, break_it, message) in cases {
@@ -775,9 +788,9 @@ fn startup_is_refused_on_unsafe_or_broken_setups() {
     let daemon = setup.start();
     tokenize(&setup.client(&daemon, &setup.router()), VISA);
     daemon.stop();
-    std::fs::remove_file(setup.keys_dir.join("kek.key")).unwrap();
+    std::fs::remove_file(setup.keys_dir.join(DEV_KEY)).unwrap();
     let out = std::process::Command::new(BIN)
-        .args(["keys", "init", "--config"])
+        .args(["keys", "init", "--insecure-dev-key", "--config"])
         .arg(&setup.config)
         .output()
         .unwrap();
@@ -789,7 +802,7 @@ fn startup_is_refused_on_unsafe_or_broken_setups() {
 
     // keys init never overwrites a KEK.
     let out = std::process::Command::new(BIN)
-        .args(["keys", "init", "--config"])
+        .args(["keys", "init", "--insecure-dev-key", "--config"])
         .arg(&setup.config)
         .output()
         .unwrap();

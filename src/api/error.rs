@@ -84,6 +84,11 @@ impl ApiError {
         "invalid_idempotency_key",
         "Idempotency-Key must be 1-255 printable ASCII characters",
     );
+    pub const SEALED: ApiError = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "sealed",
+        "the vault is sealed: custodians must unseal it before it serves card data",
+    );
     pub const INTERNAL: ApiError = ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal_error",
@@ -245,6 +250,36 @@ impl From<VaultError> for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "contention",
                     "too many concurrent changes to the same objects; retry",
+                )
+            }
+            VaultError::Sealed => ApiError::SEALED,
+            VaultError::NoCustody => ApiError::new(
+                StatusCode::CONFLICT,
+                "no_custody",
+                "this vault's key is not held by custodians; there is nothing to unseal or rekey",
+            ),
+            VaultError::ShareRefused(why) => {
+                tracing::warn!(reason = %why, "key share refused");
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "share_refused",
+                    "the share was refused: it is not this custodian's share of the KEK in use",
+                )
+            }
+            VaultError::WrongKek(_) => {
+                tracing::error!(error = %e, "wrong key-encryption key");
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "wrong_kek",
+                    "the shares rebuild a key that does not open this store",
+                )
+            }
+            VaultError::KeyExhausted => {
+                tracing::error!(error = %e, "data key exhausted; rotate now");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "key_exhausted",
+                    "the data key reached its encryption limit; an operator must rotate keys",
                 )
             }
             VaultError::Keys(_) | VaultError::Id(_) => {

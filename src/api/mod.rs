@@ -5,6 +5,7 @@
 //! mapping: actix's JSON extractor would answer a PAN sent as a number with serde's message,
 //! which quotes the number.
 
+mod admin;
 mod error;
 
 use std::sync::Arc;
@@ -42,6 +43,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/v1")
             .service(resource("/health").route(web::get().to(health)))
+            .service(resource("/admin/unseal").route(web::post().to(admin::unseal)))
+            .service(resource("/admin/keys").route(web::get().to(admin::inventory)))
+            .service(resource("/admin/keys/rotate").route(web::post().to(admin::rotate)))
+            .service(resource("/admin/keys/rekey").route(web::post().to(admin::rekey)))
             .service(resource("/cards").route(web::post().to(tokenize)))
             .service(resource("/cards/{id}").route(web::get().to(card)))
             .service(resource("/detokenize").route(web::post().to(detokenize)))
@@ -96,10 +101,15 @@ fn project(req: &HttpRequest) -> Result<Project, ApiError> {
     }
 }
 
+/// The caller's grant for `P`; 503 `sealed` for data permissions while the vault is sealed.
 fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, ApiError> {
     let peer = peer(req)?;
     let project = project(req)?;
-    Ok(state.policy.authorize::<P>(peer, &project)?)
+    let grant = state.policy.authorize::<P>(peer, &project)?;
+    if !P::PERMISSION.is_vault_wide() && state.vault.is_sealed() {
+        return Err(ApiError::SEALED);
+    }
+    Ok(grant)
 }
 
 /// Reads at most [`BODY_LIMIT`] bytes into wiping memory.
@@ -251,12 +261,20 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
         .json(body)
 }
 
-async fn health(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+/// Liveness and readiness: 200 when serving, 503 `sealed` until custodians unseal.
+async fn health(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     peer(&req)?;
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({"status": "ok", "sealed": false}),
-    ))
+    Ok(if state.vault.is_sealed() {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "sealed", "sealed": true}),
+        )
+    } else {
+        json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "sealed": false}),
+        )
+    })
 }
 
 /// A number given either as a JSON number or as a string of digits. Any other JSON value

@@ -1,7 +1,9 @@
-//! A KEK held in a local file (`keys_dir/kek.key`, mode 0600).
+//! The insecure dev key: a whole KEK in one local file (`keys_dir/INSECURE-dev-kek.key`, 0600).
 //!
-//! The file is text: a header line naming the format, then 64 hex digits. It must never sit
-//! inside the data directory, and the daemon refuses it when group or others may read it.
+//! One file holding the whole KEK is what PCI DSS 3.6.1.2 forbids in production: anyone who
+//! reads it reads every card. `cardvault dev` and the test suite use it; `serve` refuses it
+//! unless the config says `insecure_dev_key = true`, and logs a warning when it is allowed.
+//! The file is text: a header naming the format, the KEK id, then 64 hex digits.
 
 use std::fs;
 use std::io::Write;
@@ -10,20 +12,22 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
-use super::{hex, unhex, CryptoError, KeyEncryptionKey, KeyMaterial, SealingKey};
+use super::{hex, new_kek_id, unhex, CryptoError, Kek, KeyMaterial};
 
-const HEADER: &str = "cardvault local-kek v1";
-pub const FILE_NAME: &str = "kek.key";
+const HEADER: &str = "cardvault INSECURE dev key v1 (never use in production)";
+pub const FILE_NAME: &str = "INSECURE-dev-kek.key";
 
-pub struct LocalKek {
-    key: SealingKey,
-}
+pub struct DevKey;
 
-impl LocalKek {
-    /// Creates a new random KEK at `path`; refuses to overwrite an existing file.
+impl DevKey {
+    /// Creates a new random dev KEK at `path`; refuses to overwrite an existing file.
     pub fn create(path: &Path) -> Result<(), CryptoError> {
         let key = KeyMaterial::random()?;
-        let text = Zeroizing::new(format!("{HEADER}\n{}\n", hex(key.expose())));
+        let text = Zeroizing::new(format!(
+            "{HEADER}\n{}\n{}\n",
+            new_kek_id()?,
+            hex(key.expose())
+        ));
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -36,47 +40,38 @@ impl LocalKek {
     }
 
     /// Loads the KEK, refusing a file that group or others can read or write.
-    pub fn load(path: &Path) -> Result<LocalKek, CryptoError> {
-        let meta = fs::metadata(path)
-            .map_err(|e| CryptoError::KeyFile(format!("cannot read {}: {e}", path.display())))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(CryptoError::KeyFile(format!(
-                "{} is accessible to group or others (mode {:o}); run chmod 600 on it",
-                path.display(),
-                meta.permissions().mode() & 0o777
-            )));
-        }
+    pub fn load(path: &Path) -> Result<Kek, CryptoError> {
+        super::custody::check_private(path)?;
         let text =
             Zeroizing::new(fs::read_to_string(path).map_err(|e| {
                 CryptoError::KeyFile(format!("cannot read {}: {e}", path.display()))
             })?);
-        let malformed =
-            || CryptoError::KeyFile(format!("{} is not a cardvault KEK file", path.display()));
+        let malformed = || {
+            CryptoError::KeyFile(format!(
+                "{} is not a cardvault dev key file",
+                path.display()
+            ))
+        };
         let mut lines = text.lines();
         if lines.next() != Some(HEADER) {
             return Err(malformed());
         }
+        let id = lines
+            .next()
+            .filter(|id| id.starts_with("kek_"))
+            .ok_or_else(malformed)?;
         let bytes = lines
             .next()
             .and_then(|l| unhex(l.trim()))
             .ok_or_else(malformed)?;
         let key = KeyMaterial::from_slice(&bytes).map_err(|_| malformed())?;
-        Ok(LocalKek {
-            key: SealingKey::new(&key),
-        })
+        Ok(Kek::new(&key, id))
     }
 }
 
-impl KeyEncryptionKey for LocalKek {
-    fn describe(&self) -> &str {
-        "local-file"
-    }
-
-    fn wrap(&self, aad: &[u8], key: &KeyMaterial) -> Result<Vec<u8>, CryptoError> {
-        self.key.seal(aad, key.expose())
-    }
-
-    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, CryptoError> {
-        KeyMaterial::from_slice(&self.key.open(aad, wrapped)?)
-    }
+/// Mode bits of a file, for the checks that refuse secrets readable by group or others.
+pub(super) fn mode(path: &Path) -> Result<u32, CryptoError> {
+    fs::metadata(path)
+        .map(|m| m.permissions().mode())
+        .map_err(|e| CryptoError::KeyFile(format!("cannot read {}: {e}", path.display())))
 }

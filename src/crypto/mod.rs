@@ -5,9 +5,11 @@
 //! HMAC-SHA-256 (ring) for card fingerprints. Key bytes live in `KeyMaterial` (wiped on drop,
 //! redacted `Debug`) and in cipher objects whose round keys are wiped on drop.
 //!
-//! The one extension point is [`KeyEncryptionKey`]: today a local key file ([`LocalKek`]),
-//! later custodian shares or an HSM. This module knows nothing of HTTP, sled or card formats.
+//! The KEK comes from Shamir shares held by custodians ([`custody`]), or in `cardvault dev`
+//! from a local file named insecure ([`DevKey`]). This module knows nothing of HTTP, sled or
+//! card formats.
 
+pub mod custody;
 mod local;
 
 use std::fmt;
@@ -17,7 +19,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-pub use local::{LocalKek, FILE_NAME as LOCAL_KEK_FILE};
+pub use local::{DevKey, FILE_NAME as DEV_KEY_FILE};
 
 pub const KEY_LEN: usize = 32;
 pub const NONCE_LEN: usize = 12;
@@ -33,6 +35,8 @@ pub enum CryptoError {
     Truncated,
     #[error("key file: {0}")]
     KeyFile(String),
+    #[error("{0}")]
+    Custody(String),
 }
 
 /// 256 bits of key: wiped on drop, never printed.
@@ -78,12 +82,46 @@ pub fn aad(parts: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// What wraps and unwraps data keys. Implementations never expose the KEK itself.
-pub trait KeyEncryptionKey: Send + Sync {
-    /// A short, non-secret description for logs and inventories ("local-file", ...).
-    fn describe(&self) -> &str;
-    fn wrap(&self, aad: &[u8], key: &KeyMaterial) -> Result<Vec<u8>, CryptoError>;
-    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, CryptoError>;
+/// The key-encryption key, assembled in memory only: from custodian shares (production) or
+/// from the insecure dev key file. It wraps and unwraps data keys and never hands out its bytes.
+pub struct Kek {
+    key: SealingKey,
+    id: String,
+}
+
+impl Kek {
+    pub fn new(material: &KeyMaterial, id: &str) -> Kek {
+        Kek {
+            key: SealingKey::new(material),
+            id: id.to_owned(),
+        }
+    }
+
+    /// The KEK's public id (`kek_` and 16 hex digits): names it in shares, store and inventory.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn wrap(&self, aad: &[u8], key: &KeyMaterial) -> Result<Vec<u8>, CryptoError> {
+        self.key.seal(aad, key.expose())
+    }
+
+    pub fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, CryptoError> {
+        KeyMaterial::from_slice(&self.key.open(aad, wrapped)?)
+    }
+}
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Kek({}, <redacted>)", self.id)
+    }
+}
+
+/// A fresh KEK id.
+pub fn new_kek_id() -> Result<String, CryptoError> {
+    let mut id = [0u8; 8];
+    fill_random(&mut id)?;
+    Ok(format!("kek_{}", hex(&id)))
 }
 
 /// An AES-256-GCM key with its schedule prepared once.

@@ -37,16 +37,20 @@ pub enum Permission {
     Read,
     Customers,
     Detokenize,
-    Admin,
+    /// Submit one's own custodian share to unseal, vault-wide.
+    Unseal,
+    /// Key management: rotation, rekey, inventory, vault-wide.
+    Keys,
 }
 
 impl Permission {
-    const ALL: [Permission; 5] = [
+    const ALL: [Permission; 6] = [
         Permission::Tokenize,
         Permission::Read,
         Permission::Customers,
         Permission::Detokenize,
-        Permission::Admin,
+        Permission::Unseal,
+        Permission::Keys,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,8 +59,15 @@ impl Permission {
             Permission::Read => "read",
             Permission::Customers => "customers",
             Permission::Detokenize => "detokenize",
-            Permission::Admin => "admin",
+            Permission::Unseal => "unseal",
+            Permission::Keys => "keys",
         }
+    }
+
+    /// Permissions over the whole vault rather than one project's data: `projects` does not
+    /// restrict them.
+    pub fn is_vault_wide(self) -> bool {
+        matches!(self, Permission::Unseal | Permission::Keys)
     }
 
     fn parse(s: &str) -> Option<Permission> {
@@ -88,6 +99,8 @@ permission_marker!(Tokenize, Permission::Tokenize);
 permission_marker!(Read, Permission::Read);
 permission_marker!(Detokenize, Permission::Detokenize);
 permission_marker!(Customers, Permission::Customers);
+permission_marker!(Unseal, Permission::Unseal);
+permission_marker!(Keys, Permission::Keys);
 
 /// Proof that the policy allowed `identity` to use permission `P` on `project`.
 /// Only [`Policy::authorize`] makes one.
@@ -201,6 +214,8 @@ struct IdentityEntry {
     dns_san: Option<String>,
     common_name: Option<String>,
     permissions: Vec<String>,
+    /// May be left out by an identity whose permissions are all vault-wide (custodians).
+    #[serde(default)]
     projects: Vec<String>,
 }
 
@@ -292,7 +307,11 @@ impl Policy {
                 permission: P::PERMISSION.as_str(),
             });
         }
-        if let Some(projects) = &identity.projects {
+        if let Some(projects) = identity
+            .projects
+            .as_ref()
+            .filter(|_| !P::PERMISSION.is_vault_wide())
+        {
             if !projects.contains(project) {
                 return Err(Denied::Project {
                     identity: identity.name().to_owned(),
@@ -344,7 +363,7 @@ impl Identity {
             })?;
             permissions.insert(perm);
         }
-        if entry.projects.is_empty() {
+        if entry.projects.is_empty() && !permissions.iter().all(|p| p.is_vault_wide()) {
             return Err(format!(
                 "identity {name:?} lists no projects (use [\"*\"] for all)"
             ));
@@ -424,7 +443,7 @@ mod tests {
     #[test]
     fn shipped_policies_parse() {
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        assert_eq!(Policy::load(&example).unwrap().identities.len(), 3);
+        assert_eq!(Policy::load(&example).unwrap().identities.len(), 6);
         assert_eq!(parse(crate::dev::DEV_POLICY).unwrap().identities.len(), 3);
     }
 

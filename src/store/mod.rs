@@ -7,7 +7,8 @@
 //! - `idempotency`: `project \0 scope` → [`IdempotencyRecord`], where the scope is an HMAC of
 //!   the caller identity and its `Idempotency-Key` (a caller-chosen key never reaches disk)
 //! - `keys`:  `project \0 name` → a key wrapped by the KEK (`dek/<version>`, `fingerprint`)
-//! - `meta`:  store-wide values (the KEK check value)
+//! - `meta`:  store-wide values: the KEK check value and id, the DEK versions and their
+//!   states, and the encryption count reserved for each project's DEK version
 //!
 //! Changes that span records (a card token becoming a customer token, a customer deleted with
 //! its tokens) go through [`Store::commit`]: one sled transaction that first checks every record
@@ -165,12 +166,33 @@ pub struct Store {
 }
 
 const KEK_CHECK: &[u8] = b"kek_check";
+const KEK_ID: &[u8] = b"kek_id";
+const DEK_STATE: &[u8] = b"dek_state";
+const ENCRYPTIONS: &str = "encryptions/";
 
 fn get<R: Codec>(tree: &sled::Tree, k: &[u8]) -> Result<Option<R>, StoreError> {
     match tree.get(k)? {
         Some(bytes) => Ok(Some(R::decode(&bytes)?)),
         None => Ok(None),
     }
+}
+
+/// `(project, id, record)` for every entry of `tree`.
+fn entries<R: Codec>(
+    tree: &sled::Tree,
+) -> impl Iterator<Item = Result<(String, String, R), StoreError>> + '_ {
+    tree.iter().map(|item| {
+        let (k, v) = item?;
+        let (project, id) = split_key(&k).ok_or(StoreError::Corrupt(Malformed))?;
+        Ok((project, id, R::decode(&v)?))
+    })
+}
+
+fn split_key(k: &[u8]) -> Option<(String, String)> {
+    let mut parts = k.splitn(2, |b| *b == 0);
+    let project = std::str::from_utf8(parts.next()?).ok()?;
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    Some((project.to_owned(), name.to_owned()))
 }
 
 fn key(project: &str, name: &str) -> Vec<u8> {
@@ -414,16 +436,21 @@ impl Store {
     pub fn cards(
         &self,
     ) -> impl Iterator<Item = Result<(String, String, CardRecord), StoreError>> + '_ {
-        self.cards.iter().map(|item| {
-            let (k, v) = item?;
-            let mut parts = k.splitn(2, |b| *b == 0);
-            let project = parts.next().and_then(|p| std::str::from_utf8(p).ok());
-            let id = parts.next().and_then(|p| std::str::from_utf8(p).ok());
-            match (project, id) {
-                (Some(p), Some(i)) => Ok((p.to_owned(), i.to_owned(), CardRecord::decode(&v)?)),
-                _ => Err(StoreError::Corrupt(Malformed)),
-            }
-        })
+        entries(&self.cards)
+    }
+
+    /// Every customer record, as `(project, id, record)`.
+    pub fn customers(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, CustomerRecord), StoreError>> + '_ {
+        entries(&self.customers)
+    }
+
+    /// Every customer token record, as `(project, id, record)`.
+    pub fn tokens(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, TokenRecord), StoreError>> + '_ {
+        entries(&self.tokens)
     }
 
     /// A project's key wrapped by the KEK, if it exists.
@@ -453,16 +480,144 @@ impl Store {
         Ok((stored, self.commit.ticket()))
     }
 
-    /// The wrapped KEK check value, if this store has one yet.
-    pub fn kek_check(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(KEK_CHECK)?.map(|v| v.to_vec()))
+    /// The wrapped KEK check value and the KEK id, if this store has them yet.
+    pub fn kek_check(&self) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        let check = self.meta.get(KEK_CHECK)?;
+        let id = self.meta.get(KEK_ID)?;
+        Ok(match (check, id) {
+            (Some(check), Some(id)) => Some((
+                check.to_vec(),
+                String::from_utf8(id.to_vec()).map_err(|_| Malformed)?,
+            )),
+            (Some(check), None) => Some((check.to_vec(), String::new())),
+            _ => None,
+        })
     }
 
-    /// Records the KEK check value of a new store, durably, before anything is sealed.
-    pub fn set_kek_check(&self, wrapped: &[u8]) -> Result<(), StoreError> {
-        self.meta.insert(KEK_CHECK, wrapped)?;
+    /// The id of the KEK this store's keys are wrapped by, if it has one yet.
+    pub fn kek_id(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.kek_check()?.map(|(_, id)| id))
+    }
+
+    /// Records the KEK check value and id of a new store, durably, before anything is sealed.
+    pub fn set_kek_check(&self, wrapped: &[u8], kek_id: &str) -> Result<(), StoreError> {
+        self.meta
+            .transaction(|meta| {
+                meta.insert(KEK_CHECK, wrapped)?;
+                meta.insert(KEK_ID, kek_id.as_bytes())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Every wrapped key, as `(project, name, wrapped)`.
+    pub fn wrapped_keys(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        self.keys
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                let (project, name) = split_key(&k).ok_or(Malformed)?;
+                Ok((project, name, v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Replaces every wrapped key and the KEK check value and id in one transaction, then
+    /// flushes: after a crash the store is wholly under the old KEK or wholly under the new.
+    /// `Ok(false)`: some wrapped key is no longer what `rewrapped` was made from.
+    pub fn rewrap(
+        &self,
+        rewrapped: &[(String, String, Vec<u8>, Vec<u8>)],
+        check: &[u8],
+        kek_id: &str,
+    ) -> Result<bool, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let outcome = (&self.keys, &self.meta).transaction(|(keys, meta)| {
+            for (project, name, old, new) in rewrapped {
+                let k = key(project, name);
+                if keys.get(&k)?.as_deref() != Some(old.as_slice()) {
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
+                keys.insert(k, new.as_slice())?;
+            }
+            meta.insert(KEK_CHECK, check)?;
+            meta.insert(KEK_ID, kek_id.as_bytes())?;
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => {
+                self.db.flush()?;
+                Ok(true)
+            }
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Removes a wrapped key (a destroyed DEK version). Not durable until the next flush.
+    pub fn remove_wrapped_key(&self, project: &str, name: &str) -> Result<(), StoreError> {
+        self.keys.remove(key(project, name))?;
+        Ok(())
+    }
+
+    /// The DEK version states (JSON, owned by the vault), if written yet.
+    pub fn dek_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(DEK_STATE)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes the DEK version states and flushes.
+    pub fn set_dek_state(&self, state: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(DEK_STATE, state)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Encryptions reserved so far under a project's DEK version.
+    pub fn encryptions_reserved(&self, project: &str, version: u32) -> Result<u64, StoreError> {
+        Ok(match self.meta.get(encryptions_key(project, version))? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
+            None => 0,
+        })
+    }
+
+    /// Where DEK encryption counts are reserved.
+    pub fn ledger(&self) -> Ledger {
+        Ledger(self.meta.clone())
+    }
+
+    /// Flushes everything written so far (for rare, blocking callers: key operations).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn encryptions_key(project: &str, version: u32) -> Vec<u8> {
+    let mut k = ENCRYPTIONS.as_bytes().to_vec();
+    k.extend_from_slice(&key(project, &version.to_string()));
+    k
+}
+
+/// Reservations of DEK encryption counts, held by each DEK in use.
+#[derive(Clone)]
+pub struct Ledger(sled::Tree);
+
+impl Ledger {
+    /// Raises the reservation. Not awaited: the first record sealed under the new reservation
+    /// is flushed after this insert, so it never reaches disk without it.
+    pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
+        self.0
+            .insert(encryptions_key(project, version), &upto.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => e.into(),
+        sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt(Malformed),
     }
 }
 

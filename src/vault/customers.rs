@@ -459,11 +459,27 @@ impl Vault {
                 meta.recurring = Some(r.clone());
             }
             let sealed = seal(&keys, Blob::TokenMeta, project, tid, &json(&meta, tid)?)?;
+            // A record has one key version: a PAN sealed under an older one moves with the
+            // metadata.
+            let pan = if rec.key_version == keys.dek_version {
+                rec.pan.clone()
+            } else {
+                let digits = open(
+                    &keys,
+                    Blob::TokenPan,
+                    project,
+                    tid,
+                    rec.key_version,
+                    &rec.pan,
+                )?;
+                seal(&keys, Blob::TokenPan, project, tid, &digits)?
+            };
             new_meta = Some(meta);
             Ok(TokenRecord {
                 updated_at: now,
                 key_version: keys.dek_version,
                 meta: sealed,
+                pan,
                 ..rec.clone()
             })
         })?;

@@ -21,13 +21,15 @@ use zeroize::Zeroizing;
 
 mod customers;
 mod idempotency;
+mod keys;
 
 pub use customers::{TokenPatch, TokenView};
 pub use idempotency::Begin;
+pub use keys::{KeySettings, KeySource, GCM_NONCE_LIMIT};
 
 use crate::audit::{AuditEvent, AuditSink, Outcome};
 use crate::card::{Cvc, Expiry, HolderName, Pan};
-use crate::crypto::{aad, CryptoError, FingerprintKey, KeyEncryptionKey, KeyMaterial, SealingKey};
+use crate::crypto::{aad, CryptoError, FingerprintKey, SealingKey};
 use crate::policy::{Detokenize, Grant, Read, Tokenize};
 use crate::store::{CardRecord, Store, StoreError, Swap};
 use crate::tokens::{IdError, IdKind, ObjectId, Project};
@@ -35,8 +37,6 @@ use crate::tokens::{IdError, IdKind, ObjectId, Project};
 /// How long a used or expired card token is remembered (as `used` / `token_expired`) after it
 /// stopped being usable; its PAN is gone from the store from that moment on.
 const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-/// The only DEK version until key rotation lands.
-const DEK_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -62,6 +62,16 @@ pub enum VaultError {
     Contention,
     #[error("the customer holds the most tokens allowed")]
     TooManyTokens,
+    #[error("the vault is sealed")]
+    Sealed,
+    #[error("this vault's KEK is not held by custodians")]
+    NoCustody,
+    #[error("{0}")]
+    ShareRefused(String),
+    #[error("wrong key-encryption key: {0}")]
+    WrongKek(String),
+    #[error("a data key reached its encryption limit")]
+    KeyExhausted,
 }
 
 impl VaultError {
@@ -78,6 +88,11 @@ impl VaultError {
             VaultError::Field(_) => "invalid_field",
             VaultError::Contention => "contention",
             VaultError::TooManyTokens => "too_many_tokens",
+            VaultError::Sealed => "sealed",
+            VaultError::NoCustody => "no_custody",
+            VaultError::ShareRefused(_) => "share_refused",
+            VaultError::WrongKek(_) => "wrong_kek",
+            VaultError::KeyExhausted => "key_exhausted",
         }
     }
 }
@@ -86,6 +101,7 @@ impl VaultError {
 pub struct VaultSettings {
     pub card_token_ttl: Duration,
     pub cvc_ttl: Duration,
+    pub keys: KeySettings,
 }
 
 /// A card as accepted at tokenization.
@@ -201,11 +217,23 @@ fn key_aad(project: &Project, name: &str) -> Vec<u8> {
     ])
 }
 
-/// A project's unwrapped keys, schedules prepared once.
+/// A project's unwrapped keys, schedules prepared once: the active DEK (which seals), the
+/// decrypt-only DEKs of older versions, and the fingerprint key.
 struct ProjectKeys {
     dek_version: u32,
-    dek: SealingKey,
+    active: Arc<keys::Dek>,
+    older: HashMap<u32, SealingKey>,
     fingerprint: FingerprintKey,
+}
+
+impl ProjectKeys {
+    fn opener(&self, version: u32) -> Option<&SealingKey> {
+        if version == self.dek_version {
+            Some(&self.active.key)
+        } else {
+            self.older.get(&version)
+        }
+    }
 }
 
 /// Card verification codes, in memory only: taken (and wiped) by the first detokenization,
@@ -242,8 +270,9 @@ impl CvcCache {
 
 pub struct Vault {
     store: Store,
-    kek: Box<dyn KeyEncryptionKey>,
-    /// Unwrapped project keys. Read-mostly: a write lock only when a project is first seen.
+    keyring: keys::KeyRing,
+    /// Unwrapped project keys for the active DEK version. Read-mostly: a write lock only
+    /// when a project is first seen or the version changes.
     keys: RwLock<HashMap<Project, Arc<ProjectKeys>>>,
     cvcs: CvcCache,
     settings: VaultSettings,
@@ -284,37 +313,35 @@ fn secs(d: Duration) -> i64 {
 const KEK_CHECK_AAD: &[u8] = b"cardvault/kek-check/v1";
 
 impl Vault {
-    /// Opens the vault over `store`, proving first that `kek` is the KEK this store was
-    /// created with (a wrong KEK is refused here, not discovered on the first detokenize).
+    /// Opens the vault over `store`. With the dev key it is unsealed at once (a wrong key is
+    /// refused here, not discovered on the first detokenize); with custodian shares it starts
+    /// sealed and waits for [`Vault::unseal`].
     pub fn open(
         store: Store,
-        kek: Box<dyn KeyEncryptionKey>,
+        source: KeySource,
         settings: VaultSettings,
         audit: Box<dyn AuditSink>,
     ) -> Result<Arc<Vault>, VaultError> {
-        match store.kek_check()? {
-            Some(check) => {
-                kek.unwrap(KEK_CHECK_AAD, &check)
-                    .map_err(VaultError::Keys)?;
-            }
-            None => {
-                let probe = KeyMaterial::random().map_err(VaultError::Keys)?;
-                let wrapped = kek.wrap(KEK_CHECK_AAD, &probe).map_err(VaultError::Keys)?;
-                store.set_kek_check(&wrapped)?;
-            }
-        }
+        let (custody, dev_kek) = match source {
+            KeySource::Custody(custody) => (Some(custody), None),
+            KeySource::Dev(kek) => (None, Some(kek)),
+        };
         let mut boot_id = [0u8; 8];
         crate::crypto::fill_random(&mut boot_id).map_err(VaultError::Keys)?;
         let vault = Arc::new(Vault {
             store,
-            kek,
+            keyring: keys::KeyRing::new(settings.keys.clone(), custody),
             keys: RwLock::new(HashMap::new()),
             cvcs: CvcCache::default(),
             settings,
             audit,
             boot_id: u64::from_be_bytes(boot_id),
         });
+        if let Some(kek) = dev_kek {
+            vault.install_kek(*kek)?;
+        }
         spawn_sweeper(Arc::downgrade(&vault));
+        spawn_key_maintenance(Arc::downgrade(&vault));
         Ok(vault)
     }
 
@@ -502,63 +529,21 @@ impl Vault {
         serde_json::from_slice(&plain).map_err(|_| VaultError::Integrity(id.to_string()))
     }
 
-    /// The project's keys: from the cache, else unwrapped from the store, else (when `create`)
-    /// made, wrapped and stored. Two requests racing to create a project's keys both end up
-    /// with the one stored first.
-    fn project_keys(
+    /// Records a key operation (unseal, rotation, rekey) in the audit trail.
+    pub fn audit_key_event<T>(
         &self,
-        project: &Project,
-        create: bool,
-    ) -> Result<Option<Arc<ProjectKeys>>, VaultError> {
-        if let Some(keys) = self
-            .keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(project)
-        {
-            return Ok(Some(Arc::clone(keys)));
-        }
-        let dek_name = format!("dek/{DEK_VERSION}");
-        let Some(dek) = self.project_key(project, &dek_name, create)? else {
-            return Ok(None);
-        };
-        let Some(fingerprint) = self.project_key(project, "fingerprint", create)? else {
-            return Ok(None);
-        };
-        let keys = Arc::new(ProjectKeys {
-            dek_version: DEK_VERSION,
-            dek: SealingKey::new(&dek),
-            fingerprint: FingerprintKey::new(&fingerprint),
-        });
-        let mut map = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        Ok(Some(Arc::clone(map.entry(project.clone()).or_insert(keys))))
-    }
-
-    fn project_key(
-        &self,
-        project: &Project,
-        name: &str,
-        create: bool,
-    ) -> Result<Option<KeyMaterial>, VaultError> {
-        let aad = key_aad(project, name);
-        let wrapped = match self.store.wrapped_key(project.as_str(), name)? {
-            Some(w) => w,
-            None if create => {
-                let fresh = KeyMaterial::random().map_err(VaultError::Keys)?;
-                let wrapped = self.kek.wrap(&aad, &fresh).map_err(VaultError::Keys)?;
-                // The key becomes durable with the first record sealed under it: that record's
-                // flush starts after this insert, so its ticket is not awaited separately.
-                let (stored, _ticket) =
-                    self.store
-                        .insert_wrapped_key(project.as_str(), name, &wrapped)?;
-                stored
-            }
-            None => return Ok(None),
-        };
-        self.kek
-            .unwrap(&aad, &wrapped)
-            .map(Some)
-            .map_err(VaultError::Keys)
+        identity: &str,
+        action: &'static str,
+        result: &Result<T, VaultError>,
+    ) -> Result<(), VaultError> {
+        self.audit(
+            identity,
+            &Project::default_project(),
+            action,
+            result,
+            None,
+            &Purpose::default(),
+        )
     }
 
     fn audit<T>(
@@ -627,7 +612,8 @@ impl Vault {
     }
 }
 
-/// Seals `plain` under the project's active DEK, bound to `blob`, `project` and `id`.
+/// Seals `plain` under the project's active DEK, bound to `blob`, `project` and `id`, and
+/// counts the seal against the DEK's limit.
 fn seal(
     keys: &ProjectKeys,
     blob: Blob,
@@ -635,7 +621,9 @@ fn seal(
     id: &str,
     plain: &[u8],
 ) -> Result<Vec<u8>, VaultError> {
-    keys.dek
+    keys.active.count()?;
+    keys.active
+        .key
         .seal(&record_aad(blob, project, id, keys.dek_version), plain)
         .map_err(VaultError::Keys)
 }
@@ -650,10 +638,8 @@ fn open(
     key_version: u32,
     sealed: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-    if key_version != keys.dek_version {
-        return Err(VaultError::Integrity(id.to_owned()));
-    }
-    keys.dek
+    keys.opener(key_version)
+        .ok_or_else(|| VaultError::Integrity(id.to_owned()))?
         .open(&record_aad(blob, project, id, key_version), sealed)
         .map_err(|_| VaultError::Integrity(id.to_owned()))
 }
@@ -666,6 +652,23 @@ fn view(id: &ObjectId, card: CardMeta, record: &CardRecord) -> CardView {
         created_at: rfc3339(record.created_at),
         expires_at: rfc3339(record.expires_at),
         used: record.used_at.is_some(),
+    }
+}
+
+/// Key upkeep on its own thread (re-encryption passes can be long): every second, rotate when
+/// due, re-encrypt towards the active DEK version and destroy versions left unused.
+fn spawn_key_maintenance(vault: Weak<Vault>) {
+    let spawned = std::thread::Builder::new()
+        .name("cardvault-keys".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let Some(vault) = vault.upgrade() else { return };
+            if let Err(e) = vault.maintain_keys() {
+                tracing::warn!(error = %e, "key maintenance failed; retrying");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the key maintenance thread; rotation is manual only");
     }
 }
 
@@ -714,17 +717,18 @@ pub(crate) mod tests {
             std::env::temp_dir().join(format!("cardvault-vault-{label}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("keys")).unwrap();
-        let kek_path = root.join("keys").join(crate::crypto::LOCAL_KEK_FILE);
-        crate::crypto::LocalKek::create(&kek_path).unwrap();
-        let kek = crate::crypto::LocalKek::load(&kek_path).unwrap();
+        let kek_path = root.join("keys").join(crate::crypto::DEV_KEY_FILE);
+        crate::crypto::DevKey::create(&kek_path).unwrap();
+        let kek = crate::crypto::DevKey::load(&kek_path).unwrap();
         let store = Store::open(&root.join("data"), 8 << 20).unwrap();
         let settings = VaultSettings {
             card_token_ttl: Duration::from_secs(3600),
             cvc_ttl: Duration::from_secs(60),
+            keys: KeySettings::default(),
         };
         let vault = Vault::open(
             store,
-            Box::new(kek),
+            KeySource::Dev(Box::new(kek)),
             settings,
             Box::new(crate::audit::LogSink),
         )

@@ -20,6 +20,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cardvault");
+/// The insecure dev key file in `keys_dir`.
+pub const DEV_KEY: &str = "INSECURE-dev-kek.key";
 
 /// A folder removed when dropped.
 pub struct TempDir(PathBuf);
@@ -64,7 +66,7 @@ projects = ["*"]
 [[identity]]
 name = "ops"
 common_name = "ops.cardvault.test"
-permissions = ["admin"]
+permissions = ["keys"]
 projects = ["*"]
 
 [[identity]]
@@ -72,6 +74,26 @@ name = "shop-a-edge"
 dns_san = "edge.shop-a.test"
 permissions = ["tokenize", "read"]
 projects = ["shop-a"]
+
+[[identity]]
+name = "alice"
+uri_san = "spiffe://cardvault.test/alice"
+permissions = ["unseal"]
+
+[[identity]]
+name = "bob"
+uri_san = "spiffe://cardvault.test/bob"
+permissions = ["unseal"]
+
+[[identity]]
+name = "carol"
+uri_san = "spiffe://cardvault.test/carol"
+permissions = ["unseal"]
+
+[[identity]]
+name = "dave"
+uri_san = "spiffe://cardvault.test/dave"
+permissions = ["unseal"]
 "#;
 
 /// A client identity: certificate and key files.
@@ -103,6 +125,115 @@ impl Setup {
 
     /// For the leak scans: `trace` shows everything every crate logs.
     pub fn with_log_level(label: &str, extra: &str, level: &str) -> Setup {
+        let setup = Setup::files(label, &format!("insecure_dev_key = true\n{extra}"), level);
+        setup.cli(&["keys", "init", "--insecure-dev-key"]);
+        setup
+    }
+
+    /// A vault whose KEK is split among `custodians` (`threshold` of them unseal), each with
+    /// the passphrase file of [`Setup::passphrase_file`]. It starts sealed.
+    pub fn with_custodians(label: &str, extra: &str, custodians: &[&str], threshold: u8) -> Setup {
+        let setup = Setup::files(label, extra, "debug");
+        let mut args = vec![
+            "keys".to_owned(),
+            "init".into(),
+            "--custodians".into(),
+            custodians.join(","),
+            "--threshold".into(),
+            threshold.to_string(),
+        ];
+        for name in custodians {
+            args.push("--passphrase-file".into());
+            args.push(format!(
+                "{name}={}",
+                setup.passphrase_file(name, 1).display()
+            ));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        setup.cli(&args);
+        setup
+    }
+
+    /// The passphrase file of `name`'s share of the `generation`-th KEK (written on demand).
+    pub fn passphrase_file(&self, name: &str, generation: u32) -> PathBuf {
+        let path = self.root().join(format!("pass-{name}-{generation}"));
+        if !path.exists() {
+            write_private(
+                &path,
+                &format!("{name} passphrase, generation {generation}\n"),
+            );
+        }
+        path
+    }
+
+    /// Runs `cardvault ARGS --config CONFIG` and returns its output; panics on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let (ok, output) = self.try_cli(args);
+        assert!(ok, "cardvault {args:?}: {output}");
+        output
+    }
+
+    /// Runs `cardvault ARGS --config CONFIG`: (success, stdout and stderr).
+    pub fn try_cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// `cardvault unseal` with certificate `who`, and `share` opened by `passphrase`.
+    pub fn unseal(
+        &self,
+        daemon: &Daemon,
+        who: &Identity,
+        share: &Path,
+        passphrase: &Path,
+    ) -> (bool, String) {
+        let url = format!("https://{}", daemon.addr);
+        self.try_cli(&[
+            "unseal",
+            "--share",
+            share.to_str().unwrap(),
+            "--passphrase-file",
+            passphrase.to_str().unwrap(),
+            "--cert",
+            who.cert.to_str().unwrap(),
+            "--key",
+            who.key.to_str().unwrap(),
+            "--url",
+            &url,
+        ])
+    }
+
+    /// Custodian `name` unseals with their own certificate, share and passphrase.
+    pub fn unseal_as(&self, daemon: &Daemon, name: &str, generation: u32) -> (bool, String) {
+        self.unseal(
+            daemon,
+            &self.identity(&spec(name)),
+            &self.share(name),
+            &self.passphrase_file(name, generation),
+        )
+    }
+
+    /// The share file of custodian `name`.
+    pub fn share(&self, name: &str) -> PathBuf {
+        self.keys_dir
+            .join("custodians")
+            .join(format!("{name}.share"))
+    }
+
+    fn files(label: &str, extra: &str, level: &str) -> Setup {
         let dir = TempDir::new(label);
         let root = dir.path().to_owned();
         let ca = Authority::new("cardvault test CA").unwrap();
@@ -121,25 +252,14 @@ impl Setup {
                  [log]\nlevel = \"{level}\"\n"
             ),
         );
-        let setup = Setup {
+        Setup {
             data_dir: root.join("data"),
             keys_dir: root.join("keys"),
             dir,
             ca,
             config,
             policy,
-        };
-        let out = Command::new(BIN)
-            .args(["keys", "init", "--config"])
-            .arg(&setup.config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "keys init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        setup
+        }
     }
 
     pub fn root(&self) -> &Path {

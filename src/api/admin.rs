@@ -1,0 +1,126 @@
+//! Key-management endpoints: unseal, DEK rotation, KEK rekey, the key inventory.
+//!
+//! Unseal takes `unseal` (each custodian with their own certificate); the rest take `keys`.
+//! Both are vault-wide permissions. Shares arrive as hex in wiping memory and are never
+//! logged; key operations run on the blocking pool (they scan or flush the store).
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use super::{grant, json, parse_json, read_body, ApiError, AppState};
+use crate::card::SecretInput;
+use crate::crypto::custody::{Custody, Share};
+use crate::policy::{Keys, Unseal};
+use crate::vault::VaultError;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsealRequest {
+    kek_id: String,
+    share: SecretInput,
+}
+
+/// `POST /v1/admin/unseal`: one custodian's share; the caller's identity is the custodian.
+pub async fn unseal(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Unseal>(&req, &state)?;
+    let body = parse_json::<UnsealRequest>(&read_body(&req, payload).await?)?;
+    let result = state
+        .vault
+        .unseal(grant.identity(), &body.kek_id, body.share.expose());
+    state
+        .vault
+        .audit_key_event(grant.identity(), "keys.unseal", &result)?;
+    Ok(json(StatusCode::OK, &result?))
+}
+
+/// `POST /v1/admin/keys/rotate`: a new DEK version for new writes; older ones are
+/// re-encrypted away in the background.
+pub async fn rotate(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Keys>(&req, &state)?;
+    let vault = state.vault.clone();
+    let result = web::block(move || vault.rotate_deks("manual"))
+        .await
+        .map_err(|_| ApiError::INTERNAL)?;
+    state
+        .vault
+        .audit_key_event(grant.identity(), "keys.rotate", &result)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"active_dek_version": result?}),
+    ))
+}
+
+/// `GET /v1/admin/keys`: every key with its purpose, algorithm, version, state, creation,
+/// encryption count and records; never key bytes.
+pub async fn inventory(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    grant::<Keys>(&req, &state)?;
+    let vault = state.vault.clone();
+    let inventory = web::block(move || vault.key_inventory())
+        .await
+        .map_err(|_| ApiError::INTERNAL)??;
+    Ok(json(StatusCode::OK, &inventory))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmittedShare {
+    custodian: String,
+    share: SecretInput,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RekeyRequest {
+    /// k shares of the KEK in use: proof of custody.
+    shares: Vec<SubmittedShare>,
+    /// The new KEK's custody descriptor, and k of its shares.
+    next: Custody,
+    next_shares: Vec<SubmittedShare>,
+}
+
+fn shares(kek_id: &str, submitted: &[SubmittedShare]) -> Result<Vec<Share>, ApiError> {
+    submitted
+        .iter()
+        .map(|s| Share::from_hex(kek_id, &s.custodian, s.share.expose()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or(ApiError::INVALID_REQUEST)
+}
+
+/// `POST /v1/admin/keys/rekey`: re-wraps every key under a new KEK in one transaction.
+pub async fn rekey(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Keys>(&req, &state)?;
+    let body = parse_json::<RekeyRequest>(&read_body(&req, payload).await?)?;
+    let current_id = state
+        .vault
+        .kek_id()
+        .ok_or(ApiError::from(VaultError::Sealed))?;
+    let current = shares(&current_id, &body.shares)?;
+    let next_shares = shares(&body.next.kek_id, &body.next_shares)?;
+    let vault = state.vault.clone();
+    let next = body.next;
+    let result = web::block(move || vault.rekey(&current, next, &next_shares))
+        .await
+        .map_err(|_| ApiError::INTERNAL)?;
+    state
+        .vault
+        .audit_key_event(grant.identity(), "keys.rekey", &result)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"kek_id": result?}),
+    ))
+}

@@ -1,0 +1,142 @@
+//! The operator side of the admin API: a small blocking HTTPS client over mTLS, used by
+//! `cardvault unseal` and `cardvault keys ...`, and the client TLS setup the benchmark shares.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use zeroize::Zeroizing;
+
+/// A client TLS config: the vault's CA as the only root, and a client certificate.
+pub fn tls_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ClientConfig, String> {
+    let file = |p: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", p.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| file(ca, &e))? {
+        roots
+            .add(c.map_err(|e| file(ca, &e))?)
+            .map_err(|e| file(ca, &e))?;
+    }
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| file(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file(cert, &e))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| file(key, &e))?;
+    rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| e.to_string())
+}
+
+/// `host:port` of an `https://host:port` URL, and the host alone.
+pub fn authority(url: &str) -> Result<(String, String), String> {
+    let authority = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?} is not an https:// URL"))?
+        .trim_end_matches('/');
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .to_owned();
+    Ok((authority.to_owned(), host))
+}
+
+pub struct AdminClient {
+    authority: String,
+    server_name: ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl AdminClient {
+    pub fn new(url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<AdminClient, String> {
+        let (authority, host) = authority(url)?;
+        Ok(AdminClient {
+            authority,
+            server_name: ServerName::try_from(host).map_err(|e| e.to_string())?,
+            config: Arc::new(tls_config(ca, cert, key)?),
+        })
+    }
+
+    /// One request on its own connection; the body is wiped after sending.
+    pub fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Reply, String> {
+        let addr = self
+            .authority
+            .to_socket_addrs()
+            .map_err(|e| format!("{}: {e}", self.authority))?
+            .next()
+            .ok_or_else(|| format!("{} does not resolve", self.authority))?;
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(300)))
+            .map_err(|e| e.to_string())?;
+        let conn =
+            rustls::ClientConnection::new(Arc::clone(&self.config), self.server_name.clone())
+                .map_err(|e| e.to_string())?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let body = body.unwrap_or_default();
+        let mut request = Zeroizing::new(
+            format!(
+                "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                self.authority,
+                body.len()
+            )
+            .into_bytes(),
+        );
+        request.extend_from_slice(body);
+        tls.write_all(&request)
+            .and_then(|()| tls.flush())
+            .map_err(|e| format!("sending to {addr}: {e}"))?;
+        let mut raw = Vec::new();
+        match tls.read_to_end(&mut raw) {
+            Ok(_) => {}
+            // Servers may close without close_notify after `connection: close`.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => return Err(format!("reading from {addr}: {e}")),
+        }
+        parse(&raw).ok_or_else(|| "the vault sent a malformed response".into())
+    }
+}
+
+fn parse(raw: &[u8]) -> Option<Reply> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(raw.get(..split)?).ok()?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let rest = raw.get(split + 4..)?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_vec()
+    };
+    let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    Some(Reply { status, body })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(data.get(..line_end)?).ok()?.trim(), 16)
+                .ok()?;
+        data = data.get(line_end + 2..)?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}

@@ -92,9 +92,15 @@ fn health(setup: &Setup, daemon: &Daemon) -> Response {
     setup.client(daemon, &setup.router()).get("/v1/health")
 }
 
-/// The KEK and the shares, rebuilt here from the share files and passphrases, so the test
-/// can look for their bytes where they must not be.
-fn secrets(custody_dir: &Path, passphrases: &[(&str, PathBuf)]) -> Vec<Vec<u8>> {
+/// The KEK, the shares and every data and fingerprint key, rebuilt here from the share files,
+/// the passphrases and the (stopped) daemon's store, so the test can look for their bytes
+/// where they must not be. The key AAD is restated here as a test oracle: a change to it
+/// makes the unwrap below fail loudly.
+fn secrets(
+    custody_dir: &Path,
+    passphrases: &[(&str, PathBuf)],
+    data_dir: Option<&Path>,
+) -> Vec<Vec<u8>> {
     let custody = Custody::load(custody_dir).unwrap();
     let shares: Vec<Share> = passphrases
         .iter()
@@ -110,6 +116,21 @@ fn secrets(custody_dir: &Path, passphrases: &[(&str, PathBuf)]) -> Vec<Vec<u8>> 
     for s in &shares {
         found.push(cardvault::crypto::unhex(&s.to_hex()).unwrap().to_vec());
     }
+    let Some(data_dir) = data_dir else {
+        return found;
+    };
+    let kek = cardvault::crypto::Kek::new(&kek, &custody.kek_id);
+    let db = sled::open(data_dir).unwrap();
+    let mut keys = 0;
+    for item in db.open_tree("keys").unwrap().iter() {
+        let (k, wrapped) = item.unwrap();
+        let mut parts = k.splitn(2, |b| *b == 0);
+        let (project, name) = (parts.next().unwrap(), parts.next().unwrap());
+        let aad = cardvault::crypto::aad(&[b"cardvault/key/v1", project, name]);
+        found.push(kek.unwrap(&aad, &wrapped).unwrap().expose().to_vec());
+        keys += 1;
+    }
+    assert!(keys >= 2, "no data keys found in the store");
     found
 }
 
@@ -211,7 +232,11 @@ fn sealed_until_k_distinct_custodians_unseal() {
         .iter()
         .map(|n| (*n, setup.passphrase_file(n, 1)))
         .collect();
-    assert_nowhere(setup.root(), &logs, &secrets(&custody_dir, &passes));
+    assert_nowhere(
+        setup.root(),
+        &logs,
+        &secrets(&custody_dir, &passes, Some(&setup.data_dir)),
+    );
 }
 
 #[test]
@@ -377,6 +402,7 @@ fn rekey_moves_to_new_custodians_and_old_shares_stop_working() {
             ("alice", setup.passphrase_file("alice", 1)),
             ("carol", setup.passphrase_file("carol", 1)),
         ],
+        None,
     );
 
     // Alice and Bob prove custody; Carol leaves, Dave joins; everyone picks a new passphrase.
@@ -465,6 +491,7 @@ fn rekey_moves_to_new_custodians_and_old_shares_stop_working() {
             ("bob", setup.passphrase_file("bob", 2)),
             ("dave", setup.passphrase_file("dave", 2)),
         ],
+        Some(&setup.data_dir),
     );
     assert_nowhere(setup.root(), &logs, &[old_secrets, new_secrets].concat());
 }

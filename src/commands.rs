@@ -24,6 +24,8 @@ pub enum CommandError {
     Dev(#[from] crate::dev::DevError),
     #[error("{0}")]
     Keys(String),
+    #[error("audit: {0}")]
+    Audit(String),
     #[error("server: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]
@@ -218,6 +220,14 @@ pub fn keys_init(
             "{} already holds a key; refusing to make another",
             config.keys_dir.display()
         )));
+    }
+    let audit_key = config.keys_dir.join(crate::audit::file::KEY_FILE);
+    if !audit_key.exists() {
+        crate::audit::file::AuditKey::create(&audit_key).map_err(keys_error)?;
+        println!(
+            "wrote the audit key (chains the audit log) to {}",
+            audit_key.display()
+        );
     }
     if insecure_dev_key {
         if custodians.is_some() {
@@ -510,6 +520,27 @@ pub fn keys_rekey(
         current.kek_id
     );
     Ok(())
+}
+
+/// `cardvault audit verify FILE --config CONFIG`: checks every line's MAC and chain link;
+/// an error names the first bad line.
+pub fn audit_verify(config_path: &Path, log: &Path, rotated: bool) -> Result<(), CommandError> {
+    use crate::audit::file::{verify_file, AuditKey, Verdict, KEY_FILE};
+    let config = Config::load(config_path)?;
+    let key = AuditKey::load(&config.keys_dir.join(KEY_FILE)).map_err(keys_error)?;
+    match verify_file(log, &key, rotated).map_err(keys_error)? {
+        Verdict::Intact(lines, first, last) => {
+            println!(
+                "{}: intact, {lines} lines, seq {first} to {last}",
+                log.display()
+            );
+            Ok(())
+        }
+        Verdict::Broken(line, why) => Err(CommandError::Audit(format!(
+            "{}: line {line}: {why}",
+            log.display()
+        ))),
+    }
 }
 
 /// `cardvault dev`: throwaway certificates, policy and key; serves and prints curl examples.

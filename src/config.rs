@@ -37,6 +37,8 @@ pub struct Config {
     /// Allows the single-file dev KEK (`cardvault dev`, tests). Never in production.
     pub insecure_dev_key: bool,
     pub keys: crate::vault::KeySettings,
+    /// The chained audit log; never inside `data_dir` or `keys_dir`.
+    pub audit_path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +96,13 @@ struct RawConfig {
     insecure_dev_key: bool,
     #[serde(default)]
     keys: RawKeys,
+    audit: RawAudit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: PathBuf,
 }
 
 #[derive(Deserialize, Default)]
@@ -206,6 +215,7 @@ impl Config {
             log: raw.log,
             insecure_dev_key: raw.insecure_dev_key,
             keys,
+            audit_path: resolve(raw.audit.path),
         };
         config.check_layout()?;
         Ok(config)
@@ -221,6 +231,14 @@ impl Config {
                 "keys_dir ({}) must not be inside data_dir ({}) or contain it: keys never sit beside the data",
                 self.keys_dir.display(),
                 self.data_dir.display()
+            ));
+        }
+        // The audit trail must survive a wiped or restored store, and must not sit with keys.
+        let audit = normalize(&self.audit_path);
+        if audit.starts_with(&data) || audit.starts_with(&keys) {
+            return Err(format!(
+                "audit.path ({}) must be outside data_dir and keys_dir",
+                self.audit_path.display()
             ));
         }
         Ok(())
@@ -294,6 +312,8 @@ mod tests {
         cert = "server.pem"
         key = "server.key"
         client_ca = "ca.pem"
+        [audit]
+        path = "audit/audit.log"
     "#;
 
     #[test]
@@ -330,6 +350,10 @@ mod tests {
             .contains("keys_dir"));
         let dotted = MINIMAL.replace("keys_dir = \"keys\"", "keys_dir = \"other/../data/k\"");
         assert!(Config::parse(&dotted, Path::new("/tmp")).is_err());
+        let audit_in_data = MINIMAL.replace("audit/audit.log", "data/audit.log");
+        assert!(Config::parse(&audit_in_data, Path::new("/tmp/x"))
+            .unwrap_err()
+            .contains("audit.path"));
         let unknown = format!("{MINIMAL}\n[extra]\nx = 1");
         assert!(Config::parse(&unknown, Path::new("/tmp")).is_err());
         for ttl in [

@@ -53,6 +53,8 @@ pub enum DevError {
     Key(#[from] crate::crypto::CryptoError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit::AuditError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
@@ -111,6 +113,7 @@ pub fn prepare(dir: &Path, listen: &str) -> Result<PathBuf, DevError> {
     }
     write(&dir.join("policy.toml"), DEV_POLICY, 0o644)?;
     DevKey::create(&keys.join(DEV_KEY_FILE))?;
+    crate::audit::file::AuditKey::create(&keys.join(crate::audit::file::KEY_FILE))?;
     let config = format!(
         r#"# Written by `cardvault dev`. Paths are relative to this file.
 listen = "{listen}"
@@ -119,6 +122,9 @@ keys_dir = "keys"
 policies = "policy.toml"
 # One local file holds the whole KEK: fine for a throwaway dev vault, never for real cards.
 insecure_dev_key = true
+
+[audit]
+path = "audit/audit.log"
 
 [tls]
 cert = "pki/server.pem"

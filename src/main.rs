@@ -62,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Submit one custodian's share to a sealed vault (with the custodian's own certificate).
     Unseal {
         #[command(flatten)]
@@ -103,6 +108,21 @@ impl Connect {
             url: self.url.clone(),
         }
     }
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every line's HMAC and chain link; exits non-zero naming the first bad line.
+    Verify {
+        /// The audit log to check.
+        file: PathBuf,
+        /// For the audit key in keys_dir.
+        #[arg(long)]
+        config: PathBuf,
+        /// The file is an older, rotated part of the log: it may start mid-chain.
+        #[arg(long)]
+        rotated: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -197,6 +217,14 @@ fn main() -> ExitCode {
                 new_passphrase_files,
             ),
         },
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    file,
+                    config,
+                    rotated,
+                },
+        } => cardvault::commands::audit_verify(config, file, *rotated),
         Command::Unseal {
             connect,
             share,

@@ -14,7 +14,8 @@ use actix_web::rt::net::TcpStream;
 use actix_web::{middleware, web, App, HttpServer};
 
 use crate::api::{self, AppState};
-use crate::audit::LogSink;
+use crate::audit::file::{AuditKey, FileSink, KEY_FILE as AUDIT_KEY_FILE};
+use crate::audit::{Actor, AuditError, FileAndLog};
 use crate::config::Config;
 use crate::crypto::custody::{Custody, CUSTODIANS_DIR, NEXT_CUSTODIANS_DIR};
 use crate::crypto::{CryptoError, DevKey, DEV_KEY_FILE};
@@ -42,6 +43,8 @@ pub enum StartupError {
     WrongKek(VaultError),
     #[error("keys_dir {0}")]
     Keys(String),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     #[error("opening the vault: {0}")]
     Vault(VaultError),
     #[error("cannot listen on {addr}: {source}")]
@@ -49,6 +52,24 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// The audit file (its folder made 0700 if missing) and its key from `keys_dir`.
+fn open_audit(config: &Config) -> Result<FileAndLog, StartupError> {
+    if let Some(dir) = config.audit_path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| AuditError(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let key = AuditKey::load(&config.keys_dir.join(AUDIT_KEY_FILE)).map_err(|e| {
+        AuditError(format!(
+            "{}; `cardvault keys init` makes the audit key",
+            e.0
+        ))
+    })?;
+    Ok(FileAndLog(FileSink::open(&config.audit_path, key)?))
 }
 
 /// Where the KEK comes from: custodian shares (the vault starts sealed), or the insecure dev
@@ -134,11 +155,14 @@ impl Application {
             cvc_ttl: config.cvc_ttl,
             keys: config.keys.clone(),
         };
-        let vault =
-            Vault::open(store, source, settings, Box::new(LogSink)).map_err(|e| match e {
-                VaultError::Keys(_) | VaultError::WrongKek(_) => StartupError::WrongKek(e),
-                other => StartupError::Vault(other),
-            })?;
+        let audit = open_audit(config)?;
+        let vault = Vault::open(store, source, settings, Box::new(audit)).map_err(|e| match e {
+            VaultError::Keys(_) | VaultError::WrongKek(_) => StartupError::WrongKek(e),
+            other => StartupError::Vault(other),
+        })?;
+        vault
+            .audit_event(Actor::system(), "daemon.start", &Ok::<(), VaultError>(()))
+            .map_err(StartupError::Vault)?;
         if vault.is_sealed() {
             tracing::warn!("the vault is SEALED: k custodians must run `cardvault unseal`");
         }
@@ -167,7 +191,8 @@ impl Application {
                 return;
             };
             let (_, session) = stream.get_ref();
-            if let Some(peer) = session.peer_certificates().and_then(tls::peer_from_chain) {
+            if let Some(mut peer) = session.peer_certificates().and_then(tls::peer_from_chain) {
+                peer.address = stream.get_ref().0.peer_addr().ok();
                 extensions.insert(Arc::new(peer));
             }
         })
@@ -197,6 +222,12 @@ impl Application {
     pub async fn run(self) -> std::io::Result<()> {
         tracing::info!(address = %self.addr, "listening on https://{}", self.addr);
         let served = self.server.await;
+        if let Err(e) =
+            self.vault
+                .audit_event(Actor::system(), "daemon.stop", &Ok::<(), VaultError>(()))
+        {
+            tracing::error!(error = %e, "the stop could not be audited");
+        }
         if let Err(e) = self.vault.close() {
             tracing::error!(error = %e, "closing the store failed");
         }

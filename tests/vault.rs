@@ -22,6 +22,9 @@ mod disk;
 #[path = "suite/keys.rs"]
 mod keys;
 
+#[path = "suite/audit.rs"]
+mod audit;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

@@ -34,7 +34,7 @@ pub async fn unseal(
         .unseal(grant.identity(), &body.kek_id, body.share.expose());
     state
         .vault
-        .audit_key_event(grant.identity(), "keys.unseal", &result)?;
+        .audit_event(grant.actor(), "keys.unseal", &result)?;
     Ok(json(StatusCode::OK, &result?))
 }
 
@@ -51,7 +51,7 @@ pub async fn rotate(
         .map_err(|_| ApiError::INTERNAL)?;
     state
         .vault
-        .audit_key_event(grant.identity(), "keys.rotate", &result)?;
+        .audit_event(grant.actor(), "keys.rotate", &result)?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"active_dek_version": result?}),
@@ -118,7 +118,7 @@ pub async fn rekey(
         .map_err(|_| ApiError::INTERNAL)?;
     state
         .vault
-        .audit_key_event(grant.identity(), "keys.rekey", &result)?;
+        .audit_event(grant.actor(), "keys.rekey", &result)?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"kek_id": result?}),

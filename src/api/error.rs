@@ -253,6 +253,7 @@ impl From<VaultError> for ApiError {
                 )
             }
             VaultError::Sealed => ApiError::SEALED,
+            VaultError::Forbidden => ApiError::FORBIDDEN,
             VaultError::NoCustody => ApiError::new(
                 StatusCode::CONFLICT,
                 "no_custody",

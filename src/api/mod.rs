@@ -84,10 +84,8 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     Err(ApiError::METHOD_NOT_ALLOWED)
 }
 
-fn peer(req: &HttpRequest) -> Result<&Peer, ApiError> {
-    req.conn_data::<Arc<Peer>>()
-        .map(AsRef::as_ref)
-        .ok_or(ApiError::FORBIDDEN)
+fn peer(req: &HttpRequest) -> Result<&Arc<Peer>, ApiError> {
+    req.conn_data::<Arc<Peer>>().ok_or(ApiError::FORBIDDEN)
 }
 
 fn project(req: &HttpRequest) -> Result<Project, ApiError> {
@@ -101,11 +99,22 @@ fn project(req: &HttpRequest) -> Result<Project, ApiError> {
     }
 }
 
-/// The caller's grant for `P`; 503 `sealed` for data permissions while the vault is sealed.
+/// The caller's grant for `P`. A denial is audited; 503 `sealed` for data permissions while
+/// the vault is sealed; 503 `audit_unavailable` when the audit trail cannot take the event
+/// the request would make (fail closed: the action never starts).
 fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, ApiError> {
     let peer = peer(req)?;
     let project = project(req)?;
-    let grant = state.policy.authorize::<P>(peer, &project)?;
+    let grant = match state.policy.authorize::<P>(peer, &project) {
+        Ok(grant) => grant,
+        Err(denied) => {
+            let reason = denied.to_string();
+            let actor = crate::audit::Actor::of(denied.identity(), peer);
+            state.vault.audit_denial(actor, &project, &reason)?;
+            return Err(denied.into());
+        }
+    };
+    state.vault.audit_ready()?;
     if !P::PERMISSION.is_vault_wide() && state.vault.is_sealed() {
         return Err(ApiError::SEALED);
     }

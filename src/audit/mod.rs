@@ -1,13 +1,16 @@
 //! Audit events: who touched which object, when, with what outcome. Never card data or keys.
 //!
 //! The vault reports every security-relevant action, success or failure, through
-//! [`AuditSink`], after the action. The sink here writes structured `tracing` events under the
-//! `audit` target. A sink may fail; the caller then gets 503 `audit_unavailable`, but the
-//! action has already happened (for a card token: it is used up and its card withheld).
-//! Writing the event ahead of the action, so that an unrecordable action never happens, comes
-//! with the tamper-evident audit file.
+//! [`AuditSink`]. The daemon's sink is the chained audit file ([`file::FileSink`]); every
+//! event also goes to the structured log. Fail closed: before an action the vault asks the
+//! sink whether it can write ([`AuditSink::ready`]) and refuses the request (503
+//! `audit_unavailable`) when it cannot, so an unrecordable action does not happen. If the
+//! write after the action fails anyway, the caller still gets 503 and no card data.
+
+pub mod file;
 
 use std::fmt;
+use std::net::SocketAddr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -24,13 +27,46 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// Who acted: the policy identity, the certificate it was matched from, and where the
+/// connection came from. Empty strings for the daemon itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub identity: &'a str,
+    pub subject: &'a str,
+    /// SHA-256 of the client certificate (DER), hex.
+    pub fingerprint: &'a str,
+    pub address: Option<SocketAddr>,
+}
+
+impl Actor<'static> {
+    /// The daemon itself (startup, shutdown, background key operations).
+    pub fn system() -> Actor<'static> {
+        Actor {
+            identity: "cardvault",
+            subject: "",
+            fingerprint: "",
+            address: None,
+        }
+    }
+}
+
+impl<'a> Actor<'a> {
+    pub fn of(identity: &'a str, peer: &'a crate::policy::Peer) -> Actor<'a> {
+        Actor {
+            identity,
+            subject: &peer.subject,
+            fingerprint: &peer.fingerprint,
+            address: peer.address,
+        }
+    }
+}
+
 /// One audited action. Every field is safe to persist: ids, names and codes only.
 #[derive(Debug, Clone, Copy)]
 pub struct AuditEvent<'a> {
     pub action: &'static str,
     pub outcome: Outcome,
-    /// The policy identity that acted.
-    pub identity: &'a str,
+    pub actor: Actor<'a>,
     pub project: &'a str,
     pub object: Option<&'a str>,
     /// The error code on failure.
@@ -45,6 +81,14 @@ pub struct AuditError(pub String);
 
 pub trait AuditSink: Send + Sync {
     fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError>;
+
+    /// Whether an event could be written now; checked before an action.
+    fn ready(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
+
+    /// Called every second: sync to disk, notice a rotated or repaired file.
+    fn maintain(&self) {}
 }
 
 /// Writes audit events into the daemon's structured log.
@@ -56,7 +100,10 @@ impl AuditSink for LogSink {
             target: "audit",
             action = e.action,
             outcome = %e.outcome,
-            identity = e.identity,
+            identity = e.actor.identity,
+            subject = e.actor.subject,
+            fingerprint = e.actor.fingerprint,
+            peer = e.actor.address.map(|a| a.to_string()),
             project = e.project,
             object = e.object,
             code = e.code,
@@ -65,5 +112,23 @@ impl AuditSink for LogSink {
             "audit"
         );
         Ok(())
+    }
+}
+
+/// The file, and the log beside it.
+pub struct FileAndLog(pub file::FileSink);
+
+impl AuditSink for FileAndLog {
+    fn record(&self, e: &AuditEvent<'_>) -> Result<(), AuditError> {
+        self.0.record(e)?;
+        LogSink.record(e)
+    }
+
+    fn ready(&self) -> Result<(), AuditError> {
+        self.0.ready()
+    }
+
+    fn maintain(&self) {
+        self.0.maintain();
     }
 }

@@ -29,6 +29,8 @@ pub struct Peer {
     pub subject: String,
     /// SHA-256 of the leaf certificate (DER), hex, for logs.
     pub fingerprint: String,
+    /// The connection's remote address, for the audit trail.
+    pub address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,6 +108,7 @@ permission_marker!(Keys, Permission::Keys);
 /// Only [`Policy::authorize`] makes one.
 pub struct Grant<P: Requires> {
     identity: Arc<str>,
+    peer: Arc<Peer>,
     project: Project,
     _permission: PhantomData<fn() -> P>,
 }
@@ -113,6 +116,11 @@ pub struct Grant<P: Requires> {
 impl<P: Requires> Grant<P> {
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// Who acted, for the audit trail.
+    pub fn actor(&self) -> crate::audit::Actor<'_> {
+        crate::audit::Actor::of(&self.identity, &self.peer)
     }
 
     pub fn project(&self) -> &Project {
@@ -146,6 +154,18 @@ pub enum Denied {
     },
     #[error("identity {identity} may not use project {project}")]
     Project { identity: String, project: String },
+}
+
+impl Denied {
+    /// The identity the certificate matched, when it matched exactly one.
+    pub fn identity(&self) -> &str {
+        match self {
+            Denied::MissingPermission { identity, .. } | Denied::Project { identity, .. } => {
+                identity
+            }
+            Denied::UnknownIdentity | Denied::Ambiguous(_) => "",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,7 +317,7 @@ impl Policy {
 
     pub fn authorize<P: Requires>(
         &self,
-        peer: &Peer,
+        peer: &Arc<Peer>,
         project: &Project,
     ) -> Result<Grant<P>, Denied> {
         let identity = self.identify(peer)?;
@@ -321,6 +341,7 @@ impl Policy {
         }
         Ok(Grant {
             identity: Arc::clone(&identity.name),
+            peer: Arc::clone(peer),
             project: project.clone(),
             _permission: PhantomData,
         })
@@ -411,14 +432,14 @@ mod tests {
         projects = ["shop-a"]
     "#;
 
-    fn peer(uri: &[&str], dns: &[&str], cn: &[&str]) -> Peer {
+    fn peer(uri: &[&str], dns: &[&str], cn: &[&str]) -> Arc<Peer> {
         let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
-        Peer {
+        Arc::new(Peer {
             uri_sans: v(uri),
             dns_sans: v(dns),
             common_names: v(cn),
             ..Peer::default()
-        }
+        })
     }
 
     #[test]

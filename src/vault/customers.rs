@@ -229,7 +229,7 @@ impl Vault {
             .await;
         let object = result.as_ref().ok().map(|a| a.token.id.as_str());
         self.audit(
-            grant.identity(),
+            grant.actor(),
             grant.project(),
             "customer_token.create",
             &result,
@@ -638,7 +638,7 @@ impl Vault {
         result: Result<T, VaultError>,
     ) -> Result<T, VaultError> {
         self.audit(
-            grant.identity(),
+            grant.actor(),
             grant.project(),
             action,
             &result,
@@ -729,10 +729,10 @@ mod tests {
             "[[identity]]\nname='r'\nuri_san='u'\npermissions=['tokenize','customers','detokenize']\nprojects=['*']".into(),
         )])
         .unwrap();
-        let peer = Peer {
+        let peer = Arc::new(Peer {
             uri_sans: vec!["u".into()],
             ..Peer::default()
-        };
+        });
         let project = Project::default_project();
         let rt = || {
             tokio::runtime::Builder::new_current_thread()

@@ -27,7 +27,7 @@ pub use customers::{TokenPatch, TokenView};
 pub use idempotency::Begin;
 pub use keys::{KeySettings, KeySource, GCM_NONCE_LIMIT};
 
-use crate::audit::{AuditEvent, AuditSink, Outcome};
+use crate::audit::{Actor, AuditEvent, AuditSink, Outcome};
 use crate::card::{Cvc, Expiry, HolderName, Pan};
 use crate::crypto::{aad, CryptoError, FingerprintKey, SealingKey};
 use crate::policy::{Detokenize, Grant, Read, Tokenize};
@@ -72,6 +72,9 @@ pub enum VaultError {
     WrongKek(String),
     #[error("a data key reached its encryption limit")]
     KeyExhausted,
+    /// Only for audit records of policy denials; the API answers those itself.
+    #[error("denied by policy")]
+    Forbidden,
 }
 
 impl VaultError {
@@ -93,6 +96,7 @@ impl VaultError {
             VaultError::ShareRefused(_) => "share_refused",
             VaultError::WrongKek(_) => "wrong_kek",
             VaultError::KeyExhausted => "key_exhausted",
+            VaultError::Forbidden => "forbidden",
         }
     }
 }
@@ -296,6 +300,16 @@ pub fn this_month() -> (u16, u8) {
     )
 }
 
+/// Now, in UTC, to the millisecond (`2026-11-27T07:04:11.123Z`), for audit lines.
+pub fn rfc3339_millis() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let now = now
+        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 pub fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
@@ -345,8 +359,9 @@ impl Vault {
         Ok(vault)
     }
 
-    /// Flushes the store and stops its flush thread.
+    /// Flushes the store and stops its flush thread; syncs the audit trail.
     pub fn close(&self) -> Result<(), VaultError> {
+        self.audit.maintain();
         Ok(self.store.close()?)
     }
 
@@ -358,7 +373,7 @@ impl Vault {
         let result = self.tokenize_inner(grant, card).await;
         let object = result.as_ref().ok().map(|v| v.id.as_str());
         self.audit(
-            grant.identity(),
+            grant.actor(),
             grant.project(),
             "card.tokenize",
             &result,
@@ -456,7 +471,7 @@ impl Vault {
             IdKind::Customer => Err(VaultError::NotFound),
         };
         self.audit(
-            grant.identity(),
+            grant.actor(),
             grant.project(),
             "card.detokenize",
             &result,
@@ -529,15 +544,16 @@ impl Vault {
         serde_json::from_slice(&plain).map_err(|_| VaultError::Integrity(id.to_string()))
     }
 
-    /// Records a key operation (unseal, rotation, rekey) in the audit trail.
-    pub fn audit_key_event<T>(
+    /// Records a key operation (unseal, rotation, rekey), a policy denial, or the daemon's
+    /// start and stop in the audit trail.
+    pub fn audit_event<T>(
         &self,
-        identity: &str,
+        actor: Actor<'_>,
         action: &'static str,
         result: &Result<T, VaultError>,
     ) -> Result<(), VaultError> {
         self.audit(
-            identity,
+            actor,
             &Project::default_project(),
             action,
             result,
@@ -546,9 +562,39 @@ impl Vault {
         )
     }
 
+    /// Records a request the policy refused.
+    pub fn audit_denial(
+        &self,
+        actor: Actor<'_>,
+        project: &Project,
+        reason: &str,
+    ) -> Result<(), VaultError> {
+        self.audit(
+            actor,
+            project,
+            "policy.denied",
+            &Err::<(), _>(VaultError::Forbidden),
+            None,
+            &Purpose {
+                reason: Some(reason.to_owned()),
+                reference: None,
+            },
+        )
+    }
+
+    /// Whether the audit trail can take events; checked before every audited request.
+    pub fn audit_ready(&self) -> Result<(), VaultError> {
+        Ok(self.audit.ready()?)
+    }
+
+    /// Syncs and checks the audit trail (every second, from the sweeper).
+    fn maintain_audit(&self) {
+        self.audit.maintain();
+    }
+
     fn audit<T>(
         &self,
-        identity: &str,
+        actor: Actor<'_>,
         project: &Project,
         action: &'static str,
         result: &Result<T, VaultError>,
@@ -562,7 +608,7 @@ impl Vault {
             } else {
                 Outcome::Failure
             },
-            identity,
+            actor,
             project: project.as_str(),
             object,
             code: result.as_ref().err().map(VaultError::code),
@@ -683,6 +729,7 @@ fn spawn_sweeper(vault: Weak<Vault>) {
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let Some(vault) = vault.upgrade() else { return };
+                vault.maintain_audit();
                 let wiped = vault.cvcs.sweep(Instant::now());
                 if wiped > 0 {
                     tracing::debug!(wiped, "expired CVCs wiped");

@@ -249,6 +249,7 @@ impl Setup {
             &format!(
                 "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkeys_dir = \"keys\"\npolicies = \"policy.toml\"\nworkers = 2\n{extra}\n\
                  [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
+                 [audit]\npath = \"audit/audit.log\"\n\
                  [log]\nlevel = \"{level}\"\n"
             ),
         );

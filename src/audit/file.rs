@@ -1,0 +1,489 @@
+//! The audit file: append-only JSON lines, each carrying an HMAC chained to the line before.
+//!
+//! - A line is `{"seq":N, ..., "prev":"<mac of line N-1>","mac":"<HMAC-SHA-256>"}` where the MAC
+//!   covers the line's text up to `,"mac"` and is keyed by the audit key
+//!   (`keys_dir/audit.key`). Changing, deleting, reordering or inserting a line breaks the
+//!   chain at that line; `cardvault audit verify` names the first bad one.
+//! - Beside the log, `PATH.head` holds the last sequence number and MAC, rewritten in place
+//!   after every line: a log cut back by whole lines no longer reaches it.
+//! - Lines are written with one `write` each (in the kernel once it returns, so a killed
+//!   process loses nothing it reported) and synced to disk every second and at shutdown.
+//! - Fail closed: a write that fails marks the sink failed, and a failed sink refuses every
+//!   event until the path is writable again (checked every second; a rotated or replaced
+//!   file is reopened and the chain continues in it).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{AuditError, AuditEvent, AuditSink};
+use crate::crypto::{hex, unhex, KeyMaterial};
+
+pub const KEY_FILE: &str = "audit.key";
+const KEY_HEADER: &str = "cardvault audit key v1";
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const MAC_SUFFIX_LEN: usize = r#","mac":""}"#.len() + 64;
+
+/// The HMAC key that chains the audit log.
+pub struct AuditKey(ring::hmac::Key);
+
+impl AuditKey {
+    /// Creates `keys_dir/audit.key` (0600) unless it exists.
+    pub fn create(path: &Path) -> Result<(), AuditError> {
+        let key = KeyMaterial::random().map_err(|e| AuditError(e.to_string()))?;
+        let text = Zeroizing::new(format!("{KEY_HEADER}\n{}\n", hex(key.expose())));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| AuditError(format!("cannot create {}: {e}", path.display())))?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| AuditError(format!("cannot write {}: {e}", path.display())))
+    }
+
+    pub fn load(path: &Path) -> Result<AuditKey, AuditError> {
+        crate::crypto::custody::check_private(path).map_err(|e| AuditError(e.to_string()))?;
+        let text = Zeroizing::new(
+            fs::read_to_string(path)
+                .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?,
+        );
+        let mut lines = text.lines();
+        let bytes = (lines.next() == Some(KEY_HEADER))
+            .then(|| lines.next().and_then(|l| unhex(l.trim())))
+            .flatten()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| AuditError(format!("{} is not an audit key file", path.display())))?;
+        Ok(AuditKey(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &bytes,
+        )))
+    }
+
+    fn mac(&self, text: &[u8]) -> String {
+        hex(ring::hmac::sign(&self.0, text).as_ref())
+    }
+
+    fn verify(&self, text: &[u8], mac: &str) -> bool {
+        unhex(mac).is_some_and(|tag| ring::hmac::verify(&self.0, text, &tag).is_ok())
+    }
+}
+
+/// One line as written (field order is the line's order).
+#[derive(Serialize, Deserialize)]
+struct Line<'a> {
+    seq: u64,
+    time: String,
+    event: &'a str,
+    outcome: String,
+    identity: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty", default)]
+    subject: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty", default)]
+    fingerprint: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
+    #[serde(skip_serializing_if = "str::is_empty", default)]
+    project: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    object: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+    prev: String,
+}
+
+struct Chain {
+    file: Option<File>,
+    /// (device, inode) of the open file, to notice rotation or replacement.
+    identity: (u64, u64),
+    seq: u64,
+    prev: String,
+    failed: Option<String>,
+}
+
+pub struct FileSink {
+    path: PathBuf,
+    head: PathBuf,
+    key: AuditKey,
+    chain: Mutex<Chain>,
+}
+
+fn open_append(path: &Path) -> std::io::Result<(File, (u64, u64))> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok((file, (meta.dev(), meta.ino())))
+}
+
+fn head_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".head");
+    PathBuf::from(name)
+}
+
+impl FileSink {
+    /// Opens the log for appending and continues its chain from the last line, which must
+    /// verify: a damaged tail stops startup rather than be built upon.
+    pub fn open(path: &Path, key: AuditKey) -> Result<FileSink, AuditError> {
+        let fail = |what: String| AuditError(format!("audit log {}: {what}", path.display()));
+        let (seq, prev) = match last_line(path).map_err(|e| fail(e.to_string()))? {
+            None => (0, GENESIS.to_owned()),
+            Some(line) => {
+                let checked = check_line(&key, &line).ok_or_else(|| {
+                    fail("the last line does not verify; run `cardvault audit verify` and move the file aside".into())
+                })?;
+                (checked.0, checked.1)
+            }
+        };
+        let (file, identity) = open_append(path).map_err(|e| fail(e.to_string()))?;
+        Ok(FileSink {
+            path: path.to_owned(),
+            head: head_path(path),
+            key,
+            chain: Mutex::new(Chain {
+                file: Some(file),
+                identity,
+                seq,
+                prev,
+                failed: None,
+            }),
+        })
+    }
+
+    fn line(&self, chain: &Chain, e: &AuditEvent<'_>) -> Result<(String, String), AuditError> {
+        let line = Line {
+            seq: chain.seq + 1,
+            time: crate::vault::rfc3339_millis(),
+            event: e.action,
+            outcome: e.outcome.to_string(),
+            identity: e.actor.identity,
+            subject: e.actor.subject,
+            fingerprint: e.actor.fingerprint,
+            peer: e.actor.address.map(|a| a.to_string()),
+            project: e.project,
+            object: e.object,
+            code: e.code,
+            reason: e.reason,
+            reference: e.reference,
+            prev: chain.prev.clone(),
+        };
+        let mut text = serde_json::to_string(&line).map_err(|e| AuditError(e.to_string()))?;
+        // `{...,"prev":"..."}` becomes `{...,"prev":"...","mac":"..."}`.
+        text.pop();
+        let mac = self.key.mac(text.as_bytes());
+        text.push_str(&format!(",\"mac\":\"{mac}\"}}\n"));
+        Ok((text, mac))
+    }
+}
+
+impl AuditSink for FileSink {
+    fn record(&self, e: &AuditEvent<'_>) -> Result<(), AuditError> {
+        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &chain.failed {
+            return Err(AuditError(why.clone()));
+        }
+        let (text, mac) = self.line(&chain, e)?;
+        let written = match chain.file.as_mut() {
+            Some(file) => file.write_all(text.as_bytes()),
+            None => Err(std::io::Error::other("not open")),
+        };
+        if let Err(err) = written {
+            let why = format!("cannot append to {}: {err}", self.path.display());
+            tracing::error!(error = %why, "audit log unwritable: refusing audited requests");
+            chain.failed = Some(why.clone());
+            return Err(AuditError(why));
+        }
+        chain.seq += 1;
+        chain.prev = mac;
+        // The head is a hint for `audit verify`; failing to update it does not lose events.
+        let head = format!("{:020} {}\n", chain.seq, chain.prev);
+        if let Ok(file) = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.head)
+        {
+            let _ = file.write_at(head.as_bytes(), 0);
+        }
+        Ok(())
+    }
+
+    fn ready(&self) -> Result<(), AuditError> {
+        let chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        match &chain.failed {
+            Some(why) => Err(AuditError(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn maintain(&self) {
+        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(file) = &chain.file {
+            if let Err(e) = file.sync_data() {
+                chain.failed = Some(format!("cannot sync {}: {e}", self.path.display()));
+            }
+        }
+        let current = fs::metadata(&self.path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| (m.dev(), m.ino()));
+        if current == Some(chain.identity) && chain.failed.is_none() {
+            return;
+        }
+        // Rotated, replaced, removed or failed: reopen; the chain continues in the new file.
+        match open_append(&self.path) {
+            Ok((file, identity)) => {
+                if chain.failed.take().is_some() {
+                    tracing::warn!(path = %self.path.display(), "audit log writable again");
+                }
+                chain.file = Some(file);
+                chain.identity = identity;
+            }
+            Err(e) => {
+                if chain.failed.is_none() {
+                    tracing::error!(path = %self.path.display(), error = %e, "audit log unwritable: refusing audited requests");
+                }
+                chain.file = None;
+                chain.failed = Some(format!("cannot open {}: {e}", self.path.display()));
+            }
+        }
+    }
+}
+
+/// The last complete line of the log, if any. An incomplete last line is returned as is, so
+/// that it fails verification.
+fn last_line(path: &Path) -> std::io::Result<Option<String>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = len.saturating_sub(64 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = String::new();
+    file.read_to_string(&mut tail)?;
+    let trimmed = tail.strip_suffix('\n').unwrap_or("\u{0}incomplete");
+    Ok(Some(
+        trimmed.rsplit('\n').next().unwrap_or(trimmed).to_owned(),
+    ))
+}
+
+/// `(seq, mac, prev)` of a line whose MAC verifies.
+fn check_line(key: &AuditKey, line: &str) -> Option<(u64, String, String)> {
+    let cut = line.len().checked_sub(MAC_SUFFIX_LEN)?;
+    let (body, suffix) = (line.get(..cut)?, line.get(cut..)?);
+    let mac = suffix.strip_prefix(",\"mac\":\"")?.strip_suffix("\"}")?;
+    if !key.verify(body.as_bytes(), mac) {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(&format!("{body}}}")).ok()?;
+    Some((
+        value.get("seq")?.as_u64()?,
+        mac.to_owned(),
+        value.get("prev")?.as_str()?.to_owned(),
+    ))
+}
+
+/// What `audit verify` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every line verifies and chains; `(lines, first seq, last seq)`.
+    Intact(u64, u64, u64),
+    /// The first line that does not: `(line number, why)`.
+    Broken(u64, String),
+}
+
+/// Checks every line's MAC and its link to the line before, and that the log reaches the
+/// head file when there is one. The first line must start the chain (seq 1) unless the log
+/// is `rotated`, i.e. continues an earlier file.
+pub fn verify(log: &str, key: &AuditKey, head: Option<&str>, rotated: bool) -> Verdict {
+    let mut prev: Option<(u64, String)> = None;
+    let mut first = 0;
+    let mut count = 0u64;
+    let complete = log.is_empty() || log.ends_with('\n');
+    let lines: Vec<&str> = log.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let n = i as u64 + 1;
+        if !complete && i + 1 == lines.len() {
+            return Verdict::Broken(n, "truncated: the line is incomplete".into());
+        }
+        let Some((seq, mac, line_prev)) = check_line(key, line) else {
+            return Verdict::Broken(
+                n,
+                "the MAC does not verify (changed or inserted line)".into(),
+            );
+        };
+        match &prev {
+            None => {
+                first = seq;
+                if (seq == 1) != (line_prev == GENESIS) || (seq != 1 && !rotated) {
+                    return Verdict::Broken(
+                        n,
+                        format!("the log starts at seq {seq}, not at the chain's start (lines deleted, or a rotated file: pass --rotated)"),
+                    );
+                }
+            }
+            Some((prev_seq, prev_mac)) => {
+                if seq != prev_seq + 1 || line_prev != *prev_mac {
+                    return Verdict::Broken(
+                        n,
+                        format!(
+                            "does not follow line {} (seq {seq} after {prev_seq}): a line was deleted, reordered or inserted",
+                            n - 1
+                        ),
+                    );
+                }
+            }
+        }
+        prev = Some((seq, mac));
+        count += 1;
+    }
+    let last = prev.as_ref().map_or(0, |(s, _)| *s);
+    if let Some((head_seq, head_mac)) = head.and_then(|h| {
+        let (seq, mac) = h.trim().split_once(' ')?;
+        Some((seq.parse::<u64>().ok()?, mac.to_owned()))
+    }) {
+        let reaches = last >= head_seq;
+        let matches = last != head_seq || prev.as_ref().is_some_and(|(_, m)| *m == head_mac);
+        if !reaches || !matches {
+            return Verdict::Broken(
+                count + 1,
+                format!("truncated: the log ends at seq {last}, but seq {head_seq} was written"),
+            );
+        }
+    }
+    Verdict::Intact(count, first, last)
+}
+
+/// Reads the log and its head file and verifies them.
+pub fn verify_file(path: &Path, key: &AuditKey, rotated: bool) -> Result<Verdict, AuditError> {
+    let log = fs::read_to_string(path)
+        .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?;
+    // The head describes the live log only; a rotated file is checked on its own links.
+    let head = (!rotated)
+        .then(|| fs::read_to_string(head_path(path)).ok())
+        .flatten();
+    Ok(verify(&log, key, head.as_deref(), rotated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Actor, Outcome};
+
+    fn sink(label: &str) -> (FileSink, PathBuf, AuditKey) {
+        let dir =
+            std::env::temp_dir().join(format!("cardvault-audit-{label}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        AuditKey::create(&dir.join(KEY_FILE)).unwrap();
+        let log = dir.join("audit.log");
+        let sink = FileSink::open(&log, AuditKey::load(&dir.join(KEY_FILE)).unwrap()).unwrap();
+        (sink, log, AuditKey::load(&dir.join(KEY_FILE)).unwrap())
+    }
+
+    fn event(action: &'static str) -> AuditEvent<'static> {
+        AuditEvent {
+            action,
+            outcome: Outcome::Success,
+            actor: Actor::system(),
+            project: "default",
+            object: Some("card_x"),
+            code: None,
+            reason: None,
+            reference: None,
+        }
+    }
+
+    #[test]
+    fn every_kind_of_tampering_is_caught_at_its_line() {
+        let (sink, path, key) = sink("tamper");
+        for _ in 0..5 {
+            sink.record(&event("card.tokenize")).unwrap();
+        }
+        let log = fs::read_to_string(&path).unwrap();
+        let head = fs::read_to_string(head_path(&path)).unwrap();
+        assert_eq!(
+            verify(&log, &key, Some(&head), false),
+            Verdict::Intact(5, 1, 5)
+        );
+        let lines: Vec<&str> = log.lines().collect();
+        let join = |ls: &[&str]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
+        let broken_at = |text: &str| match verify(text, &key, Some(&head), false) {
+            Verdict::Broken(n, _) => n,
+            Verdict::Intact(..) => 0,
+        };
+        // A flipped byte.
+        let mut flipped = log.clone().into_bytes();
+        flipped[log.find("card_x").unwrap() + lines[0].len() + 1] ^= 1;
+        assert_eq!(broken_at(&String::from_utf8(flipped).unwrap()), 2);
+        // A deleted line, two swapped lines, a duplicated (inserted) line.
+        assert_eq!(
+            broken_at(&join(&[lines[0], lines[1], lines[3], lines[4]])),
+            3
+        );
+        assert_eq!(
+            broken_at(&join(&[lines[0], lines[2], lines[1], lines[3], lines[4]])),
+            2
+        );
+        assert_eq!(
+            broken_at(&join(&[
+                lines[0], lines[1], lines[1], lines[2], lines[3], lines[4]
+            ])),
+            3
+        );
+        // A cut mid-line, and whole lines cut from the end (caught by the head).
+        assert_eq!(broken_at(&log[..log.len() - 10]), 5);
+        assert_eq!(broken_at(&join(&lines[..3])), 4);
+        // The first line removed: the log no longer starts the chain.
+        assert_eq!(broken_at(&join(&lines[1..])), 1);
+        // ...which a rotated file may do, when it is declared as one.
+        assert!(matches!(
+            verify(&join(&lines[1..]), &key, None, true),
+            Verdict::Intact(4, 2, 5)
+        ));
+    }
+
+    #[test]
+    fn a_reopened_log_continues_its_chain() {
+        let (sink, path, key) = sink("reopen");
+        sink.record(&event("daemon.start")).unwrap();
+        drop(sink);
+        let sink = FileSink::open(
+            &path,
+            AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap(),
+        )
+        .unwrap();
+        sink.record(&event("daemon.start")).unwrap();
+        let log = fs::read_to_string(&path).unwrap();
+        assert_eq!(verify(&log, &key, None, false), Verdict::Intact(2, 1, 2));
+        // A damaged tail stops the next open.
+        fs::write(&path, &log[..log.len() - 3]).unwrap();
+        assert!(FileSink::open(
+            &path,
+            AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap()
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,283 @@
+//! The audit trail: one chained line per audited event, with who, from where, on what; never
+//! card data; `audit verify` catches every kind of tampering; an unwritable log refuses
+//! requests before they act.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::*;
+
+fn audit_lines(setup: &Setup) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(setup.root().join("audit/audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn verify(setup: &Setup, log: &Path, rotated: bool) -> (bool, String) {
+    let mut args = vec!["audit", "verify", log.to_str().unwrap()];
+    if rotated {
+        args.push("--rotated");
+    }
+    setup.try_cli(&args)
+}
+
+#[test]
+fn every_audited_event_makes_one_chained_line_without_card_data() {
+    let setup = Setup::with_custodians("audit", "", &["alice", "bob"], 2);
+    let daemon = setup.start();
+    // Unseal: one success, one refusal (Alice's share under Bob's certificate), the last one.
+    assert!(setup.unseal_as(&daemon, "alice", 1).0);
+    let (ok, _) = setup.unseal(
+        &daemon,
+        &setup.identity(&spec("bob")),
+        &setup.share("alice"),
+        &setup.passphrase_file("alice", 1),
+    );
+    assert!(!ok);
+    assert!(setup.unseal_as(&daemon, "bob", 1).0);
+
+    let router = setup.client(&daemon, &setup.router());
+    let pan = test_pan(7);
+    let card = router.post("/v1/cards", &card_body(&pan)).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let detok = json!({"token": card, "reason": "cit", "reference": "order-77"});
+    assert_eq!(router.post("/v1/detokenize", &detok).status, 200);
+    assert_eq!(router.post("/v1/detokenize", &detok).status, 409);
+    // A policy denial: checkout may not detokenize.
+    let checkout = setup.client(&daemon, &setup.checkout());
+    assert_eq!(checkout.post("/v1/detokenize", &detok).status, 403);
+    // Customer and customer-token changes.
+    let cust = router
+        .post("/v1/customers", &json!({"email": "ada@example.com"}))
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = router.send(
+        "PATCH",
+        &format!("/v1/customers/{cust}"),
+        &[],
+        Some(json!({"name": "Ada"}).to_string().as_bytes()),
+    );
+    assert_eq!(res.unwrap().status, 200);
+    let card2 = router.post("/v1/cards", &card_body(&test_pan(8))).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tok = router
+        .post(
+            &format!("/v1/customers/{cust}/tokens"),
+            &json!({"source": card2}),
+        )
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = router.send(
+        "PATCH",
+        &format!("/v1/customers/{cust}/tokens/{tok}"),
+        &[],
+        Some(
+            json!({"recurring": {"model": "subscription"}})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!(res.unwrap().status, 200);
+    let res = router.send(
+        "DELETE",
+        &format!("/v1/customers/{cust}/tokens/{tok}"),
+        &[],
+        None,
+    );
+    assert_eq!(res.unwrap().status, 200);
+    let res = router.send("DELETE", &format!("/v1/customers/{cust}"), &[], None);
+    assert_eq!(res.unwrap().status, 200);
+    // A key operation.
+    let res = setup
+        .client(&daemon, &setup.ops())
+        .post("/v1/admin/keys/rotate", &json!({}));
+    assert_eq!(res.status, 200);
+    let logs = daemon.stop();
+
+    let lines = audit_lines(&setup);
+    let mut counts: HashMap<(String, String), usize> = HashMap::new();
+    for l in &lines {
+        let key = (
+            l["event"].as_str().unwrap().to_owned(),
+            l["outcome"].as_str().unwrap().to_owned(),
+        );
+        *counts.entry(key).or_default() += 1;
+    }
+    let expect = |event: &str, outcome: &str, n: usize| {
+        assert_eq!(
+            counts
+                .get(&(event.into(), outcome.into()))
+                .copied()
+                .unwrap_or(0),
+            n,
+            "{event} {outcome}: {counts:?}"
+        );
+    };
+    expect("daemon.start", "success", 1);
+    expect("keys.unseal", "success", 2);
+    expect("keys.unseal", "failure", 1);
+    expect("card.tokenize", "success", 2);
+    expect("card.detokenize", "success", 1);
+    expect("card.detokenize", "failure", 1);
+    expect("policy.denied", "failure", 1);
+    expect("customer.create", "success", 1);
+    expect("customer.update", "success", 1);
+    expect("customer.delete", "success", 1);
+    expect("customer_token.create", "success", 1);
+    expect("customer_token.update", "success", 1);
+    expect("customer_token.delete", "success", 1);
+    expect("keys.rotate", "success", 1);
+    expect("daemon.stop", "success", 1);
+    assert_eq!(lines.len(), counts.values().sum::<usize>());
+
+    // Fields: who (policy name, certificate subject and fingerprint), from where, on what.
+    let detokenized = lines
+        .iter()
+        .find(|l| l["event"] == "card.detokenize" && l["outcome"] == "success")
+        .unwrap();
+    assert_eq!(detokenized["identity"], "router");
+    assert!(detokenized["subject"].as_str().unwrap().contains("router"));
+    assert_eq!(detokenized["fingerprint"].as_str().unwrap().len(), 64);
+    assert!(detokenized["peer"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert_eq!(detokenized["project"], "default");
+    assert_eq!(detokenized["object"], card.as_str());
+    assert_eq!(detokenized["reason"], "cit");
+    assert_eq!(detokenized["reference"], "order-77");
+    assert!(detokenized["time"].as_str().unwrap().ends_with('Z'));
+    let used = lines
+        .iter()
+        .find(|l| l["event"] == "card.detokenize" && l["outcome"] == "failure")
+        .unwrap();
+    assert_eq!(used["code"], "token_used");
+    let denied = lines
+        .iter()
+        .find(|l| l["event"] == "policy.denied")
+        .unwrap();
+    assert_eq!(denied["identity"], "checkout");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["seq"], i as u64 + 1);
+    }
+    // Never a PAN or CVC, in the audit file or the log.
+    let text = std::fs::read_to_string(setup.root().join("audit/audit.log")).unwrap();
+    // (The CVC is three digits, which hex MACs contain by chance: look for it as a value.)
+    for secret in [pan.as_str(), &test_pan(8), "\"737\"", "cvc", "number"] {
+        assert!(!text.contains(secret), "{secret} in the audit file");
+    }
+    assert!(!logs.contains(&pan));
+
+    // `audit verify`: intact, then each kind of tampering, named by line.
+    let log = setup.root().join("audit/audit.log");
+    let (ok, out) = verify(&setup, &log, false);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("{} lines", lines.len())), "{out}");
+    let original: Vec<String> = text.lines().map(|l| format!("{l}\n")).collect();
+    let head = std::fs::read_to_string(setup.root().join("audit/audit.log.head")).unwrap();
+    let flipped = {
+        let mut l = original.clone();
+        l[4] = l[4].replacen("success", "failure", 1);
+        l
+    };
+    let cases: Vec<(&str, Vec<String>, usize)> = vec![
+        ("flipped", flipped, 5),
+        ("deleted", [&original[..3], &original[4..]].concat(), 4),
+        (
+            "reordered",
+            [
+                &original[..2],
+                &original[3..4],
+                &original[2..3],
+                &original[4..],
+            ]
+            .concat(),
+            3,
+        ),
+        ("inserted", [&original[..3], &original[1..]].concat(), 4),
+        (
+            "truncated",
+            original[..original.len() - 2].to_vec(),
+            original.len() - 1,
+        ),
+    ];
+    for (name, tampered, line) in cases {
+        let path = setup.root().join(format!("{name}.log"));
+        std::fs::write(&path, tampered.concat()).unwrap();
+        std::fs::write(setup.root().join(format!("{name}.log.head")), &head).unwrap();
+        let (ok, out) = verify(&setup, &path, false);
+        assert!(!ok, "{name}: verify passed");
+        assert!(out.contains(&format!("line {line}:")), "{name}: {out}");
+    }
+    // A tail cut mid-line.
+    let path = setup.root().join("cut.log");
+    std::fs::write(&path, &text[..text.len() - 7]).unwrap();
+    let (ok, out) = verify(&setup, &path, false);
+    assert!(
+        !ok && out.contains(&format!("line {}:", lines.len())),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_unwritable_audit_log_refuses_requests_before_they_act() {
+    let setup = Setup::new("audit-closed");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let pan = test_pan(3);
+    let card = router.post("/v1/cards", &card_body(&pan)).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = setup.root().join("audit/audit.log");
+    std::fs::rename(&log, setup.root().join("audit/moved.log")).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    let wait = |status: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let res = router.get(&format!("/v1/cards/{card}"));
+            if res.status == status {
+                return res;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still {}: {}",
+                res.status,
+                res.body
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(wait(503).code(), "audit_unavailable");
+    let res = router.post("/v1/detokenize", &json!({"token": card}));
+    assert_eq!((res.status, res.code()), (503, "audit_unavailable".into()));
+    assert!(!res.body.contains(&pan));
+    let res = router.post("/v1/cards", &card_body(&test_pan(4)));
+    assert_eq!(res.status, 503);
+
+    // Repaired: serving again, and the refused detokenization never used the token up.
+    std::fs::remove_dir(&log).unwrap();
+    wait(200);
+    let res = router.post("/v1/detokenize", &json!({"token": card}));
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(res.json()["number"], pan.as_str());
+    daemon.stop();
+    // The chain continues in the new file.
+    let (ok, out) = verify(&setup, &log, true);
+    assert!(ok, "{out}");
+    let (ok, out) = verify(&setup, &setup.root().join("audit/moved.log"), false);
+    assert!(ok, "{out}");
+}

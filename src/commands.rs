@@ -132,6 +132,14 @@ fn at<'a>(value: &'a serde_json::Value, pointer: &str) -> &'a serde_json::Value 
     value.pointer(pointer).unwrap_or(&serde_json::Value::Null)
 }
 
+/// A string in wiping memory, allocated once at a size the bodies here never outgrow, so no
+/// growth leaves an unwiped copy behind.
+fn wiping(start: &str) -> Zeroizing<String> {
+    let mut s = Zeroizing::new(String::with_capacity(16 * 1024));
+    s.push_str(start);
+    s
+}
+
 fn keys_error(e: impl std::fmt::Display) -> CommandError {
     CommandError::Keys(e.to_string())
 }
@@ -354,9 +362,13 @@ pub fn unseal(
         }
         None => open_share_file(share_file, &passphrases)?,
     };
-    let body = Zeroizing::new(
-        serde_json::json!({"kek_id": share.kek_id, "share": *share.to_hex()}).to_string(),
-    );
+    // Built by hand so the share's hex only ever sits in wiping memory (the KEK id is
+    // `kek_` and hex digits: nothing to escape).
+    let mut body = wiping(r#"{"kek_id":""#);
+    body.push_str(&share.kek_id);
+    body.push_str(r#"","share":""#);
+    body.push_str(&share.to_hex());
+    body.push_str(r#""}"#);
     drop(share);
     let reply = expect_ok(
         client
@@ -476,28 +488,58 @@ pub fn keys_rekey(
     // k of the new shares let the daemon rebuild the new KEK.
     next_shares.truncate(usize::from(next.threshold));
     let result = (|| {
-        let entries = |list: &[Share]| -> Vec<serde_json::Value> {
-            list.iter()
-                .map(|s| serde_json::json!({"custodian": s.custodian, "share": *s.to_hex()}))
-                .collect()
+        // Built by hand so shares only ever sit in wiping memory (custodian names are
+        // letters, digits, '-', '_' and '.': nothing to escape).
+        let entries = |list: &[Share]| -> Zeroizing<String> {
+            let mut out = wiping("[");
+            for (i, s) in list.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(r#"{"custodian":""#);
+                out.push_str(&s.custodian);
+                out.push_str(r#"","share":""#);
+                out.push_str(&s.to_hex());
+                out.push_str(r#""}"#);
+            }
+            out.push(']');
+            out
         };
-        let body = Zeroizing::new(
-            serde_json::json!({
-                "shares": entries(&shares),
-                "next": next,
-                "next_shares": entries(&next_shares),
-            })
-            .to_string(),
-        );
-        expect_ok(
-            client
-                .send("POST", "/v1/admin/keys/rekey", Some(body.as_bytes()))
-                .map_err(keys_error)?,
-        )
+        let next_json = serde_json::to_string(&next).map_err(keys_error)?;
+        let (current_entries, next_entries) = (entries(&shares), entries(&next_shares));
+        let mut body = wiping(r#"{"shares":"#);
+        body.push_str(&current_entries);
+        body.push_str(r#","next":"#);
+        body.push_str(&next_json);
+        body.push_str(r#","next_shares":"#);
+        body.push_str(&next_entries);
+        body.push('}');
+        client
+            .send("POST", "/v1/admin/keys/rekey", Some(body.as_bytes()))
+            .map_err(keys_error)
     })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&next_dir);
-        return Err(e);
+    match result {
+        Ok(reply) if reply.status == 200 => {}
+        // Refused before anything changed: the new shares are useless.
+        Ok(reply) if (400..500).contains(&reply.status) => {
+            let _ = std::fs::remove_dir_all(&next_dir);
+            expect_ok(reply)?;
+        }
+        // Unknown outcome (timeout, reset, server error): the daemon may already use the new
+        // KEK, and then only these shares open the store. Never delete them here.
+        other => {
+            let why = match other {
+                Ok(reply) => format!("the vault answered {}", reply.status),
+                Err(e) => e.to_string(),
+            };
+            return Err(CommandError::Keys(format!(
+                "rekey outcome unknown ({why}). {} is KEPT: compare `cardvault keys status` \
+                 with its kek.json; if the vault reports that KEK id, move it to {}; \
+                 otherwise remove it (keys/README.md, runbook 4 step 5)",
+                next_dir.display(),
+                current_dir.display()
+            )));
+        }
     }
     let retired = config.keys_dir.join(format!("{CUSTODIANS_DIR}.retired"));
     let _ = std::fs::remove_dir_all(&retired);

@@ -29,9 +29,12 @@ pub async fn unseal(
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant::<Unseal>(&req, &state)?;
     let body = parse_json::<UnsealRequest>(&read_body(&req, payload).await?)?;
-    let result = state
-        .vault
-        .unseal(grant.identity(), &body.kek_id, body.share.expose());
+    let vault = state.vault.clone();
+    let identity = grant.identity().to_owned();
+    // Combining, checking and loading keys read and flush the store: off the async workers.
+    let result = web::block(move || vault.unseal(&identity, &body.kek_id, body.share.expose()))
+        .await
+        .map_err(|_| ApiError::INTERNAL)?;
     state
         .vault
         .audit_event(grant.actor(), "keys.unseal", &result)?;
@@ -116,9 +119,14 @@ pub async fn rekey(
     let result = web::block(move || vault.rekey(&current, next, &next_shares))
         .await
         .map_err(|_| ApiError::INTERNAL)?;
-    state
+    // A rekey that committed must be reported as done, or the operator would throw away the
+    // only shares that now open the store: a failed audit write is logged, not returned.
+    if let Err(e) = state
         .vault
-        .audit_event(grant.actor(), "keys.rekey", &result)?;
+        .audit_event(grant.actor(), "keys.rekey", &result)
+    {
+        tracing::error!(error = %e, "the rekey could not be audited");
+    }
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"kek_id": result?}),

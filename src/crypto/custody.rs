@@ -44,8 +44,20 @@ impl KdfParams {
         p: 4,
     };
 
+    /// Parameters are read from the share file: the floor keeps them strong, the ceiling
+    /// keeps a tampered file from making the CLI exhaust memory or run for hours.
+    const MAXIMUM: KdfParams = KdfParams {
+        m_kib: 4 * 1024 * 1024,
+        t: 64,
+        p: 64,
+    };
+
     fn at_least_minimum(&self) -> bool {
         self.m_kib >= Self::MINIMUM.m_kib && self.t >= Self::MINIMUM.t && self.p >= Self::MINIMUM.p
+    }
+
+    fn within_maximum(&self) -> bool {
+        self.m_kib <= Self::MAXIMUM.m_kib && self.t <= Self::MAXIMUM.t && self.p <= Self::MAXIMUM.p
     }
 }
 
@@ -375,9 +387,9 @@ pub fn open_share(text: &str, passphrase: &[u8]) -> Result<Share, CryptoError> {
     if file.format != SHARE_FORMAT || file.kdf.algorithm != "argon2id" {
         return Err(CryptoError::Custody("not a cardvault share file".into()));
     }
-    if !params.at_least_minimum() {
+    if !params.at_least_minimum() || !params.within_maximum() {
         return Err(CryptoError::Custody(
-            "share file's argon2 parameters are below the minimum".into(),
+            "share file's argon2 parameters are outside the accepted range".into(),
         ));
     }
     let salt = unhex(&file.kdf.salt).ok_or(CryptoError::Truncated)?;

@@ -607,9 +607,16 @@ pub struct Ledger(sled::Tree);
 impl Ledger {
     /// Raises the reservation. Not awaited: the first record sealed under the new reservation
     /// is flushed after this insert, so it never reaches disk without it.
+    /// Never lowers a reservation: two holders of one DEK (possible for an instant after a
+    /// version change) each only raise it.
     pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
         self.0
-            .insert(encryptions_key(project, version), &upto.to_be_bytes())?;
+            .fetch_and_update(encryptions_key(project, version), |old| {
+                let old = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some(old.max(upto).to_be_bytes().to_vec())
+            })?;
         Ok(())
     }
 }

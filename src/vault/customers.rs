@@ -334,6 +334,7 @@ impl Vault {
                             &existing.id,
                             &json(&meta, &existing.id)?,
                         )?,
+                        pan: current_pan(&keys, project, &existing.id, &token_rec)?,
                         ..token_rec.clone()
                     };
                     batch.expect_token(p, &existing.id, &token_rec).put_token(
@@ -459,21 +460,7 @@ impl Vault {
                 meta.recurring = Some(r.clone());
             }
             let sealed = seal(&keys, Blob::TokenMeta, project, tid, &json(&meta, tid)?)?;
-            // A record has one key version: a PAN sealed under an older one moves with the
-            // metadata.
-            let pan = if rec.key_version == keys.dek_version {
-                rec.pan.clone()
-            } else {
-                let digits = open(
-                    &keys,
-                    Blob::TokenPan,
-                    project,
-                    tid,
-                    rec.key_version,
-                    &rec.pan,
-                )?;
-                seal(&keys, Blob::TokenPan, project, tid, &digits)?
-            };
+            let pan = current_pan(&keys, project, tid, rec)?;
             new_meta = Some(meta);
             Ok(TokenRecord {
                 updated_at: now,
@@ -647,6 +634,21 @@ impl Vault {
         )?;
         result
     }
+}
+
+/// A token's sealed PAN for a rewrite under the active DEK version: as stored if it is under
+/// that version already, else moved to it with the metadata (a record has one key version).
+fn current_pan(
+    keys: &ProjectKeys,
+    project: &Project,
+    id: &str,
+    rec: &TokenRecord,
+) -> Result<Vec<u8>, VaultError> {
+    if rec.key_version == keys.dek_version {
+        return Ok(rec.pan.clone());
+    }
+    let digits = open(keys, Blob::TokenPan, project, id, rec.key_version, &rec.pan)?;
+    seal(keys, Blob::TokenPan, project, id, &digits)
 }
 
 fn open_profile(

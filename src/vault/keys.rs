@@ -360,6 +360,15 @@ impl Vault {
         {
             *unsealing = Unsealing::default();
         }
+        if !self.is_sealed() {
+            *unsealing = Unsealing::default();
+            return Ok(UnsealProgress {
+                sealed: false,
+                received: 0,
+                threshold: custody.threshold,
+                kek_id: custody.kek_id,
+            });
+        }
         unsealing.started.get_or_insert_with(Instant::now);
         unsealing.shares.retain(|s| s.custodian != custodian);
         unsealing.shares.push(share);
@@ -404,16 +413,14 @@ impl Vault {
                 return Ok(Some(Arc::clone(keys)));
             }
         }
+        // Held until the new DEK is registered in `issued` and cached: a rotation waits for
+        // loads in progress, so every DEK of a retired version is visible to the maintenance
+        // thread before it moves or destroys anything.
+        let state = self.keyring.state.read().unwrap_or_else(|p| p.into_inner());
         let kek = self.keyring.kek().ok_or(VaultError::Sealed)?;
         let Some(fingerprint) = self.project_key(&kek, project, "fingerprint", create)? else {
             return Ok(None);
         };
-        let state = self
-            .keyring
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         // A project that exists gets the active version's DEK on first use, read or write.
         let dek = self
             .project_key(&kek, project, &dek_name(state.active), true)?
@@ -454,6 +461,8 @@ impl Vault {
             }
         }
         map.insert(project.clone(), Arc::clone(&keys));
+        drop(map);
+        drop(state);
         Ok(Some(keys))
     }
 
@@ -559,7 +568,7 @@ impl Vault {
             .unwrap_or_else(|p| p.into_inner())
             .decrypt_only()
             .collect();
-        if pending.is_empty() {
+        if pending.is_empty() || self.retired_keys_in_use() {
             return Ok(());
         }
         let pass = self.reencrypt_pass()?;
@@ -574,6 +583,27 @@ impl Vault {
             self.destroy_unused(&pending)?;
         }
         Ok(())
+    }
+
+    /// Whether a request still holds a DEK of a version that is no longer active. Such a
+    /// request may read a record sealed under its own version only; records move (and
+    /// versions go) only once none is left. Stale cache entries are dropped first.
+    fn retired_keys_in_use(&self) -> bool {
+        let active = self.keyring.active_version();
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, k| k.dek_version == active);
+        let mut issued = self
+            .keyring
+            .issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        issued.retain(|w| w.strong_count() > 0);
+        issued
+            .iter()
+            .filter_map(Weak::upgrade)
+            .any(|d| d.version != active)
     }
 
     fn rotation_due(&self) -> Option<String> {
@@ -743,26 +773,8 @@ impl Vault {
     fn destroy_unused(&self, pending: &[u32]) -> Result<(), VaultError> {
         let _admin = self.keyring.admin.lock().unwrap_or_else(|p| p.into_inner());
         let active = self.keyring.active_version();
-        // Cached keys of a version no longer active are dropped, so only requests in flight
-        // can still hold an old DEK.
-        self.keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, k| k.dek_version == active);
-        {
-            let mut issued = self
-                .keyring
-                .issued
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            issued.retain(|w| w.strong_count() > 0);
-            if issued
-                .iter()
-                .filter_map(Weak::upgrade)
-                .any(|d| d.version != active)
-            {
-                return Ok(());
-            }
+        if self.retired_keys_in_use() {
+            return Ok(());
         }
         // A last count after the holders are gone: anything sealed under an old version
         // before that is visible now.
@@ -796,6 +808,8 @@ impl Vault {
             .state
             .write()
             .unwrap_or_else(|p| p.into_inner()) = state;
+        // Cached keys still hold the destroyed versions for decryption: drop them all.
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(())
     }
 
@@ -984,6 +998,10 @@ impl Vault {
         // No key is created or wrapped while the store moves to the new KEK.
         let mut slot = self.keyring.kek.write().unwrap_or_else(|p| p.into_inner());
         let old = slot.as_deref().ok_or(VaultError::Sealed)?;
+        // The custody proven above must still be the one in use (no rekey in between).
+        if old.id() != kek.id() {
+            return Err(VaultError::Contention);
+        }
         let mut rewrapped = Vec::new();
         for (project, name, wrapped) in self.store.wrapped_keys()? {
             let p = Project::parse(&project).map_err(|_| VaultError::Integrity(project.clone()))?;

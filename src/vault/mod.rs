@@ -499,6 +499,10 @@ impl Vault {
                 if current.used_at.is_some() {
                     return Err(VaultError::TokenUsed);
                 }
+                // Never use a token up with keys that cannot open it.
+                if keys.opener(current.key_version).is_none() {
+                    return Err(VaultError::Integrity(id.to_string()));
+                }
                 if current.expires_at <= now || current.pan.is_none() {
                     return Err(VaultError::TokenExpired);
                 }

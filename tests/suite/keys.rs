@@ -495,3 +495,58 @@ fn rekey_moves_to_new_custodians_and_old_shares_stop_working() {
     );
     assert_nowhere(setup.root(), &logs, &[old_secrets, new_secrets].concat());
 }
+
+#[test]
+fn rewriting_a_customer_token_after_rotation_keeps_its_card_readable() {
+    // Re-encryption moves one record, then pauses long enough for the rewrite below to run
+    // first: the token is still under version 1 when it is rewritten under version 2.
+    let setup = Setup::with_settings(
+        "rotate-rewrite",
+        "[keys]\nreencrypt_batch = 1\nreencrypt_pause = \"30s\"\n",
+    );
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let pan = test_pan(1);
+    let customer = router
+        .post("/v1/customers", &json!({"email": "ada@example.com"}))
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let attach = |pan: &str| {
+        let card = router.post("/v1/cards", &card_body(pan)).json()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        router.post(
+            &format!("/v1/customers/{customer}/tokens"),
+            &json!({"source": card, "recurring": {"model": "unscheduled"}}),
+        )
+    };
+    let res = attach(&pan);
+    assert_eq!(res.status, 201, "{}", res.body);
+    let token = res.json()["token"].as_str().unwrap().to_owned();
+    let res = setup
+        .client(&daemon, &setup.ops())
+        .post("/v1/admin/keys/rotate", &json!({}));
+    assert_eq!(res.status, 200);
+    // The same card attached again refreshes the existing token, now under version 2.
+    let res = attach(&pan);
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(res.json()["token"], token.as_str());
+    detokenize_ok(&router, &token, &pan);
+    // And an update of the token's recurring data.
+    let res = router.send(
+        "PATCH",
+        &format!("/v1/customers/{customer}/tokens/{token}"),
+        &[],
+        Some(
+            json!({"recurring": {"model": "subscription"}})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!(res.unwrap().status, 200);
+    detokenize_ok(&router, &token, &pan);
+    daemon.kill9();
+}

@@ -104,6 +104,8 @@ struct Line<'a> {
 
 struct Chain {
     file: Option<File>,
+    /// `PATH.head`, kept open: rewritten in place after every line.
+    head: Option<File>,
     /// (device, inode) of the open file, to notice rotation or replacement.
     identity: (u64, u64),
     seq: u64,
@@ -131,6 +133,16 @@ fn open_append(path: &Path) -> std::io::Result<(File, (u64, u64))> {
     Ok((file, (meta.dev(), meta.ino())))
 }
 
+fn open_head(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .ok()
+}
+
 fn head_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".head");
@@ -152,12 +164,14 @@ impl FileSink {
             }
         };
         let (file, identity) = open_append(path).map_err(|e| fail(e.to_string()))?;
+        let head = open_head(&head_path(path));
         Ok(FileSink {
             path: path.to_owned(),
             head: head_path(path),
             key,
             chain: Mutex::new(Chain {
                 file: Some(file),
+                head,
                 identity,
                 seq,
                 prev,
@@ -213,13 +227,7 @@ impl AuditSink for FileSink {
         chain.prev = mac;
         // The head is a hint for `audit verify`; failing to update it does not lose events.
         let head = format!("{:020} {}\n", chain.seq, chain.prev);
-        if let Ok(file) = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&self.head)
-        {
+        if let Some(file) = &chain.head {
             let _ = file.write_at(head.as_bytes(), 0);
         }
         Ok(())
@@ -255,6 +263,7 @@ impl AuditSink for FileSink {
                 }
                 chain.file = Some(file);
                 chain.identity = identity;
+                chain.head = open_head(&self.head);
             }
             Err(e) => {
                 if chain.failed.is_none() {

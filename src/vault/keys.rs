@@ -173,6 +173,8 @@ pub(super) struct Unsealing {
 /// The key side of the vault's state.
 pub(super) struct KeyRing {
     pub kek: std::sync::RwLock<Option<Arc<Kek>>>,
+    /// Set once the KEK is in place, so the sealed check on every request takes no lock.
+    pub unsealed: std::sync::atomic::AtomicBool,
     pub custody: Mutex<Option<Custody>>,
     pub unsealing: Mutex<Unsealing>,
     pub state: std::sync::RwLock<DekState>,
@@ -187,6 +189,7 @@ impl KeyRing {
     pub fn new(settings: KeySettings, custody: Option<Custody>) -> KeyRing {
         KeyRing {
             kek: std::sync::RwLock::new(None),
+            unsealed: std::sync::atomic::AtomicBool::new(false),
             custody: Mutex::new(custody),
             unsealing: Mutex::new(Unsealing::default()),
             state: std::sync::RwLock::new(DekState::initial(unix_now())),
@@ -260,7 +263,7 @@ fn dek_name(version: u32) -> String {
 
 impl Vault {
     pub fn is_sealed(&self) -> bool {
-        self.keyring.kek().is_none()
+        !self.keyring.unsealed.load(Ordering::Acquire)
     }
 
     /// The id of the KEK in use; `None` while sealed.
@@ -311,6 +314,7 @@ impl Vault {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = state;
         *self.keyring.kek.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(kek));
+        self.keyring.unsealed.store(true, Ordering::Release);
         tracing::info!("vault unsealed");
         Ok(())
     }

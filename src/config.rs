@@ -124,6 +124,21 @@ struct RawTls {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // The config holds no secret, but it names the keys, policies and CA: a config others
+        // can change could point the daemon at theirs.
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode();
+            if mode & 0o002 != 0 {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    message: format!(
+                        "writable by others (mode {:o}); run chmod o-w on it",
+                        mode & 0o777
+                    ),
+                });
+            }
+        }
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,

@@ -17,7 +17,8 @@
 //! - `tls`, [`server`]: rustls configuration and the assembled daemon;
 //! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs;
 //! - [`bench`]: the load generator behind `cardvault bench`;
-//! - [`client`]: the operator side of the admin API (`unseal`, `keys ...`).
+//! - [`client`]: the operator side of the admin API (`unseal`, `keys ...`);
+//! - [`hardening`]: no core dumps, locked memory, a warning for root.
 
 /// `Debug` for types that hold personal or card data: prints only the type name, so a stray
 /// `{:?}` in a log line or a panic cannot leak what they hold.
@@ -37,6 +38,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod dev;
+pub mod hardening;
 pub mod pki;
 pub mod server;
 

@@ -179,6 +179,11 @@ enum KeysCommand {
 }
 
 fn main() -> ExitCode {
+    // Before anything holds a key, a share or a card: no core dumps, for every command.
+    if let Err(e) = cardvault::hardening::no_core_dumps() {
+        eprintln!("cardvault: error: cannot turn core dumps off: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve { config } => cardvault::commands::serve(config),

@@ -76,6 +76,18 @@ fn open_audit(config: &Config) -> Result<FileAndLog, StartupError> {
 /// key when the config allows it. Of `custodians/` and `custodians.next/` (left by a rekey
 /// that switched the store but not yet the folders), the one for the store's KEK is used.
 fn key_source(config: &Config, store_kek: Option<String>) -> Result<KeySource, StartupError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&config.keys_dir)
+        .map_err(|e| StartupError::Keys(format!("{}: {e}", config.keys_dir.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o007 != 0 {
+        return Err(StartupError::Keys(format!(
+            "{} is accessible to others (mode {:o}); run chmod o-rwx on it",
+            config.keys_dir.display(),
+            mode & 0o777
+        )));
+    }
     let dev_key = config.keys_dir.join(DEV_KEY_FILE);
     let candidates: Vec<Custody> = [CUSTODIANS_DIR, NEXT_CUSTODIANS_DIR]
         .iter()

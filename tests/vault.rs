@@ -25,6 +25,9 @@ mod keys;
 #[path = "suite/audit.rs"]
 mod audit;
 
+#[path = "suite/tls_scan.rs"]
+mod tls_scan;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -764,6 +767,24 @@ fn startup_is_refused_on_unsafe_or_broken_setups() {
             "holds no key",
         ),
         (
+            "keys_dir open to others",
+            Box::new(|s| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&s.keys_dir, std::fs::Permissions::from_mode(0o755))
+                    .unwrap();
+            }),
+            "accessible to others",
+        ),
+        (
+            "policy writable by others",
+            Box::new(|s| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&s.policy, std::fs::Permissions::from_mode(0o666))
+                    .unwrap();
+            }),
+            "writable by others",
+        ),
+        (
             "dev key without insecure_dev_key",
             Box::new(|s| {
                 let text = std::fs::read_to_string(&s.config)
@@ -810,6 +831,20 @@ fn startup_is_refused_on_unsafe_or_broken_setups() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn the_running_daemon_cannot_dump_core() {
+    let setup = Setup::new("nocore");
+    let daemon = setup.start();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    daemon.stop();
 }
 
 /// The benchmark command works end to end (its figures are not asserted: timing belongs to

@@ -247,6 +247,7 @@ impl Policy {
             source,
         };
         let mut files = Vec::new();
+        refuse_world_writable(path)?;
         if path.is_dir() {
             for entry in std::fs::read_dir(path).map_err(read_err)? {
                 let p = entry.map_err(read_err)?.path();
@@ -260,6 +261,7 @@ impl Policy {
         }
         let mut sources = Vec::new();
         for file in files {
+            refuse_world_writable(&file)?;
             let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Read {
                 path: file.clone(),
                 source,
@@ -346,6 +348,29 @@ impl Policy {
             _permission: PhantomData,
         })
     }
+}
+
+/// A policy anyone on the host can change grants anything to anyone: refused.
+fn refuse_world_writable(path: &Path) -> Result<(), PolicyError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o002 != 0 {
+        return Err(PolicyError::Invalid {
+            path: path.to_owned(),
+            message: format!(
+                "writable by others (mode {:o}): anyone on the host could grant themselves \
+                 detokenize; run chmod o-w on it",
+                mode & 0o777
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl Identity {

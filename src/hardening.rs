@@ -1,0 +1,54 @@
+//! Process hardening, through rustix's safe wrappers (`unsafe_code` stays forbidden):
+//!
+//! - no core dumps: `RLIMIT_CORE` 0 and `PR_SET_DUMPABLE` 0 (the latter also keeps other
+//!   processes of the same user from attaching or reading `/proc/PID/mem`), for every command,
+//!   since `unseal` and `keys` handle shares and passphrases too;
+//! - memory locked (`mlockall`, current and future pages, as they are touched) where the OS
+//!   allows it, so keys and card data never reach swap; a warning where it does not;
+//! - a warning when running as root.
+
+use rustix::mm::{mlockall, MlockAllFlags};
+use rustix::process::{
+    geteuid, getrlimit, set_dumpable_behavior, setrlimit, DumpableBehavior, Resource, Rlimit,
+};
+
+/// Turns core dumps off for this process. Errors are returned for the caller to refuse or
+/// report; neither call fails on Linux for an unprivileged process lowering its own limits.
+pub fn no_core_dumps() -> std::io::Result<()> {
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    Ok(())
+}
+
+/// Locks the process's memory if the memlock limit allows it (unlimited, or root), and says
+/// what it did. A limited memlock is not tried: with future pages locked, allocations past the
+/// limit would fail later, in the middle of serving.
+pub fn lock_memory() {
+    let limit = getrlimit(Resource::Memlock);
+    let root = geteuid().is_root();
+    if limit.current.is_some() && !root {
+        tracing::warn!(
+            memlock_bytes = limit.current,
+            "memory is not locked (RLIMIT_MEMLOCK is limited): keys could reach swap; \
+             set LimitMEMLOCK=infinity (systemd) or disable swap"
+        );
+        return;
+    }
+    match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
+        Ok(()) => tracing::info!("memory locked: keys and card data stay out of swap"),
+        Err(e) => tracing::warn!(error = %e, "memory could not be locked: keys could reach swap"),
+    }
+}
+
+/// Warns about running as root: nothing here needs it.
+pub fn warn_if_root() {
+    if geteuid().is_root() {
+        tracing::warn!("running as root: run cardvault as its own unprivileged user");
+    }
+}

@@ -46,6 +46,7 @@ mod api;
 mod audit;
 pub mod crypto;
 mod customer;
+mod limits;
 mod policy;
 mod store;
 mod tls;

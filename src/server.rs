@@ -190,6 +190,7 @@ impl Application {
         let state = web::Data::new(AppState {
             vault: Arc::clone(&vault),
             policy,
+            limits: crate::limits::Limiter::default(),
         });
         let mut server = HttpServer::new(move || {
             App::new()

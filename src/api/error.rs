@@ -84,6 +84,11 @@ impl ApiError {
         "invalid_idempotency_key",
         "Idempotency-Key must be 1-255 printable ASCII characters",
     );
+    pub const RATE_LIMITED: ApiError = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "this caller is over its detokenization limit; slow down",
+    );
     pub const SEALED: ApiError = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "sealed",
@@ -254,6 +259,7 @@ impl From<VaultError> for ApiError {
             }
             VaultError::Sealed => ApiError::SEALED,
             VaultError::Forbidden => ApiError::FORBIDDEN,
+            VaultError::RateLimited => ApiError::RATE_LIMITED,
             VaultError::NoCustody => ApiError::new(
                 StatusCode::CONFLICT,
                 "no_custody",

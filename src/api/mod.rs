@@ -36,6 +36,7 @@ pub const PROJECT_HEADER: &str = "vault-project";
 pub struct AppState {
     pub vault: Arc<Vault>,
     pub policy: Arc<Policy>,
+    pub limits: crate::limits::Limiter,
 }
 
 /// Routes, shared by the daemon and anything else that serves the API.
@@ -443,13 +444,29 @@ async fn detokenize(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant(&req, &state)?;
+    // Bulk-detokenization monitoring: the policy's rate, and a cap on unknown-token lookups.
+    if let Err(refusal) = state
+        .limits
+        .admit(grant.identity(), grant.limits(), Instant::now())
+    {
+        state
+            .vault
+            .audit_limit(grant.actor(), grant.project(), refusal.reason())?;
+        return Err(ApiError::RATE_LIMITED);
+    }
     let body = parse_json::<DetokenizeRequest>(&read_body(&req, payload).await?)?;
     let purpose = Purpose {
         reason: label(body.reason, 64)?,
         reference: label(body.reference, 128)?,
     };
-    let token = ObjectId::parse(body.token.expose()).map_err(|_| ApiError::NOT_FOUND)?;
-    let details = state.vault.detokenize(&grant, &token, &purpose).await?;
+    let details = match ObjectId::parse(body.token.expose()) {
+        Ok(token) => state.vault.detokenize(&grant, &token, &purpose).await,
+        Err(_) => Err(crate::vault::VaultError::NotFound),
+    };
+    if matches!(details, Err(crate::vault::VaultError::NotFound)) {
+        state.limits.missed(grant.identity(), Instant::now());
+    }
+    let details = details?;
     Ok(json(
         StatusCode::OK,
         &DetokenizeResponse {

@@ -109,6 +109,7 @@ permission_marker!(Keys, Permission::Keys);
 pub struct Grant<P: Requires> {
     identity: Arc<str>,
     peer: Arc<Peer>,
+    limits: Limits,
     project: Project,
     _permission: PhantomData<fn() -> P>,
 }
@@ -116,6 +117,11 @@ pub struct Grant<P: Requires> {
 impl<P: Requires> Grant<P> {
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// The identity's limits from the policy.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Who acted, for the audit trail.
@@ -193,6 +199,29 @@ pub struct Identity {
     permissions: HashSet<Permission>,
     /// `None` means every project (`"*"`).
     projects: Option<HashSet<Project>>,
+    limits: Limits,
+}
+
+/// Per-identity limits on detokenization (bulk-detokenization monitoring).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Sustained detokenizations per second, with `detokenize_burst` in reserve; `None`:
+    /// no rate limit.
+    pub detokenize_per_second: Option<f64>,
+    pub detokenize_burst: u32,
+    /// Lookups of tokens that do not exist (404) allowed per minute before detokenization
+    /// is refused for the rest of that minute: enumeration.
+    pub unknown_tokens_per_minute: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            detokenize_per_second: None,
+            detokenize_burst: 0,
+            unknown_tokens_per_minute: 60,
+        }
+    }
 }
 
 impl Identity {
@@ -237,6 +266,9 @@ struct IdentityEntry {
     /// May be left out by an identity whose permissions are all vault-wide (custodians).
     #[serde(default)]
     projects: Vec<String>,
+    detokenize_per_second: Option<f64>,
+    detokenize_burst: Option<u32>,
+    unknown_tokens_per_minute: Option<u32>,
 }
 
 impl Policy {
@@ -344,6 +376,7 @@ impl Policy {
         Ok(Grant {
             identity: Arc::clone(&identity.name),
             peer: Arc::clone(peer),
+            limits: identity.limits,
             project: project.clone(),
             _permission: PhantomData,
         })
@@ -426,11 +459,31 @@ impl Identity {
             }
             Some(set)
         };
+        let defaults = Limits::default();
+        let limits = Limits {
+            detokenize_per_second: entry.detokenize_per_second,
+            detokenize_burst: entry
+                .detokenize_burst
+                .unwrap_or_else(|| entry.detokenize_per_second.map_or(0, |r| r.ceil() as u32)),
+            unknown_tokens_per_minute: entry
+                .unknown_tokens_per_minute
+                .unwrap_or(defaults.unknown_tokens_per_minute),
+        };
+        if limits
+            .detokenize_per_second
+            .is_some_and(|r| !(r.is_finite() && r > 0.0))
+            || (limits.detokenize_per_second.is_some() && limits.detokenize_burst == 0)
+        {
+            return Err(format!(
+                "identity {name:?}: detokenize_per_second must be positive, with a positive detokenize_burst"
+            ));
+        }
         Ok(Identity {
             name: name.into(),
             matcher,
             permissions,
             projects,
+            limits,
         })
     }
 }

@@ -75,6 +75,9 @@ pub enum VaultError {
     /// Only for audit records of policy denials; the API answers those itself.
     #[error("denied by policy")]
     Forbidden,
+    /// Only for audit records of detokenization limits; the API answers those itself.
+    #[error("over the detokenization limit")]
+    RateLimited,
 }
 
 impl VaultError {
@@ -97,6 +100,7 @@ impl VaultError {
             VaultError::WrongKek(_) => "wrong_kek",
             VaultError::KeyExhausted => "key_exhausted",
             VaultError::Forbidden => "forbidden",
+            VaultError::RateLimited => "rate_limited",
         }
     }
 }
@@ -578,6 +582,26 @@ impl Vault {
             project,
             "policy.denied",
             &Err::<(), _>(VaultError::Forbidden),
+            None,
+            &Purpose {
+                reason: Some(reason.to_owned()),
+                reference: None,
+            },
+        )
+    }
+
+    /// Records a detokenization refused by the caller's limits.
+    pub fn audit_limit(
+        &self,
+        actor: Actor<'_>,
+        project: &Project,
+        reason: &'static str,
+    ) -> Result<(), VaultError> {
+        self.audit(
+            actor,
+            project,
+            "limit.detokenize",
+            &Err::<(), _>(VaultError::RateLimited),
             None,
             &Purpose {
                 reason: Some(reason.to_owned()),

@@ -281,3 +281,68 @@ fn an_unwritable_audit_log_refuses_requests_before_they_act() {
     let (ok, out) = verify(&setup, &setup.root().join("audit/moved.log"), false);
     assert!(ok, "{out}");
 }
+
+#[test]
+fn detokenization_limits_answer_429_and_are_audited() {
+    let setup = Setup::new("limits");
+    let policy = POLICY.replace(
+        "name = \"router\"\n",
+        "name = \"router\"\ndetokenize_per_second = 2.0\ndetokenize_burst = 3\n",
+    )
+        + "\n[[identity]]\nname = \"prober\"\nuri_san = \"spiffe://cardvault.test/prober\"\n\
+         permissions = [\"detokenize\"]\nprojects = [\"*\"]\nunknown_tokens_per_minute = 5\n";
+    write(&setup.policy, &policy);
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let cards: Vec<String> = (0..10)
+        .map(|i| {
+            router.post("/v1/cards", &card_body(&test_pan(i))).json()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    // A burst above the rate: the burst allowance passes, the rest is refused.
+    let statuses: Vec<u16> = cards
+        .iter()
+        .map(|c| router.post("/v1/detokenize", &json!({"token": c})).status)
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!((3..=5).contains(&ok), "{statuses:?}");
+    assert_eq!(ok + limited, cards.len(), "{statuses:?}");
+    let res = router.post("/v1/detokenize", &json!({"token": cards[9]}));
+    assert_eq!(res.code(), "rate_limited");
+    // The refused cards were not used up: at the policy's pace they all come out.
+    std::thread::sleep(Duration::from_millis(1500));
+    let res = router.post("/v1/detokenize", &json!({"token": cards[9]}));
+    assert_eq!(res.status, 200, "{}", res.body);
+
+    // Enumeration: five unknown tokens, then the prober is refused even a real one.
+    let prober = setup.client(&daemon, &setup.identity(&spec("prober")));
+    for i in 0..5 {
+        let res = prober.post(
+            "/v1/detokenize",
+            &json!({"token": format!("card_{i:0>32}")}),
+        );
+        assert_eq!(res.status, 404, "{}", res.body);
+    }
+    let res = prober.post("/v1/detokenize", &json!({"token": cards[8]}));
+    assert_eq!((res.status, res.code()), (429, "rate_limited".into()));
+    daemon.stop();
+
+    let lines = audit_lines(&setup);
+    let refused: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "limit.detokenize")
+        .collect();
+    assert_eq!(refused.len(), limited + 2, "{refused:?}");
+    assert!(refused.iter().all(|l| l["code"] == "rate_limited"));
+    assert!(refused
+        .iter()
+        .any(|l| l["identity"] == "router" && l["reason"].as_str().unwrap().contains("rate")));
+    assert!(refused
+        .iter()
+        .any(|l| l["identity"] == "prober"
+            && l["reason"].as_str().unwrap().contains("unknown tokens")));
+}

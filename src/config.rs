@@ -46,6 +46,19 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// PEM file of CRLs from the client CA; checked on every handshake.
+    pub crl: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    pub fn paths(&self) -> crate::tls::TlsPaths<'_> {
+        crate::tls::TlsPaths {
+            cert: &self.cert,
+            key: &self.key,
+            client_ca: &self.client_ca,
+            crl: self.crl.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -120,6 +133,7 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
+    crl: Option<PathBuf>,
 }
 
 impl Config {
@@ -222,6 +236,7 @@ impl Config {
                 cert: resolve(raw.tls.cert),
                 key: resolve(raw.tls.key),
                 client_ca: resolve(raw.tls.client_ca),
+                crl: raw.tls.crl.map(resolve),
             },
             card_token_ttl,
             cvc_ttl,

@@ -3,8 +3,9 @@
 //! Never used by `serve`, which takes operator-provided PEM files.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 use zeroize::Zeroizing;
@@ -15,6 +16,8 @@ pub use rcgen::Error;
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: Zeroizing<String>,
+    /// The certificate's serial number, for revoking it in a CRL.
+    pub serial: Vec<u8>,
 }
 
 /// What a client certificate says.
@@ -108,12 +111,41 @@ impl Authority {
         self.issue(params)
     }
 
-    fn issue(&self, params: CertificateParams) -> Result<Issued, Error> {
+    fn issue(&self, mut params: CertificateParams) -> Result<Issued, Error> {
+        let mut serial = [0u8; 16];
+        crate::crypto::fill_random(&mut serial).map_err(|_| Error::RingUnspecified)?;
+        // Positive, as RFC 5280 asks.
+        serial[0] &= 0x7f;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: Zeroizing::new(key.serialize_pem()),
+            serial: serial.to_vec(),
         })
+    }
+
+    /// A CRL (PEM) from this authority revoking the certificates with these serials, valid
+    /// from yesterday for 30 days.
+    pub fn crl(&self, revoked: &[&[u8]]) -> Result<String, Error> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::days(1),
+            next_update: now + Duration::days(30),
+            crl_number: SerialNumber::from(now.unix_timestamp().unsigned_abs()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: now - Duration::hours(1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer)?.pem()
     }
 }

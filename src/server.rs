@@ -54,6 +54,47 @@ pub enum StartupError {
     },
 }
 
+/// On `SIGHUP`: the server certificate, client CA, CRLs and policies are loaded again from
+/// the paths the config names, and swapped in together, or not at all (the log says why).
+/// Established connections keep their session; new handshakes use the new files.
+fn spawn_reloader(
+    config: Config,
+    tls: Arc<tls::TlsState>,
+    state: web::Data<AppState>,
+) -> Result<(), StartupError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).map_err(|source| StartupError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    actix_web::rt::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let outcome = reload(&config, &tls, &state);
+            match &outcome {
+                Ok(()) => tracing::info!("reloaded certificates, CRLs and policies"),
+                Err(why) => {
+                    tracing::error!(error = %why, "reload refused; the previous configuration stays in force")
+                }
+            }
+            let result = outcome.map_err(|_| VaultError::ReloadRefused);
+            if let Err(e) = state
+                .vault
+                .audit_event(Actor::system(), "daemon.reload", &result)
+            {
+                tracing::error!(error = %e, "the reload could not be audited");
+            }
+        }
+    });
+    Ok(())
+}
+
+fn reload(config: &Config, tls: &tls::TlsState, state: &AppState) -> Result<(), String> {
+    let policy = Policy::load(&config.policies).map_err(|e| e.to_string())?;
+    tls.reload(&config.tls.paths()).map_err(|e| e.to_string())?;
+    *state.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    Ok(())
+}
+
 /// The audit file (its folder made 0700 if missing) and its key from `keys_dir`.
 fn open_audit(config: &Config) -> Result<FileAndLog, StartupError> {
     if let Some(dir) = config.audit_path.parent() {
@@ -150,8 +191,7 @@ pub struct Application {
 impl Application {
     pub fn build(config: &Config) -> Result<Application, StartupError> {
         let policy = Arc::new(Policy::load(&config.policies)?);
-        let tls_config =
-            tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
+        let tls_config = tls::server_config(&config.tls.paths())?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -187,11 +227,13 @@ impl Application {
             addr: config.listen,
             source,
         })?;
+        let (tls_config, tls_state) = tls_config;
         let state = web::Data::new(AppState {
             vault: Arc::clone(&vault),
-            policy,
+            policy: std::sync::RwLock::new(policy),
             limits: crate::limits::Limiter::default(),
         });
+        spawn_reloader(config.clone(), tls_state, state.clone())?;
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

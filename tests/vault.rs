@@ -28,6 +28,9 @@ mod audit;
 #[path = "suite/tls_scan.rs"]
 mod tls_scan;
 
+#[path = "suite/reload.rs"]
+mod reload;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -844,6 +847,9 @@ fn the_running_daemon_cannot_dump_core() {
         .unwrap();
     let fields: Vec<&str> = core.split_whitespace().collect();
     assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    // Serving (so its signal handlers are in place) before it is stopped.
+    let res = setup.client(&daemon, &setup.router()).get("/v1/health");
+    assert_eq!(res.status, 200);
     daemon.stop();
 }
 

@@ -260,6 +260,7 @@ impl From<VaultError> for ApiError {
             VaultError::Sealed => ApiError::SEALED,
             VaultError::Forbidden => ApiError::FORBIDDEN,
             VaultError::RateLimited => ApiError::RATE_LIMITED,
+            VaultError::ReloadRefused => ApiError::INTERNAL,
             VaultError::NoCustody => ApiError::new(
                 StatusCode::CONFLICT,
                 "no_custody",

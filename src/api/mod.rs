@@ -35,7 +35,8 @@ pub const PROJECT_HEADER: &str = "vault-project";
 /// What every handler shares.
 pub struct AppState {
     pub vault: Arc<Vault>,
-    pub policy: Arc<Policy>,
+    /// Replaced whole by a `SIGHUP` reload.
+    pub policy: std::sync::RwLock<Arc<Policy>>,
     pub limits: crate::limits::Limiter,
 }
 
@@ -106,7 +107,8 @@ fn project(req: &HttpRequest) -> Result<Project, ApiError> {
 fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, ApiError> {
     let peer = peer(req)?;
     let project = project(req)?;
-    let grant = match state.policy.authorize::<P>(peer, &project) {
+    let policy = Arc::clone(&state.policy.read().unwrap_or_else(|p| p.into_inner()));
+    let grant = match policy.authorize::<P>(peer, &project) {
         Ok(grant) => grant,
         Err(denied) => {
             let reason = denied.to_string();
@@ -706,7 +708,12 @@ pub async fn log_request(
             req.conn_data::<Arc<Peer>>(),
             req.app_data::<web::Data<AppState>>(),
         ) {
-            (Some(peer), Some(state)) => match state.policy.identify(peer) {
+            (Some(peer), Some(state)) => match state
+                .policy
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .identify(peer)
+            {
                 Ok(identity) => identity.name().to_owned(),
                 Err(_) => format!("unmatched:{} sha256:{}", peer.subject, peer.fingerprint),
             },

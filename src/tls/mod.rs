@@ -9,15 +9,27 @@
 //!
 //! The crypto provider (ring) is passed explicitly everywhere, so no process-wide default is
 //! needed and a second provider in the dependency tree cannot make startup ambiguous.
+//!
+//! Revocation: with `[tls] crl`, every handshake checks the client's chain against the CRLs
+//! (unknown status and an expired CRL are refusals). Reload: the server certificate, the
+//! client CA and the CRLs sit behind [`TlsState`], which `SIGHUP` replaces as a whole or not
+//! at all; connections already established keep their session.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{ring as provider, CryptoProvider};
-use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
-use rustls::{RootCertStore, ServerConfig};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
+};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::crypto::sha256_hex;
@@ -72,28 +84,170 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
 }
 
-/// The server's TLS configuration: required client certificates from `client_ca`.
-pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerConfig, TlsError> {
-    let provider = crypto_provider();
+/// The files the TLS layer is made from.
+#[derive(Debug, Clone)]
+pub struct TlsPaths<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub client_ca: &'a Path,
+    pub crl: Option<&'a Path>,
+}
+
+/// What `SIGHUP` replaces: the server certificate and the client verifier (CA and CRLs).
+#[derive(Debug)]
+pub struct TlsState {
+    certified: RwLock<Arc<CertifiedKey>>,
+    verifier: RwLock<Arc<dyn ClientCertVerifier>>,
+    /// Leaked once per load (a few hundred bytes per reload), so `root_hint_subjects` can hand
+    /// out a reference that outlives the lock.
+    hints: RwLock<&'static [DistinguishedName]>,
+}
+
+struct Loaded {
+    certified: Arc<CertifiedKey>,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, TlsError> {
     let mut roots = RootCertStore::empty();
-    for ca in load_certs(client_ca)? {
-        roots.add(ca).map_err(|e| file_err(client_ca, e))?;
+    for ca in load_certs(paths.client_ca)? {
+        roots.add(ca).map_err(|e| file_err(paths.client_ca, e))?;
     }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    if let Some(crl) = paths.crl {
+        let crls = CertificateRevocationListDer::pem_file_iter(crl)
+            .map_err(|e| file_err(crl, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_err(crl, e))?;
+        if crls.is_empty() {
+            return Err(file_err(crl, "no CRL found"));
+        }
+        builder = builder.with_crls(crls).enforce_revocation_expiration();
+    }
+    let verifier = builder
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let certified = CertifiedKey::from_der(load_certs(paths.cert)?, load_key(paths.key)?, provider)
+        .map_err(|e| file_err(paths.key, e))?;
+    Ok(Loaded {
+        certified: Arc::new(certified),
+        verifier,
+    })
+}
+
+impl TlsState {
+    /// Loads everything again and swaps it in, or changes nothing and says why.
+    pub fn reload(&self, paths: &TlsPaths<'_>) -> Result<(), TlsError> {
+        let loaded = load(paths, &crypto_provider())?;
+        let hints: &'static [DistinguishedName] = Box::leak(
+            loaded
+                .verifier
+                .root_hint_subjects()
+                .to_vec()
+                .into_boxed_slice(),
+        );
+        *self.certified.write().unwrap_or_else(|p| p.into_inner()) = loaded.certified;
+        *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = loaded.verifier;
+        *self.hints.write().unwrap_or_else(|p| p.into_inner()) = hints;
+        Ok(())
+    }
+
+    fn current_verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        Arc::clone(&self.verifier.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The server certificate as currently loaded.
+#[derive(Debug)]
+struct CurrentCert(Arc<TlsState>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.0.certified.read().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
+}
+
+/// The client verifier as currently loaded: required certificates, CRLs when configured.
+#[derive(Debug)]
+struct CurrentVerifier(Arc<TlsState>);
+
+impl ClientCertVerifier for CurrentVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        *self.0.hints.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .current_verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current_verifier()
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .current_verifier()
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.current_verifier().supported_verify_schemes()
+    }
+}
+
+/// The server's TLS configuration: required client certificates from `client_ca`, checked
+/// against the CRLs when given; the state behind it can be reloaded.
+pub fn server_config(paths: &TlsPaths<'_>) -> Result<(ServerConfig, Arc<TlsState>), TlsError> {
+    let provider = crypto_provider();
+    let loaded = load(paths, &provider)?;
+    let hints: &'static [DistinguishedName] = Box::leak(
+        loaded
+            .verifier
+            .root_hint_subjects()
+            .to_vec()
+            .into_boxed_slice(),
+    );
+    let state = Arc::new(TlsState {
+        certified: RwLock::new(loaded.certified),
+        verifier: RwLock::new(loaded.verifier),
+        hints: RwLock::new(hints),
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|e| file_err(key, e))?;
+        .with_client_cert_verifier(Arc::new(CurrentVerifier(Arc::clone(&state))))
+        .with_cert_resolver(Arc::new(CurrentCert(Arc::clone(&state))));
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     config.max_early_data_size = 0;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((config, state))
 }
 
 /// Reads the verified leaf certificate (`chain[0]`; the rest are intermediates).

@@ -78,6 +78,9 @@ pub enum VaultError {
     /// Only for audit records of detokenization limits; the API answers those itself.
     #[error("over the detokenization limit")]
     RateLimited,
+    /// Only for audit records of a refused `SIGHUP` reload.
+    #[error("reload refused")]
+    ReloadRefused,
 }
 
 impl VaultError {
@@ -101,6 +104,7 @@ impl VaultError {
             VaultError::KeyExhausted => "key_exhausted",
             VaultError::Forbidden => "forbidden",
             VaultError::RateLimited => "rate_limited",
+            VaultError::ReloadRefused => "reload_refused",
         }
     }
 }

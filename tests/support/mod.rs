@@ -101,6 +101,8 @@ permissions = ["unseal"]
 pub struct Identity {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The certificate's serial number, to revoke it.
+    pub serial: Vec<u8>,
 }
 
 /// Everything a daemon needs on disk, before it runs.
@@ -311,7 +313,11 @@ pub fn issue(ca: &Authority, spec: &ClientSpec, dir: &Path) -> Identity {
     let key = dir.join(format!("client-{n}.key"));
     write(&cert, &issued.cert_pem);
     write_private(&key, &issued.key_pem);
-    Identity { cert, key }
+    Identity {
+        cert,
+        key,
+        serial: issued.serial,
+    }
 }
 
 pub fn write(path: &Path, text: &str) {

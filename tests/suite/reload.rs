@@ -1,0 +1,107 @@
+//! Certificate revocation and `SIGHUP`: a revoked client certificate fails the handshake, a
+//! reload takes new CRLs and policies without dropping established connections, and a bad
+//! reload changes nothing.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn hangup(daemon: &Daemon) {
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Waits until the daemon has logged `needle` `count` times.
+fn wait_for_log(daemon: &Daemon, needle: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.output().matches(needle).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in:\n{}",
+            daemon.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
+    let setup = Setup::new("crl");
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "client_ca = \"ca.pem\"\n",
+        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
+    );
+    write(&setup.config, &config);
+    let crl = setup.root().join("crl.pem");
+    let early = setup.router();
+    let late = setup.router();
+    let other = setup.router();
+    // Revoked before the start.
+    write(&crl, &setup.ca.crl(&[&early.serial]).unwrap());
+    let daemon = setup.start();
+    let health = |who: &Identity| {
+        setup
+            .client(&daemon, who)
+            .send("GET", "/v1/health", &[], None)
+    };
+    assert!(health(&early).is_err(), "a revoked certificate got through");
+    assert_eq!(health(&late).unwrap().status, 200);
+    assert_eq!(health(&other).unwrap().status, 200);
+
+    // A connection made now survives the reload that revokes its certificate.
+    let established = setup.client(&daemon, &late).connect().unwrap();
+    write(&crl, &setup.ca.crl(&[&early.serial, &late.serial]).unwrap());
+    hangup(&daemon);
+    wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
+    assert!(
+        health(&late).is_err(),
+        "revoked by the reload, still accepted"
+    );
+    assert!(health(&early).is_err());
+    assert_eq!(health(&other).unwrap().status, 200);
+    let res = established.send("GET", "/v1/health", &[], None).unwrap();
+    assert_eq!(
+        res.status, 200,
+        "the reload dropped an established connection"
+    );
+
+    // A bad reload (a broken CRL, then a broken policy) keeps what was in force.
+    write(&crl, "not a CRL");
+    hangup(&daemon);
+    wait_for_log(&daemon, "reload refused", 1);
+    assert!(health(&late).is_err());
+    assert_eq!(health(&other).unwrap().status, 200);
+    write(&crl, &setup.ca.crl(&[&early.serial, &late.serial]).unwrap());
+    write(&setup.policy, &POLICY.replace("\"keys\"", "\"godmode\""));
+    hangup(&daemon);
+    wait_for_log(&daemon, "reload refused", 2);
+    assert!(daemon.output().contains("unknown permission"));
+    assert_eq!(health(&other).unwrap().status, 200);
+
+    // A good policy reload takes effect: checkout may now detokenize.
+    write(
+        &setup.policy,
+        &POLICY.replace(
+            "uri_san = \"spiffe://cardvault.test/checkout\"\npermissions = [\"tokenize\", \"read\"]",
+            "uri_san = \"spiffe://cardvault.test/checkout\"\npermissions = [\"tokenize\", \"read\", \"detokenize\"]",
+        ),
+    );
+    let checkout = setup.client(&daemon, &setup.checkout());
+    let card = checkout.post("/v1/cards", &card_body(&test_pan(1))).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let detok = serde_json::json!({"token": card});
+    assert_eq!(checkout.post("/v1/detokenize", &detok).status, 403);
+    hangup(&daemon);
+    wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 2);
+    assert_eq!(checkout.post("/v1/detokenize", &detok).status, 200);
+    daemon.stop();
+
+    let audit = std::fs::read_to_string(setup.root().join("audit/audit.log")).unwrap();
+    assert_eq!(audit.matches("\"event\":\"daemon.reload\"").count(), 4);
+}

@@ -559,11 +559,15 @@ impl Vault {
     /// One maintenance round: rotate when due; re-encrypt towards the active version; destroy
     /// versions no record uses any more.
     pub(super) fn maintain_keys(&self) -> Result<(), VaultError> {
-        if self.is_sealed() {
+        // Key operations are audited: none while sealed, none while the audit log is down.
+        if self.is_sealed() || self.audit.ready().is_err() {
             return Ok(());
         }
         if let Some(reason) = self.rotation_due() {
-            self.rotate_deks(&reason)?;
+            let result = self.rotate_deks(&reason);
+            let object = result.as_ref().ok().map(|v| format!("dek/{v}"));
+            self.audit_system("keys.rotate", &result, object.as_deref(), &reason)?;
+            result?;
         }
         let pending: Vec<u32> = self
             .keyring
@@ -799,10 +803,12 @@ impl Vault {
                 self.store.remove_wrapped_key(&project, &name)?;
             }
         }
+        let mut destroyed = Vec::new();
         for v in &mut state.versions {
             if pending.contains(&v.version) && v.state == KeyState::DecryptOnly {
                 v.state = KeyState::Destroyed;
                 v.destroyed_at = Some(now);
+                destroyed.push(v.version);
                 tracing::info!(version = v.version, "DEK version destroyed");
             }
         }
@@ -814,6 +820,14 @@ impl Vault {
             .unwrap_or_else(|p| p.into_inner()) = state;
         // Cached keys still hold the destroyed versions for decryption: drop them all.
         self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
+        for version in destroyed {
+            self.audit_system(
+                "keys.destroy",
+                &Ok::<(), VaultError>(()),
+                Some(&format!("dek/{version}")),
+                "no record left under this version",
+            )?;
+        }
         Ok(())
     }
 

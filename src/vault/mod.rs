@@ -594,6 +594,27 @@ impl Vault {
         )
     }
 
+    /// Records an operation the daemon did on its own (automatic rotation, destruction).
+    fn audit_system<T>(
+        &self,
+        action: &'static str,
+        result: &Result<T, VaultError>,
+        object: Option<&str>,
+        reason: &str,
+    ) -> Result<(), VaultError> {
+        self.audit(
+            Actor::system(),
+            &Project::default_project(),
+            action,
+            result,
+            object,
+            &Purpose {
+                reason: Some(reason.to_owned()),
+                reference: None,
+            },
+        )
+    }
+
     /// Records a detokenization refused by the caller's limits.
     pub fn audit_limit(
         &self,

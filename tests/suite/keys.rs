@@ -302,6 +302,12 @@ fn dek_rotation_under_load_loses_nothing() {
         "requests failed during rotation"
     );
     assert!(done.load(Ordering::Relaxed) > 0);
+    let audit = std::fs::read_to_string(setup.root().join("audit/audit.log")).unwrap();
+    assert!(
+        audit.contains(r#""event":"keys.destroy","outcome":"success","identity":"cardvault""#)
+            && audit.contains(r#""object":"dek/1""#),
+        "no audit line for the destruction"
+    );
 
     let versions = dek_versions(&inventory(&setup, &daemon));
     assert_eq!(versions[&1], ("destroyed".into(), 0), "{versions:?}");
@@ -337,6 +343,16 @@ fn dek_rotates_itself_after_its_encryption_limit() {
         detokenize_ok(&router, token, pan);
     }
     daemon.stop();
+    // The daemon's own key operation is on the audit trail.
+    let audit = std::fs::read_to_string(setup.root().join("audit/audit.log")).unwrap();
+    let rotated = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["event"] == "keys.rotate")
+        .expect("no keys.rotate line");
+    assert_eq!(rotated["identity"], "cardvault");
+    assert_eq!(rotated["object"], "dek/2");
+    assert_eq!(rotated["reason"], "dek_max_encryptions");
 }
 
 #[test]

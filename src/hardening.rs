@@ -26,13 +26,13 @@ pub fn no_core_dumps() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Locks the process's memory if the memlock limit allows it (unlimited, or root), and says
-/// what it did. A limited memlock is not tried: with future pages locked, allocations past the
-/// limit would fail later, in the middle of serving.
+/// Locks the process's memory if the memlock limit is unlimited, and says what it did. A
+/// limited memlock is not tried, not even as root (root without CAP_IPC_LOCK, in a container,
+/// is held to it): with future pages locked, allocations past the limit would fail later, in
+/// the middle of serving.
 pub fn lock_memory() {
     let limit = getrlimit(Resource::Memlock);
-    let root = geteuid().is_root();
-    if limit.current.is_some() && !root {
+    if limit.current.is_some() {
         tracing::warn!(
             memlock_bytes = limit.current,
             "memory is not locked (RLIMIT_MEMLOCK is limited): keys could reach swap; \

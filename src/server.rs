@@ -58,15 +58,11 @@ pub enum StartupError {
 /// the paths the config names, and swapped in together, or not at all (the log says why).
 /// Established connections keep their session; new handshakes use the new files.
 fn spawn_reloader(
+    mut hangup: tokio::signal::unix::Signal,
     config: Config,
     tls: Arc<tls::TlsState>,
     state: web::Data<AppState>,
-) -> Result<(), StartupError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = signal(SignalKind::hangup()).map_err(|source| StartupError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+) {
     actix_web::rt::spawn(async move {
         while hangup.recv().await.is_some() {
             let outcome = reload(&config, &tls, &state);
@@ -85,7 +81,6 @@ fn spawn_reloader(
             }
         }
     });
-    Ok(())
 }
 
 fn reload(config: &Config, tls: &tls::TlsState, state: &AppState) -> Result<(), String> {
@@ -190,6 +185,12 @@ pub struct Application {
 
 impl Application {
     pub fn build(config: &Config) -> Result<Application, StartupError> {
+        // First: a SIGHUP during startup must not kill the daemon (its default action).
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|source| StartupError::Bind {
+                addr: config.listen,
+                source,
+            })?;
         let policy = Arc::new(Policy::load(&config.policies)?);
         let tls_config = tls::server_config(&config.tls.paths())?;
         std::fs::DirBuilder::new()
@@ -232,15 +233,17 @@ impl Application {
             vault: Arc::clone(&vault),
             policy: std::sync::RwLock::new(policy),
             limits: crate::limits::Limiter::default(),
+            tls: Arc::clone(&tls_state),
         });
-        spawn_reloader(config.clone(), tls_state, state.clone())?;
+        let generation = Arc::clone(&tls_state);
+        spawn_reloader(hangup, config.clone(), tls_state, state.clone());
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .wrap(middleware::from_fn(api::log_request))
                 .configure(api::configure)
         })
-        .on_connect(|conn, extensions| {
+        .on_connect(move |conn, extensions| {
             // Runs once per connection, after the client certificate was verified.
             let Some(stream) = conn.downcast_ref::<TlsStream<TcpStream>>() else {
                 return;
@@ -248,6 +251,8 @@ impl Application {
             let (_, session) = stream.get_ref();
             if let Some(mut peer) = session.peer_certificates().and_then(tls::peer_from_chain) {
                 peer.address = stream.get_ref().0.peer_addr().ok();
+                // Verified by the handshake under the configuration in force now.
+                peer.trusted_under = std::sync::atomic::AtomicU64::new(generation.generation());
                 extensions.insert(Arc::new(peer));
             }
         })

@@ -132,13 +132,15 @@ pub struct Project(String);
 impl Project {
     pub const MAX_LEN: usize = 64;
 
-    /// 1–64 characters of `a-z 0-9 _ -`.
+    /// 1–64 characters of `a-z 0-9 _ -`, and never something that could be a card number
+    /// (12 or more digits in a row): project names reach logs and the audit trail.
     pub fn parse(input: &str) -> Result<Project, IdError> {
         let ok = !input.is_empty()
             && input.len() <= Self::MAX_LEN
             && input
                 .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            && !crate::card::contains_pan(input);
         if ok {
             Ok(Project(input.to_owned()))
         } else {
@@ -215,6 +217,10 @@ mod tests {
             ("Shop", false),
             ("a/b", false),
             (&"a".repeat(65)[..], false),
+            // A card number must not become a project name (it would reach the audit file).
+            ("4111111111111111", false),
+            ("shop-4111-1111-1111-1111", false),
+            ("shop-2026", true),
         ] {
             assert_eq!(Project::parse(input).is_ok(), ok, "{input}");
         }

@@ -38,6 +38,8 @@ pub struct AppState {
     /// Replaced whole by a `SIGHUP` reload.
     pub policy: std::sync::RwLock<Arc<Policy>>,
     pub limits: crate::limits::Limiter,
+    /// For checking connections made before a reload against the current CA and CRLs.
+    pub tls: Arc<crate::tls::TlsState>,
 }
 
 /// Routes, shared by the daemon and anything else that serves the API.
@@ -107,6 +109,15 @@ fn project(req: &HttpRequest) -> Result<Project, ApiError> {
 fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, ApiError> {
     let peer = peer(req)?;
     let project = project(req)?;
+    if !state.tls.still_trusted(peer) {
+        let actor = crate::audit::Actor::of("", peer);
+        state.vault.audit_denial(
+            actor,
+            &project,
+            "client certificate no longer trusted after a reload (revoked, or CA changed)",
+        )?;
+        return Err(ApiError::FORBIDDEN);
+    }
     let policy = Arc::clone(&state.policy.read().unwrap_or_else(|p| p.into_inner()));
     let grant = match policy.authorize::<P>(peer, &project) {
         Ok(grant) => grant,

@@ -111,6 +111,8 @@ struct Chain {
     identity: (u64, u64),
     seq: u64,
     prev: String,
+    /// Bytes in the open file, to cut a partly written line back off.
+    len: u64,
     failed: Option<String>,
 }
 
@@ -179,7 +181,21 @@ impl FileSink {
                 (checked.0, checked.1)
             }
         };
+        // Lines cut off the end while the daemon was stopped: the head remembers them.
+        if let Some((head_seq, head_mac)) = fs::read_to_string(head_path(path))
+            .ok()
+            .as_deref()
+            .and_then(parse_head)
+        {
+            if head_seq > seq || (head_seq == seq && head_mac != prev) {
+                return Err(fail(format!(
+                    "the log ends at seq {seq} but seq {head_seq} was written: lines were removed; \
+                     run `cardvault audit verify` and keep the file as evidence"
+                )));
+            }
+        }
         let (file, identity) = open_append(path).map_err(|e| fail(e.to_string()))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let head = open_head(&head_path(path));
         Ok(FileSink {
             failed: AtomicBool::new(false),
@@ -192,6 +208,7 @@ impl FileSink {
                 identity,
                 seq,
                 prev,
+                len,
                 failed: None,
             }),
         })
@@ -230,8 +247,12 @@ impl AuditSink for FileSink {
             return Err(AuditError(why.clone()));
         }
         let (text, mac) = self.line(&chain, e)?;
+        let len = chain.len;
         let written = match chain.file.as_mut() {
-            Some(file) => file.write_all(text.as_bytes()),
+            Some(file) => file.write_all(text.as_bytes()).inspect_err(|_| {
+                // A full disk can take part of a line: cut it, so the next line still chains.
+                let _ = file.set_len(len);
+            }),
             None => Err(std::io::Error::other("not open")),
         };
         if let Err(err) = written {
@@ -243,6 +264,7 @@ impl AuditSink for FileSink {
         }
         chain.seq += 1;
         chain.prev = mac;
+        chain.len += text.len() as u64;
         Ok(())
     }
 
@@ -262,8 +284,11 @@ impl AuditSink for FileSink {
         write_head(&chain);
         if let Some(file) = &chain.file {
             if let Err(e) = file.sync_data() {
+                tracing::error!(path = %self.path.display(), error = %e, "audit log cannot be synced: refusing audited requests");
                 chain.failed = Some(format!("cannot sync {}: {e}", self.path.display()));
                 self.failed.store(true, Ordering::Release);
+                // Retried next round, by reopening.
+                return;
             }
         }
         let current = fs::metadata(&self.path)
@@ -280,6 +305,7 @@ impl AuditSink for FileSink {
                     tracing::warn!(path = %self.path.display(), "audit log writable again");
                 }
                 self.failed.store(false, Ordering::Release);
+                chain.len = file.metadata().map(|m| m.len()).unwrap_or(0);
                 chain.file = Some(file);
                 chain.identity = identity;
                 chain.head = open_head(&self.head);
@@ -310,12 +336,14 @@ fn last_line(path: &Path) -> std::io::Result<Option<String>> {
     }
     let start = len.saturating_sub(64 * 1024);
     file.seek(SeekFrom::Start(start))?;
-    let mut tail = String::new();
-    file.read_to_string(&mut tail)?;
-    let trimmed = tail.strip_suffix('\n').unwrap_or("\u{0}incomplete");
-    Ok(Some(
-        trimmed.rsplit('\n').next().unwrap_or(trimmed).to_owned(),
-    ))
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    // Bytes until the last line is found: the 64 KiB cut may fall inside a character.
+    let Some(body) = tail.strip_suffix(b"\n") else {
+        return Ok(Some("\u{0}incomplete".into()));
+    };
+    let line = body.rsplit(|b| *b == b'\n').next().unwrap_or(body);
+    Ok(Some(String::from_utf8_lossy(line).into_owned()))
 }
 
 /// `(seq, mac, prev)` of a line whose MAC verifies.
@@ -389,10 +417,7 @@ pub fn verify(log: &str, key: &AuditKey, head: Option<&str>, rotated: bool) -> V
         count += 1;
     }
     let last = prev.as_ref().map_or(0, |(s, _)| *s);
-    if let Some((head_seq, head_mac)) = head.and_then(|h| {
-        let (seq, mac) = h.trim().split_once(' ')?;
-        Some((seq.parse::<u64>().ok()?, mac.to_owned()))
-    }) {
+    if let Some((head_seq, head_mac)) = head.and_then(parse_head) {
         let reaches = last >= head_seq;
         let matches = last != head_seq || prev.as_ref().is_some_and(|(_, m)| *m == head_mac);
         if !reaches || !matches {
@@ -405,14 +430,21 @@ pub fn verify(log: &str, key: &AuditKey, head: Option<&str>, rotated: bool) -> V
     Verdict::Intact(count, first, last)
 }
 
+/// `(seq, mac)` from a head file's text.
+fn parse_head(text: &str) -> Option<(u64, String)> {
+    let (seq, mac) = text.trim().split_once(' ')?;
+    Some((seq.parse().ok()?, mac.to_owned()))
+}
+
 /// Reads the log and its head file and verifies them.
 pub fn verify_file(path: &Path, key: &AuditKey, rotated: bool) -> Result<Verdict, AuditError> {
-    let log = fs::read_to_string(path)
-        .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?;
-    // The head describes the live log only; a rotated file is checked on its own links.
+    // The head first: lines written between the two reads then only make the log longer.
+    // It describes the live log only; a rotated file is checked on its own links.
     let head = (!rotated)
         .then(|| fs::read_to_string(head_path(path)).ok())
         .flatten();
+    let log = fs::read_to_string(path)
+        .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?;
     Ok(verify(&log, key, head.as_deref(), rotated))
 }
 
@@ -508,6 +540,17 @@ mod tests {
         sink.record(&event("daemon.start")).unwrap();
         let log = fs::read_to_string(&path).unwrap();
         assert_eq!(verify(&log, &key, None, false), Verdict::Intact(2, 1, 2));
+        // Whole lines cut while stopped: the head catches it at the next open.
+        sink.maintain();
+        drop(sink);
+        let lines: Vec<&str> = log.lines().collect();
+        fs::write(&path, format!("{}\n", lines[0])).unwrap();
+        let reopened = FileSink::open(
+            &path,
+            AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap(),
+        );
+        assert!(reopened.is_err(), "a log cut while stopped was accepted");
+        fs::write(&path, &log).unwrap();
         // A damaged tail stops the next open.
         fs::write(&path, &log[..log.len() - 3]).unwrap();
         assert!(FileSink::open(

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::tokens::Project;
 
 /// What a verified client certificate says about its holder.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Peer {
     pub uri_sans: Vec<String>,
     pub dns_sans: Vec<String>,
@@ -31,6 +31,10 @@ pub struct Peer {
     pub fingerprint: String,
     /// The connection's remote address, for the audit trail.
     pub address: Option<std::net::SocketAddr>,
+    /// The verified chain (DER, leaf first), to check again after a reload of CA or CRLs.
+    pub chain: Vec<Vec<u8>>,
+    /// The TLS configuration generation the chain was last found trusted under.
+    pub trusted_under: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -473,9 +477,10 @@ impl Identity {
             .detokenize_per_second
             .is_some_and(|r| !(r.is_finite() && r > 0.0))
             || (limits.detokenize_per_second.is_some() && limits.detokenize_burst == 0)
+            || limits.unknown_tokens_per_minute == 0
         {
             return Err(format!(
-                "identity {name:?}: detokenize_per_second must be positive, with a positive detokenize_burst"
+                "identity {name:?}: detokenize_per_second must be positive, with a positive detokenize_burst; unknown_tokens_per_minute at least 1"
             ));
         }
         Ok(Identity {

@@ -16,6 +16,7 @@
 //! at all; connections already established keep their session.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -96,6 +97,8 @@ pub struct TlsPaths<'a> {
 /// What `SIGHUP` replaces: the server certificate and the client verifier (CA and CRLs).
 #[derive(Debug)]
 pub struct TlsState {
+    /// Bumped by every successful reload.
+    generation: AtomicU64,
     certified: RwLock<Arc<CertifiedKey>>,
     verifier: RwLock<Arc<dyn ClientCertVerifier>>,
     /// Leaked once per load (a few hundred bytes per reload), so `root_hint_subjects` can hand
@@ -150,7 +153,41 @@ impl TlsState {
         *self.certified.write().unwrap_or_else(|p| p.into_inner()) = loaded.certified;
         *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = loaded.verifier;
         *self.hints.write().unwrap_or_else(|p| p.into_inner()) = hints;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a connection's client chain is still trusted: checked again, once, against the
+    /// current CA and CRLs after each reload. A connection made before a reload that revoked
+    /// its certificate stays open, but every request on it is refused.
+    pub fn still_trusted(&self, peer: &Peer) -> bool {
+        let generation = self.generation();
+        if peer.trusted_under.load(Ordering::Acquire) == generation {
+            return true;
+        }
+        let Some((leaf, intermediates)) = peer.chain.split_first() else {
+            return false;
+        };
+        let intermediates: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let trusted = self
+            .current_verifier()
+            .verify_client_cert(
+                &CertificateDer::from(leaf.as_slice()),
+                &intermediates,
+                UnixTime::now(),
+            )
+            .is_ok();
+        if trusted {
+            peer.trusted_under.store(generation, Ordering::Release);
+        }
+        trusted
     }
 
     fn current_verifier(&self) -> Arc<dyn ClientCertVerifier> {
@@ -234,6 +271,7 @@ pub fn server_config(paths: &TlsPaths<'_>) -> Result<(ServerConfig, Arc<TlsState
             .into_boxed_slice(),
     );
     let state = Arc::new(TlsState {
+        generation: AtomicU64::new(0),
         certified: RwLock::new(loaded.certified),
         verifier: RwLock::new(loaded.verifier),
         hints: RwLock::new(hints),
@@ -265,6 +303,7 @@ pub fn peer_from_chain(chain: &[CertificateDer<'_>]) -> Option<Peer> {
     let mut peer = Peer {
         subject: cert.subject().to_string(),
         fingerprint: sha256_hex(leaf.as_ref()),
+        chain: chain.iter().map(|c| c.as_ref().to_vec()).collect(),
         ..Peer::default()
     };
     for cn in cert.subject().iter_common_name() {

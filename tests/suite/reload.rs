@@ -52,8 +52,10 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     assert_eq!(health(&late).unwrap().status, 200);
     assert_eq!(health(&other).unwrap().status, 200);
 
-    // A connection made now survives the reload that revokes its certificate.
+    // Connections made now stay open across the reload; the one whose certificate the
+    // reload revokes is refused every request from then on.
     let established = setup.client(&daemon, &late).connect().unwrap();
+    let established_other = setup.client(&daemon, &other).connect().unwrap();
     write(&crl, &setup.ca.crl(&[&early.serial, &late.serial]).unwrap());
     hangup(&daemon);
     wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
@@ -63,10 +65,19 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     );
     assert!(health(&early).is_err());
     assert_eq!(health(&other).unwrap().status, 200);
-    let res = established.send("GET", "/v1/health", &[], None).unwrap();
+    let unknown_card = "/v1/cards/card_00000000000000000000000000000000";
+    let res = established_other
+        .send("GET", unknown_card, &[], None)
+        .unwrap();
     assert_eq!(
-        res.status, 200,
-        "the reload dropped an established connection"
+        res.status, 404,
+        "the reload broke an established connection"
+    );
+    let res = established.send("GET", unknown_card, &[], None).unwrap();
+    assert_eq!(
+        (res.status, res.code()),
+        (403, "forbidden".into()),
+        "a certificate revoked by the reload still works on its open connection"
     );
 
     // A bad reload (a broken CRL, then a broken policy) keeps what was in force.
@@ -104,4 +115,5 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
 
     let audit = std::fs::read_to_string(setup.root().join("audit/audit.log")).unwrap();
     assert_eq!(audit.matches("\"event\":\"daemon.reload\"").count(), 4);
+    assert_eq!(audit.matches("no longer trusted after a reload").count(), 1);
 }

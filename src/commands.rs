@@ -566,23 +566,27 @@ pub fn keys_rekey(
     Ok(())
 }
 
-/// `cardvault audit verify FILE --config CONFIG`: checks every line's MAC and chain link;
-/// an error names the first bad line.
-pub fn audit_verify(config_path: &Path, log: &Path, rotated: bool) -> Result<(), CommandError> {
-    use crate::audit::file::{verify_file, AuditKey, Verdict, KEY_FILE};
+/// `cardvault audit verify FILE... --config CONFIG`: checks every line's MAC and chain link,
+/// and that each file continues the one before; an error names the file and first bad line.
+pub fn audit_verify(
+    config_path: &Path,
+    logs: &[PathBuf],
+    rotated: bool,
+) -> Result<(), CommandError> {
+    use crate::audit::file::{verify_files, AuditKey, Verdict, KEY_FILE};
     let config = Config::load(config_path)?;
     let key = AuditKey::load(&config.keys_dir.join(KEY_FILE)).map_err(keys_error)?;
-    match verify_file(log, &key, rotated).map_err(keys_error)? {
-        Verdict::Intact(lines, first, last) => {
+    match verify_files(logs, &key, rotated).map_err(keys_error)? {
+        (_, Verdict::Intact(lines, first, last)) => {
             println!(
-                "{}: intact, {lines} lines, seq {first} to {last}",
-                log.display()
+                "intact: {} file(s), {lines} lines, seq {first} to {last}",
+                logs.len()
             );
             Ok(())
         }
-        Verdict::Broken(line, why) => Err(CommandError::Audit(format!(
+        (path, Verdict::Broken(line, why)) => Err(CommandError::Audit(format!(
             "{}: line {line}: {why}",
-            log.display()
+            path.display()
         ))),
     }
 }

@@ -114,12 +114,13 @@ impl Connect {
 enum AuditCommand {
     /// Check every line's HMAC and chain link; exits non-zero naming the first bad line.
     Verify {
-        /// The audit log to check.
-        file: PathBuf,
+        /// The audit log, or its rotated parts oldest first and the live log last.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
         /// For the audit key in keys_dir.
         #[arg(long)]
         config: PathBuf,
-        /// The file is an older, rotated part of the log: it may start mid-chain.
+        /// The first file continues a part not given: it may start mid-chain.
         #[arg(long)]
         rotated: bool,
     },
@@ -225,11 +226,11 @@ fn main() -> ExitCode {
         Command::Audit {
             command:
                 AuditCommand::Verify {
-                    file,
+                    files,
                     config,
                     rotated,
                 },
-        } => cardvault::commands::audit_verify(config, file, *rotated),
+        } => cardvault::commands::audit_verify(config, files, *rotated),
         Command::Unseal {
             connect,
             share,

@@ -436,16 +436,60 @@ fn parse_head(text: &str) -> Option<(u64, String)> {
     Some((seq.parse().ok()?, mac.to_owned()))
 }
 
-/// Reads the log and its head file and verifies them.
-pub fn verify_file(path: &Path, key: &AuditKey, rotated: bool) -> Result<Verdict, AuditError> {
-    // The head first: lines written between the two reads then only make the log longer.
-    // It describes the live log only; a rotated file is checked on its own links.
-    let head = (!rotated)
-        .then(|| fs::read_to_string(head_path(path)).ok())
-        .flatten();
-    let log = fs::read_to_string(path)
-        .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?;
-    Ok(verify(&log, key, head.as_deref(), rotated))
+/// Verifies log files given oldest first (rotated parts, then the live log), each on its own
+/// and linked to the one before: a file must continue the previous file's chain exactly. The
+/// first file must start the chain unless `rotated` (it continues a part not given). The head
+/// file, when there is one, is checked against the last file. An error names the file.
+pub fn verify_files(
+    paths: &[PathBuf],
+    key: &AuditKey,
+    rotated: bool,
+) -> Result<(PathBuf, Verdict), AuditError> {
+    let mut previous: Option<(u64, String)> = None;
+    let (mut lines, mut first_seq, mut last_seq) = (0, 0, 0);
+    for (i, path) in paths.iter().enumerate() {
+        let last = i + 1 == paths.len();
+        // The head first: lines written between the two reads only make the log longer.
+        let head = last
+            .then(|| fs::read_to_string(head_path(path)).ok())
+            .flatten();
+        let log = fs::read_to_string(path)
+            .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?;
+        let continues = rotated || i > 0;
+        match verify(&log, key, head.as_deref(), continues) {
+            Verdict::Broken(n, why) => return Ok((path.clone(), Verdict::Broken(n, why))),
+            Verdict::Intact(n, first, end) => {
+                if let (Some((prev_seq, prev_mac)), Some(first_line)) =
+                    (&previous, log.lines().next())
+                {
+                    let starts = check_line(key, first_line).map(|(_, _, p)| p);
+                    if first != prev_seq + 1 || starts.as_deref() != Some(prev_mac.as_str()) {
+                        return Ok((
+                            path.clone(),
+                            Verdict::Broken(
+                                1,
+                                format!("does not continue the previous file (seq {first} after {prev_seq}): a file or lines between them are missing"),
+                            ),
+                        ));
+                    }
+                }
+                if let Some(last_line) = log.lines().last() {
+                    if let Some((seq, mac, _)) = check_line(key, last_line) {
+                        previous = Some((seq, mac));
+                    }
+                }
+                if i == 0 {
+                    first_seq = first;
+                }
+                lines += n;
+                if n > 0 {
+                    last_seq = end;
+                }
+            }
+        }
+    }
+    let path = paths.last().cloned().unwrap_or_default();
+    Ok((path, Verdict::Intact(lines, first_seq, last_seq)))
 }
 
 #[cfg(test)]

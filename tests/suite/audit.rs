@@ -19,7 +19,12 @@ fn audit_lines(setup: &Setup) -> Vec<serde_json::Value> {
 }
 
 fn verify(setup: &Setup, log: &Path, rotated: bool) -> (bool, String) {
-    let mut args = vec!["audit", "verify", log.to_str().unwrap()];
+    verify_all(setup, &[log], rotated)
+}
+
+fn verify_all(setup: &Setup, logs: &[&Path], rotated: bool) -> (bool, String) {
+    let mut args = vec!["audit", "verify"];
+    args.extend(logs.iter().map(|l| l.to_str().unwrap()));
     if rotated {
         args.push("--rotated");
     }
@@ -275,11 +280,26 @@ fn an_unwritable_audit_log_refuses_requests_before_they_act() {
     assert_eq!(res.status, 200, "{}", res.body);
     assert_eq!(res.json()["number"], pan.as_str());
     daemon.stop();
-    // The chain continues in the new file.
-    let (ok, out) = verify(&setup, &log, true);
+    // The chain continues in the new file: both verify together, oldest first.
+    let moved = setup.root().join("audit/moved.log");
+    let (ok, out) = verify_all(&setup, &[&moved, &log], false);
     assert!(ok, "{out}");
-    let (ok, out) = verify(&setup, &setup.root().join("audit/moved.log"), false);
-    assert!(ok, "{out}");
+    // The live file alone starts mid-chain: refused unless declared a continuation.
+    let (ok, out) = verify(&setup, &log, false);
+    assert!(!ok && out.contains("line 1:"), "{out}");
+    assert!(verify(&setup, &log, true).0);
+    // The rotated part's tail cut: the live file no longer continues it.
+    let text = std::fs::read_to_string(&moved).unwrap();
+    let mut kept: Vec<&str> = text.lines().collect();
+    kept.pop();
+    let cut = setup.root().join("audit/cut.log");
+    std::fs::write(
+        &cut,
+        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let (ok, out) = verify_all(&setup, &[&cut, &log], false);
+    assert!(!ok && out.contains("does not continue"), "{out}");
 }
 
 #[test]

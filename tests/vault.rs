@@ -497,8 +497,10 @@ fn no_pan_in_plaintext_at_rest_or_in_logs() {
 
     // The scan must be able to find something: the daemon did write a store and a key.
     assert!(!files_below(&setup.data_dir).is_empty() && !files_below(&setup.keys_dir).is_empty());
+    let audit = setup.root().join("audit");
+    assert!(!files_below(&audit).is_empty(), "no audit file to scan");
     for pan in &pans {
-        for dir in [&setup.data_dir, &setup.keys_dir] {
+        for dir in [&setup.data_dir, &setup.keys_dir, &audit] {
             let hits = files_containing(dir, pan.as_bytes());
             assert!(hits.is_empty(), "PAN in plaintext in {hits:?}");
         }

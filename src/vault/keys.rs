@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::{open, seal, unix_now, Blob, ProjectKeys, Vault, VaultError, KEK_CHECK_AAD};
 use crate::crypto::custody::{Custody, Share};
 use crate::crypto::{FingerprintKey, Kek, KeyMaterial, SealingKey};
-use crate::store::{CardRecord, CustomerRecord, Ledger, TokenRecord};
+use crate::store::{CardRecord, CustomerRecord, Ledger, StoreError, TokenRecord};
 use crate::tokens::Project;
 
 /// GCM with random 96-bit nonces stays within its bounds up to 2^32 seals under one key.
@@ -645,42 +645,45 @@ impl Vault {
                 }
             }
         };
-        for item in self.store.cards() {
-            let Ok((project, id, record)) = item else {
-                outcome.remaining += 1;
-                continue;
+        let mut pass =
+            |records: &mut dyn Iterator<Item = Result<(String, String, u32), StoreError>>,
+             move_one: fn(&Vault, &str, &str, u32) -> Result<bool, VaultError>|
+             -> Result<(), VaultError> {
+                for item in records {
+                    let Ok((project, id, record_version)) = item else {
+                        outcome.remaining += 1;
+                        continue;
+                    };
+                    if record_version == active {
+                        continue;
+                    }
+                    let moved = move_one(self, &project, &id, active)?;
+                    count(&mut outcome, moved);
+                    throttle(moved);
+                }
+                Ok(())
             };
-            if record.key_version == active {
-                continue;
-            }
-            let moved = self.reencrypt_card(&project, &id, active)?;
-            count(&mut outcome, moved);
-            throttle(moved);
-        }
-        for item in self.store.customers() {
-            let Ok((project, id, record)) = item else {
-                outcome.remaining += 1;
-                continue;
-            };
-            if record.key_version == active {
-                continue;
-            }
-            let moved = self.reencrypt_customer(&project, &id, active)?;
-            count(&mut outcome, moved);
-            throttle(moved);
-        }
-        for item in self.store.tokens() {
-            let Ok((project, id, record)) = item else {
-                outcome.remaining += 1;
-                continue;
-            };
-            if record.key_version == active {
-                continue;
-            }
-            let moved = self.reencrypt_token(&project, &id, active)?;
-            count(&mut outcome, moved);
-            throttle(moved);
-        }
+        pass(
+            &mut self
+                .store
+                .cards()
+                .map(|r| r.map(|(p, i, rec)| (p, i, rec.key_version))),
+            Vault::reencrypt_card,
+        )?;
+        pass(
+            &mut self
+                .store
+                .customers()
+                .map(|r| r.map(|(p, i, rec)| (p, i, rec.key_version))),
+            Vault::reencrypt_customer,
+        )?;
+        pass(
+            &mut self
+                .store
+                .tokens()
+                .map(|r| r.map(|(p, i, rec)| (p, i, rec.key_version))),
+            Vault::reencrypt_token,
+        )?;
         Ok(outcome)
     }
 

@@ -111,9 +111,11 @@ fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, A
     let project = project(req)?;
     if !state.tls.still_trusted(peer) {
         let actor = crate::audit::Actor::of("", peer);
-        state.vault.audit_denial(
+        state.vault.audit_refusal(
             actor,
             &project,
+            "policy.denied",
+            crate::vault::VaultError::Forbidden,
             "client certificate no longer trusted after a reload (revoked, or CA changed)",
         )?;
         return Err(ApiError::FORBIDDEN);
@@ -124,7 +126,13 @@ fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, A
         Err(denied) => {
             let reason = denied.to_string();
             let actor = crate::audit::Actor::of(denied.identity(), peer);
-            state.vault.audit_denial(actor, &project, &reason)?;
+            state.vault.audit_refusal(
+                actor,
+                &project,
+                "policy.denied",
+                crate::vault::VaultError::Forbidden,
+                &reason,
+            )?;
             return Err(denied.into());
         }
     };
@@ -462,9 +470,13 @@ async fn detokenize(
         .limits
         .admit(grant.identity(), grant.limits(), Instant::now())
     {
-        state
-            .vault
-            .audit_limit(grant.actor(), grant.project(), refusal.reason())?;
+        state.vault.audit_refusal(
+            grant.actor(),
+            grant.project(),
+            "limit.detokenize",
+            crate::vault::VaultError::RateLimited,
+            refusal.reason(),
+        )?;
         return Err(ApiError::RATE_LIMITED);
     }
     let body = parse_json::<DetokenizeRequest>(&read_body(&req, payload).await?)?;

@@ -687,20 +687,26 @@ impl Vault {
         Ok(outcome)
     }
 
-    fn keys_for(&self, project: &str, active: u32) -> Result<Option<Arc<ProjectKeys>>, VaultError> {
+    /// The project and its keys, if they are for the `active` version (else the record waits
+    /// for the next pass).
+    fn keys_for(
+        &self,
+        project: &str,
+        active: u32,
+    ) -> Result<Option<(Project, Arc<ProjectKeys>)>, VaultError> {
         let Ok(project) = Project::parse(project) else {
             return Ok(None);
         };
-        Ok(self
+        let keys = self
             .project_keys(&project, false)?
-            .filter(|k| k.dek_version == active))
+            .filter(|k| k.dek_version == active);
+        Ok(keys.map(|k| (project, k)))
     }
 
     fn reencrypt_card(&self, project: &str, id: &str, active: u32) -> Result<bool, VaultError> {
-        let Some(keys) = self.keys_for(project, active)? else {
+        let Some((p, keys)) = self.keys_for(project, active)? else {
             return Ok(false);
         };
-        let p = Project::parse(project).map_err(|_| VaultError::NotFound)?;
         let swap = self.store.swap_card(project, id, |rec| {
             if rec.key_version == active {
                 return Err(VaultError::NotFound);
@@ -724,10 +730,9 @@ impl Vault {
     }
 
     fn reencrypt_customer(&self, project: &str, id: &str, active: u32) -> Result<bool, VaultError> {
-        let Some(keys) = self.keys_for(project, active)? else {
+        let Some((p, keys)) = self.keys_for(project, active)? else {
             return Ok(false);
         };
-        let p = Project::parse(project).map_err(|_| VaultError::NotFound)?;
         let swap = self.store.swap_customer(project, id, |rec| {
             if rec.key_version == active {
                 return Err(VaultError::NotFound);
@@ -750,10 +755,9 @@ impl Vault {
     }
 
     fn reencrypt_token(&self, project: &str, id: &str, active: u32) -> Result<bool, VaultError> {
-        let Some(keys) = self.keys_for(project, active)? else {
+        let Some((p, keys)) = self.keys_for(project, active)? else {
             return Ok(false);
         };
-        let p = Project::parse(project).map_err(|_| VaultError::NotFound)?;
         let swap = self.store.swap_token(project, id, |rec| {
             if rec.key_version == active {
                 return Err(VaultError::NotFound);

@@ -166,6 +166,16 @@ pub struct Purpose {
     pub reference: Option<String>,
 }
 
+impl Purpose {
+    /// A reason only: for refusals and the daemon's own operations.
+    fn because(reason: &str) -> Purpose {
+        Purpose {
+            reason: Some(reason.to_owned()),
+            reference: None,
+        }
+    }
+}
+
 redacted_debug!(CardMeta, CardView);
 
 /// What may be shown about a card: never the PAN.
@@ -574,23 +584,23 @@ impl Vault {
         )
     }
 
-    /// Records a request the policy refused.
-    pub fn audit_denial(
+    /// Records a request refused before it acted: `action` names the check (`policy.denied`,
+    /// `limit.detokenize`), `refusal` gives the code.
+    pub fn audit_refusal(
         &self,
         actor: Actor<'_>,
         project: &Project,
+        action: &'static str,
+        refusal: VaultError,
         reason: &str,
     ) -> Result<(), VaultError> {
         self.audit(
             actor,
             project,
-            "policy.denied",
-            &Err::<(), _>(VaultError::Forbidden),
+            action,
+            &Err::<(), _>(refusal),
             None,
-            &Purpose {
-                reason: Some(reason.to_owned()),
-                reference: None,
-            },
+            &Purpose::because(reason),
         )
     }
 
@@ -608,30 +618,7 @@ impl Vault {
             action,
             result,
             object,
-            &Purpose {
-                reason: Some(reason.to_owned()),
-                reference: None,
-            },
-        )
-    }
-
-    /// Records a detokenization refused by the caller's limits.
-    pub fn audit_limit(
-        &self,
-        actor: Actor<'_>,
-        project: &Project,
-        reason: &'static str,
-    ) -> Result<(), VaultError> {
-        self.audit(
-            actor,
-            project,
-            "limit.detokenize",
-            &Err::<(), _>(VaultError::RateLimited),
-            None,
-            &Purpose {
-                reason: Some(reason.to_owned()),
-                reference: None,
-            },
+            &Purpose::because(reason),
         )
     }
 

@@ -218,7 +218,11 @@ impl From<VaultError> for ApiError {
                 "this card token has expired",
             ),
             VaultError::Store(
-                StoreError::Sled(_) | StoreError::Flush(_) | StoreError::Thread(_),
+                StoreError::Sled(_)
+                | StoreError::Flush(_)
+                | StoreError::Thread(_)
+                | StoreError::Unavailable
+                | StoreError::Damaged(_),
             ) => {
                 tracing::error!(error = %e, "storage failure");
                 ApiError::new(

@@ -7,6 +7,11 @@
 //! `flush()`, publish that ticket as durable. Writers that arrive during a flush are covered by
 //! the next one, so under load one fsync serves many requests.
 //!
+//! Each flush first writes the next commit number into the store's `meta` tree, so the store
+//! itself says how far its durable state reaches; [`GroupCommit::durable_commit`] is the last
+//! number a completed flush covered (the witness in [`super::witness`] keeps it outside the
+//! store, to catch a store that lost what it had acknowledged).
+//!
 //! Why not `Tree::flush_async`: on sled 0.34.7 it deadlocks with 7 or more concurrent callers
 //! (sled issue #1308). This design calls only the blocking `flush()`, from one thread.
 
@@ -33,6 +38,10 @@ struct Shared {
     wake_lock: Mutex<()>,
     wake: Condvar,
     stop: AtomicBool,
+    /// The commit number the last completed flush covered.
+    durable_commit: AtomicU64,
+    /// Set when a flush failed: the store is unusable until reopened.
+    failed: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +49,8 @@ struct Shared {
 pub struct FlushFailed;
 
 pub struct GroupCommit {
+    /// Which opening of the store this is; a ticket from another one is never durable here.
+    generation: u64,
     shared: Arc<Shared>,
     progress: watch::Receiver<Progress>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -47,24 +58,40 @@ pub struct GroupCommit {
 
 /// A write waiting to become durable.
 #[must_use = "a write is not durable until its ticket is awaited"]
-pub struct Ticket(u64);
+pub struct Ticket {
+    generation: u64,
+    seq: u64,
+}
+
+/// Where the commit number is kept in the `meta` tree.
+pub const COMMIT_KEY: &[u8] = b"commit";
 
 impl GroupCommit {
-    pub fn start(db: sled::Db) -> std::io::Result<GroupCommit> {
+    /// Starts the flusher for one opening (`generation`) of the store, continuing the commit
+    /// numbers from `commit` (what the store's `meta` tree holds).
+    pub fn start(
+        db: sled::Db,
+        meta: sled::Tree,
+        generation: u64,
+        commit: u64,
+    ) -> std::io::Result<GroupCommit> {
         let (tx, rx) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
             wake_lock: Mutex::new(()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            durable_commit: AtomicU64::new(commit),
+            failed: AtomicBool::new(false),
         });
         let thread_shared = Arc::clone(&shared);
         // The sender lives in the thread: when the thread ends (shutdown, or a panic), the
         // channel closes and every waiting writer gets `FlushFailed` instead of waiting forever.
         let thread = std::thread::Builder::new()
             .name("cardvault-flush".into())
-            .spawn(move || flush_loop(&thread_shared, &db, &tx))?;
+            .spawn(move || flush_loop(&thread_shared, &db, &meta, &tx))?;
         Ok(GroupCommit {
+            generation,
             shared,
             progress: rx,
             thread: Mutex::new(Some(thread)),
@@ -73,9 +100,27 @@ impl GroupCommit {
 
     /// Call after the write has returned.
     pub fn ticket(&self) -> Ticket {
-        let ticket = self.shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let seq = self.shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
         self.wake_flusher();
-        Ticket(ticket)
+        Ticket {
+            generation: self.generation,
+            seq,
+        }
+    }
+
+    /// The commit number the last completed flush covered.
+    pub fn durable_commit(&self) -> u64 {
+        self.shared.durable_commit.load(Ordering::SeqCst)
+    }
+
+    /// Whether a flush failed (the store stays unusable until reopened).
+    pub fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
+    }
+
+    /// Marks the store failed (a write outside the flusher hit an I/O error).
+    pub fn fail(&self) {
+        self.shared.failed.store(true, Ordering::SeqCst);
     }
 
     /// Notifies while holding the lock the flusher checks under, so no wake-up is lost.
@@ -90,12 +135,15 @@ impl GroupCommit {
 
     /// Resolves once a flush that started after the ticket was taken has completed.
     pub async fn durable(&self, ticket: Ticket) -> Result<(), FlushFailed> {
+        if ticket.generation != self.generation {
+            return Err(FlushFailed);
+        }
         let mut rx = self.progress.clone();
         let progress = *rx
-            .wait_for(|p| p.durable >= ticket.0 || p.failed >= ticket.0)
+            .wait_for(|p| p.durable >= ticket.seq || p.failed >= ticket.seq)
             .await
             .map_err(|_| FlushFailed)?;
-        if progress.durable >= ticket.0 {
+        if progress.durable >= ticket.seq {
             Ok(())
         } else {
             Err(FlushFailed)
@@ -126,7 +174,12 @@ impl Drop for GroupCommit {
 const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
 const LINGER_MIN_BATCH: u64 = 4;
 
-fn flush_loop(shared: &Shared, db: &sled::Db, progress: &watch::Sender<Progress>) {
+fn flush_loop(
+    shared: &Shared,
+    db: &sled::Db,
+    meta: &sled::Tree,
+    progress: &watch::Sender<Progress>,
+) {
     let mut covered = 0u64;
     let mut last_batch = 0u64;
     loop {
@@ -142,15 +195,22 @@ fn flush_loop(shared: &Shared, db: &sled::Db, progress: &watch::Sender<Progress>
             std::thread::sleep(LINGER);
         }
         let target = shared.issued.load(Ordering::SeqCst);
-        let result = db.flush();
+        let commit = shared.durable_commit.load(Ordering::SeqCst) + 1;
+        let result = meta
+            .insert(COMMIT_KEY, &commit.to_be_bytes())
+            .and_then(|_| db.flush());
         progress.send_modify(|p| match result {
             Ok(_) => p.durable = target,
             Err(_) => p.failed = target,
         });
-        if let Err(e) = result {
-            tracing::error!(error = %e, "store flush failed; waiting writers get 503");
-            // Do not spin on a persistent failure (a full disk): writers retry by request.
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        match result {
+            Ok(_) => shared.durable_commit.store(commit, Ordering::SeqCst),
+            Err(e) => {
+                tracing::error!(error = %e, "store flush failed; waiting writers get 503");
+                shared.failed.store(true, Ordering::SeqCst);
+                // Do not spin on a persistent failure (a full disk): writers retry by request.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
         last_batch = target - covered;
         covered = target;
@@ -180,7 +240,8 @@ mod tests {
             .temporary(true)
             .open()
             .unwrap();
-        let gc = Arc::new(GroupCommit::start(db.clone()).unwrap());
+        let meta = db.open_tree("meta").unwrap();
+        let gc = Arc::new(GroupCommit::start(db.clone(), meta.clone(), 1, 0).unwrap());
         let mut tasks = Vec::new();
         for i in 0..64u32 {
             let gc = Arc::clone(&gc);
@@ -193,6 +254,17 @@ mod tests {
         for t in tasks {
             assert_eq!(t.await.unwrap(), Ok(()));
         }
+        // Every flush wrote its commit number first: the store holds the last durable one.
+        let stored = meta.get(COMMIT_KEY).unwrap().unwrap();
+        assert_eq!(
+            u64::from_be_bytes(stored.as_ref().try_into().unwrap()),
+            gc.durable_commit()
+        );
+        assert!(gc.durable_commit() >= 1);
+        // A ticket from another opening of the store is never durable here.
+        let other = GroupCommit::start(db.clone(), meta, 2, 0).unwrap();
+        assert_eq!(gc.durable(other.ticket()).await, Err(FlushFailed));
+        other.shutdown();
         gc.shutdown();
     }
 }

@@ -21,8 +21,11 @@
 
 mod commit;
 mod record;
+mod recovery;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 pub use commit::{FlushFailed, GroupCommit, Ticket};
 pub use record::{
@@ -37,8 +40,12 @@ pub enum StoreError {
     Corrupt(#[from] Malformed),
     #[error(transparent)]
     Flush(#[from] FlushFailed),
-    #[error("store: cannot start the flush thread: {0}")]
+    #[error("store: cannot start its threads: {0}")]
     Thread(std::io::Error),
+    #[error("store: reopening after a write failure")]
+    Unavailable,
+    #[error("store damaged: {0}")]
+    Damaged(String),
 }
 
 /// The outcome of a compare-and-swap loop ([`Store::swap_card`], [`Store::swap_token`], ...).
@@ -154,7 +161,23 @@ impl Batch {
     }
 }
 
-pub struct Store {
+/// The store: cheap to clone, every clone the same store.
+#[derive(Clone)]
+pub struct Store(Arc<Shared>);
+
+pub(crate) struct Shared {
+    dir: PathBuf,
+    cache_bytes: u64,
+    /// The open sled instance; `None` for the moment of a reopen.
+    current: RwLock<Option<Arc<Generation>>>,
+    /// Bumped on every reopen (starts at 1).
+    generation: AtomicU64,
+    /// Wakes the watcher early (a failed write, or closing).
+    signal: Arc<recovery::Signal>,
+}
+
+/// One opening of the sled store.
+struct Generation {
     db: sled::Db,
     cards: sled::Tree,
     customers: sled::Tree,
@@ -163,6 +186,83 @@ pub struct Store {
     keys: sled::Tree,
     meta: sled::Tree,
     commit: GroupCommit,
+}
+
+impl Generation {
+    fn open(dir: &Path, cache_bytes: u64, id: u64) -> Result<Generation, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .use_compression(false)
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        let commit = match meta.get(commit::COMMIT_KEY)? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
+            None => 0,
+        };
+        recovery::check(dir, commit)?;
+        Ok(Generation {
+            cards: db.open_tree("cards")?,
+            customers: db.open_tree("customers")?,
+            tokens: db.open_tree("customer_tokens")?,
+            idempotency: db.open_tree("idempotency")?,
+            keys: db.open_tree("keys")?,
+            commit: GroupCommit::start(db.clone(), meta.clone(), id, commit)
+                .map_err(StoreError::Thread)?,
+            meta,
+            db,
+        })
+    }
+
+    /// Whether this sled instance can no longer write.
+    fn failed(&self) -> bool {
+        self.commit.failed()
+    }
+}
+
+impl Shared {
+    fn current(&self) -> Result<Arc<Generation>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    /// Closes the failed sled instance and opens the store again; returns the new generation.
+    fn reopen(&self) -> Result<u64, StoreError> {
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(old) = old {
+            // Writers waiting on its flushes get `FlushFailed` now.
+            old.commit.shutdown();
+        }
+        // sled's folder lock is released once the last handle of the old instance is gone;
+        // until then the open fails and the watcher tries again.
+        let id = self.generation.load(Ordering::SeqCst) + 1;
+        let generation = Generation::open(&self.dir, self.cache_bytes, id)?;
+        self.generation.store(id, Ordering::SeqCst);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(generation));
+        Ok(id)
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        self.signal.wake(true);
+        let generation = self.current()?;
+        generation.commit.shutdown();
+        generation.db.flush()?;
+        recovery::witness(self, 0);
+        Ok(())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
 }
 
 const KEK_CHECK: &[u8] = b"kek_check";
@@ -179,13 +279,21 @@ fn get<R: Codec>(tree: &sled::Tree, k: &[u8]) -> Result<Option<R>, StoreError> {
 
 /// `(project, id, record)` for every entry of `tree`.
 fn entries<R: Codec>(
-    tree: &sled::Tree,
-) -> impl Iterator<Item = Result<(String, String, R), StoreError>> + '_ {
-    tree.iter().map(|item| {
-        let (k, v) = item?;
-        let (project, id) = split_key(&k).ok_or(StoreError::Corrupt(Malformed))?;
-        Ok((project, id, R::decode(&v)?))
-    })
+    tree: Result<sled::Tree, StoreError>,
+) -> impl Iterator<Item = Result<(String, String, R), StoreError>> {
+    let (tree, unavailable) = match tree {
+        Ok(tree) => (Some(tree), None),
+        Err(e) => (None, Some(Err(e))),
+    };
+    unavailable
+        .into_iter()
+        .chain(tree.into_iter().flat_map(|tree| {
+            tree.iter().map(|item| {
+                let (k, v) = item?;
+                let (project, id) = split_key(&k).ok_or(StoreError::Corrupt(Malformed))?;
+                Ok((project, id, R::decode(&v)?))
+            })
+        }))
 }
 
 fn split_key(k: &[u8]) -> Option<(String, String)> {
@@ -203,36 +311,91 @@ fn key(project: &str, name: &str) -> Vec<u8> {
     k
 }
 
+/// Inserts a record that must not exist yet. Ids are fresh from the CSPRNG, so an existing
+/// record under one means a broken generator, and is refused rather than overwritten.
+fn insert_new<R: Codec>(
+    g: &Generation,
+    tree: &sled::Tree,
+    k: &[u8],
+    rec: &R,
+) -> Result<Ticket, StoreError> {
+    match tree.compare_and_swap(k, None as Option<&[u8]>, Some(rec.encode()))? {
+        Ok(()) => Ok(g.commit.ticket()),
+        Err(_) => Err(StoreError::Corrupt(Malformed)),
+    }
+}
+
+fn swap<R: Codec, E>(
+    g: &Generation,
+    tree: &sled::Tree,
+    k: &[u8],
+    mut decide: impl FnMut(&R) -> Result<R, E>,
+) -> Result<Swap<R, E>, StoreError> {
+    loop {
+        let Some(current) = tree.get(k)? else {
+            return Ok(Swap::Missing);
+        };
+        let old = R::decode(&current)?;
+        let new = match decide(&old) {
+            Ok(new) => new,
+            Err(e) => return Ok(Swap::Refused(e)),
+        };
+        if tree
+            .compare_and_swap(k, Some(&current), Some(new.encode()))?
+            .is_ok()
+        {
+            return Ok(Swap::Swapped(old, g.commit.ticket()));
+        }
+    }
+}
+
 impl Store {
+    /// Opens the store in `dir`, refusing one that holds less than its commit witness says
+    /// was acknowledged, and starts its flush and watcher threads.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .use_compression(false)
-            .open()?;
-        let commit = GroupCommit::start(db.clone()).map_err(StoreError::Thread)?;
-        Ok(Store {
-            cards: db.open_tree("cards")?,
-            customers: db.open_tree("customers")?,
-            tokens: db.open_tree("customer_tokens")?,
-            idempotency: db.open_tree("idempotency")?,
-            keys: db.open_tree("keys")?,
-            meta: db.open_tree("meta")?,
-            db,
-            commit,
-        })
+        let generation = Generation::open(dir, cache_bytes, 1)?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            cache_bytes,
+            current: RwLock::new(Some(Arc::new(generation))),
+            generation: AtomicU64::new(1),
+            signal: Arc::default(),
+        });
+        recovery::spawn_watcher(Arc::downgrade(&shared), Arc::clone(&shared.signal))
+            .map_err(StoreError::Thread)?;
+        Ok(Store(shared))
+    }
+
+    /// Which opening of the store is current: anything derived from an earlier one (cached
+    /// keys, counts) must be read again.
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::SeqCst)
+    }
+
+    /// Runs `f` on the current sled instance; an I/O error marks it failed and wakes the
+    /// watcher, which reopens the store once it can.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Generation) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let g = self.0.current()?;
+        let result = f(&g);
+        if let Err(StoreError::Sled(sled::Error::Io(_))) = &result {
+            g.commit.fail();
+            self.0.signal.wake(false);
+        }
+        result
     }
 
     /// Waits until the write behind `ticket` is on disk.
     pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
-        Ok(self.commit.durable(ticket).await?)
+        let g = self.0.current()?;
+        Ok(g.commit.durable(ticket).await?)
     }
 
-    /// Flushes everything and stops the flush thread.
+    /// Flushes everything, stops the flush thread and writes the commit witness.
     pub fn close(&self) -> Result<(), StoreError> {
-        self.commit.shutdown();
-        self.db.flush()?;
-        Ok(())
+        self.0.close()
     }
 
     /// Inserts a new card record under a fresh id.
@@ -242,19 +405,19 @@ impl Store {
         id: &str,
         rec: &CardRecord,
     ) -> Result<Ticket, StoreError> {
-        self.insert_new(&self.cards, &key(project, id), rec)
+        self.with(|g| insert_new(g, &g.cards, &key(project, id), rec))
     }
 
     pub fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
-        get(&self.cards, &key(project, id))
+        self.with(|g| get(&g.cards, &key(project, id)))
     }
 
     pub fn customer(&self, project: &str, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
-        get(&self.customers, &key(project, id))
+        self.with(|g| get(&g.customers, &key(project, id)))
     }
 
     pub fn token(&self, project: &str, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        get(&self.tokens, &key(project, id))
+        self.with(|g| get(&g.tokens, &key(project, id)))
     }
 
     /// Atomically replaces a card record with what `decide` makes of it: compare-and-swap in
@@ -266,7 +429,7 @@ impl Store {
         id: &str,
         decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
     ) -> Result<Swap<CardRecord, E>, StoreError> {
-        self.swap(&self.cards, &key(project, id), decide)
+        self.with(|g| swap(g, &g.cards, &key(project, id), decide))
     }
 
     /// As [`Store::swap_card`], for a customer.
@@ -276,7 +439,7 @@ impl Store {
         id: &str,
         decide: impl FnMut(&CustomerRecord) -> Result<CustomerRecord, E>,
     ) -> Result<Swap<CustomerRecord, E>, StoreError> {
-        self.swap(&self.customers, &key(project, id), decide)
+        self.with(|g| swap(g, &g.customers, &key(project, id), decide))
     }
 
     /// As [`Store::swap_card`], for a customer token.
@@ -286,31 +449,7 @@ impl Store {
         id: &str,
         decide: impl FnMut(&TokenRecord) -> Result<TokenRecord, E>,
     ) -> Result<Swap<TokenRecord, E>, StoreError> {
-        self.swap(&self.tokens, &key(project, id), decide)
-    }
-
-    fn swap<R: Codec, E>(
-        &self,
-        tree: &sled::Tree,
-        k: &[u8],
-        mut decide: impl FnMut(&R) -> Result<R, E>,
-    ) -> Result<Swap<R, E>, StoreError> {
-        loop {
-            let Some(current) = tree.get(k)? else {
-                return Ok(Swap::Missing);
-            };
-            let old = R::decode(&current)?;
-            let new = match decide(&old) {
-                Ok(new) => new,
-                Err(e) => return Ok(Swap::Refused(e)),
-            };
-            if tree
-                .compare_and_swap(k, Some(&current), Some(new.encode()))?
-                .is_ok()
-            {
-                return Ok(Swap::Swapped(old, self.commit.ticket()));
-            }
-        }
+        self.with(|g| swap(g, &g.tokens, &key(project, id), decide))
     }
 
     /// Inserts a new customer under a fresh id.
@@ -320,58 +459,45 @@ impl Store {
         id: &str,
         rec: &CustomerRecord,
     ) -> Result<Ticket, StoreError> {
-        self.insert_new(&self.customers, &key(project, id), rec)
-    }
-
-    /// Inserts a record that must not exist yet. Ids are fresh from the CSPRNG, so an existing
-    /// record under one means a broken generator, and is refused rather than overwritten.
-    fn insert_new<R: Codec>(
-        &self,
-        tree: &sled::Tree,
-        k: &[u8],
-        rec: &R,
-    ) -> Result<Ticket, StoreError> {
-        match tree.compare_and_swap(k, None as Option<&[u8]>, Some(rec.encode()))? {
-            Ok(()) => Ok(self.commit.ticket()),
-            Err(_) => Err(StoreError::Corrupt(Malformed)),
-        }
+        self.with(|g| insert_new(g, &g.customers, &key(project, id), rec))
     }
 
     /// Applies `batch` in one transaction if every record it checks is exactly as expected.
     /// `Ok(None)`: a check failed (a racing change); nothing was written.
     pub fn commit(&self, batch: &Batch) -> Result<Option<Ticket>, StoreError> {
         use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-        let outcome = (&self.cards, &self.customers, &self.tokens).transaction(
-            |(cards, customers, tokens)| {
-                let tree = |space: Space| match space {
-                    Space::Cards => cards,
-                    Space::Customers => customers,
-                    Space::Tokens => tokens,
-                };
-                for (space, k, expected) in &batch.checks {
-                    let current = tree(*space).get(k)?;
-                    if current.as_deref() != expected.as_deref() {
-                        return Err(ConflictableTransactionError::Abort(()));
-                    }
-                }
-                for (space, k, value) in &batch.writes {
-                    match value {
-                        Some(v) => {
-                            tree(*space).insert(k.as_slice(), v.as_slice())?;
-                        }
-                        None => {
-                            tree(*space).remove(k.as_slice())?;
+        self.with(|g| {
+            let outcome =
+                (&g.cards, &g.customers, &g.tokens).transaction(|(cards, customers, tokens)| {
+                    let tree = |space: Space| match space {
+                        Space::Cards => cards,
+                        Space::Customers => customers,
+                        Space::Tokens => tokens,
+                    };
+                    for (space, k, expected) in &batch.checks {
+                        let current = tree(*space).get(k)?;
+                        if current.as_deref() != expected.as_deref() {
+                            return Err(ConflictableTransactionError::Abort(()));
                         }
                     }
-                }
-                Ok(())
-            },
-        );
-        match outcome {
-            Ok(()) => Ok(Some(self.commit.ticket())),
-            Err(TransactionError::Abort(())) => Ok(None),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+                    for (space, k, value) in &batch.writes {
+                        match value {
+                            Some(v) => {
+                                tree(*space).insert(k.as_slice(), v.as_slice())?;
+                            }
+                            None => {
+                                tree(*space).remove(k.as_slice())?;
+                            }
+                        }
+                    }
+                    Ok(())
+                });
+            match outcome {
+                Ok(()) => Ok(Some(g.commit.ticket())),
+                Err(TransactionError::Abort(())) => Ok(None),
+                Err(TransactionError::Storage(e)) => Err(e.into()),
+            }
+        })
     }
 
     pub fn idempotency(
@@ -379,7 +505,7 @@ impl Store {
         project: &str,
         scope: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        get(&self.idempotency, &key(project, scope))
+        self.with(|g| get(&g.idempotency, &key(project, scope)))
     }
 
     /// Compare-and-swap of an idempotency record; `Ok(None)` when `old` is no longer current.
@@ -390,30 +516,33 @@ impl Store {
         old: Option<&IdempotencyRecord>,
         new: Option<&IdempotencyRecord>,
     ) -> Result<Option<Ticket>, StoreError> {
-        let swapped = self.idempotency.compare_and_swap(
-            key(project, scope),
-            old.map(IdempotencyRecord::encode),
-            new.map(IdempotencyRecord::encode),
-        )?;
-        Ok(swapped.is_ok().then(|| self.commit.ticket()))
+        self.with(|g| {
+            let swapped = g.idempotency.compare_and_swap(
+                key(project, scope),
+                old.map(IdempotencyRecord::encode),
+                new.map(IdempotencyRecord::encode),
+            )?;
+            Ok(swapped.is_ok().then(|| g.commit.ticket()))
+        })
     }
 
     /// Removes idempotency records created before `cutoff` (unix seconds); returns how many.
     pub fn remove_idempotency_before(&self, cutoff: i64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for item in self.idempotency.iter() {
-            let (k, v) = item?;
-            let stale = IdempotencyRecord::decode(&v).map_or(true, |r| r.created_at < cutoff);
-            if stale
-                && self
-                    .idempotency
-                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
-                    .is_ok()
-            {
-                removed += 1;
+        self.with(|g| {
+            let mut removed = 0;
+            for item in g.idempotency.iter() {
+                let (k, v) = item?;
+                let stale = IdempotencyRecord::decode(&v).map_or(true, |r| r.created_at < cutoff);
+                if stale
+                    && g.idempotency
+                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                        .is_ok()
+                {
+                    removed += 1;
+                }
             }
-        }
-        Ok(removed)
+            Ok(removed)
+        })
     }
 
     /// Removes a card record if it still holds exactly `expected` (used by the sweeper).
@@ -423,74 +552,82 @@ impl Store {
         id: &str,
         expected: &CardRecord,
     ) -> Result<bool, StoreError> {
-        let swapped = self.cards.compare_and_swap(
-            key(project, id),
-            Some(expected.encode()),
-            None as Option<&[u8]>,
-        )?;
-        Ok(swapped.is_ok())
+        self.with(|g| {
+            let swapped = g.cards.compare_and_swap(
+                key(project, id),
+                Some(expected.encode()),
+                None as Option<&[u8]>,
+            )?;
+            Ok(swapped.is_ok())
+        })
     }
 
     /// Every card record, as `(project, id, record)`; records that fail to decode are skipped
     /// (and counted by the caller through the `Err` items).
-    pub fn cards(
-        &self,
-    ) -> impl Iterator<Item = Result<(String, String, CardRecord), StoreError>> + '_ {
-        entries(&self.cards)
+    pub fn cards(&self) -> impl Iterator<Item = Result<(String, String, CardRecord), StoreError>> {
+        entries(self.0.current().map(|g| g.cards.clone()))
     }
 
     /// Every customer record, as `(project, id, record)`.
     pub fn customers(
         &self,
-    ) -> impl Iterator<Item = Result<(String, String, CustomerRecord), StoreError>> + '_ {
-        entries(&self.customers)
+    ) -> impl Iterator<Item = Result<(String, String, CustomerRecord), StoreError>> {
+        entries(self.0.current().map(|g| g.customers.clone()))
     }
 
     /// Every customer token record, as `(project, id, record)`.
     pub fn tokens(
         &self,
-    ) -> impl Iterator<Item = Result<(String, String, TokenRecord), StoreError>> + '_ {
-        entries(&self.tokens)
+    ) -> impl Iterator<Item = Result<(String, String, TokenRecord), StoreError>> {
+        entries(self.0.current().map(|g| g.tokens.clone()))
     }
 
     /// A project's key wrapped by the KEK, if it exists.
     pub fn wrapped_key(&self, project: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.keys.get(key(project, name))?.map(|v| v.to_vec()))
+        self.with(|g| Ok(g.keys.get(key(project, name))?.map(|v| v.to_vec())))
     }
 
-    /// Stores `wrapped` unless a key of that name exists; returns the key that is now stored
-    /// (ours, or the one a racing writer stored first) and a ticket for its durability.
+    /// Stores `wrapped` unless a key of that name exists, and flushes; returns the key that is
+    /// now stored (ours, or the one a racing writer stored first). Flushed at once, not with
+    /// the first record sealed under it: were the store reopened in between, that record
+    /// could reach disk without its key.
     pub fn insert_wrapped_key(
         &self,
         project: &str,
         name: &str,
         wrapped: &[u8],
-    ) -> Result<(Vec<u8>, Ticket), StoreError> {
-        let k = key(project, name);
-        let stored = match self
-            .keys
-            .compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped))?
-        {
-            Ok(()) => wrapped.to_vec(),
-            Err(e) => e
-                .current
-                .map(|v| v.to_vec())
-                .ok_or(StoreError::Corrupt(Malformed))?,
-        };
-        Ok((stored, self.commit.ticket()))
+    ) -> Result<Vec<u8>, StoreError> {
+        self.with(|g| {
+            let k = key(project, name);
+            match g
+                .keys
+                .compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped))?
+            {
+                Ok(()) => {
+                    g.db.flush()?;
+                    Ok(wrapped.to_vec())
+                }
+                Err(e) => e
+                    .current
+                    .map(|v| v.to_vec())
+                    .ok_or(StoreError::Corrupt(Malformed)),
+            }
+        })
     }
 
     /// The wrapped KEK check value and the KEK id, if this store has them yet.
     pub fn kek_check(&self) -> Result<Option<(Vec<u8>, String)>, StoreError> {
-        let check = self.meta.get(KEK_CHECK)?;
-        let id = self.meta.get(KEK_ID)?;
-        Ok(match (check, id) {
-            (Some(check), Some(id)) => Some((
-                check.to_vec(),
-                String::from_utf8(id.to_vec()).map_err(|_| Malformed)?,
-            )),
-            (Some(check), None) => Some((check.to_vec(), String::new())),
-            _ => None,
+        self.with(|g| {
+            let check = g.meta.get(KEK_CHECK)?;
+            let id = g.meta.get(KEK_ID)?;
+            Ok(match (check, id) {
+                (Some(check), Some(id)) => Some((
+                    check.to_vec(),
+                    String::from_utf8(id.to_vec()).map_err(|_| Malformed)?,
+                )),
+                (Some(check), None) => Some((check.to_vec(), String::new())),
+                _ => None,
+            })
         })
     }
 
@@ -501,27 +638,31 @@ impl Store {
 
     /// Records the KEK check value and id of a new store, durably, before anything is sealed.
     pub fn set_kek_check(&self, wrapped: &[u8], kek_id: &str) -> Result<(), StoreError> {
-        self.meta
-            .transaction(|meta| {
-                meta.insert(KEK_CHECK, wrapped)?;
-                meta.insert(KEK_ID, kek_id.as_bytes())?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(transaction_error)?;
-        self.db.flush()?;
-        Ok(())
+        self.with(|g| {
+            g.meta
+                .transaction(|meta| {
+                    meta.insert(KEK_CHECK, wrapped)?;
+                    meta.insert(KEK_ID, kek_id.as_bytes())?;
+                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(transaction_error)?;
+            g.db.flush()?;
+            Ok(())
+        })
     }
 
     /// Every wrapped key, as `(project, name, wrapped)`.
     pub fn wrapped_keys(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
-        self.keys
-            .iter()
-            .map(|item| {
-                let (k, v) = item?;
-                let (project, name) = split_key(&k).ok_or(Malformed)?;
-                Ok((project, name, v.to_vec()))
-            })
-            .collect()
+        self.with(|g| {
+            g.keys
+                .iter()
+                .map(|item| {
+                    let (k, v) = item?;
+                    let (project, name) = split_key(&k).ok_or(Malformed)?;
+                    Ok((project, name, v.to_vec()))
+                })
+                .collect()
+        })
     }
 
     /// Replaces every wrapped key and the KEK check value and id in one transaction, then
@@ -534,63 +675,73 @@ impl Store {
         kek_id: &str,
     ) -> Result<bool, StoreError> {
         use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-        let outcome = (&self.keys, &self.meta).transaction(|(keys, meta)| {
-            for (project, name, old, new) in rewrapped {
-                let k = key(project, name);
-                if keys.get(&k)?.as_deref() != Some(old.as_slice()) {
-                    return Err(ConflictableTransactionError::Abort(()));
+        self.with(|g| {
+            let outcome = (&g.keys, &g.meta).transaction(|(keys, meta)| {
+                for (project, name, old, new) in rewrapped {
+                    let k = key(project, name);
+                    if keys.get(&k)?.as_deref() != Some(old.as_slice()) {
+                        return Err(ConflictableTransactionError::Abort(()));
+                    }
+                    keys.insert(k, new.as_slice())?;
                 }
-                keys.insert(k, new.as_slice())?;
+                meta.insert(KEK_CHECK, check)?;
+                meta.insert(KEK_ID, kek_id.as_bytes())?;
+                Ok(())
+            });
+            match outcome {
+                Ok(()) => {
+                    g.db.flush()?;
+                    Ok(true)
+                }
+                Err(TransactionError::Abort(())) => Ok(false),
+                Err(TransactionError::Storage(e)) => Err(e.into()),
             }
-            meta.insert(KEK_CHECK, check)?;
-            meta.insert(KEK_ID, kek_id.as_bytes())?;
-            Ok(())
-        });
-        match outcome {
-            Ok(()) => {
-                self.db.flush()?;
-                Ok(true)
-            }
-            Err(TransactionError::Abort(())) => Ok(false),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        })
     }
 
     /// Removes a wrapped key (a destroyed DEK version). Not durable until the next flush.
     pub fn remove_wrapped_key(&self, project: &str, name: &str) -> Result<(), StoreError> {
-        self.keys.remove(key(project, name))?;
-        Ok(())
+        self.with(|g| {
+            g.keys.remove(key(project, name))?;
+            Ok(())
+        })
     }
 
     /// The DEK version states (JSON, owned by the vault), if written yet.
     pub fn dek_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(DEK_STATE)?.map(|v| v.to_vec()))
+        self.with(|g| Ok(g.meta.get(DEK_STATE)?.map(|v| v.to_vec())))
     }
 
     /// Writes the DEK version states and flushes.
     pub fn set_dek_state(&self, state: &[u8]) -> Result<(), StoreError> {
-        self.meta.insert(DEK_STATE, state)?;
-        self.db.flush()?;
-        Ok(())
+        self.with(|g| {
+            g.meta.insert(DEK_STATE, state)?;
+            g.db.flush()?;
+            Ok(())
+        })
     }
 
     /// Encryptions reserved so far under a project's DEK version.
     pub fn encryptions_reserved(&self, project: &str, version: u32) -> Result<u64, StoreError> {
-        Ok(match self.meta.get(encryptions_key(project, version))? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
-            None => 0,
+        self.with(|g| {
+            Ok(match g.meta.get(encryptions_key(project, version))? {
+                Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
+                None => 0,
+            })
         })
     }
 
     /// Where DEK encryption counts are reserved.
     pub fn ledger(&self) -> Ledger {
-        Ledger(self.meta.clone())
+        Ledger(self.clone())
     }
 
     /// Flushes everything written so far (for rare, blocking callers: key operations).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.with(|g| {
+            g.db.flush()?;
+            Ok(())
+        })
     }
 }
 
@@ -602,7 +753,7 @@ fn encryptions_key(project: &str, version: u32) -> Vec<u8> {
 
 /// Reservations of DEK encryption counts, held by each DEK in use.
 #[derive(Clone)]
-pub struct Ledger(sled::Tree);
+pub struct Ledger(Store);
 
 impl Ledger {
     /// Raises the reservation. Not awaited: the first record sealed under the new reservation
@@ -610,14 +761,16 @@ impl Ledger {
     /// Never lowers a reservation: two holders of one DEK (possible for an instant after a
     /// version change) each only raise it.
     pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
-        self.0
-            .fetch_and_update(encryptions_key(project, version), |old| {
-                let old = old
-                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                    .map_or(0, u64::from_be_bytes);
-                Some(old.max(upto).to_be_bytes().to_vec())
-            })?;
-        Ok(())
+        self.0.with(|g| {
+            g.meta
+                .fetch_and_update(encryptions_key(project, version), |old| {
+                    let old = old
+                        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                        .map_or(0, u64::from_be_bytes);
+                    Some(old.max(upto).to_be_bytes().to_vec())
+                })?;
+            Ok(())
+        })
     }
 }
 
@@ -625,12 +778,6 @@ fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
     match e {
         sled::transaction::TransactionError::Storage(e) => e.into(),
         sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt(Malformed),
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = self.close();
     }
 }
 

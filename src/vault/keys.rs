@@ -407,13 +407,16 @@ impl Vault {
         create: bool,
     ) -> Result<Option<Arc<ProjectKeys>>, VaultError> {
         let active = self.keyring.active_version();
+        // Keys loaded from an earlier opening of the store are loaded again: their encryption
+        // counts may have been reserved in writes that reopening lost.
+        let generation = self.store.generation();
         if let Some(keys) = self
             .keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(project)
         {
-            if keys.dek_version == active {
+            if keys.dek_version == active && keys.store_generation == generation {
                 return Ok(Some(Arc::clone(keys)));
             }
         }
@@ -454,13 +457,16 @@ impl Vault {
             .push(Arc::downgrade(&active_dek));
         let keys = Arc::new(ProjectKeys {
             dek_version: state.active,
+            store_generation: generation,
             active: active_dek,
             older,
             fingerprint: FingerprintKey::new(&fingerprint),
         });
         let mut map = self.keys.write().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = map.get(project) {
-            if existing.dek_version == keys.dek_version {
+            if existing.dek_version == keys.dek_version
+                && existing.store_generation == keys.store_generation
+            {
                 return Ok(Some(Arc::clone(existing)));
             }
         }
@@ -486,11 +492,9 @@ impl Vault {
                 let kek = current.as_deref().ok_or(VaultError::Sealed)?;
                 let fresh = KeyMaterial::random().map_err(VaultError::Keys)?;
                 let wrapped = kek.wrap(&aad, &fresh).map_err(VaultError::Keys)?;
-                // The key becomes durable with the first record sealed under it: that record's
-                // flush starts after this insert, so its ticket is not awaited separately.
-                let (stored, _ticket) =
-                    self.store
-                        .insert_wrapped_key(project.as_str(), name, &wrapped)?;
+                let stored = self
+                    .store
+                    .insert_wrapped_key(project.as_str(), name, &wrapped)?;
                 return kek
                     .unwrap(&aad, &stored)
                     .map(Some)

@@ -243,6 +243,8 @@ fn key_aad(project: &Project, name: &str) -> Vec<u8> {
 /// decrypt-only DEKs of older versions, and the fingerprint key.
 struct ProjectKeys {
     dek_version: u32,
+    /// [`Store::generation`] when these were loaded.
+    store_generation: u64,
     active: Arc<keys::Dek>,
     older: HashMap<u32, SealingKey>,
     fingerprint: FingerprintKey,

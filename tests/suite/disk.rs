@@ -1,14 +1,8 @@
-//! Disk trouble: `data_dir` on a small tmpfs that fills up.
+//! Disk trouble: `data_dir` on a small tmpfs that fills up; store files damaged or replaced by
+//! an older copy.
 //!
-//! Needs root (to mount a tmpfs), which CI has; elsewhere the test says so and passes without
-//! checking anything.
-//!
-//! Both tests fail today and are ignored until the gaps they show are closed (run them with
-//! `cargo test --locked --test vault disk -- --ignored`):
-//! - after ENOSPC, the daemon answers every later write with 503 even once space returns:
-//!   the first half of the first test (a clean 503 `storage_unavailable`, never a 500) passes,
-//!   the recovery does not;
-//! - sled opens a store whose files were overwritten with garbage, and the daemon serves it.
+//! The full-disk test needs root (to mount a tmpfs), which CI has; elsewhere it says so and
+//! passes without checking anything.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,7 +46,6 @@ impl Drop for Tmpfs {
 }
 
 #[test]
-#[ignore = "known gap: writes keep failing after ENOSPC even once space returns"]
 fn a_full_disk_gets_503_and_the_vault_recovers_when_space_returns() {
     let setup = Setup::new("diskfull");
     let Some(tmpfs) = Tmpfs::mount(&setup.data_dir, "4m") else {
@@ -60,7 +53,7 @@ fn a_full_disk_gets_503_and_the_vault_recovers_when_space_returns() {
         return;
     };
     let daemon = setup.start();
-    let router = setup.client(&daemon, &setup.router());
+    let mut router = setup.client(&daemon, &setup.router()).session();
 
     // Fill the disk: every answer is a 201 or a clean 503, never a 500 or a dropped connection.
     let mut acked = Vec::new();
@@ -87,10 +80,15 @@ fn a_full_disk_gets_503_and_the_vault_recovers_when_space_returns() {
     );
     assert!(!acked.is_empty());
 
+    // Reads go on while writes are refused.
+    let (id, _) = &acked[0];
+    let res = router.get(&format!("/v1/cards/{id}"));
+    assert_eq!(res.status, 200, "{}", res.body);
+
     // Space returns: the same daemon takes writes again, without a restart.
     tmpfs.resize("64m");
     let mut recovered = false;
-    for i in 0..100u32 {
+    for i in 0..200u32 {
         let pan = test_pan(400_000 + i);
         let res = router.post("/v1/cards", &card_body(&pan));
         if res.status == 201 {
@@ -108,7 +106,7 @@ fn a_full_disk_gets_503_and_the_vault_recovers_when_space_returns() {
     // Everything acknowledged, before and after the full disk, is there after a crash.
     daemon.kill9();
     let daemon = setup.start();
-    let router = setup.client(&daemon, &setup.router());
+    let mut router = setup.client(&daemon, &setup.router()).session();
     for (id, pan) in &acked {
         let res = router.post("/v1/detokenize", &serde_json::json!({"token": id}));
         assert_eq!(res.status, 200, "{id}: {}", res.body);
@@ -118,7 +116,6 @@ fn a_full_disk_gets_503_and_the_vault_recovers_when_space_returns() {
 }
 
 #[test]
-#[ignore = "known gap: sled opens a store overwritten with garbage, and the daemon serves it"]
 fn a_corrupted_store_stops_startup_with_a_message() {
     let setup = Setup::new("corrupt");
     let daemon = setup.start();
@@ -147,8 +144,67 @@ fn a_corrupted_store_stops_startup_with_a_message() {
             panic!("the daemon served a corrupted store");
         }
         Err(output) => assert!(
-            output.contains("cardvault: error:"),
+            output.contains("cardvault: error: store damaged:") && output.contains("backup"),
             "no clear message:\n{output}"
         ),
+    }
+}
+
+/// An older copy of the store put in place of the current one would bring back card tokens
+/// that were used since (a replay): startup refuses it.
+#[test]
+fn an_older_copy_of_the_store_is_refused() {
+    let setup = Setup::new("rollback");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let res = router.post("/v1/cards", &card_body(&test_pan(1)));
+    assert_eq!(res.status, 201, "{}", res.body);
+    let id = res.json()["id"].as_str().unwrap().to_owned();
+    daemon.stop();
+    let copy = setup.dir.path().join("data-copy");
+    copy_store(&setup.data_dir, &copy);
+
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let res = router.post("/v1/detokenize", &serde_json::json!({"token": id}));
+    assert_eq!(res.status, 200, "{}", res.body);
+    daemon.stop();
+
+    // The copy from before the card token was used, with today's witness left in place.
+    for file in files_below(&setup.data_dir) {
+        if !file.ends_with(WITNESS) {
+            std::fs::remove_file(file).unwrap();
+        }
+    }
+    copy_store(&copy, &setup.data_dir);
+    match Daemon::try_start(&setup) {
+        Ok(daemon) => {
+            let router = setup.client(&daemon, &setup.router());
+            let res = router.post("/v1/detokenize", &serde_json::json!({"token": id}));
+            drop(daemon);
+            panic!(
+                "the daemon served an older copy of the store (detokenize: {})",
+                res.status
+            );
+        }
+        Err(output) => assert!(
+            output.contains("cardvault: error: store damaged:") && output.contains("older copy"),
+            "no clear message:\n{output}"
+        ),
+    }
+}
+
+/// The store's commit witness, in `data_dir`.
+const WITNESS: &str = "cardvault.commit";
+
+/// Copies the sled files of a store (not its commit witness) from `from` to `to`.
+fn copy_store(from: &Path, to: &Path) {
+    for file in files_below(from) {
+        if file.ends_with(WITNESS) {
+            continue;
+        }
+        let target = to.join(file.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(&file, &target).unwrap();
     }
 }

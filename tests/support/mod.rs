@@ -535,6 +535,15 @@ impl Client {
         self.connect()?.send(method, path, headers, body)
     }
 
+    /// A keep-alive connection for many requests.
+    pub fn session(&self) -> Session {
+        let conn = self.connect().unwrap();
+        Session {
+            tls: conn.tls,
+            project: conn.project,
+        }
+    }
+
     /// Opens a connection and completes the TLS handshake, so that a later `send` on it
     /// costs only the request (used to line up racing requests).
     pub fn connect(&self) -> std::io::Result<Connection> {
@@ -570,23 +579,7 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> std::io::Result<Response> {
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-        if let Some(p) = &self.project {
-            req.push_str(&format!("Vault-Project: {p}\r\n"));
-        }
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if let Some(b) = body {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body.unwrap_or(&[]));
+        let bytes = request(method, path, self.project.as_deref(), headers, body, false);
         self.tls.write_all(&bytes)?;
         self.tls.flush()?;
         let mut raw = Vec::new();
@@ -597,6 +590,81 @@ impl Connection {
                 Ok(n) => raw.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => break,
                 Err(e) => return Err(e),
+            }
+        }
+        parse_response(&raw).ok_or_else(|| std::io::Error::other("no HTTP response"))
+    }
+}
+
+/// An HTTP/1.1 request; `keep_alive: false` asks the server to close the connection after it.
+fn request(
+    method: &str,
+    path: &str,
+    project: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    keep_alive: bool,
+) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    if !keep_alive {
+        req.push_str("Connection: close\r\n");
+    }
+    if let Some(p) = project {
+        req.push_str(&format!("Vault-Project: {p}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or(&[]));
+    bytes
+}
+
+/// One keep-alive TLS connection for many requests in a row (for tests that send thousands).
+pub struct Session {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    project: Option<String>,
+}
+
+impl Session {
+    pub fn get(&mut self, path: &str) -> Response {
+        self.send("GET", path, None).unwrap()
+    }
+
+    pub fn post(&mut self, path: &str, body: &serde_json::Value) -> Response {
+        self.send("POST", path, Some(body.to_string().as_bytes()))
+            .unwrap()
+    }
+
+    fn send(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> std::io::Result<Response> {
+        let bytes = request(method, path, self.project.as_deref(), &[], body, true);
+        self.tls.write_all(&bytes)?;
+        self.tls.flush()?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if raw.len() >= end + 4 + length {
+                    raw.truncate(end + 4 + length);
+                    break;
+                }
+            }
+            match self.tls.read(&mut buf)? {
+                0 => return Err(std::io::Error::other("connection closed mid-response")),
+                n => raw.extend_from_slice(&buf[..n]),
             }
         }
         parse_response(&raw).ok_or_else(|| std::io::Error::other("no HTTP response"))

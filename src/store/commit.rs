@@ -7,6 +7,11 @@
 //! `flush()`, publish that ticket as durable. Writers that arrive during a flush are covered by
 //! the next one, so under load one fsync serves many requests.
 //!
+//! sled's `flush()` writes its log with `sync_file_range`, which survives a killed process but
+//! neither syncs the file's size nor flushes the drive's cache: after a power loss the flushed
+//! tail could be gone. So each flush is followed by an `fdatasync` of the log file, and only
+//! then are its writers told their writes are durable.
+//!
 //! Each flush first writes the next commit number into the store's `meta` tree, so the store
 //! itself says how far its durable state reaches; [`GroupCommit::durable_commit`] is the last
 //! number a completed flush covered (the witness in [`super::witness`] keeps it outside the
@@ -40,8 +45,21 @@ struct Shared {
     stop: AtomicBool,
     /// The commit number the last completed flush covered.
     durable_commit: AtomicU64,
-    /// Set when a flush failed: the store is unusable until reopened.
+    /// Set when a write or flush failed: this sled instance takes no more writes.
     failed: AtomicBool,
+    /// Set when that failure was not a full disk: reopening in place is not safe.
+    fatal: AtomicBool,
+}
+
+impl Shared {
+    fn fail(&self, error: &sled::Error) {
+        let full =
+            matches!(error, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull);
+        if !full {
+            self.fatal.store(true, Ordering::SeqCst);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -69,9 +87,11 @@ pub const COMMIT_KEY: &[u8] = b"commit";
 impl GroupCommit {
     /// Starts the flusher for one opening (`generation`) of the store, continuing the commit
     /// numbers from `commit` (what the store's `meta` tree holds).
+    /// `log` is sled's log file (`data_dir/db`), synced after each flush.
     pub fn start(
         db: sled::Db,
         meta: sled::Tree,
+        log: std::fs::File,
         generation: u64,
         commit: u64,
     ) -> std::io::Result<GroupCommit> {
@@ -83,13 +103,14 @@ impl GroupCommit {
             stop: AtomicBool::new(false),
             durable_commit: AtomicU64::new(commit),
             failed: AtomicBool::new(false),
+            fatal: AtomicBool::new(false),
         });
         let thread_shared = Arc::clone(&shared);
         // The sender lives in the thread: when the thread ends (shutdown, or a panic), the
         // channel closes and every waiting writer gets `FlushFailed` instead of waiting forever.
         let thread = std::thread::Builder::new()
             .name("cardvault-flush".into())
-            .spawn(move || flush_loop(&thread_shared, &db, &meta, &tx))?;
+            .spawn(move || flush_loop(&thread_shared, &db, &meta, &log, &tx))?;
         Ok(GroupCommit {
             generation,
             shared,
@@ -113,14 +134,19 @@ impl GroupCommit {
         self.shared.durable_commit.load(Ordering::SeqCst)
     }
 
-    /// Whether a flush failed (the store stays unusable until reopened).
+    /// Whether a write or flush failed (this sled instance takes no more writes).
     pub fn failed(&self) -> bool {
         self.shared.failed.load(Ordering::SeqCst)
     }
 
-    /// Marks the store failed (a write outside the flusher hit an I/O error).
-    pub fn fail(&self) {
-        self.shared.failed.store(true, Ordering::SeqCst);
+    /// Whether the failure was something other than a full disk.
+    pub fn fatal(&self) -> bool {
+        self.shared.fatal.load(Ordering::SeqCst)
+    }
+
+    /// Marks this sled instance failed (a write outside the flusher hit an I/O error).
+    pub fn fail(&self, error: &sled::Error) {
+        self.shared.fail(error);
     }
 
     /// Notifies while holding the lock the flusher checks under, so no wake-up is lost.
@@ -178,6 +204,7 @@ fn flush_loop(
     shared: &Shared,
     db: &sled::Db,
     meta: &sled::Tree,
+    log: &std::fs::File,
     progress: &watch::Sender<Progress>,
 ) {
     let mut covered = 0u64;
@@ -198,7 +225,8 @@ fn flush_loop(
         let commit = shared.durable_commit.load(Ordering::SeqCst) + 1;
         let result = meta
             .insert(COMMIT_KEY, &commit.to_be_bytes())
-            .and_then(|_| db.flush());
+            .and_then(|_| db.flush())
+            .and_then(|_| log.sync_data().map_err(sled::Error::from));
         progress.send_modify(|p| match result {
             Ok(_) => p.durable = target,
             Err(_) => p.failed = target,
@@ -207,7 +235,7 @@ fn flush_loop(
             Ok(_) => shared.durable_commit.store(commit, Ordering::SeqCst),
             Err(e) => {
                 tracing::error!(error = %e, "store flush failed; waiting writers get 503");
-                shared.failed.store(true, Ordering::SeqCst);
+                shared.fail(&e);
                 // Do not spin on a persistent failure (a full disk): writers retry by request.
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
@@ -241,7 +269,8 @@ mod tests {
             .open()
             .unwrap();
         let meta = db.open_tree("meta").unwrap();
-        let gc = Arc::new(GroupCommit::start(db.clone(), meta.clone(), 1, 0).unwrap());
+        let log = || std::fs::File::open(dir.join("db")).unwrap();
+        let gc = Arc::new(GroupCommit::start(db.clone(), meta.clone(), log(), 1, 0).unwrap());
         let mut tasks = Vec::new();
         for i in 0..64u32 {
             let gc = Arc::clone(&gc);
@@ -262,7 +291,7 @@ mod tests {
         );
         assert!(gc.durable_commit() >= 1);
         // A ticket from another opening of the store is never durable here.
-        let other = GroupCommit::start(db.clone(), meta, 2, 0).unwrap();
+        let other = GroupCommit::start(db.clone(), meta, log(), 2, 0).unwrap();
         assert_eq!(gc.durable(other.ticket()).await, Err(FlushFailed));
         other.shutdown();
         gc.shutdown();

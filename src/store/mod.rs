@@ -25,7 +25,7 @@ mod recovery;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 pub use commit::{FlushFailed, GroupCommit, Ticket};
 pub use record::{
@@ -174,6 +174,8 @@ pub(crate) struct Shared {
     generation: AtomicU64,
     /// Wakes the watcher early (a failed write, or closing).
     signal: Arc<recovery::Signal>,
+    /// The commit number in the witness file; held while the file is written.
+    witnessed: Mutex<u64>,
 }
 
 /// One opening of the sled store.
@@ -201,13 +203,14 @@ impl Generation {
             None => 0,
         };
         recovery::check(dir, commit)?;
+        let log = std::fs::File::open(dir.join("db")).map_err(sled::Error::from)?;
         Ok(Generation {
             cards: db.open_tree("cards")?,
             customers: db.open_tree("customers")?,
             tokens: db.open_tree("customer_tokens")?,
             idempotency: db.open_tree("idempotency")?,
             keys: db.open_tree("keys")?,
-            commit: GroupCommit::start(db.clone(), meta.clone(), id, commit)
+            commit: GroupCommit::start(db.clone(), meta.clone(), log, id, commit)
                 .map_err(StoreError::Thread)?,
             meta,
             db,
@@ -254,7 +257,7 @@ impl Shared {
         let generation = self.current()?;
         generation.commit.shutdown();
         generation.db.flush()?;
-        recovery::witness(self, 0);
+        recovery::witness(self);
         Ok(())
     }
 }
@@ -360,6 +363,7 @@ impl Store {
             current: RwLock::new(Some(Arc::new(generation))),
             generation: AtomicU64::new(1),
             signal: Arc::default(),
+            witnessed: Mutex::new(0),
         });
         recovery::spawn_watcher(Arc::downgrade(&shared), Arc::clone(&shared.signal))
             .map_err(StoreError::Thread)?;
@@ -380,8 +384,8 @@ impl Store {
     ) -> Result<T, StoreError> {
         let g = self.0.current()?;
         let result = f(&g);
-        if let Err(StoreError::Sled(sled::Error::Io(_))) = &result {
-            g.commit.fail();
+        if let Err(StoreError::Sled(e @ sled::Error::Io(_))) = &result {
+            g.commit.fail(e);
             self.0.signal.wake(false);
         }
         result

@@ -2,11 +2,14 @@
 //!
 //! - **Reopen after a write failure.** Once a sled write or flush fails (a full disk, an I/O
 //!   error), that sled instance refuses every later write for good, though it still serves
-//!   reads. The watcher thread sees the failure, waits until the file system has room again
-//!   ([`RECOVERY_FREE_BYTES`]), and then reopens the store in place: for the moment of the
+//!   reads. When the failure is a full disk, the watcher thread waits until the file system
+//!   has room again ([`RECOVERY_FREE_BYTES`]), and then reopens the store in place: for the moment of the
 //!   reopen every call answers [`StoreError::Unavailable`] (503); writes that were waiting for a
 //!   flush of the failed instance get `FlushFailed` (503), never an acknowledgement. What sled
-//!   recovers on reopen is what a restart after a crash would see.
+//!   recovers on reopen is what a restart after a crash would see. Any other I/O error is not
+//!   recovered in place: after a failed write-back the kernel may serve pages that never
+//!   reached the disk, so reading the store again could trust data it does not have. Writes
+//!   answer 503 until an operator has checked the disk and restarted the daemon.
 //! - **The commit witness.** Each flush writes the next commit number into the store before it
 //!   syncs (see [`super::commit`]); once a second the watcher copies the last durable number to
 //!   `data_dir/cardvault.commit` (written to a temporary file, synced, renamed). A store whose
@@ -81,24 +84,27 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 /// Wakes the watcher early: a failed write, or the store closing.
 #[derive(Default)]
 pub struct Signal {
-    closing: Mutex<bool>,
+    /// `(woken, closing)`
+    state: Mutex<(bool, bool)>,
     wake: Condvar,
 }
 
 impl Signal {
     /// Sleeps up to `timeout` or until woken; false once the store is closing.
     fn wait(&self, timeout: Duration) -> bool {
-        let closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
-        let (closing, _) = self
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut state, _) = self
             .wake
-            .wait_timeout_while(closing, timeout, |closing| !*closing)
+            .wait_timeout_while(state, timeout, |(woken, _)| !*woken)
             .unwrap_or_else(|p| p.into_inner());
-        !*closing
+        state.0 = false;
+        !state.1
     }
 
     pub fn wake(&self, closing: bool) {
-        let mut guard = self.closing.lock().unwrap_or_else(|p| p.into_inner());
-        *guard |= closing;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.0 = true;
+        state.1 |= closing;
         self.wake.notify_all();
     }
 }
@@ -109,44 +115,49 @@ pub fn spawn_watcher(shared: Weak<Shared>, signal: Arc<Signal>) -> std::io::Resu
     std::thread::Builder::new()
         .name("cardvault-store".into())
         .spawn(move || {
-            let mut witnessed = 0;
             while signal.wait(TICK) {
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
-                witnessed = witness(&shared, witnessed);
+                witness(&shared);
                 recover(&shared);
             }
         })
         .map(drop)
 }
 
-/// Writes the witness when the durable commit number moved; returns what is witnessed now.
-pub(super) fn witness(shared: &Shared, witnessed: u64) -> u64 {
+/// Writes the witness when the durable commit number moved. One writer at a time: the
+/// watcher and `close` both call this.
+pub(super) fn witness(shared: &Shared) {
     let Ok(generation) = shared.current() else {
-        return witnessed;
+        return;
     };
+    let mut witnessed = shared.witnessed.lock().unwrap_or_else(|p| p.into_inner());
     let durable = generation.commit.durable_commit();
-    if durable <= witnessed {
-        return witnessed;
+    if durable <= *witnessed {
+        return;
     }
     match write_witness(&shared.dir, durable) {
-        Ok(()) => durable,
-        Err(e) => {
-            // A stale witness only makes the startup check weaker, never wrong.
-            tracing::debug!(error = %e, "writing the commit witness failed");
-            witnessed
-        }
+        Ok(()) => *witnessed = durable,
+        // A stale witness only makes the startup check weaker, never wrong.
+        Err(e) => tracing::debug!(error = %e, "writing the commit witness failed"),
     }
 }
 
 /// Reopens the store if its sled instance failed and the disk has room again.
 fn recover(shared: &Arc<Shared>) {
-    let failed = match shared.current() {
-        Ok(generation) => generation.failed(),
-        Err(_) => true,
+    let (failed, fatal) = match shared.current() {
+        Ok(generation) => (generation.failed(), generation.commit.fatal()),
+        Err(_) => (true, false),
     };
     if !failed {
+        return;
+    }
+    if fatal {
+        tracing::error!(
+            "the store hit an I/O error other than a full disk and takes no more writes: \
+             check the disk, then restart the daemon"
+        );
         return;
     }
     let free = free_bytes(&shared.dir).unwrap_or(0);

@@ -13,7 +13,8 @@
 //! body. So no card metadata or contact detail is copied here, and a deleted customer is not
 //! resurrected by a replay.
 //!
-//! A claim belongs to the process that made it ([`Vault::boot_id`]). If the request's future
+//! A claim belongs to the process that made it ([`Vault::boot_id`]), in the current opening of
+//! the store (see `Store::generation`). If the request's future
 //! is dropped, [`Claim`]'s `Drop` releases it; a claim left by a process that died is taken
 //! over by the next request with the key. One gap remains: if the process dies after the
 //! object is committed and before the outcome is recorded, a retry makes a second object.
@@ -93,7 +94,7 @@ impl Vault {
                         })
                     }
                     // Left by a process that died before answering.
-                    None if rec.owner != self.boot_id => true,
+                    None if rec.owner != self.claim_owner() => true,
                     None => return Ok(Begin::InProgress),
                 },
             };
@@ -101,7 +102,7 @@ impl Vault {
                 let claim = IdempotencyRecord {
                     created_at: now,
                     request_digest: digest.clone(),
-                    owner: self.boot_id,
+                    owner: self.claim_owner(),
                     response: None,
                 };
                 // Not awaited: a claim lost in a crash only means the retry runs again.
@@ -119,6 +120,13 @@ impl Vault {
                 }
             }
         }
+    }
+
+    /// Who owns the claims made now: this process, in this opening of the store. A claim
+    /// left by an earlier opening (the store was reopened after a write failure, and the
+    /// request that made it could not release it) is taken over like one left by a crash.
+    fn claim_owner(&self) -> u64 {
+        self.boot_id.wrapping_add(self.store.generation())
     }
 
     /// Forgets keys past their retention.

@@ -462,6 +462,12 @@ impl Vault {
             older,
             fingerprint: FingerprintKey::new(&fingerprint),
         });
+        // Every key read above is on disk before anything is sealed under it: one made by a
+        // racing request may not be yet, and a reopen would lose it while we kept it.
+        self.store.flush()?;
+        if self.store.generation() != generation {
+            return Err(StoreError::Unavailable.into());
+        }
         let mut map = self.keys.write().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = map.get(project) {
             if existing.dek_version == keys.dek_version
@@ -795,6 +801,9 @@ impl Vault {
         if self.retired_keys_in_use() {
             return Ok(());
         }
+        // The scan, the flush and the removals must see one opening of the store: a reopen in
+        // between could have lost moves the scan counted. The next round tries again.
+        let generation = self.store.generation();
         // A last count after the holders are gone: anything sealed under an old version
         // before that is visible now.
         if self.records_by_version()?.keys().any(|(_, v)| *v != active) {
@@ -802,6 +811,9 @@ impl Vault {
         }
         // The moved records are on disk before the keys that could still open them go.
         self.store.flush()?;
+        if self.store.generation() != generation {
+            return Ok(());
+        }
         let mut state = self
             .keyring
             .state
@@ -813,6 +825,9 @@ impl Vault {
             if pending.iter().any(|v| name == dek_name(*v)) {
                 self.store.remove_wrapped_key(&project, &name)?;
             }
+        }
+        if self.store.generation() != generation {
+            return Err(StoreError::Unavailable.into());
         }
         let mut destroyed = Vec::new();
         for v in &mut state.versions {

@@ -42,6 +42,11 @@ struct Shared {
     /// sleep/wake handshake (a writer notifies while holding it, so no wake-up is lost).
     wake_lock: Mutex<()>,
     wake: Condvar,
+    /// Set by the flusher (under `wake_lock`) before it checks for tickets and sleeps. A
+    /// writer that bumped `issued` and then reads `false` here needs no wake-up: the flusher
+    /// has not checked yet, so it will see the new ticket (all four accesses are SeqCst).
+    /// Under load the flusher is nearly always busy, and writers skip the lock and syscall.
+    sleeping: AtomicBool,
     stop: AtomicBool,
     /// The commit number the last completed flush covered.
     durable_commit: AtomicU64,
@@ -100,6 +105,7 @@ impl GroupCommit {
             issued: AtomicU64::new(0),
             wake_lock: Mutex::new(()),
             wake: Condvar::new(),
+            sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             durable_commit: AtomicU64::new(commit),
             failed: AtomicBool::new(false),
@@ -122,7 +128,9 @@ impl GroupCommit {
     /// Call after the write has returned.
     pub fn ticket(&self) -> Ticket {
         let seq = self.shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
-        self.wake_flusher();
+        if self.shared.sleeping.load(Ordering::SeqCst) {
+            self.wake_flusher();
+        }
         Ticket {
             generation: self.generation,
             seq,
@@ -212,11 +220,13 @@ fn flush_loop(
     loop {
         {
             let mut guard = shared.wake_lock.lock().unwrap_or_else(|p| p.into_inner());
+            shared.sleeping.store(true, Ordering::SeqCst);
             while shared.issued.load(Ordering::SeqCst) == covered
                 && !shared.stop.load(Ordering::SeqCst)
             {
                 guard = shared.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
+            shared.sleeping.store(false, Ordering::SeqCst);
         }
         if last_batch >= LINGER_MIN_BATCH && !shared.stop.load(Ordering::SeqCst) {
             std::thread::sleep(LINGER);

@@ -6,8 +6,13 @@
 //!   chain at that line; `cardvault audit verify` names the first bad one.
 //! - Beside the log, `PATH.head` holds the last sequence number and MAC, rewritten in place
 //!   every second and at shutdown: a log cut back by whole lines no longer reaches it.
-//! - Lines are written with one `write` each (in the kernel once it returns, so a killed
-//!   process loses nothing it reported) and synced to disk every second and at shutdown.
+//! - Lines are written by one writer thread, in batches: a request's line is made (numbered,
+//!   chained, MACed) at once, and the request then awaits its [`AuditTicket`], which resolves
+//!   once the `write` that carried the line returned. So a reply never goes out before its
+//!   line is in the kernel (a killed process loses nothing it reported), and concurrent
+//!   requests share one `write` instead of taking turns at one each (measured: the syscall
+//!   was ~7 of the ~12 µs an audited read paid for its line). Synced to disk every second
+//!   and at shutdown.
 //! - Fail closed: a write that fails marks the sink failed, and a failed sink refuses every
 //!   event until the path is writable again (checked every second; a rotated or replaced
 //!   file is reopened and the chain continues in it).
@@ -17,12 +22,13 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{AuditError, AuditEvent, AuditSink};
+use super::{AuditError, AuditEvent, AuditSink, AuditTicket};
 use crate::crypto::{hex, unhex, KeyMaterial};
 
 pub const KEY_FILE: &str = "audit.key";
@@ -103,26 +109,50 @@ struct Line<'a> {
     prev: String,
 }
 
+/// Lines made but not yet written, and the channel that tells their requests the outcome.
+struct Batch {
+    text: Vec<u8>,
+    last_seq: u64,
+    last_mac: String,
+    done: tokio::sync::watch::Sender<Option<Result<(), String>>>,
+}
+
 struct Chain {
-    file: Option<File>,
-    /// `PATH.head`, kept open: rewritten in place after every line.
+    /// `PATH.head`, kept open: rewritten in place every second.
     head: Option<File>,
     /// (device, inode) of the open file, to notice rotation or replacement.
     identity: (u64, u64),
+    /// The last line made: the next one chains from it.
     seq: u64,
     prev: String,
-    /// Bytes in the open file, to cut a partly written line back off.
+    /// The last line written.
+    written_seq: u64,
+    written_prev: String,
+    /// Bytes in the open file, to cut a partly written batch back off.
     len: u64,
     failed: Option<String>,
+    pending: Option<Batch>,
+    /// The writer waits for a batch.
+    writer_idle: bool,
+    stop: bool,
 }
 
-pub struct FileSink {
+struct Inner {
     /// Mirrors `Chain::failed`, so the check before every request takes no lock.
     failed: AtomicBool,
     path: PathBuf,
     head: PathBuf,
     key: AuditKey,
     chain: Mutex<Chain>,
+    /// The writer sleeps on this (with `chain`) while there is nothing to write.
+    wake: Condvar,
+    /// The open log. The writer holds it while it writes. Lock order: `chain`, then `file`.
+    file: Mutex<Option<File>>,
+}
+
+pub struct FileSink {
+    inner: Arc<Inner>,
+    writer: Option<JoinHandle<()>>,
 }
 
 fn open_append(path: &Path) -> std::io::Result<(File, (u64, u64))> {
@@ -142,10 +172,10 @@ fn open_append(path: &Path) -> std::io::Result<(File, (u64, u64))> {
 /// shutdown, not per line: one syscall per event under the chain's lock cost a third of the
 /// tokenization throughput. A cut of whole lines older than the last second is caught.
 fn write_head(chain: &Chain) {
-    if chain.seq == 0 {
+    if chain.written_seq == 0 {
         return;
     }
-    let head = format!("{:020} {}\n", chain.seq, chain.prev);
+    let head = format!("{:020} {}\n", chain.written_seq, chain.written_prev);
     if let Some(file) = &chain.head {
         let _ = file.write_at(head.as_bytes(), 0);
     }
@@ -197,21 +227,107 @@ impl FileSink {
         let (file, identity) = open_append(path).map_err(|e| fail(e.to_string()))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let head = open_head(&head_path(path));
-        Ok(FileSink {
+        let inner = Arc::new(Inner {
             failed: AtomicBool::new(false),
             path: path.to_owned(),
             head: head_path(path),
             key,
             chain: Mutex::new(Chain {
-                file: Some(file),
                 head,
                 identity,
                 seq,
-                prev,
+                prev: prev.clone(),
+                written_seq: seq,
+                written_prev: prev,
                 len,
                 failed: None,
+                pending: None,
+                writer_idle: false,
+                stop: false,
             }),
+            wake: Condvar::new(),
+            file: Mutex::new(Some(file)),
+        });
+        let writer_inner = Arc::clone(&inner);
+        let writer = std::thread::Builder::new()
+            .name("cardvault-audit".into())
+            .spawn(move || writer_inner.write_loop())
+            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
+        Ok(FileSink {
+            inner,
+            writer: Some(writer),
         })
+    }
+}
+
+impl Drop for FileSink {
+    /// Writes what is pending, then stops the writer.
+    fn drop(&mut self) {
+        self.inner.lock_chain().stop = true;
+        self.inner.wake.notify_one();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Inner {
+    fn lock_chain(&self) -> std::sync::MutexGuard<'_, Chain> {
+        self.chain.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_file(&self) -> std::sync::MutexGuard<'_, Option<File>> {
+        self.file.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer thread: takes whatever lines are pending and writes them with one `write`.
+    fn write_loop(&self) {
+        loop {
+            let mut chain = self.lock_chain();
+            while chain.pending.is_none() && !chain.stop {
+                chain.writer_idle = true;
+                chain = self.wake.wait(chain).unwrap_or_else(|p| p.into_inner());
+            }
+            chain.writer_idle = false;
+            let Some(batch) = chain.pending.take() else {
+                return;
+            };
+            let len = chain.len;
+            let mut file = self.lock_file();
+            drop(chain);
+            let written = match file.as_mut() {
+                Some(file) => file.write_all(&batch.text).inspect_err(|_| {
+                    // A full disk can take part of a batch: cut it, so the chain still ends
+                    // at the last line written.
+                    let _ = file.set_len(len);
+                }),
+                None => Err(std::io::Error::other("not open")),
+            };
+            drop(file);
+            let mut chain = self.lock_chain();
+            match written {
+                Ok(()) => {
+                    chain.len += batch.text.len() as u64;
+                    chain.written_seq = batch.last_seq;
+                    chain.written_prev = batch.last_mac;
+                    batch.done.send_replace(Some(Ok(())));
+                }
+                Err(err) => {
+                    let why = format!("cannot append to {}: {err}", self.path.display());
+                    tracing::error!(error = %why, "audit log unwritable: refusing audited requests");
+                    chain.failed = Some(why.clone());
+                    self.failed.store(true, Ordering::Release);
+                    // The chain goes on from the last line in the file; lines made after
+                    // this batch chain from it, so they fail with it.
+                    chain.seq = chain.written_seq;
+                    chain.prev = chain.written_prev.clone();
+                    if let Some(later) = chain.pending.take() {
+                        later.done.send_replace(Some(Err(why.clone())));
+                    }
+                    batch.done.send_replace(Some(Err(why)));
+                }
+            }
+        }
     }
 
     fn line(&self, chain: &Chain, e: &AuditEvent<'_>) -> Result<(String, String), AuditError> {
@@ -241,48 +357,54 @@ impl FileSink {
 }
 
 impl AuditSink for FileSink {
-    fn record(&self, e: &AuditEvent<'_>) -> Result<(), AuditError> {
-        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+    fn record(&self, e: &AuditEvent<'_>) -> Result<AuditTicket, AuditError> {
+        let inner = &*self.inner;
+        let mut chain = inner.lock_chain();
         if let Some(why) = &chain.failed {
             return Err(AuditError(why.clone()));
         }
-        let (text, mac) = self.line(&chain, e)?;
-        let len = chain.len;
-        let written = match chain.file.as_mut() {
-            Some(file) => file.write_all(text.as_bytes()).inspect_err(|_| {
-                // A full disk can take part of a line: cut it, so the next line still chains.
-                let _ = file.set_len(len);
-            }),
-            None => Err(std::io::Error::other("not open")),
-        };
-        if let Err(err) = written {
-            let why = format!("cannot append to {}: {err}", self.path.display());
-            tracing::error!(error = %why, "audit log unwritable: refusing audited requests");
-            chain.failed = Some(why.clone());
-            self.failed.store(true, Ordering::Release);
-            return Err(AuditError(why));
-        }
+        let (text, mac) = inner.line(&chain, e)?;
         chain.seq += 1;
-        chain.prev = mac;
-        chain.len += text.len() as u64;
-        Ok(())
+        chain.prev.clone_from(&mac);
+        let seq = chain.seq;
+        let batch = chain.pending.get_or_insert_with(|| Batch {
+            text: Vec::new(),
+            last_seq: 0,
+            last_mac: String::new(),
+            done: tokio::sync::watch::Sender::new(None),
+        });
+        batch.text.extend_from_slice(text.as_bytes());
+        batch.last_seq = seq;
+        batch.last_mac = mac;
+        let ticket = AuditTicket::pending(batch.done.subscribe());
+        if chain.writer_idle {
+            inner.wake.notify_one();
+        }
+        Ok(ticket)
     }
 
     fn ready(&self) -> Result<(), AuditError> {
-        if !self.failed.load(Ordering::Acquire) {
+        if !self.inner.failed.load(Ordering::Acquire) {
             return Ok(());
         }
-        let chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
-        match &chain.failed {
+        match &self.inner.lock_chain().failed {
             Some(why) => Err(AuditError(why.clone())),
             None => Ok(()),
         }
     }
 
     fn maintain(&self) {
-        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner.maintain();
+    }
+}
+
+impl Inner {
+    fn maintain(&self) {
+        let mut chain = self.lock_chain();
         write_head(&chain);
-        if let Some(file) = &chain.file {
+        // Waits for a write in progress.
+        let mut file = self.lock_file();
+        if let Some(file) = file.as_ref() {
             if let Err(e) = file.sync_data() {
                 tracing::error!(path = %self.path.display(), error = %e, "audit log cannot be synced: refusing audited requests");
                 chain.failed = Some(format!("cannot sync {}: {e}", self.path.display()));
@@ -300,13 +422,13 @@ impl AuditSink for FileSink {
         }
         // Rotated, replaced, removed or failed: reopen; the chain continues in the new file.
         match open_append(&self.path) {
-            Ok((file, identity)) => {
+            Ok((new_file, identity)) => {
                 if chain.failed.take().is_some() {
                     tracing::warn!(path = %self.path.display(), "audit log writable again");
                 }
                 self.failed.store(false, Ordering::Release);
-                chain.len = file.metadata().map(|m| m.len()).unwrap_or(0);
-                chain.file = Some(file);
+                chain.len = new_file.metadata().map(|m| m.len()).unwrap_or(0);
+                *file = Some(new_file);
                 chain.identity = identity;
                 chain.head = open_head(&self.head);
             }
@@ -314,7 +436,7 @@ impl AuditSink for FileSink {
                 if chain.failed.is_none() {
                     tracing::error!(path = %self.path.display(), error = %e, "audit log unwritable: refusing audited requests");
                 }
-                chain.file = None;
+                *file = None;
                 chain.failed = Some(format!("cannot open {}: {e}", self.path.display()));
                 self.failed.store(true, Ordering::Release);
             }
@@ -525,7 +647,10 @@ mod tests {
     fn every_kind_of_tampering_is_caught_at_its_line() {
         let (sink, path, key) = sink("tamper");
         for _ in 0..5 {
-            sink.record(&event("card.tokenize")).unwrap();
+            sink.record(&event("card.tokenize"))
+                .unwrap()
+                .wait_blocking()
+                .unwrap();
         }
         sink.maintain();
         let log = fs::read_to_string(&path).unwrap();
@@ -571,17 +696,85 @@ mod tests {
         ));
     }
 
+    /// Eight threads record at once: each ticket resolves only once its own line is in the
+    /// file, and the lines, written in shared batches, form one intact chain.
+    #[test]
+    fn concurrent_lines_share_writes_and_keep_one_chain() {
+        let (sink, path, key) = sink("batch");
+        let sink = Arc::new(sink);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (sink, path) = (Arc::clone(&sink), path.clone());
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let object = format!("card_{t}_{i}");
+                        let e = AuditEvent {
+                            object: Some(&object),
+                            ..event("card.tokenize")
+                        };
+                        sink.record(&e).unwrap().wait_blocking().unwrap();
+                        let log = fs::read_to_string(&path).unwrap();
+                        assert!(
+                            log.contains(&format!("\"{object}\"")),
+                            "{object} not written"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let log = fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            verify(&log, &key, None, false),
+            Verdict::Intact(400, 1, 400)
+        );
+    }
+
+    /// A batch that cannot be written fails the tickets waiting on it, and the chain goes on
+    /// from the last line in the file once the log is writable again.
+    #[test]
+    fn a_failed_write_fails_its_tickets_and_the_chain_resumes() {
+        let (sink, path, key) = sink("writefail");
+        sink.record(&event("daemon.start"))
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        // A read-only handle in place of the log's: the next write fails.
+        *sink.inner.lock_file() = Some(File::open(&path).unwrap());
+        let ticket = sink.record(&event("card.tokenize")).unwrap();
+        assert!(ticket.wait_blocking().is_err());
+        assert!(sink.ready().is_err());
+        assert!(sink.record(&event("card.tokenize")).is_err());
+        // The once-a-second check reopens the log.
+        sink.maintain();
+        assert!(sink.ready().is_ok());
+        sink.record(&event("card.tokenize"))
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        let log = fs::read_to_string(&path).unwrap();
+        assert_eq!(verify(&log, &key, None, false), Verdict::Intact(2, 1, 2));
+    }
+
     #[test]
     fn a_reopened_log_continues_its_chain() {
         let (sink, path, key) = sink("reopen");
-        sink.record(&event("daemon.start")).unwrap();
+        sink.record(&event("daemon.start"))
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
         drop(sink);
         let sink = FileSink::open(
             &path,
             AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap(),
         )
         .unwrap();
-        sink.record(&event("daemon.start")).unwrap();
+        sink.record(&event("daemon.start"))
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
         let log = fs::read_to_string(&path).unwrap();
         assert_eq!(verify(&log, &key, None, false), Verdict::Intact(2, 1, 2));
         // Whole lines cut while stopped: the head catches it at the next open.

@@ -79,8 +79,62 @@ pub struct AuditEvent<'a> {
 #[error("audit sink unavailable: {0}")]
 pub struct AuditError(pub String);
 
+/// A recorded event on its way to the log: await it before acting on the outcome or replying.
+#[must_use = "an audit line is not written until its ticket resolves"]
+pub struct AuditTicket(Option<tokio::sync::watch::Receiver<Option<Result<(), String>>>>);
+
+impl AuditTicket {
+    /// Already written (or nothing to wait for).
+    pub fn written() -> AuditTicket {
+        AuditTicket(None)
+    }
+
+    fn pending(rx: tokio::sync::watch::Receiver<Option<Result<(), String>>>) -> AuditTicket {
+        AuditTicket(Some(rx))
+    }
+
+    /// Resolves once the line is in the log file, or could not be written.
+    pub async fn wait(self) -> Result<(), AuditError> {
+        let Some(mut rx) = self.0 else {
+            return Ok(());
+        };
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| AuditError("the audit writer stopped".into()))?
+            .clone();
+        outcome.unwrap_or(Ok(())).map_err(AuditError)
+    }
+
+    /// [`AuditTicket::wait`], blocking the thread: for rare events outside the request path
+    /// (start, stop, reload, key maintenance), never on an async worker's hot path.
+    pub fn wait_blocking(self) -> Result<(), AuditError> {
+        block_on(self.wait())
+    }
+}
+
+/// Runs a future to completion on this thread (parks between polls).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
 pub trait AuditSink: Send + Sync {
-    fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError>;
+    /// Makes the event's line and hands it to the writer; await the ticket before replying.
+    fn record(&self, event: &AuditEvent<'_>) -> Result<AuditTicket, AuditError>;
 
     /// Whether an event could be written now; checked before an action.
     fn ready(&self) -> Result<(), AuditError> {
@@ -95,7 +149,7 @@ pub trait AuditSink: Send + Sync {
 pub struct LogSink;
 
 impl AuditSink for LogSink {
-    fn record(&self, e: &AuditEvent<'_>) -> Result<(), AuditError> {
+    fn record(&self, e: &AuditEvent<'_>) -> Result<AuditTicket, AuditError> {
         tracing::info!(
             target: "audit",
             action = e.action,
@@ -111,7 +165,7 @@ impl AuditSink for LogSink {
             reference = e.reference,
             "audit"
         );
-        Ok(())
+        Ok(AuditTicket::written())
     }
 }
 
@@ -119,9 +173,10 @@ impl AuditSink for LogSink {
 pub struct FileAndLog(pub file::FileSink);
 
 impl AuditSink for FileAndLog {
-    fn record(&self, e: &AuditEvent<'_>) -> Result<(), AuditError> {
-        self.0.record(e)?;
-        LogSink.record(e)
+    fn record(&self, e: &AuditEvent<'_>) -> Result<AuditTicket, AuditError> {
+        let ticket = self.0.record(e)?;
+        let _ = LogSink.record(e)?;
+        Ok(ticket)
     }
 
     fn ready(&self) -> Result<(), AuditError> {

@@ -235,7 +235,9 @@ impl Vault {
             &result,
             object,
             &Purpose::default(),
-        )?;
+        )?
+        .wait()
+        .await?;
         result
     }
 
@@ -570,6 +572,7 @@ impl Vault {
         let result = self.create_customer_inner(grant, profile).await;
         let object = result.as_ref().ok().map(|v| v.id.clone());
         self.audited(grant, "customer.create", object.as_deref(), result)
+            .await
     }
 
     pub async fn update_customer(
@@ -580,6 +583,7 @@ impl Vault {
     ) -> Result<CustomerView, VaultError> {
         let result = self.update_customer_inner(grant, id, patch).await;
         self.audited(grant, "customer.update", Some(id.as_str()), result)
+            .await
     }
 
     /// Deletes a customer and every token it holds, in one transaction.
@@ -590,6 +594,7 @@ impl Vault {
     ) -> Result<(), VaultError> {
         let result = self.delete_customer_inner(grant, id).await;
         self.audited(grant, "customer.delete", Some(id.as_str()), result)
+            .await
     }
 
     pub async fn update_customer_token(
@@ -603,6 +608,7 @@ impl Vault {
             .update_customer_token_inner(grant, customer, token, patch)
             .await;
         self.audited(grant, "customer_token.update", Some(token.as_str()), result)
+            .await
     }
 
     pub async fn delete_customer_token(
@@ -615,9 +621,10 @@ impl Vault {
             .delete_customer_token_inner(grant, customer, token)
             .await;
         self.audited(grant, "customer_token.delete", Some(token.as_str()), result)
+            .await
     }
 
-    fn audited<T>(
+    async fn audited<T>(
         &self,
         grant: &Grant<Customers>,
         action: &'static str,
@@ -631,7 +638,9 @@ impl Vault {
             &result,
             object,
             &Purpose::default(),
-        )?;
+        )?
+        .wait()
+        .await?;
         result
     }
 }

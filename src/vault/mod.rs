@@ -27,7 +27,7 @@ pub use customers::{TokenPatch, TokenView};
 pub use idempotency::Begin;
 pub use keys::{KeySettings, KeySource, GCM_NONCE_LIMIT};
 
-use crate::audit::{Actor, AuditEvent, AuditSink, Outcome};
+use crate::audit::{Actor, AuditEvent, AuditSink, AuditTicket, Outcome};
 use crate::card::{Cvc, Expiry, HolderName, Pan};
 use crate::crypto::{aad, CryptoError, FingerprintKey, SealingKey};
 use crate::policy::{Detokenize, Grant, Read, Tokenize};
@@ -399,7 +399,9 @@ impl Vault {
             &result,
             object,
             &Purpose::default(),
-        )?;
+        )?
+        .wait()
+        .await?;
         result
     }
 
@@ -497,7 +499,9 @@ impl Vault {
             &result,
             Some(token.as_str()),
             purpose,
-        )?;
+        )?
+        .wait()
+        .await?;
         result
     }
 
@@ -569,21 +573,24 @@ impl Vault {
     }
 
     /// Records a key operation (unseal, rotation, rekey), a policy denial, or the daemon's
-    /// start and stop in the audit trail.
+    /// start and stop in the audit trail; returns once the line is written (these events are
+    /// rare, and the blocking wait keeps their callers simple).
     pub fn audit_event<T>(
         &self,
         actor: Actor<'_>,
         action: &'static str,
         result: &Result<T, VaultError>,
     ) -> Result<(), VaultError> {
-        self.audit(
-            actor,
-            &Project::default_project(),
-            action,
-            result,
-            None,
-            &Purpose::default(),
-        )
+        Ok(self
+            .audit(
+                actor,
+                &Project::default_project(),
+                action,
+                result,
+                None,
+                &Purpose::default(),
+            )?
+            .wait_blocking()?)
     }
 
     /// Records a request refused before it acted: `action` names the check (`policy.denied`,
@@ -596,14 +603,16 @@ impl Vault {
         refusal: VaultError,
         reason: &str,
     ) -> Result<(), VaultError> {
-        self.audit(
-            actor,
-            project,
-            action,
-            &Err::<(), _>(refusal),
-            None,
-            &Purpose::because(reason),
-        )
+        Ok(self
+            .audit(
+                actor,
+                project,
+                action,
+                &Err::<(), _>(refusal),
+                None,
+                &Purpose::because(reason),
+            )?
+            .wait_blocking()?)
     }
 
     /// Records an operation the daemon did on its own (automatic rotation, destruction).
@@ -614,14 +623,16 @@ impl Vault {
         object: Option<&str>,
         reason: &str,
     ) -> Result<(), VaultError> {
-        self.audit(
-            Actor::system(),
-            &Project::default_project(),
-            action,
-            result,
-            object,
-            &Purpose::because(reason),
-        )
+        Ok(self
+            .audit(
+                Actor::system(),
+                &Project::default_project(),
+                action,
+                result,
+                object,
+                &Purpose::because(reason),
+            )?
+            .wait_blocking()?)
     }
 
     /// Whether the audit trail can take events; checked before every audited request.
@@ -642,7 +653,7 @@ impl Vault {
         result: &Result<T, VaultError>,
         object: Option<&str>,
         purpose: &Purpose,
-    ) -> Result<(), VaultError> {
+    ) -> Result<AuditTicket, VaultError> {
         let event = AuditEvent {
             action,
             outcome: if result.is_ok() {

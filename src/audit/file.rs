@@ -128,8 +128,6 @@ struct Chain {
     /// The last line written.
     written_seq: u64,
     written_prev: String,
-    /// Bytes in the open file, to cut a partly written batch back off.
-    len: u64,
     failed: Option<String>,
     pending: Option<Batch>,
     /// The writer waits for a batch.
@@ -225,7 +223,6 @@ impl FileSink {
             }
         }
         let (file, identity) = open_append(path).map_err(|e| fail(e.to_string()))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let head = open_head(&head_path(path));
         let inner = Arc::new(Inner {
             failed: AtomicBool::new(false),
@@ -239,7 +236,6 @@ impl FileSink {
                 prev: prev.clone(),
                 written_seq: seq,
                 written_prev: prev,
-                len,
                 failed: None,
                 pending: None,
                 writer_idle: false,
@@ -292,14 +288,17 @@ impl Inner {
             let Some(batch) = chain.pending.take() else {
                 return;
             };
-            let len = chain.len;
             let mut file = self.lock_file();
             drop(chain);
             let written = match file.as_mut() {
-                Some(file) => file.write_all(&batch.text).inspect_err(|_| {
-                    // A full disk can take part of a batch: cut it, so the chain still ends
-                    // at the last line written.
-                    let _ = file.set_len(len);
+                // The length is read under the file lock, where only this thread writes and a
+                // rotation cannot swap the file.
+                Some(file) => file.metadata().and_then(|meta| {
+                    file.write_all(&batch.text).inspect_err(|_| {
+                        // A full disk can take part of a batch: cut it, so the chain still
+                        // ends at the last line written.
+                        let _ = file.set_len(meta.len());
+                    })
                 }),
                 None => Err(std::io::Error::other("not open")),
             };
@@ -307,7 +306,6 @@ impl Inner {
             let mut chain = self.lock_chain();
             match written {
                 Ok(()) => {
-                    chain.len += batch.text.len() as u64;
                     chain.written_seq = batch.last_seq;
                     chain.written_prev = batch.last_mac;
                     batch.done.send_replace(Some(Ok(())));
@@ -427,7 +425,6 @@ impl Inner {
                     tracing::warn!(path = %self.path.display(), "audit log writable again");
                 }
                 self.failed.store(false, Ordering::Release);
-                chain.len = new_file.metadata().map(|m| m.len()).unwrap_or(0);
                 *file = Some(new_file);
                 chain.identity = identity;
                 chain.head = open_head(&self.head);
@@ -756,6 +753,31 @@ mod tests {
             .unwrap();
         let log = fs::read_to_string(&path).unwrap();
         assert_eq!(verify(&log, &key, None, false), Verdict::Intact(2, 1, 2));
+    }
+
+    /// Blocking waits on a runtime worker (refusals are audited from request handlers): many
+    /// in one task must not run into tokio's cooperative budget and park for good.
+    #[test]
+    fn blocking_waits_inside_a_runtime_task_complete() {
+        let (sink, _path, _key) = sink("budget");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                for _ in 0..500 {
+                    sink.record(&event("policy.denied"))
+                        .unwrap()
+                        .wait_blocking()
+                        .unwrap();
+                }
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a blocking audit wait hung inside the runtime");
     }
 
     #[test]

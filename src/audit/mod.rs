@@ -106,10 +106,11 @@ impl AuditTicket {
         outcome.unwrap_or(Ok(())).map_err(AuditError)
     }
 
-    /// [`AuditTicket::wait`], blocking the thread: for rare events outside the request path
-    /// (start, stop, reload, key maintenance), never on an async worker's hot path.
+    /// [`AuditTicket::wait`], blocking the thread: for rare events (start, stop, reload, key
+    /// operations, refusals). Unconstrained: on a runtime worker, tokio's cooperative budget
+    /// could otherwise make the wait yield to a scheduler this thread never returns to.
     pub fn wait_blocking(self) -> Result<(), AuditError> {
-        block_on(self.wait())
+        block_on(tokio::task::unconstrained(self.wait()))
     }
 }
 

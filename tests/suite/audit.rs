@@ -65,13 +65,13 @@ fn every_audited_event_makes_one_chained_line_without_card_data() {
         .as_str()
         .unwrap()
         .to_owned();
-    let res = router.send(
+    let res = send(
+        &router,
         "PATCH",
         &format!("/v1/customers/{cust}"),
-        &[],
-        Some(json!({"name": "Ada"}).to_string().as_bytes()),
+        Some(&json!({"name": "Ada"})),
     );
-    assert_eq!(res.unwrap().status, 200);
+    assert_eq!(res.status, 200);
     let card2 = router.post("/v1/cards", &card_body(&test_pan(8))).json()["id"]
         .as_str()
         .unwrap()
@@ -85,26 +85,22 @@ fn every_audited_event_makes_one_chained_line_without_card_data() {
         .as_str()
         .unwrap()
         .to_owned();
-    let res = router.send(
+    let res = send(
+        &router,
         "PATCH",
         &format!("/v1/customers/{cust}/tokens/{tok}"),
-        &[],
-        Some(
-            json!({"recurring": {"model": "subscription"}})
-                .to_string()
-                .as_bytes(),
-        ),
+        Some(&json!({"recurring": {"model": "subscription"}})),
     );
-    assert_eq!(res.unwrap().status, 200);
-    let res = router.send(
+    assert_eq!(res.status, 200);
+    let res = send(
+        &router,
         "DELETE",
         &format!("/v1/customers/{cust}/tokens/{tok}"),
-        &[],
         None,
     );
-    assert_eq!(res.unwrap().status, 200);
-    let res = router.send("DELETE", &format!("/v1/customers/{cust}"), &[], None);
-    assert_eq!(res.unwrap().status, 200);
+    assert_eq!(res.status, 200);
+    let res = send(&router, "DELETE", &format!("/v1/customers/{cust}"), None);
+    assert_eq!(res.status, 200);
     // A key operation.
     let res = setup
         .client(&daemon, &setup.ops())

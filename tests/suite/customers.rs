@@ -28,13 +28,6 @@ fn attach(client: &Client, customer: &str, card: &str, recurring: Option<Value>)
     client.post(&format!("/v1/customers/{customer}/tokens"), &body)
 }
 
-fn send(client: &Client, method: &str, path: &str, body: Option<&Value>) -> Response {
-    let bytes = body.map(Value::to_string);
-    client
-        .send(method, path, &[], bytes.as_deref().map(str::as_bytes))
-        .unwrap()
-}
-
 #[test]
 fn customer_token_lifecycle() {
     let setup = Setup::new("cust-lifecycle");

@@ -552,17 +552,13 @@ fn rewriting_a_customer_token_after_rotation_keeps_its_card_readable() {
     assert_eq!(res.json()["token"], token.as_str());
     detokenize_ok(&router, &token, &pan);
     // And an update of the token's recurring data.
-    let res = router.send(
+    let res = send(
+        &router,
         "PATCH",
         &format!("/v1/customers/{customer}/tokens/{token}"),
-        &[],
-        Some(
-            json!({"recurring": {"model": "subscription"}})
-                .to_string()
-                .as_bytes(),
-        ),
+        Some(&json!({"recurring": {"model": "subscription"}})),
     );
-    assert_eq!(res.unwrap().status, 200);
+    assert_eq!(res.status, 200);
     detokenize_ok(&router, &token, &pan);
     daemon.kill9();
 }

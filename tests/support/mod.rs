@@ -687,6 +687,19 @@ fn parse_response(raw: &[u8]) -> Option<Response> {
     })
 }
 
+/// Any method with an optional JSON body (PATCH and DELETE have no `Client` helper).
+pub fn send(
+    client: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Response {
+    let bytes = body.map(serde_json::Value::to_string);
+    client
+        .send(method, path, &[], bytes.as_deref().map(str::as_bytes))
+        .unwrap()
+}
+
 /// Every file below `dir`, recursively.
 pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

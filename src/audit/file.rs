@@ -110,10 +110,10 @@ struct Line<'a> {
 }
 
 /// Lines made but not yet written, and the channel that tells their requests the outcome.
+/// It holds every line made since the writer last took one, so when it is taken its last
+/// line is the chain's `seq` and `prev`.
 struct Batch {
     text: Vec<u8>,
-    last_seq: u64,
-    last_mac: String,
     done: tokio::sync::watch::Sender<Option<Result<(), String>>>,
 }
 
@@ -288,6 +288,7 @@ impl Inner {
             let Some(batch) = chain.pending.take() else {
                 return;
             };
+            let last = (chain.seq, chain.prev.clone());
             let mut file = self.lock_file();
             drop(chain);
             let written = match file.as_mut() {
@@ -306,8 +307,7 @@ impl Inner {
             let mut chain = self.lock_chain();
             match written {
                 Ok(()) => {
-                    chain.written_seq = batch.last_seq;
-                    chain.written_prev = batch.last_mac;
+                    (chain.written_seq, chain.written_prev) = last;
                     batch.done.send_replace(Some(Ok(())));
                 }
                 Err(err) => {
@@ -363,17 +363,12 @@ impl AuditSink for FileSink {
         }
         let (text, mac) = inner.line(&chain, e)?;
         chain.seq += 1;
-        chain.prev.clone_from(&mac);
-        let seq = chain.seq;
+        chain.prev = mac;
         let batch = chain.pending.get_or_insert_with(|| Batch {
             text: Vec::new(),
-            last_seq: 0,
-            last_mac: String::new(),
             done: tokio::sync::watch::Sender::new(None),
         });
         batch.text.extend_from_slice(text.as_bytes());
-        batch.last_seq = seq;
-        batch.last_mac = mac;
         let ticket = AuditTicket::pending(batch.done.subscribe());
         if chain.writer_idle {
             inner.wake.notify_one();

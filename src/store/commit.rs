@@ -14,7 +14,7 @@
 //!
 //! Each flush first writes the next commit number into the store's `meta` tree, so the store
 //! itself says how far its durable state reaches; [`GroupCommit::durable_commit`] is the last
-//! number a completed flush covered (the witness in [`super::witness`] keeps it outside the
+//! number a completed flush covered (the witness in [`super::recovery`] keeps it outside the
 //! store, to catch a store that lost what it had acknowledged).
 //!
 //! Why not `Tree::flush_async`: on sled 0.34.7 it deadlocks with 7 or more concurrent callers

@@ -591,10 +591,10 @@ impl Store {
         self.with(|g| Ok(g.keys.get(key(project, name))?.map(|v| v.to_vec())))
     }
 
-    /// Stores `wrapped` unless a key of that name exists, and flushes; returns the key that is
-    /// now stored (ours, or the one a racing writer stored first). Flushed at once, not with
-    /// the first record sealed under it: were the store reopened in between, that record
-    /// could reach disk without its key.
+    /// Stores `wrapped` unless a key of that name exists; returns the key that is now stored
+    /// (ours, or the one a racing writer stored first). Not flushed here: callers flush before
+    /// sealing anything under it (`Vault::project_keys`, `Vault::rotate_deks`), and check the
+    /// store was not reopened in between.
     pub fn insert_wrapped_key(
         &self,
         project: &str,
@@ -607,10 +607,7 @@ impl Store {
                 .keys
                 .compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped))?
             {
-                Ok(()) => {
-                    g.db.flush()?;
-                    Ok(wrapped.to_vec())
-                }
+                Ok(()) => Ok(wrapped.to_vec()),
                 Err(e) => e
                     .current
                     .map(|v| v.to_vec())
@@ -761,7 +758,9 @@ pub struct Ledger(Store);
 
 impl Ledger {
     /// Raises the reservation. Not awaited: the first record sealed under the new reservation
-    /// is flushed after this insert, so it never reaches disk without it.
+    /// is flushed after this insert, so it never reaches disk without it. (Across a reopen of
+    /// the store, requests in flight may seal a few records under a reservation the reopen
+    /// lost: an undercount of a few seals, far inside the 2^24 margin below the GCM limit.)
     /// Never lowers a reservation: two holders of one DEK (possible for an instant after a
     /// version change) each only raise it.
     pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {

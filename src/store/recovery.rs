@@ -3,9 +3,10 @@
 //! - **Reopen after a write failure.** Once a sled write or flush fails (a full disk, an I/O
 //!   error), that sled instance refuses every later write for good, though it still serves
 //!   reads. When the failure is a full disk, the watcher thread waits until the file system
-//!   has room again ([`RECOVERY_FREE_BYTES`]), and then reopens the store in place: for the moment of the
-//!   reopen every call answers [`StoreError::Unavailable`] (503); writes that were waiting for a
-//!   flush of the failed instance get `FlushFailed` (503), never an acknowledgement. What sled
+//!   has room again ([`RECOVERY_FREE_BYTES`]), and then reopens the store in place: for the
+//!   moment of the reopen every call answers [`StoreError::Unavailable`] (503); writes that
+//!   were waiting for a flush of the failed instance get `FlushFailed` (503), never an
+//!   acknowledgement. What sled
 //!   recovers on reopen is what a restart after a crash would see. Any other I/O error is not
 //!   recovered in place: after a failed write-back the kernel may serve pages that never
 //!   reached the disk, so reading the store again could trust data it does not have. Writes
@@ -30,13 +31,13 @@ pub const RECOVERY_FREE_BYTES: u64 = 8 << 20;
 pub const WITNESS_FILE: &str = "cardvault.commit";
 const TICK: Duration = Duration::from_secs(1);
 
-pub fn witness_path(dir: &Path) -> PathBuf {
+fn witness_path(dir: &Path) -> PathBuf {
     dir.join(WITNESS_FILE)
 }
 
 /// The witnessed commit number; 0 when there is no witness yet (a new store, or one from
 /// before the witness existed).
-pub fn read_witness(dir: &Path) -> Result<u64, StoreError> {
+fn read_witness(dir: &Path) -> Result<u64, StoreError> {
     let path = witness_path(dir);
     match std::fs::read_to_string(&path) {
         Ok(text) => text.trim().parse().map_err(|_| {
@@ -68,7 +69,8 @@ pub fn check(dir: &Path, stored: u64) -> Result<(), StoreError> {
         return Err(StoreError::Damaged(format!(
             "the store in {} ends at commit {stored}, but commit {witnessed} was acknowledged \
              from it: its files are damaged or an older copy was put in their place, and it \
-             would serve partial data. Restore it from a backup (see README, Operations)",
+             would serve partial data. Restore it from a backup (see README, \"Store \
+             integrity and backups\")",
             dir.display()
         )));
     }

@@ -541,7 +541,8 @@ impl Vault {
             reason: reason.to_owned(),
         });
         state.active = next;
-        // The new version's DEK for every known project, before the state names it.
+        // The new version's DEK for every known project, on disk before the state names it.
+        let generation = self.store.generation();
         let mut projects: Vec<String> = self
             .store
             .wrapped_keys()?
@@ -556,6 +557,9 @@ impl Vault {
             }
         }
         self.store.flush()?;
+        if self.store.generation() != generation {
+            return Err(StoreError::Unavailable.into());
+        }
         self.write_state(&state)?;
         *self
             .keyring

@@ -249,6 +249,21 @@ impl Cvc {
         })
     }
 
+    /// The digits in four bytes, a 3-digit code padded with a zero byte.
+    pub fn to_bytes(&self) -> Zeroizing<[u8; 4]> {
+        Zeroizing::new(self.digits)
+    }
+
+    /// The inverse of [`Cvc::to_bytes`]; `None` for bytes it never produced.
+    pub fn from_bytes(bytes: &[u8; 4]) -> Option<Cvc> {
+        let len = if bytes.ends_with(&[0]) { 3 } else { 4 };
+        let digits = bytes.get(..len)?;
+        digits.iter().all(u8::is_ascii_digit).then(|| Cvc {
+            digits: *bytes,
+            len: len as u8,
+        })
+    }
+
     /// The only way to read the code.
     pub fn expose(&self) -> &str {
         let digits = self.digits.get(..usize::from(self.len)).unwrap_or(&[]);
@@ -577,5 +592,16 @@ mod tests {
             assert_eq!(HolderName::parse(input).is_ok(), ok, "{input:?}");
         }
         assert_eq!(Cvc::parse("987").unwrap().expose(), "987");
+    }
+
+    #[test]
+    fn cvc_bytes_round_trip_and_refuse_what_parse_never_makes() {
+        for code in ["000", "987", "0000", "9876"] {
+            let bytes = Cvc::parse(code).unwrap().to_bytes();
+            assert_eq!(Cvc::from_bytes(&bytes).unwrap().expose(), code);
+        }
+        for bytes in [b"12\0\0", b"12a\0", b"\0\0\0\0", b"123\x01"] {
+            assert!(Cvc::from_bytes(bytes).is_none(), "{bytes:?}");
+        }
     }
 }

@@ -261,33 +261,96 @@ impl ProjectKeys {
 }
 
 /// Card verification codes, in memory only: taken (and wiped) by the first detokenization,
-/// or wiped by the sweeper after `cvc_ttl`. A restart forgets them all, by design.
-#[derive(Default)]
+/// or wiped by the sweeper after `cvc_ttl` (to the second). A restart forgets them all, by
+/// design.
+///
+/// Compact, because a busy vault holds a CVC for every card tokenized in the last `cvc_ttl`:
+/// an entry is 24 bytes. An HMAC of the project and token id under a key made at start (and
+/// never stored) gives each entry its map key (16 bytes) and a 4-byte mask; the map holds the
+/// CVC's digits XORed with that mask. Neither token ids nor codes are in the map in the clear,
+/// so a growing map may leave its old table unwiped: it holds nothing readable without the key.
 struct CvcCache {
-    /// Boxed so that a growing map moves pointers, not CVCs: the old table is freed unwiped.
-    entries: Mutex<HashMap<String, (Box<Cvc>, Instant)>>,
+    key: ring::hmac::Key,
+    /// Expiry times are whole seconds since this instant.
+    epoch: Instant,
+    entries: Mutex<HashMap<[u8; 16], CvcEntry>>,
+}
+
+struct CvcEntry {
+    masked: [u8; 4],
+    /// Seconds since [`CvcCache::epoch`], rounded up.
+    expires: u32,
 }
 
 impl CvcCache {
-    fn key(project: &Project, id: &ObjectId) -> String {
-        format!("{}\0{}", project.as_str(), id.as_str())
+    fn new() -> Result<CvcCache, CryptoError> {
+        let rng = ring::rand::SystemRandom::new();
+        Ok(CvcCache {
+            key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+                .map_err(|_| CryptoError::Rng)?,
+            epoch: Instant::now(),
+            entries: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The entry's map key and mask.
+    fn slot(&self, project: &Project, id: &ObjectId) -> ([u8; 16], Zeroizing<[u8; 4]>) {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        ctx.update(project.as_str().as_bytes());
+        ctx.update(b"\0");
+        ctx.update(id.as_str().as_bytes());
+        let tag = ctx.sign();
+        let (mut map_key, mut mask) = ([0u8; 16], Zeroizing::new([0u8; 4]));
+        for (slot, b) in map_key.iter_mut().chain(mask.iter_mut()).zip(tag.as_ref()) {
+            *slot = *b;
+        }
+        (map_key, mask)
+    }
+
+    /// Whole seconds from the epoch to `at`, rounded up.
+    fn seconds(&self, at: Instant) -> u32 {
+        let d = at.saturating_duration_since(self.epoch);
+        let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        u32::try_from(s).unwrap_or(u32::MAX)
     }
 
     fn put(&self, project: &Project, id: &ObjectId, cvc: Cvc, until: Instant) {
+        let (map_key, mask) = self.slot(project, id);
+        let mut masked = cvc.to_bytes();
+        masked
+            .iter_mut()
+            .zip(mask.iter())
+            .for_each(|(b, m)| *b ^= m);
+        let entry = CvcEntry {
+            masked: *masked,
+            expires: self.seconds(until),
+        };
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(Self::key(project, id), (Box::new(cvc), until));
+        map.insert(map_key, entry);
     }
 
     fn take(&self, project: &Project, id: &ObjectId) -> Option<Cvc> {
-        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let (cvc, until) = map.remove(&Self::key(project, id))?;
-        (Instant::now() < until).then_some(*cvc)
+        let (map_key, mask) = self.slot(project, id);
+        let entry = {
+            let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            map.remove(&map_key)?
+        };
+        if self.seconds(Instant::now()) >= entry.expires {
+            return None;
+        }
+        let mut digits = Zeroizing::new(entry.masked);
+        digits
+            .iter_mut()
+            .zip(mask.iter())
+            .for_each(|(b, m)| *b ^= m);
+        Cvc::from_bytes(&digits)
     }
 
     fn sweep(&self, now: Instant) -> usize {
+        let now = self.seconds(now);
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let before = map.len();
-        map.retain(|_, (_, until)| *until > now);
+        map.retain(|_, entry| entry.expires > now);
         before - map.len()
     }
 }
@@ -366,7 +429,7 @@ impl Vault {
             store,
             keyring: keys::KeyRing::new(settings.keys.clone(), custody),
             keys: RwLock::new(HashMap::new()),
-            cvcs: CvcCache::default(),
+            cvcs: CvcCache::new().map_err(VaultError::Keys)?,
             settings,
             audit,
             boot_id: u64::from_be_bytes(boot_id),
@@ -846,7 +909,7 @@ pub(crate) mod tests {
 
     #[test]
     fn cvc_cache_takes_once_and_expires() {
-        let cache = CvcCache::default();
+        let cache = CvcCache::new().unwrap();
         let project = Project::default_project();
         let id = ObjectId::generate(IdKind::Card).unwrap();
         cache.put(
@@ -866,6 +929,38 @@ pub(crate) mod tests {
         cache.put(&project, &id, Cvc::parse("123").unwrap(), Instant::now());
         assert_eq!(cache.sweep(Instant::now() + Duration::from_millis(1)), 1);
         assert!(cache.take(&project, &id).is_none());
+    }
+
+    #[test]
+    fn cvc_cache_holds_no_code_in_the_clear_and_keeps_projects_apart() {
+        let cache = CvcCache::new().unwrap();
+        let (p1, p2) = (Project::parse("a").unwrap(), Project::parse("b").unwrap());
+        let until = Instant::now() + Duration::from_secs(60);
+        let ids: Vec<ObjectId> = (0..64)
+            .map(|_| ObjectId::generate(IdKind::Card).unwrap())
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let code = if i % 2 == 0 { "123" } else { "4567" };
+            cache.put(&p1, id, Cvc::parse(code).unwrap(), until);
+        }
+        {
+            let map = cache.entries.lock().unwrap();
+            assert_eq!(map.len(), 64);
+            let plain = map
+                .values()
+                .filter(|e| &e.masked == b"123\0" || &e.masked == b"4567")
+                .count();
+            assert!(plain <= 1, "{plain} of 64 codes stored in the clear");
+        }
+        assert!(
+            ids.first().and_then(|id| cache.take(&p2, id)).is_none(),
+            "another project's token"
+        );
+        for (i, id) in ids.iter().enumerate() {
+            let code = if i % 2 == 0 { "123" } else { "4567" };
+            let got = cache.take(&p1, id).map(|c| c.expose().to_owned());
+            assert_eq!(got.as_deref(), Some(code));
+        }
     }
 
     #[test]

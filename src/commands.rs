@@ -58,6 +58,7 @@ pub fn serve(config_path: &Path) -> Result<(), CommandError> {
 
 fn run(config: &Config, on_listening: impl FnOnce(&Application)) -> Result<(), CommandError> {
     crate::hardening::warn_if_root();
+    crate::hardening::no_huge_pages();
     crate::hardening::lock_memory();
     actix_web::rt::System::new().block_on(async {
         let app = Application::build(config)?;

@@ -5,6 +5,8 @@
 //!   since `unseal` and `keys` handle shares and passphrases too;
 //! - memory locked (`mlockall`, current and future pages, as they are touched) where the OS
 //!   allows it, so keys and card data never reach swap; a warning where it does not;
+//! - transparent huge pages off, so a heap of small objects is not made resident (and
+//!   locked) 2 MiB at a time;
 //! - a warning when running as root.
 
 use rustix::mm::{mlockall, MlockAllFlags};
@@ -43,6 +45,17 @@ pub fn lock_memory() {
     match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
         Ok(()) => tracing::info!("memory locked: keys and card data stay out of swap"),
         Err(e) => tracing::warn!(error = %e, "memory could not be locked: keys could reach swap"),
+    }
+}
+
+/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`), whatever the
+/// system setting or the allocator asks for. The heap is many small objects spread over the
+/// allocator's arenas; with THP, sled alone holding 1M records was resident at 115 MiB
+/// instead of 76, and with `mlockall` every such page is locked too. No speed difference was
+/// measured.
+pub fn no_huge_pages() {
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(error = %e, "transparent huge pages could not be turned off");
     }
 }
 

@@ -314,7 +314,7 @@ fn key(project: &str, name: &str) -> Vec<u8> {
     k
 }
 
-/// Inserts a record that must not exist yet. Ids are fresh from the CSPRNG, so an existing
+/// Inserts a record that must not exist yet. Ids carry 154 bits from the CSPRNG, so an existing
 /// record under one means a broken generator, and is refused rather than overwritten.
 fn insert_new<R: Codec>(
     g: &Generation,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 mod customers;
 mod idempotency;
@@ -261,28 +261,47 @@ impl ProjectKeys {
 }
 
 /// Card verification codes, in memory only: taken (and wiped) by the first detokenization,
-/// or wiped by the sweeper after `cvc_ttl` (to the second). A restart forgets them all, by
-/// design.
+/// or wiped by the sweeper once `cvc_ttl` has passed (to the millisecond). A restart forgets
+/// them all, by design.
 ///
 /// Compact, because a busy vault holds a CVC for every card tokenized in the last `cvc_ttl`:
-/// an entry is 24 bytes. An HMAC of the project and token id under a key made at start (and
-/// never stored) gives each entry its map key (16 bytes) and a 4-byte mask; the map holds the
-/// CVC's digits XORed with that mask. Neither token ids nor codes are in the map in the clear,
-/// so a growing map may leave its old table unwiped: it holds nothing readable without the key.
+/// an entry is 26 bytes (plus the map's control byte and free slots). An HMAC of the project
+/// and token id under a key made at start (and never stored) gives each entry its map key (16
+/// bytes) and a 4-byte mask; the map holds the CVC's digits XORed with that mask, so it holds
+/// neither token ids nor codes in the clear.
+///
+/// The key is in the same memory, so the masked digits are still wiped: in place before an
+/// entry is removed, and the whole old table before the map is moved to a bigger one (the map
+/// is grown here, never by the standard library, which would free the old table as it is).
 struct CvcCache {
     key: ring::hmac::Key,
-    /// Expiry times are whole seconds since this instant.
+    /// Expiry times are milliseconds since this instant.
     epoch: Instant,
     entries: Mutex<HashMap<[u8; 16], CvcEntry>>,
 }
 
+#[derive(Zeroize)]
 struct CvcEntry {
     masked: [u8; 4],
-    /// Seconds since [`CvcCache::epoch`], rounded up.
-    expires: u32,
+    /// Milliseconds since [`CvcCache::epoch`], rounded up, in 48 bits (8,900 years), little
+    /// endian: six bytes where a `u64` would pad the entry to 32.
+    expires: [u8; 6],
+}
+
+impl CvcEntry {
+    fn expires(&self) -> Duration {
+        let mut ms = [0u8; 8];
+        for (slot, b) in ms.iter_mut().zip(self.expires) {
+            *slot = b;
+        }
+        Duration::from_millis(u64::from_le_bytes(ms))
+    }
 }
 
 impl CvcCache {
+    /// The smallest table the map is rebuilt into.
+    const MIN_CAPACITY: usize = 1024;
+
     fn new() -> Result<CvcCache, CryptoError> {
         let rng = ring::rand::SystemRandom::new();
         Ok(CvcCache {
@@ -307,11 +326,8 @@ impl CvcCache {
         (map_key, mask)
     }
 
-    /// Whole seconds from the epoch to `at`, rounded up.
-    fn seconds(&self, at: Instant) -> u32 {
-        let d = at.saturating_duration_since(self.epoch);
-        let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-        u32::try_from(s).unwrap_or(u32::MAX)
+    fn elapsed(&self, at: Instant) -> Duration {
+        at.saturating_duration_since(self.epoch)
     }
 
     fn put(&self, project: &Project, id: &ObjectId, cvc: Cvc, until: Instant) {
@@ -321,24 +337,56 @@ impl CvcCache {
             .iter_mut()
             .zip(mask.iter())
             .for_each(|(b, m)| *b ^= m);
+        let until = self.elapsed(until);
+        let ms = u64::try_from(until.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(u64::from(until.subsec_nanos() % 1_000_000 > 0));
+        let mut expires = [0xff; 6];
+        for (slot, b) in expires.iter_mut().zip(ms.min((1 << 48) - 1).to_le_bytes()) {
+            *slot = b;
+        }
         let entry = CvcEntry {
             masked: *masked,
-            expires: self.seconds(until),
+            expires,
         };
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(map_key, entry);
+        if map.len() >= map.capacity() {
+            // Full (or its free slots used up by removals): the next insert would reallocate.
+            let mut fresh = HashMap::with_capacity((map.len() * 2).max(Self::MIN_CAPACITY));
+            for (k, e) in map.iter_mut() {
+                fresh.insert(
+                    *k,
+                    CvcEntry {
+                        masked: e.masked,
+                        expires: e.expires,
+                    },
+                );
+                e.zeroize();
+            }
+            *map = fresh;
+        }
+        if let Some(mut old) = map.insert(map_key, entry) {
+            old.zeroize();
+        }
     }
 
     fn take(&self, project: &Project, id: &ObjectId) -> Option<Cvc> {
+        self.take_at(project, id, Instant::now())
+    }
+
+    fn take_at(&self, project: &Project, id: &ObjectId, now: Instant) -> Option<Cvc> {
         let (map_key, mask) = self.slot(project, id);
-        let entry = {
+        let (mut digits, expires) = {
             let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            map.remove(&map_key)?
+            let entry = map.get_mut(&map_key)?;
+            let taken = (Zeroizing::new(entry.masked), entry.expires());
+            entry.zeroize();
+            map.remove(&map_key);
+            taken
         };
-        if self.seconds(Instant::now()) >= entry.expires {
+        if self.elapsed(now) >= expires {
             return None;
         }
-        let mut digits = Zeroizing::new(entry.masked);
         digits
             .iter_mut()
             .zip(mask.iter())
@@ -347,10 +395,16 @@ impl CvcCache {
     }
 
     fn sweep(&self, now: Instant) -> usize {
-        let now = self.seconds(now);
+        let now = self.elapsed(now);
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let before = map.len();
-        map.retain(|_, entry| entry.expires > now);
+        map.retain(|_, entry| {
+            let keep = now < entry.expires();
+            if !keep {
+                entry.zeroize();
+            }
+            keep
+        });
         before - map.len()
     }
 }
@@ -927,8 +981,56 @@ pub(crate) mod tests {
         );
         assert!(cache.take(&project, &id).is_none());
         cache.put(&project, &id, Cvc::parse("123").unwrap(), Instant::now());
-        assert_eq!(cache.sweep(Instant::now() + Duration::from_millis(1)), 1);
+        assert_eq!(cache.sweep(Instant::now() + Duration::from_millis(2)), 1);
         assert!(cache.take(&project, &id).is_none());
+    }
+
+    #[test]
+    fn cvc_cache_expires_a_code_at_its_ttl_to_the_millisecond() {
+        let cache = CvcCache::new().unwrap();
+        let project = Project::default_project();
+        let id = ObjectId::generate(IdKind::Card).unwrap();
+        let until = cache.epoch + Duration::from_micros(1_900_500);
+        let code = |c: Option<Cvc>| c.map(|c| c.expose().to_owned());
+        cache.put(&project, &id, Cvc::parse("123").unwrap(), until);
+        let just_before = cache.epoch + Duration::from_millis(1900);
+        assert_eq!(
+            code(cache.take_at(&project, &id, just_before)).as_deref(),
+            Some("123")
+        );
+        cache.put(&project, &id, Cvc::parse("123").unwrap(), until);
+        // Expiry is `until` rounded up to the millisecond: 1900.5 ms -> 1901 ms.
+        assert_eq!(cache.sweep(just_before), 0);
+        assert_eq!(cache.sweep(cache.epoch + Duration::from_millis(1901)), 1);
+        cache.put(&project, &id, Cvc::parse("123").unwrap(), until);
+        let at = cache.epoch + Duration::from_millis(1901);
+        assert!(cache.take_at(&project, &id, at).is_none());
+    }
+
+    #[test]
+    fn cvc_cache_survives_growth_and_reuse_of_removed_slots() {
+        let cache = CvcCache::new().unwrap();
+        let project = Project::default_project();
+        let until = Instant::now() + Duration::from_secs(60);
+        let ids: Vec<ObjectId> = (0..5000)
+            .map(|_| ObjectId::generate(IdKind::Card).unwrap())
+            .collect();
+        // Put and take in waves so that removals use up free slots between growths.
+        for wave in ids.chunks(700) {
+            for id in wave {
+                cache.put(&project, id, Cvc::parse("321").unwrap(), until);
+            }
+            for id in wave.iter().step_by(2) {
+                assert!(cache.take(&project, id).is_some());
+            }
+        }
+        for wave in ids.chunks(700) {
+            for id in wave.iter().skip(1).step_by(2) {
+                let got = cache.take(&project, id).map(|c| c.expose().to_owned());
+                assert_eq!(got.as_deref(), Some("321"));
+            }
+        }
+        assert!(cache.entries.lock().unwrap().is_empty());
     }
 
     #[test]

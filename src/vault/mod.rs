@@ -280,7 +280,7 @@ struct CvcCache {
     entries: Mutex<HashMap<[u8; 16], CvcEntry>>,
 }
 
-#[derive(Zeroize)]
+#[derive(Clone, Zeroize)]
 struct CvcEntry {
     masked: [u8; 4],
     /// Milliseconds since [`CvcCache::epoch`], rounded up, in 48 bits (8,900 years), little
@@ -289,13 +289,28 @@ struct CvcEntry {
 }
 
 impl CvcEntry {
-    fn expires(&self) -> Duration {
-        let mut ms = [0u8; 8];
-        for (slot, b) in ms.iter_mut().zip(self.expires) {
-            *slot = b;
+    /// `expires` is measured from the cache's epoch.
+    fn new(masked: [u8; 4], expires: Duration) -> CvcEntry {
+        let ms = u64::try_from(expires.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(u64::from(expires.subsec_nanos() % 1_000_000 > 0))
+            .min((1 << 48) - 1);
+        let [a, b, c, d, e, f, _, _] = ms.to_le_bytes();
+        CvcEntry {
+            masked,
+            expires: [a, b, c, d, e, f],
         }
-        Duration::from_millis(u64::from_le_bytes(ms))
     }
+
+    fn expires(&self) -> Duration {
+        let [a, b, c, d, e, f] = self.expires;
+        Duration::from_millis(u64::from_le_bytes([a, b, c, d, e, f, 0, 0]))
+    }
+}
+
+/// XORs `mask` into `digits`: masks a code, or unmasks a masked one.
+fn xor_mask(digits: &mut [u8; 4], mask: &[u8; 4]) {
+    digits.iter_mut().zip(mask).for_each(|(b, m)| *b ^= m);
 }
 
 impl CvcCache {
@@ -333,34 +348,14 @@ impl CvcCache {
     fn put(&self, project: &Project, id: &ObjectId, cvc: Cvc, until: Instant) {
         let (map_key, mask) = self.slot(project, id);
         let mut masked = cvc.to_bytes();
-        masked
-            .iter_mut()
-            .zip(mask.iter())
-            .for_each(|(b, m)| *b ^= m);
-        let until = self.elapsed(until);
-        let ms = u64::try_from(until.as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(u64::from(until.subsec_nanos() % 1_000_000 > 0));
-        let mut expires = [0xff; 6];
-        for (slot, b) in expires.iter_mut().zip(ms.min((1 << 48) - 1).to_le_bytes()) {
-            *slot = b;
-        }
-        let entry = CvcEntry {
-            masked: *masked,
-            expires,
-        };
+        xor_mask(&mut masked, &mask);
+        let entry = CvcEntry::new(*masked, self.elapsed(until));
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= map.capacity() {
             // Full (or its free slots used up by removals): the next insert would reallocate.
             let mut fresh = HashMap::with_capacity((map.len() * 2).max(Self::MIN_CAPACITY));
             for (k, e) in map.iter_mut() {
-                fresh.insert(
-                    *k,
-                    CvcEntry {
-                        masked: e.masked,
-                        expires: e.expires,
-                    },
-                );
+                fresh.insert(*k, e.clone());
                 e.zeroize();
             }
             *map = fresh;
@@ -387,10 +382,7 @@ impl CvcCache {
         if self.elapsed(now) >= expires {
             return None;
         }
-        digits
-            .iter_mut()
-            .zip(mask.iter())
-            .for_each(|(b, m)| *b ^= m);
+        xor_mask(&mut digits, &mask);
         Cvc::from_bytes(&digits)
     }
 

@@ -622,6 +622,11 @@ mod tests {
         (sink, log, AuditKey::load(&dir.join(KEY_FILE)).unwrap())
     }
 
+    /// Records `e` and waits until its line is in the file.
+    fn written(sink: &FileSink, e: &AuditEvent) {
+        sink.record(e).unwrap().wait_blocking().unwrap();
+    }
+
     fn event(action: &'static str) -> AuditEvent<'static> {
         AuditEvent {
             action,
@@ -639,10 +644,7 @@ mod tests {
     fn every_kind_of_tampering_is_caught_at_its_line() {
         let (sink, path, key) = sink("tamper");
         for _ in 0..5 {
-            sink.record(&event("card.tokenize"))
-                .unwrap()
-                .wait_blocking()
-                .unwrap();
+            written(&sink, &event("card.tokenize"));
         }
         sink.maintain();
         let log = fs::read_to_string(&path).unwrap();
@@ -704,7 +706,7 @@ mod tests {
                             object: Some(&object),
                             ..event("card.tokenize")
                         };
-                        sink.record(&e).unwrap().wait_blocking().unwrap();
+                        written(&sink, &e);
                         let log = fs::read_to_string(&path).unwrap();
                         assert!(
                             log.contains(&format!("\"{object}\"")),
@@ -729,10 +731,7 @@ mod tests {
     #[test]
     fn a_failed_write_fails_its_tickets_and_the_chain_resumes() {
         let (sink, path, key) = sink("writefail");
-        sink.record(&event("daemon.start"))
-            .unwrap()
-            .wait_blocking()
-            .unwrap();
+        written(&sink, &event("daemon.start"));
         // A read-only handle in place of the log's: the next write fails.
         *sink.inner.lock_file() = Some(File::open(&path).unwrap());
         let ticket = sink.record(&event("card.tokenize")).unwrap();
@@ -742,10 +741,7 @@ mod tests {
         // The once-a-second check reopens the log.
         sink.maintain();
         assert!(sink.ready().is_ok());
-        sink.record(&event("card.tokenize"))
-            .unwrap()
-            .wait_blocking()
-            .unwrap();
+        written(&sink, &event("card.tokenize"));
         let log = fs::read_to_string(&path).unwrap();
         assert_eq!(verify(&log, &key, None, false), Verdict::Intact(2, 1, 2));
     }
@@ -762,10 +758,7 @@ mod tests {
                 .unwrap();
             runtime.block_on(async {
                 for _ in 0..500 {
-                    sink.record(&event("policy.denied"))
-                        .unwrap()
-                        .wait_blocking()
-                        .unwrap();
+                    written(&sink, &event("policy.denied"));
                 }
             });
             let _ = done.send(());
@@ -778,20 +771,14 @@ mod tests {
     #[test]
     fn a_reopened_log_continues_its_chain() {
         let (sink, path, key) = sink("reopen");
-        sink.record(&event("daemon.start"))
-            .unwrap()
-            .wait_blocking()
-            .unwrap();
+        written(&sink, &event("daemon.start"));
         drop(sink);
         let sink = FileSink::open(
             &path,
             AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap(),
         )
         .unwrap();
-        sink.record(&event("daemon.start"))
-            .unwrap()
-            .wait_blocking()
-            .unwrap();
+        written(&sink, &event("daemon.start"));
         let log = fs::read_to_string(&path).unwrap();
         assert_eq!(verify(&log, &key, None, false), Verdict::Intact(2, 1, 2));
         // Whole lines cut while stopped: the head catches it at the next open.

@@ -349,7 +349,9 @@ impl Inner {
         // `{...,"prev":"..."}` becomes `{...,"prev":"...","mac":"..."}`.
         text.pop();
         let mac = self.key.mac(text.as_bytes());
-        text.push_str(&format!(",\"mac\":\"{mac}\"}}\n"));
+        for part in [",\"mac\":\"", &mac, "\"}\n"] {
+            text.push_str(part);
+        }
         Ok((text, mac))
     }
 }
@@ -370,7 +372,10 @@ impl AuditSink for FileSink {
         });
         batch.text.extend_from_slice(text.as_bytes());
         let ticket = AuditTicket::pending(batch.done.subscribe());
+        // One wake per batch: the requests that join it while the writer gets up make no
+        // futex call of their own.
         if chain.writer_idle {
+            chain.writer_idle = false;
             inner.wake.notify_one();
         }
         Ok(ticket)

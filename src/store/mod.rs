@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 pub use commit::{FlushFailed, GroupCommit, Ticket};
+pub(crate) use record::{put_bytes, put_short, Reader};
 pub use record::{
     CardRecord, CustomerRecord, IdempotencyRecord, Malformed, StoredResponse, TokenRecord, TokenRef,
 };

@@ -298,15 +298,25 @@ impl IdempotencyRecord {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
     out.extend_from_slice(bytes);
 }
 
-struct Reader<'a>(&'a [u8]);
+/// `bytes` behind a one-byte length, for fields that are never longer than 255 bytes; `None`
+/// if this one is.
+#[must_use]
+pub(crate) fn put_short(out: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
+    out.push(u8::try_from(bytes.len()).ok()?);
+    out.extend_from_slice(bytes);
+    Some(())
+}
+
+/// Reads a record front to back; every read checks the length left.
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         if self.0.len() < n {
             return Err(Malformed);
         }
@@ -315,30 +325,45 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
         self.take(N)?.try_into().map_err(|_| Malformed)
     }
 
-    fn u8(&mut self) -> Result<u8, Malformed> {
+    pub(crate) fn u8(&mut self) -> Result<u8, Malformed> {
         Ok(u8::from_be_bytes(self.array()?))
     }
 
-    fn u32(&mut self) -> Result<u32, Malformed> {
+    pub(crate) fn u32(&mut self) -> Result<u32, Malformed> {
         Ok(u32::from_be_bytes(self.array()?))
     }
 
-    fn i64(&mut self) -> Result<i64, Malformed> {
+    pub(crate) fn i64(&mut self) -> Result<i64, Malformed> {
         Ok(i64::from_be_bytes(self.array()?))
     }
 
-    fn bytes(&mut self) -> Result<&'a [u8], Malformed> {
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], Malformed> {
         let len = usize::try_from(self.u32()?).map_err(|_| Malformed)?;
         self.take(len)
     }
 
-    fn string(&mut self) -> Result<String, Malformed> {
+    pub(crate) fn string(&mut self) -> Result<String, Malformed> {
         let bytes = self.bytes()?;
         String::from_utf8(bytes.to_vec()).map_err(|_| Malformed)
+    }
+
+    /// What [`put_short`] wrote.
+    pub(crate) fn short(&mut self) -> Result<&'a [u8], Malformed> {
+        let len = self.u8()?;
+        self.take(usize::from(len))
+    }
+
+    /// The end of the record: anything left over makes it malformed.
+    pub(crate) fn finish(self) -> Result<(), Malformed> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(Malformed)
+        }
     }
 }
 

@@ -274,17 +274,15 @@ impl Vault {
             else {
                 return Err(VaultError::TokenExpired);
             };
-            let card_meta: CardMeta = parse(
-                &open(
-                    &keys,
-                    Blob::Meta,
-                    project,
-                    source.as_str(),
-                    card_rec.key_version,
-                    &card_rec.meta,
-                )?,
+            let card_meta = CardMeta::decode(&open(
+                &keys,
+                Blob::Meta,
+                project,
                 source.as_str(),
-            )?;
+                card_rec.key_version,
+                &card_rec.meta,
+            )?)
+            .map_err(|_| VaultError::Integrity(source.to_string()))?;
             let used_card = CardRecord {
                 used_at: Some(now),
                 pan: None,

@@ -22,6 +22,7 @@ use zeroize::{Zeroize, Zeroizing};
 mod customers;
 mod idempotency;
 mod keys;
+mod meta;
 
 pub use customers::{TokenPatch, TokenView};
 pub use idempotency::Begin;
@@ -536,9 +537,9 @@ impl Vault {
                 .fingerprint
                 .fingerprint(card.pan.expose_digits().as_bytes()),
         };
-        let meta_plain = Zeroizing::new(
-            serde_json::to_vec(&meta).map_err(|_| VaultError::Integrity(id.to_string()))?,
-        );
+        let meta_plain = meta
+            .encode()
+            .map_err(|_| VaultError::Integrity(id.to_string()))?;
         let seal = |blob, plain: &[u8]| seal(&keys, blob, project, id.as_str(), plain);
         let now = unix_now();
         let record = CardRecord {
@@ -678,7 +679,7 @@ impl Vault {
             record.key_version,
             &record.meta,
         )?;
-        serde_json::from_slice(&plain).map_err(|_| VaultError::Integrity(id.to_string()))
+        CardMeta::decode(&plain).map_err(|_| VaultError::Integrity(id.to_string()))
     }
 
     /// Records a key operation (unseal, rotation, rekey), a policy denial, or the daemon's

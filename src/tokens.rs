@@ -1,7 +1,7 @@
 //! Object ids (`card_…`, `tok_…`, `cust_…`) and project names.
 //!
 //! Ids are 32 base62 characters behind a kind prefix: the second the id was made (6
-//! characters), then 26 from the OS CSPRNG (154 bits). The time comes first so that new ids
+//! characters), then 26 from the OS CSPRNG (154 bits, through `crypto::fill_unique`). The time comes first so that new ids
 //! sort together: inserts land in the store's few newest leaves instead of anywhere in the
 //! tree, which keeps sled's working set small (measured with sled alone: 1M inserts in half the
 //! time and with a fifth less memory). An id reveals when it was made, to whoever holds it.
@@ -11,8 +11,6 @@
 //! mistaken for a card number by a log scanner or a DLP filter.
 
 use std::fmt;
-
-use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::card::luhn_valid;
 
@@ -62,7 +60,6 @@ impl ObjectId {
     }
 
     fn generate_at(kind: IdKind, seconds: u64) -> Result<ObjectId, IdError> {
-        let rng = SystemRandom::new();
         let mut time = [b'0'; TIME_CHARS];
         let mut rest = seconds;
         for slot in time.iter_mut().rev() {
@@ -71,9 +68,9 @@ impl ObjectId {
         }
         loop {
             // 48 bytes give 26 accepted characters with overwhelming probability (each byte is
-            // kept with p = 248/256); one CSPRNG call per attempt.
+            // kept with p = 248/256); one draw per attempt.
             let mut bytes = [0u8; 48];
-            rng.fill(&mut bytes).map_err(|_| IdError::Rng)?;
+            crate::crypto::fill_unique(&mut bytes).map_err(|_| IdError::Rng)?;
             let mut text = String::with_capacity(kind.prefix().len() + ID_CHARS);
             text.push_str(kind.prefix());
             text.extend(time.iter().copied().map(char::from));

@@ -1,10 +1,11 @@
 //! Object ids (`card_…`, `tok_…`, `cust_…`) and project names.
 //!
 //! Ids are 32 base62 characters behind a kind prefix: the second the id was made (6
-//! characters), then 26 from the OS CSPRNG (154 bits, through `crypto::fill_unique`). The time comes first so that new ids
-//! sort together: inserts land in the store's few newest leaves instead of anywhere in the
-//! tree, which keeps sled's working set small (measured with sled alone: 1M inserts in half the
-//! time and with a fifth less memory). An id reveals when it was made, to whoever holds it.
+//! characters), then 26 from the OS CSPRNG (154 bits, through `crypto::fill_unique`). The
+//! time comes first so that new ids sort together: inserts land in the store's few newest
+//! leaves instead of anywhere in the tree, which keeps sled's working set small (measured with
+//! sled alone: 1M inserts in half the time and with a fifth less memory). An id reveals when
+//! it was made, to whoever holds it.
 //!
 //! Ids bear no relation to the card they name, and generation rejects any id whose digits,
 //! read as a number, pass the Luhn check or form a PAN-length run, so an id can never be

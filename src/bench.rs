@@ -465,7 +465,7 @@ async fn prepare(
     scenario: &str,
     options: &BenchOptions,
 ) -> Result<Work, BenchError> {
-    let customers = |n: usize| async move { make_customers(client, n).await };
+    let customers = |n: usize| async move { make_customers(client, n, options.concurrency).await };
     Ok(match scenario {
         "health" => Work::Fixed(Arc::new(client.request("GET", "/v1/health", None))),
         "tokenize" => Work::Fixed(Arc::new(client.request(
@@ -531,7 +531,29 @@ async fn tokenize_one(client: &Client, conn: &mut Conn, n: usize) -> Result<Stri
         .ok_or_else(|| setup(format!("tokenize failed with {status}")))
 }
 
-async fn make_customers(client: &Client, n: usize) -> Result<Vec<String>, BenchError> {
+/// Makes `n` customers over up to `connections` connections at once: each one waits for a
+/// flush, so one connection alone took most of the customer-token scenario's preparation.
+async fn make_customers(
+    client: &Client,
+    n: usize,
+    connections: usize,
+) -> Result<Vec<String>, BenchError> {
+    let workers = connections.clamp(1, n.max(1));
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let client = client.clone();
+            let share = n / workers + usize::from(w < n % workers);
+            tokio::spawn(async move { make_customers_on_one(&client, share).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for task in tasks {
+        out.extend(task.await.map_err(setup)??);
+    }
+    Ok(out)
+}
+
+async fn make_customers_on_one(client: &Client, n: usize) -> Result<Vec<String>, BenchError> {
     let mut conn = client.connect().await?;
     let req = client.request(
         "POST",

@@ -132,6 +132,8 @@ struct Chain {
     pending: Option<Batch>,
     /// The writer waits for a batch.
     writer_idle: bool,
+    /// The writer thread died: nothing will write again until a restart.
+    writer_gone: bool,
     stop: bool,
 }
 
@@ -239,6 +241,7 @@ impl FileSink {
                 failed: None,
                 pending: None,
                 writer_idle: false,
+                writer_gone: false,
                 stop: false,
             }),
             wake: Condvar::new(),
@@ -278,6 +281,7 @@ impl Inner {
 
     /// The writer thread: takes whatever lines are pending and writes them with one `write`.
     fn write_loop(&self) {
+        let _gone = WriterGone(self);
         loop {
             let mut chain = self.lock_chain();
             while chain.pending.is_none() && !chain.stop {
@@ -356,6 +360,28 @@ impl Inner {
     }
 }
 
+/// Fails the audit trail closed if the writer thread panics: the lines made after it would
+/// otherwise wait for good, and so would their requests. Every audited request then gets 503
+/// `audit_unavailable` until a restart (the once-a-second check no longer reopens).
+struct WriterGone<'a>(&'a Inner);
+
+impl Drop for WriterGone<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let why = "the audit writer thread stopped: restart the daemon".to_owned();
+        tracing::error!(error = %why, "audit log unwritable: refusing audited requests");
+        let mut chain = self.0.lock_chain();
+        chain.writer_gone = true;
+        chain.failed = Some(why.clone());
+        self.0.failed.store(true, Ordering::Release);
+        if let Some(pending) = chain.pending.take() {
+            pending.done.send_replace(Some(Err(why)));
+        }
+    }
+}
+
 impl AuditSink for FileSink {
     fn record(&self, e: &AuditEvent<'_>) -> Result<AuditTicket, AuditError> {
         let inner = &*self.inner;
@@ -415,7 +441,7 @@ impl Inner {
             .ok()
             .filter(|m| m.is_file())
             .map(|m| (m.dev(), m.ino()));
-        if current == Some(chain.identity) && chain.failed.is_none() {
+        if chain.writer_gone || (current == Some(chain.identity) && chain.failed.is_none()) {
             return;
         }
         // Rotated, replaced, removed or failed: reopen; the chain continues in the new file.
@@ -749,6 +775,35 @@ mod tests {
         written(&sink, &event("card.tokenize"));
         let log = fs::read_to_string(&path).unwrap();
         assert_eq!(verify(&log, &key, None, false), Verdict::Intact(2, 1, 2));
+    }
+
+    /// A writer that dies fails the lines waiting for it and every later one, for good: the
+    /// once-a-second check does not bring the log back without a writer.
+    #[test]
+    fn a_dead_writer_fails_the_trail_closed() {
+        let (mut sink, _path, _key) = sink("writergone");
+        written(&sink, &event("daemon.start"));
+        // Stop the real writer, so that a line is left pending with nobody to write it.
+        sink.inner.lock_chain().stop = true;
+        sink.inner.wake.notify_one();
+        sink.writer.take().unwrap().join().unwrap();
+        let ticket = sink.record(&event("card.tokenize")).unwrap();
+        // A writer thread that panics.
+        let inner = Arc::clone(&sink.inner);
+        let died = std::thread::spawn(move || {
+            let _gone = WriterGone(&inner);
+            panic!("writer bug");
+        })
+        .join();
+        assert!(died.is_err());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(ticket.wait_blocking().is_err()));
+        let failed = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(failed, Ok(true), "the pending line must fail, not wait");
+        assert!(sink.ready().is_err());
+        assert!(sink.record(&event("card.tokenize")).is_err());
+        sink.maintain();
+        assert!(sink.ready().is_err());
     }
 
     /// Blocking waits on a runtime worker (refusals are audited from request handlers): many

@@ -78,7 +78,8 @@ impl CardRecord {
         let key_version = r.u32()?;
         let meta = r.bytes()?.to_vec();
         let pan = r.bytes()?;
-        if !r.0.is_empty() || meta.is_empty() || (flags & FLAG_HAS_PAN == 0) != pan.is_empty() {
+        r.finish()?;
+        if meta.is_empty() || (flags & FLAG_HAS_PAN == 0) != pan.is_empty() {
             return Err(Malformed);
         }
         Ok(CardRecord {
@@ -156,7 +157,8 @@ impl CustomerRecord {
                 fingerprint: r.string()?,
             });
         }
-        if !r.0.is_empty() || profile.is_empty() {
+        r.finish()?;
+        if profile.is_empty() {
             return Err(Malformed);
         }
         Ok(CustomerRecord {
@@ -220,7 +222,8 @@ impl TokenRecord {
             meta: r.bytes()?.to_vec(),
             pan: r.bytes()?.to_vec(),
         };
-        if !r.0.is_empty() || rec.meta.is_empty() || rec.pan.is_empty() {
+        r.finish()?;
+        if rec.meta.is_empty() || rec.pan.is_empty() {
             return Err(Malformed);
         }
         Ok(rec)
@@ -286,9 +289,7 @@ impl IdempotencyRecord {
             }),
             _ => return Err(Malformed),
         };
-        if !r.0.is_empty() {
-            return Err(Malformed);
-        }
+        r.finish()?;
         Ok(IdempotencyRecord {
             created_at,
             request_digest,
@@ -313,9 +314,13 @@ pub(crate) fn put_short(out: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
 }
 
 /// Reads a record front to back; every read checks the length left.
-pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
+pub(crate) struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader(bytes)
+    }
+
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         if self.0.len() < n {
             return Err(Malformed);

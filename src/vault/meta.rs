@@ -63,7 +63,7 @@ impl CardMeta {
         if plain.first() == Some(&b'{') {
             return serde_json::from_slice(plain).map_err(|_| Malformed);
         }
-        let mut r = Reader(plain);
+        let mut r = Reader::new(plain);
         if r.u8()? != META_FORMAT_V1 {
             return Err(Malformed);
         }

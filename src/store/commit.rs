@@ -26,12 +26,14 @@ use std::thread::JoinHandle;
 
 use tokio::sync::watch;
 
-/// What the flusher has finished: tickets up to `durable` are on disk; a flush that covered
-/// tickets up to `failed` returned an error.
+/// What the flusher has finished: tickets up to `durable` are on disk. Once `failed`, no
+/// later ticket ever is: after a failed `fdatasync` the kernel may have dropped the pages it
+/// could not write and report the next one as a success, so a flush after a failure proves
+/// nothing. The flusher stops for good and `durable` never moves again.
 #[derive(Debug, Clone, Copy, Default)]
 struct Progress {
     durable: u64,
-    failed: u64,
+    failed: bool,
 }
 
 struct Shared {
@@ -76,6 +78,8 @@ pub struct GroupCommit {
     generation: u64,
     shared: Arc<Shared>,
     progress: watch::Receiver<Progress>,
+    /// sled's log file, synced after each flush.
+    log: Arc<std::fs::File>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -112,15 +116,18 @@ impl GroupCommit {
             fatal: AtomicBool::new(false),
         });
         let thread_shared = Arc::clone(&shared);
+        let log = Arc::new(log);
+        let thread_log = Arc::clone(&log);
         // The sender lives in the thread: when the thread ends (shutdown, or a panic), the
         // channel closes and every waiting writer gets `FlushFailed` instead of waiting forever.
         let thread = std::thread::Builder::new()
             .name("cardvault-flush".into())
-            .spawn(move || flush_loop(&thread_shared, &db, &meta, &log, &tx))?;
+            .spawn(move || flush_loop(&thread_shared, &db, &meta, &thread_log, &tx))?;
         Ok(GroupCommit {
             generation,
             shared,
             progress: rx,
+            log,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -152,6 +159,13 @@ impl GroupCommit {
         self.shared.fatal.load(Ordering::SeqCst)
     }
 
+    /// Flushes `db` and syncs its log now, outside the group commit: for rare, blocking
+    /// writers (key operations) that must be durable before they answer.
+    pub fn sync(&self, db: &sled::Db) -> sled::Result<()> {
+        db.flush()?;
+        sync_log(&self.log, &self.shared)
+    }
+
     /// Marks this sled instance failed (a write outside the flusher hit an I/O error).
     pub fn fail(&self, error: &sled::Error) {
         self.shared.fail(error);
@@ -174,7 +188,7 @@ impl GroupCommit {
         }
         let mut rx = self.progress.clone();
         let progress = *rx
-            .wait_for(|p| p.durable >= ticket.seq || p.failed >= ticket.seq)
+            .wait_for(|p| p.durable >= ticket.seq || p.failed)
             .await
             .map_err(|_| FlushFailed)?;
         if progress.durable >= ticket.seq {
@@ -238,26 +252,35 @@ fn flush_loop(
         let result = meta
             .insert(COMMIT_KEY, &commit.to_be_bytes())
             .and_then(|_| db.flush())
-            .and_then(|_| log.sync_data().map_err(sled::Error::from));
-        progress.send_modify(|p| match result {
-            Ok(_) => p.durable = target,
-            Err(_) => p.failed = target,
-        });
-        match result {
-            Ok(_) => shared.durable_commit.store(commit, Ordering::SeqCst),
-            Err(e) => {
-                tracing::error!(error = %e, "store flush failed; waiting writers get 503");
-                shared.fail(&e);
-                // Do not spin on a persistent failure (a full disk): writers retry by request.
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            .and_then(|_| sync_log(log, shared));
+        // A write that failed elsewhere (`GroupCommit::fail`) ends acknowledgements too.
+        if let Err(e) = &result {
+            shared.fail(e);
         }
+        if shared.failed.load(Ordering::SeqCst) {
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "store flush failed; writes get 503 from now on");
+            }
+            progress.send_modify(|p| p.failed = true);
+            return;
+        }
+        progress.send_modify(|p| p.durable = target);
+        shared.durable_commit.store(commit, Ordering::SeqCst);
         last_batch = target - covered;
         covered = target;
         if shared.stop.load(Ordering::SeqCst) && shared.issued.load(Ordering::SeqCst) == covered {
             return;
         }
     }
+}
+
+/// `fdatasync`s sled's log. A failure here is never a reason to reopen in place, whatever
+/// its kind: the kernel may already have dropped the pages it could not write.
+fn sync_log(log: &std::fs::File, shared: &Shared) -> sled::Result<()> {
+    log.sync_data().map_err(|e| {
+        shared.fatal.store(true, Ordering::SeqCst);
+        sled::Error::from(e)
+    })
 }
 
 #[cfg(test)]
@@ -307,5 +330,62 @@ mod tests {
         assert_eq!(gc.durable(other.ticket()).await, Err(FlushFailed));
         other.shutdown();
         gc.shutdown();
+    }
+    /// After a failure, nothing written to this instance is ever acknowledged again, though
+    /// sled itself would flush it without complaint.
+    #[test]
+    fn no_write_is_acknowledged_after_a_failure() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = std::env::temp_dir().join(format!("cardvault-gcf-{}", std::process::id()));
+            let db = sled::Config::new()
+                .path(&dir)
+                .temporary(true)
+                .open()
+                .unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            let log = std::fs::File::open(dir.join("db")).unwrap();
+            let gc = GroupCommit::start(db.clone(), meta, log, 1, 0).unwrap();
+            db.insert(b"before", &b"v"[..]).unwrap();
+            assert_eq!(gc.durable(gc.ticket()).await, Ok(()));
+            // A write elsewhere hit an I/O error.
+            gc.fail(&sled::Error::Io(std::io::Error::other("injected")));
+            db.insert(b"after", &b"v"[..]).unwrap();
+            let late = gc.ticket();
+            assert_eq!(gc.durable(late).await, Err(FlushFailed));
+            assert!(gc.failed() && gc.fatal());
+            gc.shutdown();
+        });
+    }
+
+    /// A log that cannot be synced fails its writers, the instance, and the key operations'
+    /// own syncs.
+    #[test]
+    fn a_failed_sync_is_fatal_and_fails_its_writers() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = std::env::temp_dir().join(format!("cardvault-gcs-{}", std::process::id()));
+            let db = sled::Config::new()
+                .path(&dir)
+                .temporary(true)
+                .open()
+                .unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            // fdatasync on a pipe fails (EINVAL).
+            let (reader, _writer) = std::io::pipe().unwrap();
+            let log = std::fs::File::from(std::os::fd::OwnedFd::from(reader));
+            let gc = GroupCommit::start(db.clone(), meta, log, 1, 0).unwrap();
+            db.insert(b"k", &b"v"[..]).unwrap();
+            assert_eq!(gc.durable(gc.ticket()).await, Err(FlushFailed));
+            assert!(gc.failed() && gc.fatal());
+            assert!(gc.sync(&db).is_err());
+            gc.shutdown();
+        });
     }
 }

@@ -257,7 +257,7 @@ impl Shared {
         self.signal.wake(true);
         let generation = self.current()?;
         generation.commit.shutdown();
-        generation.db.flush()?;
+        generation.commit.sync(&generation.db)?;
         recovery::witness(self);
         Ok(())
     }
@@ -392,6 +392,22 @@ impl Store {
         result
     }
 
+    /// [`Store::with`] for a write: refused with [`StoreError::Unavailable`] once this sled
+    /// instance has failed. sled refuses writes after its own I/O errors, but not after a
+    /// failed `fdatasync` of its log, which it never sees; a write applied now could never be
+    /// acknowledged, and would be served to readers as if it had been.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Generation) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.with(|g| {
+            if g.failed() {
+                return Err(StoreError::Unavailable);
+            }
+            f(g)
+        })
+    }
+
     /// Waits until the write behind `ticket` is on disk.
     pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
         let g = self.0.current()?;
@@ -410,7 +426,7 @@ impl Store {
         id: &str,
         rec: &CardRecord,
     ) -> Result<Ticket, StoreError> {
-        self.with(|g| insert_new(g, &g.cards, &key(project, id), rec))
+        self.write(|g| insert_new(g, &g.cards, &key(project, id), rec))
     }
 
     pub fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
@@ -434,7 +450,7 @@ impl Store {
         id: &str,
         decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
     ) -> Result<Swap<CardRecord, E>, StoreError> {
-        self.with(|g| swap(g, &g.cards, &key(project, id), decide))
+        self.write(|g| swap(g, &g.cards, &key(project, id), decide))
     }
 
     /// As [`Store::swap_card`], for a customer.
@@ -444,7 +460,7 @@ impl Store {
         id: &str,
         decide: impl FnMut(&CustomerRecord) -> Result<CustomerRecord, E>,
     ) -> Result<Swap<CustomerRecord, E>, StoreError> {
-        self.with(|g| swap(g, &g.customers, &key(project, id), decide))
+        self.write(|g| swap(g, &g.customers, &key(project, id), decide))
     }
 
     /// As [`Store::swap_card`], for a customer token.
@@ -454,7 +470,7 @@ impl Store {
         id: &str,
         decide: impl FnMut(&TokenRecord) -> Result<TokenRecord, E>,
     ) -> Result<Swap<TokenRecord, E>, StoreError> {
-        self.with(|g| swap(g, &g.tokens, &key(project, id), decide))
+        self.write(|g| swap(g, &g.tokens, &key(project, id), decide))
     }
 
     /// Inserts a new customer under a fresh id.
@@ -464,14 +480,14 @@ impl Store {
         id: &str,
         rec: &CustomerRecord,
     ) -> Result<Ticket, StoreError> {
-        self.with(|g| insert_new(g, &g.customers, &key(project, id), rec))
+        self.write(|g| insert_new(g, &g.customers, &key(project, id), rec))
     }
 
     /// Applies `batch` in one transaction if every record it checks is exactly as expected.
     /// `Ok(None)`: a check failed (a racing change); nothing was written.
     pub fn commit(&self, batch: &Batch) -> Result<Option<Ticket>, StoreError> {
         use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-        self.with(|g| {
+        self.write(|g| {
             let outcome =
                 (&g.cards, &g.customers, &g.tokens).transaction(|(cards, customers, tokens)| {
                     let tree = |space: Space| match space {
@@ -521,7 +537,7 @@ impl Store {
         old: Option<&IdempotencyRecord>,
         new: Option<&IdempotencyRecord>,
     ) -> Result<Option<Ticket>, StoreError> {
-        self.with(|g| {
+        self.write(|g| {
             let swapped = g.idempotency.compare_and_swap(
                 key(project, scope),
                 old.map(IdempotencyRecord::encode),
@@ -533,7 +549,7 @@ impl Store {
 
     /// Removes idempotency records created before `cutoff` (unix seconds); returns how many.
     pub fn remove_idempotency_before(&self, cutoff: i64) -> Result<usize, StoreError> {
-        self.with(|g| {
+        self.write(|g| {
             let mut removed = 0;
             for item in g.idempotency.iter() {
                 let (k, v) = item?;
@@ -557,7 +573,7 @@ impl Store {
         id: &str,
         expected: &CardRecord,
     ) -> Result<bool, StoreError> {
-        self.with(|g| {
+        self.write(|g| {
             let swapped = g.cards.compare_and_swap(
                 key(project, id),
                 Some(expected.encode()),
@@ -602,7 +618,7 @@ impl Store {
         name: &str,
         wrapped: &[u8],
     ) -> Result<Vec<u8>, StoreError> {
-        self.with(|g| {
+        self.write(|g| {
             let k = key(project, name);
             match g
                 .keys
@@ -640,7 +656,7 @@ impl Store {
 
     /// Records the KEK check value and id of a new store, durably, before anything is sealed.
     pub fn set_kek_check(&self, wrapped: &[u8], kek_id: &str) -> Result<(), StoreError> {
-        self.with(|g| {
+        self.write(|g| {
             g.meta
                 .transaction(|meta| {
                     meta.insert(KEK_CHECK, wrapped)?;
@@ -648,7 +664,7 @@ impl Store {
                     Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
                 })
                 .map_err(transaction_error)?;
-            g.db.flush()?;
+            g.commit.sync(&g.db)?;
             Ok(())
         })
     }
@@ -677,7 +693,7 @@ impl Store {
         kek_id: &str,
     ) -> Result<bool, StoreError> {
         use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-        self.with(|g| {
+        self.write(|g| {
             let outcome = (&g.keys, &g.meta).transaction(|(keys, meta)| {
                 for (project, name, old, new) in rewrapped {
                     let k = key(project, name);
@@ -692,7 +708,7 @@ impl Store {
             });
             match outcome {
                 Ok(()) => {
-                    g.db.flush()?;
+                    g.commit.sync(&g.db)?;
                     Ok(true)
                 }
                 Err(TransactionError::Abort(())) => Ok(false),
@@ -703,7 +719,7 @@ impl Store {
 
     /// Removes a wrapped key (a destroyed DEK version). Not durable until the next flush.
     pub fn remove_wrapped_key(&self, project: &str, name: &str) -> Result<(), StoreError> {
-        self.with(|g| {
+        self.write(|g| {
             g.keys.remove(key(project, name))?;
             Ok(())
         })
@@ -716,9 +732,9 @@ impl Store {
 
     /// Writes the DEK version states and flushes.
     pub fn set_dek_state(&self, state: &[u8]) -> Result<(), StoreError> {
-        self.with(|g| {
+        self.write(|g| {
             g.meta.insert(DEK_STATE, state)?;
-            g.db.flush()?;
+            g.commit.sync(&g.db)?;
             Ok(())
         })
     }
@@ -738,12 +754,10 @@ impl Store {
         Ledger(self.clone())
     }
 
-    /// Flushes everything written so far (for rare, blocking callers: key operations).
+    /// Flushes everything written so far and syncs it (for rare, blocking callers: key
+    /// operations).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.with(|g| {
-            g.db.flush()?;
-            Ok(())
-        })
+        self.write(|g| Ok(g.commit.sync(&g.db)?))
     }
 }
 
@@ -765,7 +779,7 @@ impl Ledger {
     /// Never lowers a reservation: two holders of one DEK (possible for an instant after a
     /// version change) each only raise it.
     pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
-        self.0.with(|g| {
+        self.0.write(|g| {
             g.meta
                 .fetch_and_update(encryptions_key(project, version), |old| {
                     let old = old

@@ -8,9 +8,11 @@
 //!   were waiting for a flush of the failed instance get `FlushFailed` (503), never an
 //!   acknowledgement. What sled
 //!   recovers on reopen is what a restart after a crash would see. Any other I/O error is not
-//!   recovered in place: after a failed write-back the kernel may serve pages that never
-//!   reached the disk, so reading the store again could trust data it does not have. Writes
-//!   answer 503 until an operator has checked the disk and restarted the daemon.
+//!   recovered in place, nor is a failed `fdatasync` of sled's log, whatever its error: after
+//!   a failed write-back the kernel may serve pages that never reached the disk, so reading
+//!   the store again could trust data it does not have. Writes answer 503 until an operator
+//!   has checked the disk and restarted the daemon. From the first failure on, the failed
+//!   instance takes no write and acknowledges none ([`super::commit`]).
 //! - **The commit witness.** Each flush writes the next commit number into the store before it
 //!   syncs (see [`super::commit`]); once a second the watcher copies the last durable number to
 //!   `data_dir/cardvault.commit` (written to a temporary file, synced, renamed). A store whose

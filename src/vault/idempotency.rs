@@ -22,7 +22,6 @@
 use std::sync::Arc;
 
 use super::{unix_now, Vault, VaultError};
-use crate::crypto::aad;
 use crate::policy::{Grant, Requires};
 use crate::store::{IdempotencyRecord, StoredResponse};
 use crate::tokens::Project;
@@ -64,20 +63,21 @@ impl Vault {
         let keys = self
             .project_keys(project, true)?
             .ok_or(VaultError::NotFound)?;
+        // The body holds card data: hashed in place, never copied into a plain buffer.
         let digest = keys
             .fingerprint
-            .fingerprint(&aad(&[
+            .fingerprint_parts(&[
                 b"cardvault/idempotency/v1",
                 method.as_bytes(),
                 path.as_bytes(),
                 body,
-            ]))
+            ])
             .into_bytes();
-        let scope = keys.fingerprint.fingerprint(&aad(&[
+        let scope = keys.fingerprint.fingerprint_parts(&[
             b"cardvault/idempotency-scope/v1",
             grant.identity().as_bytes(),
             key.as_bytes(),
-        ]));
+        ]);
         let p = project.as_str();
         loop {
             let now = unix_now();

@@ -157,32 +157,40 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
     !digits.is_empty() && sum % 10 == 0
 }
 
-/// True when `text` could hold a card number: 12 or more digits in a row, single spaces,
-/// dashes or dots between them allowed (as card numbers are written). Deliberately blunt:
-/// any 12-digit stretch of a longer number has a one-in-ten chance of passing Luhn, so a Luhn
-/// test would let a PAN hidden in a longer run (a PAN followed by its CVC) through. Free text
-/// headed for logs or storage is refused when this is true.
+/// True when `text` could hold a card number: 12 or more digits in a row, with up to
+/// [`SEPARATOR_RUN`] separator characters between any two of them. A digit is any Unicode
+/// decimal or other numeric character (fullwidth `４` too); a separator is whitespace or one of
+/// `- . _ / \\ | , + *`; a letter or anything else starts the count again. Deliberately
+/// blunt: any 12-digit stretch of a longer number has a one-in-ten chance of passing Luhn, so a
+/// Luhn test would let a PAN hidden in a longer run (a PAN followed by its CVC) through. Free
+/// text headed for logs or storage is refused when this is true.
 pub fn contains_pan(text: &str) -> bool {
     let mut digits = 0usize;
-    let mut separator = false;
-    for b in text.bytes() {
-        match b {
-            b'0'..=b'9' => {
-                digits += 1;
-                separator = false;
-                if digits >= PAN_MIN {
-                    return true;
-                }
+    let mut separators = 0usize;
+    for c in text.chars() {
+        if c.is_numeric() {
+            digits += 1;
+            separators = 0;
+            if digits >= PAN_MIN {
+                return true;
             }
-            b' ' | b'-' | b'.' if digits > 0 && !separator => separator = true,
-            _ => {
-                digits = 0;
-                separator = false;
-            }
+        } else if digits > 0
+            && separators < SEPARATOR_RUN
+            && (c.is_whitespace()
+                || matches!(c, '-' | '.' | '_' | '/' | '\\' | '|' | ',' | '+' | '*'))
+        {
+            separators += 1;
+        } else {
+            digits = 0;
+            separators = 0;
         }
     }
     false
 }
+
+/// How many separator characters in a row [`contains_pan`] still reads as one number
+/// (`4111 - 1111`); a masked group such as ` **** ` is longer, and ends the count.
+const SEPARATOR_RUN: usize = 3;
 
 /// Card expiry: the card is valid through the last day of `month`/`year`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,15 +292,14 @@ pub struct HolderName(String);
 impl HolderName {
     pub const MAX_CHARS: usize = 100;
 
-    /// Refuses control characters and digits: a name never needs them, and refusing digits keeps
-    /// a PAN typed into the wrong field from being stored as a "name".
+    /// Refuses control characters and digits (any script's, fullwidth too): a name never needs
+    /// them, and refusing digits keeps a PAN typed into the wrong field from being stored as a
+    /// "name".
     pub fn parse(input: &str) -> Result<HolderName, CardError> {
         let trimmed = input.trim();
         if trimmed.is_empty()
             || trimmed.chars().count() > Self::MAX_CHARS
-            || trimmed
-                .chars()
-                .any(|c| c.is_control() || c.is_ascii_digit())
+            || trimmed.chars().any(|c| c.is_control() || c.is_numeric())
         {
             return Err(CardError::InvalidHolderName);
         }
@@ -502,6 +509,14 @@ mod tests {
             ("inv 2026-11-27 no. 12345", false),
             ("+1 202 555 0143", false),
             ("", false),
+            ("4111_1111_1111_1111", true),
+            ("4111/1111/1111/1111", true),
+            ("4111  1111  1111  1111", true),
+            ("4111 - 1111 - 1111 - 1111", true),
+            ("\u{ff14}\u{ff11}\u{ff11}\u{ff11}111111111111", true),
+            ("4111 **** **** 1111", false),
+            ("2026-11-27 12:30:45", false),
+            ("4111a1111b1111c1111", false),
         ] {
             assert_eq!(contains_pan(input), found, "{input}");
         }
@@ -588,6 +603,8 @@ mod tests {
             ("  ", false),
             ("4242424242424242", false),
             ("A\u{7}B", false),
+            ("Zo\u{eb} \u{c9}lo\u{ef}se", true),
+            ("\u{ff14}\u{ff12}\u{ff14}\u{ff12}", false),
         ] {
             assert_eq!(HolderName::parse(input).is_ok(), ok, "{input:?}");
         }

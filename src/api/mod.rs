@@ -305,13 +305,19 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
         .json(body)
 }
 
-/// Liveness and readiness: 200 when serving, 503 `sealed` until custodians unseal.
+/// Liveness and readiness: 200 when serving, 503 `sealed` until custodians unseal, 503
+/// `unavailable` while the store or the audit trail cannot take writes.
 async fn health(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     peer(&req)?;
     Ok(if state.vault.is_sealed() {
         json(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"status": "sealed", "sealed": true}),
+        )
+    } else if !state.vault.ready() {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "unavailable", "sealed": false}),
         )
     } else {
         json(

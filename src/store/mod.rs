@@ -408,6 +408,11 @@ impl Store {
         })
     }
 
+    /// Whether the store takes writes now: open, and its sled instance has not failed.
+    pub fn writable(&self) -> bool {
+        self.0.current().is_ok_and(|g| !g.failed())
+    }
+
     /// Waits until the write behind `ticket` is on disk.
     pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
         let g = self.0.current()?;

@@ -745,6 +745,12 @@ impl Vault {
             .wait_blocking()?)
     }
 
+    /// Whether the vault can serve writes: the store takes them and the audit trail takes
+    /// events. `/v1/health` answers 503 when not, so a load balancer stops sending traffic.
+    pub fn ready(&self) -> bool {
+        self.store.writable() && self.audit.ready().is_ok()
+    }
+
     /// Whether the audit trail can take events; checked before every audited request.
     pub fn audit_ready(&self) -> Result<(), VaultError> {
         Ok(self.audit.ready()?)

@@ -263,6 +263,11 @@ fn an_unwritable_audit_log_refuses_requests_before_they_act() {
         }
     };
     assert_eq!(wait(503).code(), "audit_unavailable");
+    let res = router.get("/v1/health");
+    assert_eq!(
+        (res.status, res.json()["status"].as_str()),
+        (503, Some("unavailable"))
+    );
     let res = router.post("/v1/detokenize", &json!({"token": card}));
     assert_eq!((res.status, res.code()), (503, "audit_unavailable".into()));
     assert!(!res.body.contains(&pan));
@@ -272,6 +277,7 @@ fn an_unwritable_audit_log_refuses_requests_before_they_act() {
     // Repaired: serving again, and the refused detokenization never used the token up.
     std::fs::remove_dir(&log).unwrap();
     wait(200);
+    assert_eq!(router.get("/v1/health").status, 200);
     let res = router.post("/v1/detokenize", &json!({"token": card}));
     assert_eq!(res.status, 200, "{}", res.body);
     assert_eq!(res.json()["number"], pan.as_str());

@@ -91,6 +91,13 @@ fn a_full_disk_gets_503_and_the_vault_recovers_when_space_returns() {
         res.body
     );
 
+    // Out of the load balancer's rotation while it cannot write.
+    let res = router.get("/v1/health");
+    assert_eq!(
+        (res.status, res.json()["status"].as_str()),
+        (503, Some("unavailable"))
+    );
+
     // Space returns: the same daemon takes writes again, without a restart.
     tmpfs.resize("64m");
     let mut recovered = false;
@@ -108,6 +115,7 @@ fn a_full_disk_gets_503_and_the_vault_recovers_when_space_returns() {
         recovered,
         "the daemon did not take writes again once space returned"
     );
+    assert_eq!(router.get("/v1/health").status, 200);
 
     // Everything acknowledged, before and after the full disk, is there after a crash.
     daemon.kill9();

@@ -231,6 +231,7 @@ fn flush_loop(
     log: &std::fs::File,
     progress: &watch::Sender<Progress>,
 ) {
+    let _gone = FlusherGone(shared);
     let mut covered = 0u64;
     let mut last_batch = 0u64;
     loop {
@@ -270,6 +271,21 @@ fn flush_loop(
         covered = target;
         if shared.stop.load(Ordering::SeqCst) && shared.issued.load(Ordering::SeqCst) == covered {
             return;
+        }
+    }
+}
+
+/// Marks the instance failed, and not to be reopened in place, if the flusher thread panics:
+/// its writers get `FlushFailed` as the channel closes, and without this the store would look
+/// writable (to `/v1/health` too) while no write could ever be acknowledged.
+struct FlusherGone<'a>(&'a Shared);
+
+impl Drop for FlusherGone<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the store's flush thread stopped: writes get 503; restart the daemon");
+            self.0.fatal.store(true, Ordering::SeqCst);
+            self.0.failed.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -359,6 +375,33 @@ mod tests {
             assert!(gc.failed() && gc.fatal());
             gc.shutdown();
         });
+    }
+
+    /// A flusher that panics leaves the instance failed and fatal; one that returns does not.
+    #[test]
+    fn a_panicking_flusher_fails_the_instance() {
+        let shared = Arc::new(Shared {
+            issued: AtomicU64::new(0),
+            wake_lock: Mutex::new(()),
+            wake: Condvar::new(),
+            sleeping: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            durable_commit: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            fatal: AtomicBool::new(false),
+        });
+        let run = |panic: bool| {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || {
+                let _gone = FlusherGone(&shared);
+                assert!(!panic, "injected");
+            })
+            .join()
+        };
+        assert!(run(false).is_ok());
+        assert!(!shared.failed.load(Ordering::SeqCst));
+        assert!(run(true).is_err());
+        assert!(shared.failed.load(Ordering::SeqCst) && shared.fatal.load(Ordering::SeqCst));
     }
 
     /// A log that cannot be synced fails its writers, the instance, and the key operations'

@@ -251,12 +251,15 @@ impl Application {
             let (_, session) = stream.get_ref();
             if let Some(mut peer) = session.peer_certificates().and_then(tls::peer_from_chain) {
                 peer.address = stream.get_ref().0.peer_addr().ok();
-                // Verified by the handshake under the configuration in force now.
-                peer.trusted_under = std::sync::atomic::AtomicU64::new(generation.generation());
+                // Verified by the handshake, under the configuration in force now unless a
+                // reload came during it.
+                peer.trusted_under =
+                    std::sync::atomic::AtomicU64::new(generation.generation_for_new_connection());
                 extensions.insert(Arc::new(peer));
             }
         })
-        .shutdown_timeout(10);
+        .shutdown_timeout(10)
+        .tls_handshake_timeout(tls::HANDSHAKE_TIMEOUT);
         if let Some(workers) = config.workers {
             server = server.workers(workers);
         }

@@ -308,7 +308,9 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
 /// Liveness and readiness: 200 when serving, 503 `sealed` until custodians unseal, 503
 /// `unavailable` while the store or the audit trail cannot take writes.
 async fn health(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    peer(&req)?;
+    if !state.tls.still_trusted(peer(&req)?) {
+        return Err(ApiError::FORBIDDEN);
+    }
     Ok(if state.vault.is_sealed() {
         json(
             StatusCode::SERVICE_UNAVAILABLE,

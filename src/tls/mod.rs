@@ -17,7 +17,8 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{ring as provider, CryptoProvider};
@@ -94,11 +95,20 @@ pub struct TlsPaths<'a> {
     pub crl: Option<&'a Path>,
 }
 
+/// How long a client has to finish its TLS handshake (set on the server).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A generation no reload ever reaches: a connection stamped with it is checked again at its
+/// first request.
+const UNCHECKED: u64 = u64::MAX;
+
 /// What `SIGHUP` replaces: the server certificate and the client verifier (CA and CRLs).
 #[derive(Debug)]
 pub struct TlsState {
     /// Bumped by every successful reload.
     generation: AtomicU64,
+    /// When the last reload began swapping the new configuration in.
+    reloaded_at: Mutex<Option<Instant>>,
     certified: RwLock<Arc<CertifiedKey>>,
     verifier: RwLock<Arc<dyn ClientCertVerifier>>,
     /// Leaked once per load (a few hundred bytes per reload), so `root_hint_subjects` can hand
@@ -150,6 +160,9 @@ impl TlsState {
                 .to_vec()
                 .into_boxed_slice(),
         );
+        // Before anything is swapped: a connection stamped after the new generation must see
+        // that a reload is recent (`generation_for_new_connection`).
+        *self.reloaded_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         *self.certified.write().unwrap_or_else(|p| p.into_inner()) = loaded.certified;
         *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = loaded.verifier;
         *self.hints.write().unwrap_or_else(|p| p.into_inner()) = hints;
@@ -159,6 +172,25 @@ impl TlsState {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The generation to stamp on a connection whose handshake has just finished. Its client
+    /// certificate was checked somewhere inside the handshake, which lasts at most
+    /// [`HANDSHAKE_TIMEOUT`]: when a reload began within that window (plus a second), the check
+    /// may have run under the configuration before it, so the connection is left unchecked
+    /// and its first request checks it again ([`TlsState::still_trusted`]).
+    pub fn generation_for_new_connection(&self) -> u64 {
+        let generation = self.generation();
+        let recent = self
+            .reloaded_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() <= HANDSHAKE_TIMEOUT + Duration::from_secs(1));
+        if recent {
+            UNCHECKED
+        } else {
+            generation
+        }
     }
 
     /// Whether a connection's client chain is still trusted: checked again, once, against the
@@ -272,6 +304,7 @@ pub fn server_config(paths: &TlsPaths<'_>) -> Result<(ServerConfig, Arc<TlsState
     );
     let state = Arc::new(TlsState {
         generation: AtomicU64::new(0),
+        reloaded_at: Mutex::new(None),
         certified: RwLock::new(loaded.certified),
         verifier: RwLock::new(loaded.verifier),
         hints: RwLock::new(hints),
@@ -321,4 +354,52 @@ pub fn peer_from_chain(chain: &[CertificateDer<'_>]) -> Option<Peer> {
         }
     }
     Some(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, ClientSpec};
+
+    /// A reload makes the connections finishing their handshake right after it unchecked, so
+    /// a certificate it revoked cannot slip through on a handshake that was checked before it;
+    /// the first request checks them under the new configuration.
+    #[test]
+    fn connections_made_across_a_reload_are_checked_again() {
+        let dir = std::env::temp_dir().join(format!("cardvault-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = Authority::new("test ca").unwrap();
+        let server = ca.server(&["localhost"]).unwrap();
+        let client = ca.client(&ClientSpec::named("router")).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let (cert, key, client_ca) = (
+            file("server.pem", &server.cert_pem),
+            file("server.key", &server.key_pem),
+            file("ca.pem", &ca.cert_pem()),
+        );
+        let paths = TlsPaths {
+            cert: &cert,
+            key: &key,
+            client_ca: &client_ca,
+            crl: None,
+        };
+        let (_, state) = server_config(&paths).unwrap();
+        assert_eq!(state.generation_for_new_connection(), 0);
+
+        state.reload(&paths).unwrap();
+        assert_eq!(state.generation(), 1);
+        let stamp = state.generation_for_new_connection();
+        assert_eq!(stamp, UNCHECKED);
+
+        let der = vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).unwrap()];
+        let peer = peer_from_chain(&der).unwrap();
+        peer.trusted_under.store(stamp, Ordering::SeqCst);
+        assert!(state.still_trusted(&peer));
+        assert_eq!(peer.trusted_under.load(Ordering::SeqCst), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

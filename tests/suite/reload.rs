@@ -56,6 +56,7 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     // reload revokes is refused every request from then on.
     let established = setup.client(&daemon, &late).connect().unwrap();
     let established_other = setup.client(&daemon, &other).connect().unwrap();
+    let established_health = setup.client(&daemon, &late).connect().unwrap();
     write(&crl, &setup.ca.crl(&[&early.serial, &late.serial]).unwrap());
     hangup(&daemon);
     wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
@@ -78,6 +79,13 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
         (res.status, res.code()),
         (403, "forbidden".into()),
         "a certificate revoked by the reload still works on its open connection"
+    );
+    let res = established_health
+        .send("GET", "/v1/health", &[], None)
+        .unwrap();
+    assert_eq!(
+        res.status, 403,
+        "health answered a certificate revoked by the reload"
     );
 
     // A bad reload (a broken CRL, then a broken policy) keeps what was in force.

@@ -246,12 +246,16 @@ struct Replayable {
 /// the first outcome: a success is rebuilt by `render` from the live object (404 if it was
 /// deleted since), an error is sent as it was. The same key with another body gets 409. A
 /// server error releases the key so a retry can run.
+///
+/// Under a key, `run` and the recording of its outcome are a task of their own: a client that
+/// goes away mid-request drops this future, and the request must still finish and record what
+/// it made, or the retry the key exists for would make a second object.
 async fn idempotent<P: Requires>(
     req: &HttpRequest,
     state: &AppState,
     grant: &Grant<P>,
     body: &[u8],
-    run: impl std::future::Future<Output = Result<Created, ApiError>>,
+    run: impl std::future::Future<Output = Result<Created, ApiError>> + 'static,
     render: impl FnOnce(&Replayable) -> Result<Vec<u8>, ApiError>,
 ) -> Result<HttpResponse, ApiError> {
     let Some(value) = req.headers().get("idempotency-key") else {
@@ -281,22 +285,25 @@ async fn idempotent<P: Requires>(
             Begin::Conflict => return Err(ApiError::IDEMPOTENCY_CONFLICT),
             Begin::InProgress => return Err(ApiError::IDEMPOTENCY_IN_PROGRESS),
         };
-    match run.await {
-        Ok(Created {
-            reply: (status, bytes),
-            replay,
-        }) => {
-            let kept = serde_json::to_vec(&replay).map_err(|_| ApiError::INTERNAL)?;
-            claim.finish(status.as_u16(), kept).await?;
-            Ok(send(status, bytes, false))
+    let task = actix_web::rt::spawn(async move {
+        match run.await {
+            Ok(Created {
+                reply: (status, bytes),
+                replay,
+            }) => {
+                let kept = serde_json::to_vec(&replay).map_err(|_| ApiError::INTERNAL)?;
+                claim.finish(status.as_u16(), kept).await?;
+                Ok(send(status, bytes, false))
+            }
+            Err(e) if e.status.is_client_error() => {
+                claim.finish(e.status.as_u16(), e.body()).await?;
+                Err(e)
+            }
+            // Dropping the claim releases the key.
+            Err(e) => Err(e),
         }
-        Err(e) if e.status.is_client_error() => {
-            claim.finish(e.status.as_u16(), e.body()).await?;
-            Err(e)
-        }
-        // Dropping the claim releases the key.
-        Err(e) => Err(e),
-    }
+    });
+    task.await.map_err(|_| ApiError::INTERNAL)?
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
@@ -418,12 +425,15 @@ async fn tokenize(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = grant(&req, &state)?;
+    let grant = Arc::new(grant(&req, &state)?);
     let body = read_body(&req, payload).await?;
     let card = parse_json::<TokenizeRequest>(&body)?.parse()?;
-    let run = async {
-        let view = state.vault.tokenize(&grant, card).await?;
-        Created::new(StatusCode::CREATED, &view.id, false, &view)
+    let run = {
+        let (state, grant) = (state.clone(), Arc::clone(&grant));
+        async move {
+            let view = state.vault.tokenize(&grant, card).await?;
+            Created::new(StatusCode::CREATED, &view.id, false, &view)
+        }
     };
     let render = |r: &Replayable| {
         let id = path_id(IdKind::Card, &r.object)?;
@@ -535,12 +545,15 @@ async fn create_customer(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = grant::<Customers>(&req, &state)?;
+    let grant = Arc::new(grant::<Customers>(&req, &state)?);
     let body = read_body(&req, payload).await?;
     let profile = parse_json::<NewProfile>(&body)?.parse()?;
-    let run = async {
-        let view = state.vault.create_customer(&grant, profile).await?;
-        Created::new(StatusCode::CREATED, &view.id, false, &view)
+    let run = {
+        let (state, grant) = (state.clone(), Arc::clone(&grant));
+        async move {
+            let view = state.vault.create_customer(&grant, profile).await?;
+            Created::new(StatusCode::CREATED, &view.id, false, &view)
+        }
     };
     let render = |r: &Replayable| {
         let id = path_id(IdKind::Customer, &r.object)?;
@@ -611,7 +624,7 @@ async fn attach_card(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = grant::<Customers>(&req, &state)?;
+    let grant = Arc::new(grant::<Customers>(&req, &state)?);
     let customer = path_id(IdKind::Customer, &path)?;
     let body = read_body(&req, payload).await?;
     let request = parse_json::<AttachRequest>(&body)?;
@@ -636,12 +649,15 @@ async fn attach_card(
             },
         )
     };
-    let run = async {
-        let attached = state
-            .vault
-            .attach_card(&grant, &customer, &source, recurring)
-            .await?;
-        respond(attached.token, attached.duplicate)
+    let run = {
+        let (state, grant, customer) = (state.clone(), Arc::clone(&grant), customer.clone());
+        async move {
+            let attached = state
+                .vault
+                .attach_card(&grant, &customer, &source, recurring)
+                .await?;
+            respond(attached.token, attached.duplicate)
+        }
     };
     let render = |r: &Replayable| {
         let token = path_id(IdKind::CustomerToken, &r.object)?;

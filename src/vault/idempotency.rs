@@ -14,10 +14,12 @@
 //! resurrected by a replay.
 //!
 //! A claim belongs to the process that made it ([`Vault::boot_id`]), in the current opening of
-//! the store (see `Store::generation`). If the request's future
-//! is dropped, [`Claim`]'s `Drop` releases it; a claim left by a process that died is taken
-//! over by the next request with the key. One gap remains: if the process dies after the
-//! object is committed and before the outcome is recorded, a retry makes a second object.
+//! the store (see `Store::generation`). Once a request has claimed its key, the API runs it to
+//! the end in a task of its own, so a client that goes away does not cut it short. If it fails
+//! with a server error, or its outcome cannot be written, [`Claim`]'s `Drop` releases the key;
+//! a claim left by a process that died is taken over by the next request with the key. One
+//! gap remains: if the process dies after the object is committed and before the outcome is
+//! recorded, a retry makes a second object.
 
 use std::sync::Arc;
 
@@ -139,18 +141,21 @@ impl Claim {
     /// Records the outcome, durably, before the reply is sent. `body` is what a replay will
     /// get back: for a success the API's rebuild descriptor, for an error its body.
     pub async fn finish(mut self, status: u16, body: Vec<u8>) -> Result<(), VaultError> {
-        self.finished = true;
         let done = IdempotencyRecord {
             response: Some(StoredResponse { status, body }),
             ..self.record.clone()
         };
         let store = &self.vault.store;
-        if let Some(ticket) = store.swap_idempotency(
+        // Not finished until the outcome is written: if the write fails, dropping the claim
+        // releases the key instead of leaving it in progress for a day.
+        let ticket = store.swap_idempotency(
             self.project.as_str(),
             &self.scope,
             Some(&self.record),
             Some(&done),
-        )? {
+        )?;
+        self.finished = true;
+        if let Some(ticket) = ticket {
             store.durable(ticket).await?;
         }
         Ok(())

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -571,6 +572,51 @@ fn idempotency_keys_replay_conflict_and_race() {
         replay.json()["id"].as_str(),
         created.iter().next().map(String::as_str)
     );
+}
+
+/// A client that times out and goes away mid-request, then retries with the same key, never
+/// gets a second object: the first request runs to its end and records its outcome whether
+/// or not anyone is still waiting for it.
+#[test]
+fn an_abandoned_request_and_its_retry_make_one_object() {
+    let setup = Setup::new("idem-abandon");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let rounds = 40u32;
+    for round in 0..rounds {
+        let key = format!("abandoned-{round}");
+        let body = card_body(&test_pan(700 + round)).to_string();
+        let headers = [("Idempotency-Key", key.as_str())];
+        router
+            .connect()
+            .unwrap()
+            .send_and_abandon(
+                "POST",
+                "/v1/cards",
+                &headers,
+                Some(body.as_bytes()),
+                // From before the request is read to while its write waits for the disk.
+                Duration::from_micros(u64::from(round) * 100),
+            )
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let res = router
+                .send("POST", "/v1/cards", &headers, Some(body.as_bytes()))
+                .unwrap();
+            if res.status == 201 {
+                break;
+            }
+            assert_eq!(res.code(), "idempotency_in_progress", "{}", res.body);
+            assert!(Instant::now() < deadline, "the key stayed in progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    daemon.stop();
+    // Counted in the store itself: a request dropped mid-write would have audited nothing.
+    let db = sled::Config::new().path(&setup.data_dir).open().unwrap();
+    let made = db.open_tree("cards").unwrap().len();
+    assert_eq!(made, rounds as usize, "a retry made a second card");
 }
 
 #[test]

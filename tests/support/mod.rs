@@ -596,6 +596,25 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Sends a request and drops the connection `after` it, without reading the reply or
+    /// closing TLS: a client that timed out and went away.
+    pub fn send_and_abandon(
+        mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        after: Duration,
+    ) -> std::io::Result<()> {
+        let bytes = request(method, path, self.project.as_deref(), headers, body, true);
+        self.tls.write_all(&bytes)?;
+        self.tls.flush()?;
+        std::thread::sleep(after);
+        self.tls.sock.shutdown(std::net::Shutdown::Both)
+    }
+}
+
 /// An HTTP/1.1 request; `keep_alive: false` asks the server to close the connection after it.
 fn request(
     method: &str,

@@ -60,29 +60,28 @@ pub struct Pan {
 impl Pan {
     /// Accepts digits, optionally grouped by single spaces or dashes between digit groups.
     pub fn parse(input: &str) -> Result<Pan, CardError> {
-        let mut digits = [0u8; PAN_MAX];
-        let mut len = 0usize;
+        // Digits go straight into the `Pan`: every early return drops it, and dropping wipes.
+        let mut pan = Pan {
+            digits: [0u8; PAN_MAX],
+            len: 0,
+        };
         let mut previous_was_digit = false;
         for byte in input.bytes() {
             match byte {
                 b'0'..=b'9' => {
-                    let slot = digits.get_mut(len).ok_or(CardError::InvalidNumber)?;
+                    let slot = pan
+                        .digits
+                        .get_mut(usize::from(pan.len))
+                        .ok_or(CardError::InvalidNumber)?;
                     *slot = byte;
-                    len += 1;
+                    pan.len += 1;
                     previous_was_digit = true;
                 }
                 b' ' | b'-' if previous_was_digit => previous_was_digit = false,
-                _ => {
-                    digits.zeroize();
-                    return Err(CardError::InvalidNumber);
-                }
+                _ => return Err(CardError::InvalidNumber),
             }
         }
-        let pan = Pan {
-            digits,
-            len: len as u8,
-        };
-        if !previous_was_digit || len < PAN_MIN || !luhn_valid(pan.digits()) {
+        if !previous_was_digit || usize::from(pan.len) < PAN_MIN || !luhn_valid(pan.digits()) {
             return Err(CardError::InvalidNumber);
         }
         Ok(pan)

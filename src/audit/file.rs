@@ -43,7 +43,8 @@ impl AuditKey {
     /// Creates `keys_dir/audit.key` (0600) unless it exists.
     pub fn create(path: &Path) -> Result<(), AuditError> {
         let key = KeyMaterial::random().map_err(|e| AuditError(e.to_string()))?;
-        let text = Zeroizing::new(format!("{KEY_HEADER}\n{}\n", hex(key.expose())));
+        let key_hex = Zeroizing::new(hex(key.expose()));
+        let text = Zeroizing::new(format!("{KEY_HEADER}\n{}\n", *key_hex));
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -23,11 +23,8 @@ impl DevKey {
     /// Creates a new random dev KEK at `path`; refuses to overwrite an existing file.
     pub fn create(path: &Path) -> Result<(), CryptoError> {
         let key = KeyMaterial::random()?;
-        let text = Zeroizing::new(format!(
-            "{HEADER}\n{}\n{}\n",
-            new_kek_id()?,
-            hex(key.expose())
-        ));
+        let key_hex = Zeroizing::new(hex(key.expose()));
+        let text = Zeroizing::new(format!("{HEADER}\n{}\n{}\n", new_kek_id()?, *key_hex));
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -185,6 +185,19 @@ fn tls_layer_refuses_missing_foreign_and_expired_certificates() {
         not_yet.send("GET", "/v1/health", &[], None).is_err(),
         "not-yet-valid certificate was accepted"
     );
+
+    // A certificate that expires while its keep-alive connection is open: refused from then
+    // on, on the connection it already has.
+    let mut short = spec("router");
+    short.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let mut session = setup.client(&daemon, &setup.identity(&short)).session();
+    assert_eq!(session.get("/v1/health").status, 200);
+    let card = "/v1/cards/card_00000000000000000000000000000000";
+    assert_eq!(session.get(card).status, 404);
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    assert_eq!(session.get("/v1/health").status, 403);
+    let res = session.get(card);
+    assert_eq!((res.status, res.code()), (403, "forbidden".into()));
     assert!(!daemon.output().contains("panicked"));
 }
 

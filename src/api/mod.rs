@@ -116,7 +116,7 @@ fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, A
             &project,
             "policy.denied",
             crate::vault::VaultError::Forbidden,
-            "client certificate no longer trusted after a reload (revoked, or CA changed)",
+            "client certificate expired since the handshake, or no longer trusted after a reload (revoked, or CA changed)",
         )?;
         return Err(ApiError::FORBIDDEN);
     }

@@ -193,10 +193,15 @@ impl TlsState {
         }
     }
 
-    /// Whether a connection's client chain is still trusted: checked again, once, against the
-    /// current CA and CRLs after each reload. A connection made before a reload that revoked
-    /// its certificate stays open, but every request on it is refused.
+    /// Whether a connection's client chain is still trusted: not expired since the handshake
+    /// (keep-alive can outlast a certificate), and checked again, once, against the current CA
+    /// and CRLs after each reload. A connection made before a reload that revoked its
+    /// certificate stays open, but every request on it is refused.
     pub fn still_trusted(&self, peer: &Peer) -> bool {
+        let now = i64::try_from(UnixTime::now().as_secs()).unwrap_or(i64::MAX);
+        if now > peer.not_after {
+            return false;
+        }
         let generation = self.generation();
         if peer.trusted_under.load(Ordering::Acquire) == generation {
             return true;
@@ -337,6 +342,12 @@ pub fn peer_from_chain(chain: &[CertificateDer<'_>]) -> Option<Peer> {
         subject: cert.subject().to_string(),
         fingerprint: sha256_hex(leaf.as_ref()),
         chain: chain.iter().map(|c| c.as_ref().to_vec()).collect(),
+        not_after: chain
+            .iter()
+            .filter_map(|c| X509Certificate::from_der(c.as_ref()).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .min()
+            .unwrap_or(0),
         ..Peer::default()
     };
     for cn in cert.subject().iter_common_name() {

@@ -159,11 +159,26 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
 /// True when `text` could hold a card number: 12 or more digits in a row, with up to
 /// [`SEPARATOR_RUN`] separator characters between any two of them. A digit is any Unicode
 /// decimal or other numeric character (fullwidth `４` too); a separator is whitespace or one of
-/// `- . _ / \\ | , + *`; a letter or anything else starts the count again. Deliberately
-/// blunt: any 12-digit stretch of a longer number has a one-in-ten chance of passing Luhn, so a
-/// Luhn test would let a PAN hidden in a longer run (a PAN followed by its CVC) through. Free
-/// text headed for logs or storage is refused when this is true.
+/// `- . _ / \ |`; a letter or anything else (a comma, a colon) starts the count again.
+/// Deliberately blunt: any 12-digit stretch of a longer number has a one-in-ten chance of
+/// passing Luhn, so a Luhn test would let a PAN hidden in a longer run (a PAN followed by its
+/// CVC) through. Free text headed for logs or storage is refused when this is true.
 pub fn contains_pan(text: &str) -> bool {
+    digit_row(text, SEPARATOR_RUN, |c| {
+        c.is_whitespace() || matches!(c, '-' | '.' | '_' | '/' | '\\' | '|')
+    })
+}
+
+/// The narrower rule project names have always been checked with: 12 or more digits with
+/// single spaces, dashes or dots between them. Names are kept in policies, key names and
+/// every stored record's key, so a name accepted once must stay accepted.
+pub fn contains_grouped_pan(text: &str) -> bool {
+    digit_row(text, 1, |c| matches!(c, ' ' | '-' | '.'))
+}
+
+/// Whether `text` holds [`PAN_MIN`] numeric characters with at most `max_run` separators
+/// between any two.
+fn digit_row(text: &str, max_run: usize, separator: impl Fn(char) -> bool) -> bool {
     let mut digits = 0usize;
     let mut separators = 0usize;
     for c in text.chars() {
@@ -173,11 +188,7 @@ pub fn contains_pan(text: &str) -> bool {
             if digits >= PAN_MIN {
                 return true;
             }
-        } else if digits > 0
-            && separators < SEPARATOR_RUN
-            && (c.is_whitespace()
-                || matches!(c, '-' | '.' | '_' | '/' | '\\' | '|' | ',' | '+' | '*'))
-        {
+        } else if digits > 0 && separators < max_run && separator(c) {
             separators += 1;
         } else {
             digits = 0;
@@ -188,7 +199,7 @@ pub fn contains_pan(text: &str) -> bool {
 }
 
 /// How many separator characters in a row [`contains_pan`] still reads as one number
-/// (`4111 - 1111`); a masked group such as ` **** ` is longer, and ends the count.
+/// (`4111 - 1111`).
 const SEPARATOR_RUN: usize = 3;
 
 /// Card expiry: the card is valid through the last day of `month`/`year`.
@@ -291,14 +302,16 @@ pub struct HolderName(String);
 impl HolderName {
     pub const MAX_CHARS: usize = 100;
 
-    /// Refuses control characters and digits (any script's, fullwidth too): a name never needs
-    /// them, and refusing digits keeps a PAN typed into the wrong field from being stored as a
-    /// "name".
+    /// Refuses control characters and ASCII digits: a name never needs them, and refusing digits
+    /// keeps a PAN typed into the wrong field from being stored as a "name". Names stored before
+    /// are parsed again when read, so this rule cannot tighten without hiding them.
     pub fn parse(input: &str) -> Result<HolderName, CardError> {
         let trimmed = input.trim();
         if trimmed.is_empty()
             || trimmed.chars().count() > Self::MAX_CHARS
-            || trimmed.chars().any(|c| c.is_control() || c.is_numeric())
+            || trimmed
+                .chars()
+                .any(|c| c.is_control() || c.is_ascii_digit())
         {
             return Err(CardError::InvalidHolderName);
         }
@@ -515,9 +528,18 @@ mod tests {
             ("\u{ff14}\u{ff11}\u{ff11}\u{ff11}111111111111", true),
             ("4111 **** **** 1111", false),
             ("2026-11-27 12:30:45", false),
+            ("2026-11-27, 2026-12-01", false),
             ("4111a1111b1111c1111", false),
         ] {
             assert_eq!(contains_pan(input), found, "{input}");
+        }
+        // Project names keep the narrower rule: what was a valid name stays one.
+        for (input, found) in [
+            ("4111-1111-1111-1111", true),
+            ("m_2024_11_27_0001", false),
+            ("4111--1111--1111--1111", false),
+        ] {
+            assert_eq!(contains_grouped_pan(input), found, "{input}");
         }
     }
 
@@ -603,7 +625,6 @@ mod tests {
             ("4242424242424242", false),
             ("A\u{7}B", false),
             ("Zo\u{eb} \u{c9}lo\u{ef}se", true),
-            ("\u{ff14}\u{ff12}\u{ff14}\u{ff12}", false),
         ] {
             assert_eq!(HolderName::parse(input).is_ok(), ok, "{input:?}");
         }

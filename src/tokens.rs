@@ -159,7 +159,7 @@ impl Project {
             && input
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-            && !crate::card::contains_pan(input);
+            && !crate::card::contains_grouped_pan(input);
         if ok {
             Ok(Project(input.to_owned()))
         } else {

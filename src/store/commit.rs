@@ -56,6 +56,8 @@ struct Shared {
     failed: AtomicBool,
     /// Set when that failure was not a full disk: reopening in place is not safe.
     fatal: AtomicBool,
+    /// Held around each `fdatasync` of the log ([`sync_log`]).
+    sync_turn: Mutex<()>,
 }
 
 impl Shared {
@@ -114,6 +116,7 @@ impl GroupCommit {
             durable_commit: AtomicU64::new(commit),
             failed: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
+            sync_turn: Mutex::new(()),
         });
         let thread_shared = Arc::clone(&shared);
         let log = Arc::new(log);
@@ -291,11 +294,31 @@ impl Drop for FlusherGone<'_> {
 }
 
 /// `fdatasync`s sled's log. A failure here is never a reason to reopen in place, whatever
-/// its kind: the kernel may already have dropped the pages it could not write.
+/// its kind: the kernel may already have dropped the pages it could not write. The flusher
+/// and key operations sync the same file, and the kernel reports a write-back error to one
+/// `fdatasync` only: syncs take turns, a failure marks the instance failed before the next
+/// one starts, and no sync succeeds after a failure.
 fn sync_log(log: &std::fs::File, shared: &Shared) -> sled::Result<()> {
+    let _turn = shared.sync_turn.lock().unwrap_or_else(|p| p.into_inner());
+    if shared.failed.load(Ordering::SeqCst) {
+        // Reported as the earlier failure's kind, so that passing it to `Shared::fail` does
+        // not turn a full disk (recovered in place) into a fatal failure. `fail` sets `fatal`
+        // before `failed`, so it is settled here.
+        let kind = if shared.fatal.load(Ordering::SeqCst) {
+            std::io::ErrorKind::Other
+        } else {
+            std::io::ErrorKind::StorageFull
+        };
+        return Err(sled::Error::Io(std::io::Error::new(
+            kind,
+            "the store failed earlier; nothing is synced any more",
+        )));
+    }
     log.sync_data().map_err(|e| {
+        let e = sled::Error::from(e);
         shared.fatal.store(true, Ordering::SeqCst);
-        sled::Error::from(e)
+        shared.fail(&e);
+        e
     })
 }
 
@@ -389,6 +412,7 @@ mod tests {
             durable_commit: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
+            sync_turn: Mutex::new(()),
         });
         let run = |panic: bool| {
             let shared = Arc::clone(&shared);

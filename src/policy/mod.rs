@@ -35,7 +35,7 @@ pub struct Peer {
     pub chain: Vec<Vec<u8>>,
     /// The TLS configuration generation the chain was last found trusted under.
     pub trusted_under: std::sync::atomic::AtomicU64,
-    /// The earliest `notAfter` in the chain (Unix seconds): past it, requests on a connection
+    /// The leaf certificate's `notAfter` (Unix seconds): past it, requests on a connection
     /// opened before are refused.
     pub not_after: i64,
 }

@@ -342,12 +342,9 @@ pub fn peer_from_chain(chain: &[CertificateDer<'_>]) -> Option<Peer> {
         subject: cert.subject().to_string(),
         fingerprint: sha256_hex(leaf.as_ref()),
         chain: chain.iter().map(|c| c.as_ref().to_vec()).collect(),
-        not_after: chain
-            .iter()
-            .filter_map(|c| X509Certificate::from_der(c.as_ref()).ok())
-            .map(|(_, c)| c.validity().not_after.timestamp())
-            .min()
-            .unwrap_or(0),
+        // The leaf's: other certificates a client sends need not be on the path the
+        // verifier built, and an expired spare one must not lock it out.
+        not_after: cert.validity().not_after.timestamp(),
         ..Peer::default()
     };
     for cn in cert.subject().iter_common_name() {

@@ -15,7 +15,8 @@
 //!
 //! A claim belongs to the process that made it ([`Vault::boot_id`]), in the current opening of
 //! the store (see `Store::generation`). Once a request has claimed its key, the API runs it to
-//! the end in a task of its own, so a client that goes away does not cut it short. If it fails
+//! the end in a task of its own, so a client that goes away does not cut it short (a shutdown
+//! still does: a task running when the workers stop is dropped). If it fails
 //! with a server error, or its outcome cannot be written, [`Claim`]'s `Drop` releases the key;
 //! a claim left by a process that died is taken over by the next request with the key. One
 //! gap remains: if the process dies after the object is committed and before the outcome is

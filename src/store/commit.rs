@@ -61,6 +61,21 @@ struct Shared {
 }
 
 impl Shared {
+    /// Nothing issued yet; commit numbers continue from `commit`.
+    fn new(commit: u64) -> Shared {
+        Shared {
+            issued: AtomicU64::new(0),
+            wake_lock: Mutex::new(()),
+            wake: Condvar::new(),
+            sleeping: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            durable_commit: AtomicU64::new(commit),
+            failed: AtomicBool::new(false),
+            fatal: AtomicBool::new(false),
+            sync_turn: Mutex::new(()),
+        }
+    }
+
     fn fail(&self, error: &sled::Error) {
         let full =
             matches!(error, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull);
@@ -107,17 +122,7 @@ impl GroupCommit {
         commit: u64,
     ) -> std::io::Result<GroupCommit> {
         let (tx, rx) = watch::channel(Progress::default());
-        let shared = Arc::new(Shared {
-            issued: AtomicU64::new(0),
-            wake_lock: Mutex::new(()),
-            wake: Condvar::new(),
-            sleeping: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            durable_commit: AtomicU64::new(commit),
-            failed: AtomicBool::new(false),
-            fatal: AtomicBool::new(false),
-            sync_turn: Mutex::new(()),
-        });
+        let shared = Arc::new(Shared::new(commit));
         let thread_shared = Arc::clone(&shared);
         let log = Arc::new(log);
         let thread_log = Arc::clone(&log);
@@ -268,8 +273,9 @@ fn flush_loop(
             progress.send_modify(|p| p.failed = true);
             return;
         }
-        progress.send_modify(|p| p.durable = target);
+        // The commit number first: a writer told its write is durable may read it at once.
         shared.durable_commit.store(commit, Ordering::SeqCst);
+        progress.send_modify(|p| p.durable = target);
         last_batch = target - covered;
         covered = target;
         if shared.stop.load(Ordering::SeqCst) && shared.issued.load(Ordering::SeqCst) == covered {
@@ -326,23 +332,34 @@ fn sync_log(log: &std::fs::File, shared: &Shared) -> sled::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn many_concurrent_writers_all_become_durable() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    /// Runs `test` on a current-thread runtime, inside a `LocalSet`.
+    fn block_on(test: impl std::future::Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        runtime.block_on(tokio::task::LocalSet::new().run_until(concurrent_writers()));
+            .unwrap()
+            .block_on(tokio::task::LocalSet::new().run_until(test));
     }
 
-    async fn concurrent_writers() {
-        let dir = std::env::temp_dir().join(format!("cardvault-gc-{}", std::process::id()));
+    /// A temporary sled store, its `meta` tree, and its folder.
+    fn temp_db(label: &str) -> (sled::Db, sled::Tree, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("cardvault-{label}-{}", std::process::id()));
         let db = sled::Config::new()
             .path(&dir)
             .temporary(true)
             .open()
             .unwrap();
         let meta = db.open_tree("meta").unwrap();
+        (db, meta, dir)
+    }
+
+    #[test]
+    fn many_concurrent_writers_all_become_durable() {
+        block_on(concurrent_writers());
+    }
+
+    async fn concurrent_writers() {
+        let (db, meta, dir) = temp_db("gc");
         let log = || std::fs::File::open(dir.join("db")).unwrap();
         let gc = Arc::new(GroupCommit::start(db.clone(), meta.clone(), log(), 1, 0).unwrap());
         let mut tasks = Vec::new();
@@ -370,22 +387,13 @@ mod tests {
         other.shutdown();
         gc.shutdown();
     }
+
     /// After a failure, nothing written to this instance is ever acknowledged again, though
     /// sled itself would flush it without complaint.
     #[test]
     fn no_write_is_acknowledged_after_a_failure() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let dir = std::env::temp_dir().join(format!("cardvault-gcf-{}", std::process::id()));
-            let db = sled::Config::new()
-                .path(&dir)
-                .temporary(true)
-                .open()
-                .unwrap();
-            let meta = db.open_tree("meta").unwrap();
+        block_on(async {
+            let (db, meta, dir) = temp_db("gcf");
             let log = std::fs::File::open(dir.join("db")).unwrap();
             let gc = GroupCommit::start(db.clone(), meta, log, 1, 0).unwrap();
             db.insert(b"before", &b"v"[..]).unwrap();
@@ -403,17 +411,7 @@ mod tests {
     /// A flusher that panics leaves the instance failed and fatal; one that returns does not.
     #[test]
     fn a_panicking_flusher_fails_the_instance() {
-        let shared = Arc::new(Shared {
-            issued: AtomicU64::new(0),
-            wake_lock: Mutex::new(()),
-            wake: Condvar::new(),
-            sleeping: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            durable_commit: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-            fatal: AtomicBool::new(false),
-            sync_turn: Mutex::new(()),
-        });
+        let shared = Arc::new(Shared::new(0));
         let run = |panic: bool| {
             let shared = Arc::clone(&shared);
             std::thread::spawn(move || {
@@ -432,18 +430,8 @@ mod tests {
     /// own syncs.
     #[test]
     fn a_failed_sync_is_fatal_and_fails_its_writers() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let dir = std::env::temp_dir().join(format!("cardvault-gcs-{}", std::process::id()));
-            let db = sled::Config::new()
-                .path(&dir)
-                .temporary(true)
-                .open()
-                .unwrap();
-            let meta = db.open_tree("meta").unwrap();
+        block_on(async {
+            let (db, meta, _) = temp_db("gcs");
             // fdatasync on a pipe fails (EINVAL).
             let (reader, _writer) = std::io::pipe().unwrap();
             let log = std::fs::File::from(std::os::fd::OwnedFd::from(reader));

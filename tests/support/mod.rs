@@ -579,9 +579,7 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> std::io::Result<Response> {
-        let bytes = request(method, path, self.project.as_deref(), headers, body, false);
-        self.tls.write_all(&bytes)?;
-        self.tls.flush()?;
+        self.write(method, path, headers, body, false)?;
         let mut raw = Vec::new();
         let mut buf = [0u8; 16 * 1024];
         loop {
@@ -594,9 +592,7 @@ impl Connection {
         }
         parse_response(&raw).ok_or_else(|| std::io::Error::other("no HTTP response"))
     }
-}
 
-impl Connection {
     /// Sends a request and drops the connection `after` it, without reading the reply or
     /// closing TLS: a client that timed out and went away.
     pub fn send_and_abandon(
@@ -607,11 +603,29 @@ impl Connection {
         body: Option<&[u8]>,
         after: Duration,
     ) -> std::io::Result<()> {
-        let bytes = request(method, path, self.project.as_deref(), headers, body, true);
-        self.tls.write_all(&bytes)?;
-        self.tls.flush()?;
+        self.write(method, path, headers, body, true)?;
         std::thread::sleep(after);
         self.tls.sock.shutdown(std::net::Shutdown::Both)
+    }
+
+    fn write(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        keep_alive: bool,
+    ) -> std::io::Result<()> {
+        let bytes = request(
+            method,
+            path,
+            self.project.as_deref(),
+            headers,
+            body,
+            keep_alive,
+        );
+        self.tls.write_all(&bytes)?;
+        self.tls.flush()
     }
 }
 

@@ -26,16 +26,6 @@ use std::thread::JoinHandle;
 
 use tokio::sync::watch;
 
-/// What the flusher has finished: tickets up to `durable` are on disk. Once `failed`, no
-/// later ticket ever is: after a failed `fdatasync` the kernel may have dropped the pages it
-/// could not write and report the next one as a success, so a flush after a failure proves
-/// nothing. The flusher stops for good and `durable` never moves again.
-#[derive(Debug, Clone, Copy, Default)]
-struct Progress {
-    durable: u64,
-    failed: bool,
-}
-
 struct Shared {
     /// The highest ticket handed out. A writer takes its ticket after its write returned, so
     /// any flush that starts after reading a value >= the ticket covers the write.
@@ -94,7 +84,11 @@ pub struct GroupCommit {
     /// Which opening of the store this is; a ticket from another one is never durable here.
     generation: u64,
     shared: Arc<Shared>,
-    progress: watch::Receiver<Progress>,
+    /// The highest ticket on disk. It never moves after a failure: after a failed `fdatasync`
+    /// the kernel may have dropped the pages it could not write and report the next one as a
+    /// success, so a flush after a failure proves nothing. The flusher stops for good, and
+    /// its writers see the channel close.
+    durable: watch::Receiver<u64>,
     /// sled's log file, synced after each flush.
     log: Arc<std::fs::File>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -121,20 +115,21 @@ impl GroupCommit {
         generation: u64,
         commit: u64,
     ) -> std::io::Result<GroupCommit> {
-        let (tx, rx) = watch::channel(Progress::default());
+        let (tx, rx) = watch::channel(0);
         let shared = Arc::new(Shared::new(commit));
         let thread_shared = Arc::clone(&shared);
         let log = Arc::new(log);
         let thread_log = Arc::clone(&log);
-        // The sender lives in the thread: when the thread ends (shutdown, or a panic), the
-        // channel closes and every waiting writer gets `FlushFailed` instead of waiting forever.
+        // The sender lives in the thread: when the thread ends (shutdown, a failure, or a
+        // panic), the channel closes and every waiting writer gets `FlushFailed` instead of
+        // waiting forever.
         let thread = std::thread::Builder::new()
             .name("cardvault-flush".into())
             .spawn(move || flush_loop(&thread_shared, &db, &meta, &thread_log, &tx))?;
         Ok(GroupCommit {
             generation,
             shared,
-            progress: rx,
+            durable: rx,
             log,
             thread: Mutex::new(Some(thread)),
         })
@@ -170,8 +165,7 @@ impl GroupCommit {
     /// Flushes `db` and syncs its log now, outside the group commit: for rare, blocking
     /// writers (key operations) that must be durable before they answer.
     pub fn sync(&self, db: &sled::Db) -> sled::Result<()> {
-        db.flush()?;
-        sync_log(&self.log, &self.shared)
+        flush_and_sync(db, &self.log, &self.shared)
     }
 
     /// Marks this sled instance failed (a write outside the flusher hit an I/O error).
@@ -194,16 +188,14 @@ impl GroupCommit {
         if ticket.generation != self.generation {
             return Err(FlushFailed);
         }
-        let mut rx = self.progress.clone();
-        let progress = *rx
-            .wait_for(|p| p.durable >= ticket.seq || p.failed)
+        // Closed (the flusher stopped on a failure, or panicked) before reaching the ticket:
+        // never durable.
+        self.durable
+            .clone()
+            .wait_for(|durable| *durable >= ticket.seq)
             .await
-            .map_err(|_| FlushFailed)?;
-        if progress.durable >= ticket.seq {
-            Ok(())
-        } else {
-            Err(FlushFailed)
-        }
+            .map(|_| ())
+            .map_err(|_| FlushFailed)
     }
 
     /// Stops the flusher after one last flush; idempotent.
@@ -237,7 +229,7 @@ fn flush_loop(
     db: &sled::Db,
     meta: &sled::Tree,
     log: &std::fs::File,
-    progress: &watch::Sender<Progress>,
+    durable: &watch::Sender<u64>,
 ) {
     let _gone = FlusherGone(shared);
     let mut covered = 0u64;
@@ -260,8 +252,7 @@ fn flush_loop(
         let commit = shared.durable_commit.load(Ordering::SeqCst) + 1;
         let result = meta
             .insert(COMMIT_KEY, &commit.to_be_bytes())
-            .and_then(|_| db.flush())
-            .and_then(|_| sync_log(log, shared));
+            .and_then(|_| flush_and_sync(db, log, shared));
         // A write that failed elsewhere (`GroupCommit::fail`) ends acknowledgements too.
         if let Err(e) = &result {
             shared.fail(e);
@@ -270,12 +261,11 @@ fn flush_loop(
             if let Err(e) = &result {
                 tracing::error!(error = %e, "store flush failed; writes get 503 from now on");
             }
-            progress.send_modify(|p| p.failed = true);
             return;
         }
         // The commit number first: a writer told its write is durable may read it at once.
         shared.durable_commit.store(commit, Ordering::SeqCst);
-        progress.send_modify(|p| p.durable = target);
+        durable.send_replace(target);
         last_batch = target - covered;
         covered = target;
         if shared.stop.load(Ordering::SeqCst) && shared.issued.load(Ordering::SeqCst) == covered {
@@ -297,6 +287,13 @@ impl Drop for FlusherGone<'_> {
             self.0.failed.store(true, Ordering::SeqCst);
         }
     }
+}
+
+/// sled's `flush()` (a `sync_file_range` of its log), then [`sync_log`]: what makes a write
+/// durable, for the flusher and key operations alike.
+fn flush_and_sync(db: &sled::Db, log: &std::fs::File, shared: &Shared) -> sled::Result<()> {
+    db.flush()?;
+    sync_log(log, shared)
 }
 
 /// `fdatasync`s sled's log. A failure here is never a reason to reopen in place, whatever

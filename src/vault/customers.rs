@@ -274,15 +274,7 @@ impl Vault {
             else {
                 return Err(VaultError::TokenExpired);
             };
-            let card_meta = CardMeta::decode(&open(
-                &keys,
-                Blob::Meta,
-                project,
-                source.as_str(),
-                card_rec.key_version,
-                &card_rec.meta,
-            )?)
-            .map_err(|_| VaultError::Integrity(source.to_string()))?;
+            let card_meta = self.open_meta(&keys, project, source, &card_rec)?;
             let used_card = CardRecord {
                 used_at: Some(now),
                 pan: None,

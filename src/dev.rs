@@ -22,8 +22,9 @@ pub const DEV_POLICY: &str = r#"# Dev policy: one table per caller, matched on t
 [[identity]]
 name = "router"
 uri_san = "spiffe://cardvault.dev/router"
-permissions = ["tokenize", "read", "customers", "detokenize"]
+permissions = ["tokenize", "read", "customers", "detokenize", "fingerprint"]
 projects = ["*"]
+show_iin8 = true
 
 [[identity]]
 name = "checkout"

@@ -453,7 +453,7 @@ async fn card(
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant(&req, &state)?;
     let id = ObjectId::parse_kind(IdKind::Card, &path).map_err(|_| ApiError::NOT_FOUND)?;
-    Ok(json(StatusCode::OK, &state.vault.card(&grant, &id)?))
+    Ok(json(StatusCode::OK, &state.vault.card(&grant, &id).await?))
 }
 
 #[derive(Deserialize)]
@@ -557,7 +557,11 @@ async fn create_customer(
     };
     let render = |r: &Replayable| {
         let id = path_id(IdKind::Customer, &r.object)?;
-        reply(StatusCode::CREATED, &state.vault.customer(&grant, &id)?).map(|(_, b)| b)
+        reply(
+            StatusCode::CREATED,
+            &state.vault.created_customer(&grant, &id)?,
+        )
+        .map(|(_, b)| b)
     };
     idempotent(&req, &state, &grant, &body, run, render).await
 }
@@ -569,7 +573,10 @@ async fn customer(
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant::<Customers>(&req, &state)?;
     let id = path_id(IdKind::Customer, &path)?;
-    Ok(json(StatusCode::OK, &state.vault.customer(&grant, &id)?))
+    Ok(json(
+        StatusCode::OK,
+        &state.vault.customer(&grant, &id).await?,
+    ))
 }
 
 async fn update_customer(
@@ -661,7 +668,7 @@ async fn attach_card(
     };
     let render = |r: &Replayable| {
         let token = path_id(IdKind::CustomerToken, &r.object)?;
-        let view = state.vault.customer_token(&grant, &customer, &token)?;
+        let view = state.vault.attached_token(&grant, &customer, &token)?;
         respond(view, r.duplicate).map(|created| created.reply.1)
     };
     idempotent(&req, &state, &grant, &body, run, render).await
@@ -674,7 +681,7 @@ async fn list_tokens(
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant::<Customers>(&req, &state)?;
     let customer = path_id(IdKind::Customer, &path)?;
-    let tokens = state.vault.customer_tokens(&grant, &customer)?;
+    let tokens = state.vault.customer_tokens(&grant, &customer).await?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"object": "list", "data": tokens}),
@@ -697,7 +704,10 @@ async fn customer_token(
     let (customer, token) = token_path(&path)?;
     Ok(json(
         StatusCode::OK,
-        &state.vault.customer_token(&grant, &customer, &token)?,
+        &state
+            .vault
+            .customer_token(&grant, &customer, &token)
+            .await?,
     ))
 }
 

@@ -50,16 +50,20 @@ pub enum Permission {
     Unseal,
     /// Key management: rotation, rekey, inventory, vault-wide.
     Keys,
+    /// See card fingerprints, and have attach deduplicate cards by them. Not a permission of
+    /// its own endpoint: it widens what the other permissions show (see [`Disclosure`]).
+    Fingerprint,
 }
 
 impl Permission {
-    const ALL: [Permission; 6] = [
+    const ALL: [Permission; 7] = [
         Permission::Tokenize,
         Permission::Read,
         Permission::Customers,
         Permission::Detokenize,
         Permission::Unseal,
         Permission::Keys,
+        Permission::Fingerprint,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Permission {
             Permission::Detokenize => "detokenize",
             Permission::Unseal => "unseal",
             Permission::Keys => "keys",
+            Permission::Fingerprint => "fingerprint",
         }
     }
 
@@ -111,12 +116,30 @@ permission_marker!(Customers, Permission::Customers);
 permission_marker!(Unseal, Permission::Unseal);
 permission_marker!(Keys, Permission::Keys);
 
+/// What an identity may see of a card beyond scheme, BIN-6, last 4, expiry and holder name.
+///
+/// A fingerprint (a keyed hash of the whole PAN) is an equality oracle: whoever can also make
+/// fingerprints of PANs of their choosing (by tokenizing them) recovers a card's hidden digits
+/// by trying every candidate that fits its truncation. So fingerprints, and attach's
+/// deduplication (which answers the same question), are shown only to identities holding
+/// `fingerprint`, and the policy refuses `fingerprint` beside `tokenize` unless the identity
+/// holds `detokenize` anyway. The first 8 digits are shown only where the policy says
+/// `show_iin8 = true`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Disclosure {
+    /// `fingerprint` in card and customer-token views; `duplicate` answers from attach.
+    pub fingerprint: bool,
+    /// `iin8` in views of cards of 16 digits or more.
+    pub iin8: bool,
+}
+
 /// Proof that the policy allowed `identity` to use permission `P` on `project`.
 /// Only [`Policy::authorize`] makes one.
 pub struct Grant<P: Requires> {
     identity: Arc<str>,
     peer: Arc<Peer>,
     limits: Limits,
+    disclosure: Disclosure,
     project: Project,
     _permission: PhantomData<fn() -> P>,
 }
@@ -138,6 +161,11 @@ impl<P: Requires> Grant<P> {
 
     pub fn project(&self) -> &Project {
         &self.project
+    }
+
+    /// What the identity may see of a card.
+    pub fn disclosure(&self) -> Disclosure {
+        self.disclosure
     }
 }
 
@@ -207,6 +235,7 @@ pub struct Identity {
     /// `None` means every project (`"*"`).
     projects: Option<HashSet<Project>>,
     limits: Limits,
+    disclosure: Disclosure,
 }
 
 /// Per-identity limits on detokenization (bulk-detokenization monitoring).
@@ -276,6 +305,9 @@ struct IdentityEntry {
     detokenize_per_second: Option<f64>,
     detokenize_burst: Option<u32>,
     unknown_tokens_per_minute: Option<u32>,
+    /// Show the first 8 digits (`iin8`) of cards of 16 digits or more, not only 6.
+    #[serde(default)]
+    show_iin8: bool,
 }
 
 impl Policy {
@@ -384,6 +416,7 @@ impl Policy {
             identity: Arc::clone(&identity.name),
             peer: Arc::clone(peer),
             limits: identity.limits,
+            disclosure: identity.disclosure,
             project: project.clone(),
             _permission: PhantomData,
         })
@@ -449,6 +482,16 @@ impl Identity {
             })?;
             permissions.insert(perm);
         }
+        if permissions.contains(&Permission::Fingerprint)
+            && permissions.contains(&Permission::Tokenize)
+            && !permissions.contains(&Permission::Detokenize)
+        {
+            return Err(format!(
+                "identity {name:?}: fingerprint beside tokenize lets it recover card numbers by \
+                 tokenizing every candidate PAN and comparing fingerprints; give fingerprint to \
+                 an identity that cannot tokenize (or that holds detokenize anyway)"
+            ));
+        }
         if entry.projects.is_empty() && !permissions.iter().all(|p| p.is_vault_wide()) {
             return Err(format!(
                 "identity {name:?} lists no projects (use [\"*\"] for all)"
@@ -486,12 +529,17 @@ impl Identity {
                 "identity {name:?}: detokenize_per_second must be positive, with a positive detokenize_burst; unknown_tokens_per_minute at least 1"
             ));
         }
+        let disclosure = Disclosure {
+            fingerprint: permissions.contains(&Permission::Fingerprint),
+            iin8: entry.show_iin8,
+        };
         Ok(Identity {
             name: name.into(),
             matcher,
             permissions,
             projects,
             limits,
+            disclosure,
         })
     }
 }
@@ -540,6 +588,7 @@ mod tests {
             ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['read']\nprojects=['Bad/Name']", "invalid project"),
             ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['read']\nprojects=['*']\ncolour='red'", "unknown field"),
             ("[[identity]]\nname='a'\nuri_san=''\npermissions=['read']\nprojects=['*']", "empty matcher"),
+            ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['tokenize','read','fingerprint']\nprojects=['*']", "recover card numbers"),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();
@@ -587,5 +636,53 @@ mod tests {
             (grant.identity(), grant.project().as_str()),
             ("router", "shop-a")
         );
+        assert_eq!(grant.disclosure(), Disclosure::default());
+    }
+
+    #[test]
+    fn fingerprints_and_iin8_are_shown_only_where_granted() {
+        let policy = parse(
+            r#"
+            [[identity]]
+            name = "router"
+            uri_san = "r"
+            permissions = ["tokenize", "read", "detokenize", "fingerprint"]
+            projects = ["*"]
+            show_iin8 = true
+
+            [[identity]]
+            name = "fraud"
+            uri_san = "f"
+            permissions = ["read", "customers", "fingerprint"]
+            projects = ["*"]
+
+            [[identity]]
+            name = "checkout"
+            uri_san = "c"
+            permissions = ["tokenize", "read"]
+            projects = ["*"]
+        "#,
+        )
+        .unwrap();
+        let project = Project::default_project();
+        let shown = |uri: &str| {
+            policy
+                .authorize::<Read>(&peer(&[uri], &[], &[]), &project)
+                .unwrap()
+                .disclosure()
+        };
+        let all = Disclosure {
+            fingerprint: true,
+            iin8: true,
+        };
+        assert_eq!(shown("r"), all);
+        assert_eq!(
+            shown("f"),
+            Disclosure {
+                fingerprint: true,
+                iin8: false
+            }
+        );
+        assert_eq!(shown("c"), Disclosure::default());
     }
 }

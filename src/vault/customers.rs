@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{
-    open, rfc3339, seal, unix_now, Blob, CardDetails, CardMeta, ProjectKeys, Purpose, Vault,
-    VaultError,
+    open, rfc3339, seal, unix_now, Blob, CardDetails, CardMeta, ProjectKeys, Purpose, ShownCard,
+    Vault, VaultError,
 };
 use crate::card::Expiry;
 use crate::customer::{Profile, ProfilePatch, Recurring};
-use crate::policy::{Customers, Grant};
+use crate::policy::{Customers, Disclosure, Grant};
 use crate::store::{Batch, CardRecord, CustomerRecord, TokenRecord, TokenRef};
 use crate::tokens::{IdKind, ObjectId, Project};
 
@@ -50,7 +50,7 @@ pub struct TokenView {
     pub object: &'static str,
     pub customer: String,
     #[serde(flatten)]
-    pub card: CardMeta,
+    pub card: ShownCard,
     pub recurring: Option<Recurring>,
     pub created_at: String,
     pub updated_at: String,
@@ -59,7 +59,10 @@ pub struct TokenView {
 /// The result of attaching a card to a customer.
 pub struct Attached {
     pub token: TokenView,
-    /// The customer already held this card: the existing token is returned.
+    /// The customer already held this card: the existing token is returned. Only ever true
+    /// for a caller whose [`Disclosure`] shows fingerprints: for any other caller attach does
+    /// not look for the card among the customer's tokens, so that attaching candidate cards
+    /// cannot tell which one the customer holds.
     pub duplicate: bool,
 }
 
@@ -119,7 +122,8 @@ impl Vault {
         Ok(customer_view(id.as_str(), profile, &record))
     }
 
-    pub fn customer(
+    /// A customer as a replay of its creation shows it (the creation was audited).
+    pub fn created_customer(
         &self,
         grant: &Grant<Customers>,
         id: &ObjectId,
@@ -289,6 +293,7 @@ impl Vault {
             let existing = customer_rec
                 .tokens
                 .iter()
+                .filter(|_| grant.disclosure().fingerprint)
                 .find(|t| t.fingerprint == card_meta.fingerprint);
             let (token_id, token_rec, meta, duplicate) = match existing {
                 Some(existing) => {
@@ -379,7 +384,7 @@ impl Vault {
                 // A customer token never carries a CVC: wipe the card token's now.
                 drop(self.cvcs.take(project, source));
                 return Ok(Attached {
-                    token: token_view(&token_id, &token_rec, meta),
+                    token: token_view(&token_id, &token_rec, meta, grant.disclosure()),
                     duplicate,
                 });
             }
@@ -387,7 +392,7 @@ impl Vault {
         Err(VaultError::Contention)
     }
 
-    pub fn customer_tokens(
+    fn customer_tokens_inner(
         &self,
         grant: &Grant<Customers>,
         customer: &ObjectId,
@@ -409,13 +414,16 @@ impl Vault {
                     &t.id,
                     &token,
                     open_token_meta(&keys, project, &t.id, &token)?,
+                    grant.disclosure(),
                 ));
             }
         }
         Ok(views)
     }
 
-    pub fn customer_token(
+    /// A customer token as a replay of the attach that made it shows it (the attach was
+    /// audited).
+    pub fn attached_token(
         &self,
         grant: &Grant<Customers>,
         customer: &ObjectId,
@@ -427,6 +435,7 @@ impl Vault {
             token.as_str(),
             &record,
             open_token_meta(&keys, project, token.as_str(), &record)?,
+            grant.disclosure(),
         ))
     }
 
@@ -472,6 +481,7 @@ impl Vault {
                 ..old
             },
             meta,
+            grant.disclosure(),
         ))
     }
 
@@ -562,6 +572,45 @@ impl Vault {
         let result = self.create_customer_inner(grant, profile).await;
         let object = result.as_ref().ok().map(|v| v.id.clone());
         self.audited(grant, "customer.create", object.as_deref(), result)
+            .await
+    }
+
+    /// A customer's contact details; an audit line (who read which customer).
+    pub async fn customer(
+        &self,
+        grant: &Grant<Customers>,
+        id: &ObjectId,
+    ) -> Result<CustomerView, VaultError> {
+        let result = self.created_customer(grant, id);
+        self.audited(grant, "customer.read", Some(id.as_str()), result)
+            .await
+    }
+
+    /// The metadata of a customer's tokens; one audit line naming the customer.
+    pub async fn customer_tokens(
+        &self,
+        grant: &Grant<Customers>,
+        customer: &ObjectId,
+    ) -> Result<Vec<TokenView>, VaultError> {
+        let result = self.customer_tokens_inner(grant, customer);
+        self.audited(
+            grant,
+            "customer_token.list",
+            Some(customer.as_str()),
+            result,
+        )
+        .await
+    }
+
+    /// One customer token's metadata; an audit line (who read which token).
+    pub async fn customer_token(
+        &self,
+        grant: &Grant<Customers>,
+        customer: &ObjectId,
+        token: &ObjectId,
+    ) -> Result<TokenView, VaultError> {
+        let result = self.attached_token(grant, customer, token);
+        self.audited(grant, "customer_token.read", Some(token.as_str()), result)
             .await
     }
 
@@ -698,12 +747,17 @@ fn customer_view(id: &str, profile: Profile, record: &CustomerRecord) -> Custome
     }
 }
 
-fn token_view(id: &str, record: &TokenRecord, meta: TokenMeta) -> TokenView {
+fn token_view(
+    id: &str,
+    record: &TokenRecord,
+    meta: TokenMeta,
+    disclosure: Disclosure,
+) -> TokenView {
     TokenView {
         id: id.to_owned(),
         object: "customer_token",
         customer: record.customer.clone(),
-        card: meta.card,
+        card: meta.card.shown(disclosure),
         recurring: meta.recurring,
         created_at: rfc3339(record.created_at),
         updated_at: rfc3339(record.updated_at),

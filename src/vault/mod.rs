@@ -31,7 +31,7 @@ pub use keys::{KeySettings, KeySource, GCM_NONCE_LIMIT};
 use crate::audit::{Actor, AuditEvent, AuditSink, AuditTicket, Outcome};
 use crate::card::{Cvc, Expiry, HolderName, Pan};
 use crate::crypto::{aad, CryptoError, FingerprintKey, SealingKey};
-use crate::policy::{Detokenize, Grant, Read, Tokenize};
+use crate::policy::{Detokenize, Disclosure, Grant, Read, Tokenize};
 use crate::store::{CardRecord, Store, StoreError, Swap};
 use crate::tokens::{IdError, IdKind, ObjectId, Project};
 
@@ -177,7 +177,7 @@ impl Purpose {
     }
 }
 
-redacted_debug!(CardMeta, CardView);
+redacted_debug!(CardMeta, CardView, ShownCard);
 
 /// What may be shown about a card: never the PAN.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -193,13 +193,45 @@ pub struct CardMeta {
     pub fingerprint: String,
 }
 
+/// What one caller is shown of a card: [`CardMeta`] cut to the caller's [`Disclosure`].
+/// Views are only ever made through [`CardMeta::shown`].
+#[derive(Clone, Serialize)]
+pub struct ShownCard {
+    pub scheme: String,
+    pub iin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iin8: Option<String>,
+    pub last4: String,
+    pub exp_month: u8,
+    pub exp_year: u16,
+    pub holder_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+impl CardMeta {
+    /// The metadata as `disclosure` lets its caller see it.
+    pub fn shown(self, disclosure: Disclosure) -> ShownCard {
+        ShownCard {
+            scheme: self.scheme,
+            iin: self.iin,
+            iin8: self.iin8.filter(|_| disclosure.iin8),
+            last4: self.last4,
+            exp_month: self.exp_month,
+            exp_year: self.exp_year,
+            holder_name: self.holder_name,
+            fingerprint: Some(self.fingerprint).filter(|_| disclosure.fingerprint),
+        }
+    }
+}
+
 /// A card token's public view.
 #[derive(Clone, Serialize)]
 pub struct CardView {
     pub id: String,
     pub object: &'static str,
     #[serde(flatten)]
-    pub card: CardMeta,
+    pub card: ShownCard,
     pub created_at: String,
     pub expires_at: String,
     pub used: bool,
@@ -558,11 +590,24 @@ impl Vault {
             self.cvcs
                 .put(project, &id, cvc, Instant::now() + self.settings.cvc_ttl);
         }
-        Ok(view(&id, meta, &record))
+        Ok(view(&id, meta.shown(grant.disclosure()), &record))
     }
 
-    pub fn card(&self, grant: &Grant<Read>, id: &ObjectId) -> Result<CardView, VaultError> {
-        self.card_view(grant.project(), id)
+    /// A card token's metadata; the read is an audit line (who read which card), so that
+    /// collecting cards' truncations leaves a trace.
+    pub async fn card(&self, grant: &Grant<Read>, id: &ObjectId) -> Result<CardView, VaultError> {
+        let result = self.card_view(grant.project(), id, grant.disclosure());
+        self.audit(
+            grant.actor(),
+            grant.project(),
+            "card.read",
+            &result,
+            Some(id.as_str()),
+            &Purpose::default(),
+        )?
+        .wait()
+        .await?;
+        result
     }
 
     /// The card a tokenization made, for replaying its `Idempotency-Key`: the caller may
@@ -572,10 +617,15 @@ impl Vault {
         grant: &Grant<Tokenize>,
         id: &ObjectId,
     ) -> Result<CardView, VaultError> {
-        self.card_view(grant.project(), id)
+        self.card_view(grant.project(), id, grant.disclosure())
     }
 
-    fn card_view(&self, project: &Project, id: &ObjectId) -> Result<CardView, VaultError> {
+    fn card_view(
+        &self,
+        project: &Project,
+        id: &ObjectId,
+        disclosure: Disclosure,
+    ) -> Result<CardView, VaultError> {
         if id.kind() != IdKind::Card {
             return Err(VaultError::NotFound);
         }
@@ -587,7 +637,7 @@ impl Vault {
             .card(project.as_str(), id.as_str())?
             .ok_or(VaultError::NotFound)?;
         let meta = self.open_meta(&keys, project, id, &record)?;
-        Ok(view(id, meta, &record))
+        Ok(view(id, meta.shown(disclosure), &record))
     }
 
     /// Hands out a card token's details exactly once, or a customer token's as often as asked.
@@ -859,7 +909,7 @@ fn open(
         .map_err(|_| VaultError::Integrity(id.to_owned()))
 }
 
-fn view(id: &ObjectId, card: CardMeta, record: &CardRecord) -> CardView {
+fn view(id: &ObjectId, card: ShownCard, record: &CardRecord) -> CardView {
     CardView {
         id: id.to_string(),
         object: "card",

@@ -92,6 +92,14 @@ fn every_audited_event_makes_one_chained_line_without_card_data() {
         Some(&json!({"recurring": {"model": "subscription"}})),
     );
     assert_eq!(res.status, 200);
+    // Metadata reads: who read which card, customer, token or token list.
+    assert_eq!(checkout.get(&format!("/v1/cards/{card}")).status, 200);
+    assert_eq!(router.get(&format!("/v1/customers/{cust}")).status, 200);
+    let tokens = format!("/v1/customers/{cust}/tokens");
+    assert_eq!(router.get(&tokens).status, 200);
+    assert_eq!(router.get(&format!("{tokens}/{tok}")).status, 200);
+    let unknown = "card_1xYp7yA0D0TtlZ0maeMeHG1ynuKPNC6Y";
+    assert_eq!(checkout.get(&format!("/v1/cards/{unknown}")).status, 404);
     let res = send(
         &router,
         "DELETE",
@@ -138,6 +146,11 @@ fn every_audited_event_makes_one_chained_line_without_card_data() {
     expect("customer.update", "success", 1);
     expect("customer.delete", "success", 1);
     expect("customer_token.create", "success", 1);
+    expect("card.read", "success", 1);
+    expect("card.read", "failure", 1);
+    expect("customer.read", "success", 1);
+    expect("customer_token.list", "success", 1);
+    expect("customer_token.read", "success", 1);
     expect("customer_token.update", "success", 1);
     expect("customer_token.delete", "success", 1);
     expect("keys.rotate", "success", 1);
@@ -171,6 +184,14 @@ fn every_audited_event_makes_one_chained_line_without_card_data() {
         .find(|l| l["event"] == "policy.denied")
         .unwrap();
     assert_eq!(denied["identity"], "checkout");
+    let read = lines
+        .iter()
+        .find(|l| l["event"] == "card.read" && l["outcome"] == "success")
+        .unwrap();
+    assert_eq!(
+        (read["identity"].as_str(), read["object"].as_str()),
+        (Some("checkout"), Some(card.as_str()))
+    );
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["seq"], i as u64 + 1);
     }

@@ -54,13 +54,21 @@ pub const POLICY: &str = r#"
 [[identity]]
 name = "router"
 uri_san = "spiffe://cardvault.test/router"
-permissions = ["tokenize", "read", "customers", "detokenize"]
+permissions = ["tokenize", "read", "customers", "detokenize", "fingerprint"]
 projects = ["*"]
+show_iin8 = true
 
 [[identity]]
 name = "checkout"
 uri_san = "spiffe://cardvault.test/checkout"
 permissions = ["tokenize", "read"]
+projects = ["*"]
+
+# An edge that makes customer tokens but never sees a card number or a fingerprint.
+[[identity]]
+name = "edge"
+uri_san = "spiffe://cardvault.test/edge"
+permissions = ["tokenize", "read", "customers"]
 projects = ["*"]
 
 [[identity]]
@@ -676,7 +684,12 @@ impl Session {
             .unwrap()
     }
 
-    fn send(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> std::io::Result<Response> {
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Response> {
         let bytes = request(method, path, self.project.as_deref(), &[], body, true);
         self.tls.write_all(&bytes)?;
         self.tls.flush()?;

@@ -5,7 +5,10 @@
 //!   (`keys_dir/audit.key`). Changing, deleting, reordering or inserting a line breaks the
 //!   chain at that line; `cardvault audit verify` names the first bad one.
 //! - Beside the log, `PATH.head` holds the last sequence number and MAC, rewritten in place
-//!   every second and at shutdown: a log cut back by whole lines no longer reaches it.
+//!   every second and at shutdown: a log cut back by whole lines no longer reaches it. It only
+//!   ever names a line that is durable: the round captures the last line written, fdatasyncs
+//!   the log, then writes that line's seq and MAC into the head and fdatasyncs the head. So a
+//!   power loss never leaves a head ahead of the log (a false "lines were removed").
 //! - Lines are written by one writer thread, in batches: a request's line is made (numbered,
 //!   chained, MACed) at once, and the request then awaits its [`AuditTicket`], which resolves
 //!   once the `write` that carried the line returned. So a reply never goes out before its
@@ -149,6 +152,19 @@ struct Inner {
     wake: Condvar,
     /// The open log. The writer holds it while it writes. Lock order: `chain`, then `file`.
     file: Mutex<Option<File>>,
+    /// Tests only: the order in which the log was synced and the head written.
+    #[cfg(test)]
+    trace: Mutex<Vec<Step>>,
+}
+
+/// One step of a maintenance round, as the tests see it.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The log was fdatasync'd while its last line had this seq.
+    LogSynced(u64),
+    /// The head was written naming this seq, and synced.
+    HeadWritten(u64),
 }
 
 pub struct FileSink {
@@ -167,19 +183,6 @@ fn open_append(path: &Path) -> std::io::Result<(File, (u64, u64))> {
         return Err(std::io::Error::other("not a regular file"));
     }
     Ok((file, (meta.dev(), meta.ino())))
-}
-
-/// Records the last line written in the head file, in place. Done every second and at
-/// shutdown, not per line: one syscall per event under the chain's lock cost a third of the
-/// tokenization throughput. A cut of whole lines older than the last second is caught.
-fn write_head(chain: &Chain) {
-    if chain.written_seq == 0 {
-        return;
-    }
-    let head = format!("{:020} {}\n", chain.written_seq, chain.written_prev);
-    if let Some(file) = &chain.head {
-        let _ = file.write_at(head.as_bytes(), 0);
-    }
 }
 
 fn open_head(path: &Path) -> Option<File> {
@@ -247,6 +250,8 @@ impl FileSink {
             }),
             wake: Condvar::new(),
             file: Mutex::new(Some(file)),
+            #[cfg(test)]
+            trace: Mutex::new(Vec::new()),
         });
         let writer_inner = Arc::clone(&inner);
         let writer = std::thread::Builder::new()
@@ -424,19 +429,28 @@ impl AuditSink for FileSink {
 }
 
 impl Inner {
+    /// Every second and at shutdown: sync the log, then record its last durable line in the
+    /// head; notice a rotated, replaced or repaired file.
     fn maintain(&self) {
         let mut chain = self.lock_chain();
-        write_head(&chain);
+        // What the head may name, captured before the sync: every line up to `written_seq`
+        // was in the file when its `write` returned, so the sync below carries it. A batch
+        // whose `write` ends after this point is not named even if the sync carries it too
+        // (the next round names it): the head never gets ahead of what this sync made durable.
+        let (seq, mac) = (chain.written_seq, chain.written_prev.clone());
         // Waits for a write in progress.
         let mut file = self.lock_file();
-        if let Some(file) = file.as_ref() {
-            if let Err(e) = file.sync_data() {
+        if let Some(open) = file.as_ref() {
+            if let Err(e) = self.sync_log(open) {
                 tracing::error!(path = %self.path.display(), error = %e, "audit log cannot be synced: refusing audited requests");
                 chain.failed = Some(format!("cannot sync {}: {e}", self.path.display()));
                 self.failed.store(true, Ordering::Release);
-                // Retried next round, by reopening.
+                // Retried next round, by reopening. The head stays where it was.
                 return;
             }
+            // Only after a sync that succeeded. (With no log open nothing was written since
+            // the last round's sync; the head waits for the next one.)
+            self.write_head(&chain, seq, &mac);
         }
         let current = fs::metadata(&self.path)
             .ok()
@@ -465,6 +479,60 @@ impl Inner {
                 self.failed.store(true, Ordering::Release);
             }
         }
+    }
+}
+
+impl Inner {
+    /// fdatasyncs the open log (the caller holds the file lock, so no write is in progress).
+    fn sync_log(&self, file: &File) -> std::io::Result<()> {
+        file.sync_data()?;
+        #[cfg(test)]
+        self.note(Step::LogSynced(self.last_seq_in_file()));
+        Ok(())
+    }
+
+    /// Records `(seq, mac)` in the head file, in place (same format and length every time),
+    /// then fdatasyncs the head. Call it only with a line that a log sync already carried.
+    /// Done every second and at shutdown, not per line: one syscall per event under the
+    /// chain's lock cost a third of the tokenization throughput. A cut of whole lines older
+    /// than the last second is caught. A failed head write leaves an older head, which is
+    /// safe: it only names an earlier line.
+    fn write_head(&self, chain: &Chain, seq: u64, mac: &str) {
+        if seq == 0 {
+            return;
+        }
+        let Some(file) = &chain.head else {
+            return;
+        };
+        let head = format!("{seq:020} {mac}\n");
+        let written = file
+            .write_all_at(head.as_bytes(), 0)
+            .and_then(|()| file.sync_data());
+        #[cfg(test)]
+        if written.is_ok() {
+            self.note(Step::HeadWritten(seq));
+        }
+        if let Err(e) = written {
+            tracing::warn!(path = %self.head.display(), error = %e, "audit head cannot be written or synced");
+        }
+    }
+
+    #[cfg(test)]
+    fn note(&self, step: Step) {
+        self.trace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(step);
+    }
+
+    /// The seq of the log's last line as the file holds it now.
+    #[cfg(test)]
+    fn last_seq_in_file(&self) -> u64 {
+        last_line(&self.path)
+            .ok()
+            .flatten()
+            .and_then(|line| check_line(&self.key, &line))
+            .map_or(0, |(seq, _, _)| seq)
     }
 }
 
@@ -827,6 +895,67 @@ mod tests {
         finished
             .recv_timeout(std::time::Duration::from_secs(30))
             .expect("a blocking audit wait hung inside the runtime");
+    }
+
+    /// After a power loss only what was fdatasync'd is left, so the head must never name a
+    /// line beyond the last log sync made before it was written: else the next start reports
+    /// lines removed that simply never reached the disk. Checked on the order of the syncs and
+    /// head writes, first in plain rounds, then with writers racing the rounds.
+    #[test]
+    fn the_head_never_names_a_line_the_log_sync_before_it_did_not_carry() {
+        let (sink, path, key) = sink("headorder");
+        let sink = Arc::new(sink);
+        for _ in 0..3 {
+            written(&sink, &event("card.tokenize"));
+        }
+        sink.maintain();
+        // Lines in the kernel but not on disk yet when the next round starts.
+        for _ in 0..2 {
+            written(&sink, &event("card.tokenize"));
+        }
+        sink.maintain();
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let sink = Arc::clone(&sink);
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        written(&sink, &event("card.tokenize"));
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..20 {
+            sink.maintain();
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        sink.maintain();
+        let trace = sink.inner.trace.lock().unwrap().clone();
+        let mut synced = 0;
+        let mut heads = 0;
+        for step in &trace {
+            match *step {
+                Step::LogSynced(seq) => synced = seq,
+                Step::HeadWritten(seq) => {
+                    assert!(
+                        seq <= synced,
+                        "the head named seq {seq} when the log was synced up to seq {synced}: {trace:?}"
+                    );
+                    heads += 1;
+                }
+            }
+        }
+        assert!(heads >= 3, "too few head writes to judge: {trace:?}");
+        // The last round, with every line written, names the last line.
+        assert_eq!(trace.last(), Some(&Step::HeadWritten(405)));
+        let head = fs::read_to_string(head_path(&path)).unwrap();
+        let log = fs::read_to_string(&path).unwrap();
+        assert_eq!(head.len(), 20 + 1 + 64 + 1);
+        assert_eq!(
+            verify(&log, &key, Some(&head), false),
+            Verdict::Intact(405, 1, 405)
+        );
     }
 
     #[test]

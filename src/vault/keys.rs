@@ -4,7 +4,9 @@
 //! - **Sealed.** A vault whose KEK lives in custodian shares starts without it. Shares arrive
 //!   one per custodian identity ([`Vault::unseal`]); each is checked against its commitment
 //!   when it arrives; at the threshold they are combined, the result is checked against the
-//!   store's KEK check value, and the shares are wiped.
+//!   store's KEK check value, and the shares are wiped. A share that does not reach the
+//!   threshold is wiped 15 minutes after it arrived, each on its own clock, by the
+//!   once-a-second key maintenance (sealed or not) or by the next unseal call.
 //! - **DEK versions** are store-wide: version `v` means every project's own DEK `dek/v`. One
 //!   version is active (new seals), older ones are decrypt-only until no record uses them, then
 //!   destroyed (their wrapped keys removed). Rotation is by request or automatic, after
@@ -38,7 +40,9 @@ pub const GCM_NONCE_LIMIT: u64 = 1 << 32;
 const RESERVATION_BLOCK: u64 = 4096;
 /// Past this, a DEK refuses to seal even if automatic rotation has not happened.
 const HARD_LIMIT: u64 = GCM_NONCE_LIMIT - (1 << 24);
-/// Unseal shares older than this are dropped, so a half-finished unseal does not linger.
+/// Each unseal share is wiped this long after it was received (per share, not from the
+/// first one), so a half-finished unseal does not linger. Enforced every second by key
+/// maintenance, and on every unseal call.
 const UNSEAL_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, Clone)]
@@ -163,11 +167,51 @@ impl Dek {
     }
 }
 
-/// Shares received so far while sealed.
+/// Shares received so far while sealed, each with the time it arrived. The clock is passed
+/// in (`now`), so expiry can be tested without waiting.
 #[derive(Default)]
 pub(super) struct Unsealing {
-    shares: Vec<Share>,
-    started: Option<Instant>,
+    shares: Vec<PendingShare>,
+}
+
+struct PendingShare {
+    /// Wiped on drop (`Share` holds its bytes in `Zeroizing`).
+    share: Share,
+    received: Instant,
+}
+
+impl Unsealing {
+    /// Wipes every share received `UNSEAL_WINDOW` or more before `now`, each on its own
+    /// clock. Returns how many were wiped.
+    fn expire(&mut self, now: Instant) -> usize {
+        let before = self.shares.len();
+        // `retain` drops the removed shares, which zeroizes their bytes.
+        self.shares
+            .retain(|p| now.saturating_duration_since(p.received) < UNSEAL_WINDOW);
+        before.saturating_sub(self.shares.len())
+    }
+
+    /// Adds `share` as received at `now`, replacing an earlier share of the same custodian,
+    /// after wiping the expired ones. Returns how many shares are held.
+    fn add(&mut self, share: Share, now: Instant) -> usize {
+        self.expire(now);
+        self.shares.retain(|p| p.share.custodian != share.custodian);
+        self.shares.push(PendingShare {
+            share,
+            received: now,
+        });
+        self.shares.len()
+    }
+
+    /// Wipes every share.
+    fn clear(&mut self) {
+        self.shares.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shares.len()
+    }
 }
 
 /// The key side of the vault's state.
@@ -333,6 +377,17 @@ impl Vault {
         kek_id: &str,
         share_hex: &str,
     ) -> Result<UnsealProgress, VaultError> {
+        self.unseal_at(custodian, kek_id, share_hex, Instant::now())
+    }
+
+    /// [`Vault::unseal`] with the share received at `now`.
+    pub(super) fn unseal_at(
+        &self,
+        custodian: &str,
+        kek_id: &str,
+        share_hex: &str,
+        now: Instant,
+    ) -> Result<UnsealProgress, VaultError> {
         let custody = self
             .keyring
             .custody
@@ -358,14 +413,8 @@ impl Vault {
             .unsealing
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if unsealing
-            .started
-            .is_some_and(|t| t.elapsed() > UNSEAL_WINDOW)
-        {
-            *unsealing = Unsealing::default();
-        }
         if !self.is_sealed() {
-            *unsealing = Unsealing::default();
+            unsealing.clear();
             return Ok(UnsealProgress {
                 sealed: false,
                 received: 0,
@@ -373,10 +422,7 @@ impl Vault {
                 kek_id: custody.kek_id,
             });
         }
-        unsealing.started.get_or_insert_with(Instant::now);
-        unsealing.shares.retain(|s| s.custodian != custodian);
-        unsealing.shares.push(share);
-        let received = unsealing.shares.len();
+        let received = unsealing.add(share, now);
         if received < usize::from(custody.threshold) {
             return Ok(UnsealProgress {
                 sealed: true,
@@ -385,10 +431,10 @@ impl Vault {
                 kek_id: custody.kek_id,
             });
         }
-        let refs: Vec<&Share> = unsealing.shares.iter().collect();
+        let refs: Vec<&Share> = unsealing.shares.iter().map(|p| &p.share).collect();
         let combined = custody.combine(&refs);
         // The shares are wiped here whatever the outcome.
-        *unsealing = Unsealing::default();
+        unsealing.clear();
         let material = combined.map_err(|e| VaultError::ShareRefused(e.to_string()))?;
         self.install_kek(Kek::new(&material, &custody.kek_id))?;
         Ok(UnsealProgress {
@@ -570,9 +616,35 @@ impl Vault {
         Ok(next)
     }
 
-    /// One maintenance round: rotate when due; re-encrypt towards the active version; destroy
-    /// versions no record uses any more.
+    /// Wipes the unseal shares received `UNSEAL_WINDOW` or more before `now`, without waiting
+    /// for another unseal call. Returns how many were wiped.
+    pub(super) fn expire_unseal_shares(&self, now: Instant) -> usize {
+        let wiped = self
+            .keyring
+            .unsealing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expire(now);
+        if wiped > 0 {
+            tracing::info!(
+                wiped,
+                window_secs = UNSEAL_WINDOW.as_secs(),
+                "unseal shares expired and wiped"
+            );
+        }
+        wiped
+    }
+
+    /// One maintenance round (every second, from `cardvault-keys`).
     pub(super) fn maintain_keys(&self) -> Result<(), VaultError> {
+        self.maintain_keys_at(Instant::now())
+    }
+
+    /// One maintenance round at `now`: wipe expired unseal shares (sealed or not); then, while
+    /// unsealed, rotate when due, re-encrypt towards the active version, and destroy versions
+    /// no record uses any more. `now` is the clock for share expiry only.
+    pub(super) fn maintain_keys_at(&self, now: Instant) -> Result<(), VaultError> {
+        self.expire_unseal_shares(now);
         // Key operations are audited: none while sealed, none while the audit log is down.
         if self.is_sealed() || self.audit.ready().is_err() {
             return Ok(());
@@ -1109,4 +1181,141 @@ pub(super) fn reseal_token(
         pan: seal(keys, Blob::TokenPan, project, id, &pan)?,
         ..rec.clone()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::custody::split;
+    use zeroize::Zeroizing;
+
+    fn minutes(m: u64) -> Duration {
+        Duration::from_secs(m * 60)
+    }
+
+    fn share(custodian: &str) -> Share {
+        Share::new("kek_test", custodian, Zeroizing::new(vec![7u8; 33]))
+    }
+
+    /// Each share is forgotten `UNSEAL_WINDOW` after it arrived, on its own clock: a share
+    /// that came 14 minutes after the first one outlives it.
+    #[test]
+    fn unseal_shares_expire_per_share_not_from_the_first() {
+        let t0 = Instant::now();
+        let mut unsealing = Unsealing::default();
+        assert_eq!(unsealing.add(share("alice"), t0), 1);
+        assert_eq!(unsealing.add(share("bob"), t0 + minutes(14)), 2);
+        assert_eq!(
+            unsealing.expire(t0 + UNSEAL_WINDOW - Duration::from_millis(1)),
+            0
+        );
+        assert_eq!(unsealing.expire(t0 + minutes(16)), 1);
+        assert_eq!(unsealing.len(), 1);
+        assert_eq!(unsealing.shares[0].share.custodian, "bob");
+        // A third share at 16 minutes counts with bob's, not alone.
+        assert_eq!(unsealing.add(share("carol"), t0 + minutes(16)), 2);
+        // Bob's window ends at 29 minutes, carol's at 31.
+        assert_eq!(unsealing.expire(t0 + minutes(29)), 1);
+        assert_eq!(unsealing.shares[0].share.custodian, "carol");
+        assert_eq!(unsealing.expire(t0 + minutes(31)), 1);
+        assert_eq!(unsealing.len(), 0);
+        // A custodian who sends their share again starts its window again.
+        assert_eq!(unsealing.add(share("alice"), t0), 1);
+        assert_eq!(unsealing.add(share("alice"), t0 + minutes(10)), 1);
+        assert_eq!(unsealing.expire(t0 + minutes(16)), 0);
+        assert_eq!(unsealing.expire(t0 + minutes(25)), 1);
+    }
+
+    /// A sealed vault over a fresh store whose KEK is split `threshold`-of-3 among alice, bob
+    /// and carol; the shares come back in that order. The folder goes when the guard drops.
+    fn sealed_vault(label: &str, threshold: u8) -> (Arc<Vault>, Vec<Share>, Cleanup) {
+        let root =
+            std::env::temp_dir().join(format!("cardvault-unseal-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let cleanup = Cleanup(root.clone());
+        let kek = KeyMaterial::random().unwrap();
+        let names: Vec<String> = ["alice", "bob", "carol"].map(String::from).to_vec();
+        let (custody, shares) = split(&kek, "kek_test", &names, threshold, "now").unwrap();
+        let store = crate::store::Store::open(&root.join("data"), 8 << 20).unwrap();
+        let settings = crate::vault::VaultSettings {
+            card_token_ttl: Duration::from_secs(3600),
+            cvc_ttl: Duration::from_secs(60),
+            keys: KeySettings::default(),
+        };
+        let vault = Vault::open(
+            store,
+            KeySource::Custody(custody),
+            settings,
+            Box::new(crate::audit::LogSink),
+        )
+        .unwrap();
+        assert!(vault.is_sealed());
+        (vault, shares, cleanup)
+    }
+
+    struct Cleanup(std::path::PathBuf);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn held(vault: &Vault) -> usize {
+        vault
+            .keyring
+            .unsealing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// The once-a-second key maintenance tick wipes a share past its window while sealed,
+    /// with no further unseal call.
+    #[test]
+    fn the_key_tick_wipes_an_expired_unseal_share_without_an_unseal_call() {
+        let (vault, shares, _cleanup) = sealed_vault("tick", 2);
+        let t0 = Instant::now();
+        let progress = vault
+            .unseal_at("alice", "kek_test", &shares[0].to_hex(), t0)
+            .unwrap();
+        assert!(progress.sealed);
+        assert_eq!(progress.received, 1);
+        vault.maintain_keys_at(t0 + minutes(14)).unwrap();
+        assert_eq!(held(&vault), 1, "wiped before its window ended");
+        vault.maintain_keys_at(t0 + minutes(16)).unwrap();
+        assert_eq!(held(&vault), 0, "the tick did not wipe an expired share");
+        // Bob alone does not unseal: alice's share is gone.
+        let progress = vault
+            .unseal_at("bob", "kek_test", &shares[1].to_hex(), t0 + minutes(16))
+            .unwrap();
+        assert!(progress.sealed);
+        assert_eq!(progress.received, 1);
+    }
+
+    /// Share A at 0 and share B at 14 minutes: at 16 minutes A is gone and B still counts (and
+    /// still combines), where measuring from the first share would have dropped both.
+    #[test]
+    fn an_unseal_share_keeps_its_own_window_when_an_older_one_expires() {
+        let (vault, shares, _cleanup) = sealed_vault("window", 3);
+        let t0 = Instant::now();
+        let unseal = |i: usize, name: &str, at: Instant| {
+            vault
+                .unseal_at(name, "kek_test", &shares[i].to_hex(), at)
+                .unwrap()
+        };
+        assert_eq!(unseal(0, "alice", t0).received, 1);
+        assert_eq!(unseal(1, "bob", t0 + minutes(14)).received, 2);
+        let progress = unseal(2, "carol", t0 + minutes(16));
+        assert!(progress.sealed);
+        assert_eq!(progress.received, 2, "bob's share was dropped with alice's");
+        vault.maintain_keys_at(t0 + minutes(16)).unwrap();
+        assert_eq!(held(&vault), 2);
+        // Alice again: bob's and carol's shares are still there, and the three unseal.
+        let progress = unseal(0, "alice", t0 + minutes(17));
+        assert!(!progress.sealed);
+        assert!(!vault.is_sealed());
+        assert_eq!(held(&vault), 0);
+    }
 }

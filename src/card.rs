@@ -157,49 +157,76 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
 }
 
 /// True when `text` could hold a card number: 12 or more digits in a row, with up to
-/// [`SEPARATOR_RUN`] separator characters between any two of them. A digit is any Unicode
-/// decimal or other numeric character (fullwidth `４` too); a separator is whitespace or one of
-/// `- . _ / \ |`; a letter or anything else (a comma, a colon) starts the count again.
+/// [`SEPARATOR_RUN`] separators between any two of them. A digit is any Unicode decimal or
+/// other numeric character (fullwidth `４` too). A separator is one of `- + . _ / \ |`, a
+/// Unicode dash (`is_dash`: the en dash a word processor puts between digit groups, the
+/// minus sign, the fullwidth hyphen-minus a CJK input method types), or a run of whitespace of
+/// any length, which counts as one separator (`4111      1111` is one number, as it looks).
+/// A letter or anything else (a comma, a colon, a `*`) starts the count again.
 /// Deliberately blunt: any 12-digit stretch of a longer number has a one-in-ten chance of
 /// passing Luhn, so a Luhn test would let a PAN hidden in a longer run (a PAN followed by its
 /// CVC) through. Free text headed for logs or storage is refused when this is true.
 pub fn contains_pan(text: &str) -> bool {
-    digit_row(text, SEPARATOR_RUN, |c| {
-        c.is_whitespace() || matches!(c, '-' | '.' | '_' | '/' | '\\' | '|')
+    digit_row(text, SEPARATOR_RUN, true, |c| {
+        c.is_whitespace() || is_dash(c) || matches!(c, '+' | '.' | '_' | '/' | '\\' | '|')
     })
+}
+
+/// The hyphen-minus and the Unicode dashes that may stand in for it between digit groups:
+/// hyphen to horizontal bar (U+2010 to U+2015), the minus sign, and the small and fullwidth
+/// hyphen-minus forms.
+fn is_dash(c: char) -> bool {
+    matches!(
+        c,
+        '-' | '\u{2010}'..='\u{2015}' | '\u{2212}' | '\u{fe58}' | '\u{fe63}' | '\u{ff0d}'
+    )
 }
 
 /// The narrower rule project names have always been checked with: 12 or more digits with
 /// single spaces, dashes or dots between them. Names are kept in policies, key names and
-/// every stored record's key, so a name accepted once must stay accepted.
+/// every stored record's key, so a name accepted once must stay accepted: this rule must not
+/// widen with [`contains_pan`].
 pub fn contains_grouped_pan(text: &str) -> bool {
-    digit_row(text, 1, |c| matches!(c, ' ' | '-' | '.'))
+    digit_row(text, 1, false, |c| matches!(c, ' ' | '-' | '.'))
 }
 
 /// Whether `text` holds [`PAN_MIN`] numeric characters with at most `max_run` separators
-/// between any two.
-fn digit_row(text: &str, max_run: usize, separator: impl Fn(char) -> bool) -> bool {
+/// between any two. With `whitespace_runs`, a run of whitespace characters counts as one
+/// separator, however long; without it, each whitespace character counts on its own.
+fn digit_row(
+    text: &str,
+    max_run: usize,
+    whitespace_runs: bool,
+    separator: impl Fn(char) -> bool,
+) -> bool {
     let mut digits = 0usize;
     let mut separators = 0usize;
+    // Whether the previous character was whitespace counted as a separator of this row.
+    let mut in_whitespace = false;
     for c in text.chars() {
         if c.is_numeric() {
             digits += 1;
             separators = 0;
+            in_whitespace = false;
             if digits >= PAN_MIN {
                 return true;
             }
+        } else if whitespace_runs && in_whitespace && c.is_whitespace() {
+            // The rest of a whitespace run that was already counted as one separator.
         } else if digits > 0 && separators < max_run && separator(c) {
             separators += 1;
+            in_whitespace = c.is_whitespace();
         } else {
             digits = 0;
             separators = 0;
+            in_whitespace = false;
         }
     }
     false
 }
 
-/// How many separator characters in a row [`contains_pan`] still reads as one number
-/// (`4111 - 1111`).
+/// How many separators in a row [`contains_pan`] still reads as one number
+/// (`4111 - 1111`, `4111 – 1111`: a whitespace run, a dash, a whitespace run).
 const SEPARATOR_RUN: usize = 3;
 
 /// Card expiry: the card is valid through the last day of `month`/`year`.
@@ -302,16 +329,29 @@ pub struct HolderName(String);
 impl HolderName {
     pub const MAX_CHARS: usize = 100;
 
-    /// Refuses control characters and ASCII digits: a name never needs them, and refusing digits
-    /// keeps a PAN typed into the wrong field from being stored as a "name". Names stored before
-    /// are parsed again when read, so this rule cannot tighten without hiding them.
+    /// Refuses control characters and digits of any script (fullwidth `４` too, as a CJK input
+    /// method types them): a name never needs them, and refusing digits keeps a PAN typed into
+    /// the wrong field from being stored as a "name". Names stored while only ASCII digits
+    /// were refused must be read back with [`HolderName::stored`], which keeps that rule, so
+    /// that tightening this one hides none of them.
     pub fn parse(input: &str) -> Result<HolderName, CardError> {
+        Self::checked(input, char::is_numeric)
+    }
+
+    /// Rebuilds a name read back from the store, under the rule names were first accepted
+    /// with (control characters and ASCII digits refused): a name stored then must still be
+    /// shown. Never use it for input.
+    pub fn stored(input: &str) -> Result<HolderName, CardError> {
+        Self::checked(input, |c| c.is_ascii_digit())
+    }
+
+    /// Trimmed, not empty, at most [`HolderName::MAX_CHARS`] characters, and none of them a
+    /// control character or a `digit`.
+    fn checked(input: &str, digit: impl Fn(char) -> bool) -> Result<HolderName, CardError> {
         let trimmed = input.trim();
         if trimmed.is_empty()
             || trimmed.chars().count() > Self::MAX_CHARS
-            || trimmed
-                .chars()
-                .any(|c| c.is_control() || c.is_ascii_digit())
+            || trimmed.chars().any(|c| c.is_control() || digit(c))
         {
             return Err(CardError::InvalidHolderName);
         }
@@ -543,6 +583,80 @@ mod tests {
         }
     }
 
+    /// The same text in fullwidth forms, as a CJK input method types it: digits, spaces
+    /// (ideographic) and hyphen-minus.
+    fn fullwidth(ascii: &str) -> String {
+        ascii
+            .chars()
+            .map(|c| match c {
+                '0'..='9' => char::from_u32(0xff10 + u32::from(c) - u32::from('0')).unwrap(),
+                ' ' => '\u{3000}',
+                '-' => '\u{ff0d}',
+                other => other,
+            })
+            .collect()
+    }
+
+    /// Separators the filter once missed: Unicode dashes, `+`, and whitespace runs of any
+    /// length (one separator however long). Each case is written as it would be typed or
+    /// pasted; every `true` case but the last two was missed before.
+    #[test]
+    fn pan_detection_reads_dashes_plus_and_whitespace_runs_as_separators() {
+        let cases: &[(&str, bool)] = &[
+            // En dash, spaced and not.
+            ("4111 \u{2013} 1111 \u{2013} 1111 \u{2013} 1111", true),
+            ("4111\u{2013}1111\u{2013}1111\u{2013}1111", true),
+            // Em dash.
+            ("4111 \u{2014} 1111 \u{2014} 1111 \u{2014} 1111", true),
+            // Hyphen, non-breaking hyphen, figure dash; horizontal bar.
+            ("4111\u{2010}1111\u{2011}1111\u{2012}1111", true),
+            ("4111\u{2015}1111\u{2015}1111\u{2015}1111", true),
+            // Minus sign.
+            ("4111 \u{2212} 1111 \u{2212} 1111 \u{2212} 1111", true),
+            // Small em dash, small hyphen-minus, fullwidth hyphen-minus.
+            ("4111\u{fe58}1111\u{fe63}1111\u{ff0d}1111", true),
+            ("4111+1111+1111+1111", true),
+            ("4111 + 1111 + 1111 + 1111", true),
+            ("4111    1111    1111    1111", true),
+            ("4111      1111      1111      1111", true),
+            ("4111\t\t\t\t1111\n\n\n\n1111 \u{3000} \u{a0} 1111", true),
+            ("card:\n4111\n\n\n\n\n1111 1111 111", true),
+            (&fullwidth("4111  1111-1111-1111"), true),
+            (&fullwidth("4111 1111 1111 1111"), true),
+            (&fullwidth("4111111111111111"), true),
+            // Fewer than 12 digits, however separated.
+            ("1234 \u{2013} 5678 \u{2013} 901", false),
+            ("+1 202    555    0143", false),
+            ("4111    1111    111", false),
+            (&fullwidth("4111 1111 111"), false),
+            // A letter, a comma, a colon or a star still ends the row.
+            ("4111 \u{2013} 1111 x 1111 \u{2013} 1111", false),
+            ("4111    1111    O    1111    1111", false),
+            ("2026\u{2013}11\u{2013}27, 2026\u{2013}12\u{2013}01", false),
+            ("2026-11-27    12:30:45", false),
+            ("4111 + **** + **** + 1111", false),
+            // A fourth separator still ends the row; a whitespace run counts as one.
+            ("4111 \u{2013}\u{2013}\u{2013} 1111 1111 111", false),
+            ("4111++++1111++++1111++++1111", false),
+        ];
+        for (input, found) in cases {
+            assert_eq!(contains_pan(input), *found, "{input:?}");
+        }
+        // Project names keep their old rule exactly: none of the new separators joins digits,
+        // and the old ones still do.
+        for input in [
+            "4111\u{2013}1111\u{2013}1111\u{2013}1111",
+            "4111+1111+1111+1111",
+            "4111  1111  1111  1111",
+            "4111\t1111\t1111\t1111",
+        ] {
+            assert!(!contains_grouped_pan(input), "{input:?}");
+        }
+        for input in ["4111 1111 1111 1111", "4111.1111.1111.1111", "411111111111"] {
+            assert!(contains_grouped_pan(input), "{input:?}");
+        }
+    }
+
     #[test]
     fn pan_views() {
         let pan = Pan::parse("4242 4242 4242 4242").unwrap();
@@ -629,6 +743,40 @@ mod tests {
             assert_eq!(HolderName::parse(input).is_ok(), ok, "{input:?}");
         }
         assert_eq!(Cvc::parse("987").unwrap().expose(), "987");
+    }
+
+    /// A name refuses digits of every script, not only ASCII ones; a name stored while only
+    /// ASCII digits were refused is still read back.
+    #[test]
+    fn holder_names_refuse_digits_of_any_script() {
+        let fullwidth_pan = fullwidth("4111 1111 1111 1111");
+        // The same with ASCII spaces: "４１１１ １１１１ １１１１ １１１１".
+        let ascii_spaced = fullwidth_pan.replace('\u{3000}', " ");
+        let cases: &[(&str, bool)] = &[
+            (&fullwidth_pan, false),
+            (&ascii_spaced, false),
+            (&fullwidth("4"), false),
+            (&format!("Ada {}", fullwidth("1")), false),
+            // Arabic-Indic and Devanagari digits.
+            ("\u{661}\u{662}\u{663}", false),
+            ("\u{967}\u{968}\u{969}", false),
+            ("Ada 1", false),
+            // Fullwidth letters are letters.
+            ("\u{ff2a}\u{ff4f}\u{ff48}\u{ff4e} Smith", true),
+            ("\u{5c71}\u{7530} \u{592a}\u{90ce}", true),
+            ("Louis XIV", true),
+            ("Ada O'Brien-King", true),
+        ];
+        for (input, ok) in cases {
+            assert_eq!(HolderName::parse(input).is_ok(), *ok, "{input:?}");
+        }
+        // Read back from the store: the old rule, so no stored name disappears.
+        let stored = HolderName::stored(&fullwidth_pan).unwrap();
+        assert_eq!(stored.as_str(), fullwidth_pan);
+        for input in ["Ada 1", "", "A\u{7}B"] {
+            assert!(HolderName::stored(input).is_err(), "{input:?}");
+        }
+        assert_eq!(HolderName::stored("  Ada  ").unwrap().as_str(), "Ada");
     }
 
     #[test]

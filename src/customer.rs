@@ -286,6 +286,67 @@ mod tests {
         }
     }
 
+    /// A PAN typed with fullwidth digits, Unicode dashes, `+` or runs of spaces is refused in
+    /// every free-text field; text with fewer digits, or digits broken by a letter, is not.
+    #[test]
+    fn pan_in_any_script_or_separator_is_refused() {
+        let profile = |field: &str, value: &str| -> serde_json::Value {
+            match field {
+                "line1" => serde_json::json!({ "address": { "line1": value } }),
+                "metadata" => serde_json::json!({ "metadata": { "note": value } }),
+                "email" => serde_json::json!({ "email": format!("{value}@example.com") }),
+                _ => serde_json::json!({ field: value }),
+            }
+        };
+        let parse = |json: serde_json::Value| {
+            serde_json::from_value::<NewProfile>(json)
+                .map_err(|_| None)
+                .and_then(|p| p.parse().map_err(Some))
+        };
+        // "４１１１ １１１１ １１１１ １１１１", as a CJK input method types it.
+        let fullwidth: String = "4111 1111 1111 1111"
+            .chars()
+            .map(|c| match c {
+                '0'..='9' => char::from_u32(u32::from(c) + 0xfee0).unwrap(),
+                other => other,
+            })
+            .collect();
+        let refused = [
+            fullwidth.as_str(),
+            "4111 \u{2013} 1111 \u{2013} 1111 \u{2013} 1111",
+            "4111\u{2014}1111\u{2014}1111\u{2014}1111",
+            "4111 \u{2212} 1111 \u{2212} 1111 \u{2212} 1111",
+            "4111+1111+1111+1111",
+            "4111    1111    1111    1111",
+        ];
+        for value in refused {
+            for (field, err) in [
+                ("name", FieldError::Text),
+                ("line1", FieldError::Text),
+                ("metadata", FieldError::Metadata),
+            ] {
+                let got = parse(profile(field, value)).err();
+                assert_eq!(got, Some(Some(err)), "{field}: {value:?}");
+            }
+        }
+        // Email local parts take no spaces at all; the other separators are caught there too.
+        for local in ["4111\u{2013}1111\u{2013}1111\u{2013}1111", "4111+1111+1111+1111"] {
+            let got = parse(profile("email", local)).err();
+            assert_eq!(got, Some(Some(FieldError::Email)), "{local:?}");
+        }
+        for (field, value) in [
+            ("name", "Ada \u{2013} Lovelace"),
+            ("name", "\u{5c71}\u{7530} \u{592a}\u{90ce}"),
+            ("line1", "Flat 12 \u{2013} 14, 221B Baker Street"),
+            ("line1", "4111    1111    111"),
+            ("metadata", "order 2026\u{2013}11\u{2013}27, ref. 12345"),
+            ("metadata", "4111 + 1111 x 1111 + 1111"),
+            ("email", "ada+1234"),
+        ] {
+            assert!(parse(profile(field, value)).is_ok(), "{field}: {value:?}");
+        }
+    }
+
     #[test]
     fn patch_keeps_clears_and_merges() {
         let mut profile = serde_json::from_str::<NewProfile>(

@@ -153,7 +153,7 @@ impl CardDetails {
             holder_name: meta
                 .holder_name
                 .as_deref()
-                .and_then(|h| HolderName::parse(h).ok()),
+                .and_then(|h| HolderName::stored(h).ok()),
             cvc,
             recurring,
         })

@@ -66,14 +66,83 @@ impl Shared {
         }
     }
 
-    fn fail(&self, error: &sled::Error) {
-        let full =
-            matches!(error, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull);
-        if !full {
+    /// Marks this instance failed at `step`, and fatal unless [`after_failure`] allows a
+    /// reopen. `fatal` is set before `failed`, so whoever sees `failed` sees the verdict too;
+    /// and it is never cleared, so a later, milder report cannot undo it.
+    fn fail(&self, step: Step, error: &sled::Error) {
+        if after_failure(step, error) == Recovery::Restart {
             self.fatal.store(true, Ordering::SeqCst);
         }
         self.failed.store(true, Ordering::SeqCst);
     }
+
+    /// Marks this instance failed after a sled call (an insert, a transaction, or its
+    /// `flush()`) returned `error`. sled keeps the first error of the thread that writes its
+    /// log and returns it from every later call, and that thread both `pwrite`s the log and
+    /// `sync_file_range`s it: a full disk refusing a write and a failed write-back of pages
+    /// the kernel had already taken arrive as the same error, of the same kind. Only the
+    /// kernel can tell them apart, so before a full disk is taken for a refused write, the
+    /// log is `fdatasync`ed on our own handle: that reports any write-back error met since
+    /// our last sync (and writes back what is still dirty). If it fails, the failure is a
+    /// write-back failure, fatal like any failed `fdatasync`. It takes its turn with
+    /// [`sync_log`] and marks the instance before the turn ends, so no sync that acknowledges
+    /// writes can run between the two.
+    fn sled_failed(&self, log: &std::fs::File, error: &sled::Error) {
+        let _turn = self.sync_turn.lock().unwrap_or_else(|p| p.into_inner());
+        // Once fatal, nothing can make it less so: no need to ask the kernel again.
+        let step = if is_full(error)
+            && !self.fatal.load(Ordering::SeqCst)
+            && log.sync_data().is_err()
+        {
+            Step::WriteBack
+        } else {
+            Step::Write
+        };
+        self.fail(step, error);
+    }
+}
+
+/// Where a failure was met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A sled call failed: an insert, a transaction, the commit number, or the `pwrite`
+    /// inside its `flush()`. A full disk counts as this only once the log's write-back was
+    /// then found clean ([`Shared::sled_failed`]): what the kernel had taken is on disk, and
+    /// nothing written since was acknowledged.
+    Write,
+    /// The kernel's write-back of the log failed: reported by an `fdatasync` of it, whether
+    /// ours after a flush ([`sync_log`]) or the one that checks a sled error
+    /// ([`Shared::sled_failed`]), which is how a failure of sled's own `sync_file_range`
+    /// shows.
+    WriteBack,
+}
+
+/// What may be done about an instance that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// Reopen the store in place once the disk has room again.
+    Reopen,
+    /// Take no more writes until an operator has checked the disk and restarted the daemon.
+    Restart,
+}
+
+/// Whether a failure at `step` may be recovered by reopening the store in place. Only a full
+/// disk refusing a write may: the files then hold everything up to the refused write, and
+/// reopening reads them as a restart would. A failed write-back never may, whatever its kind
+/// (a full disk met only at write-back included): the kernel may have dropped the pages it
+/// could not write, keep serving them from its cache, and report the next sync a success, so
+/// the store could be reopened on data the disk does not hold and acknowledge later writes on
+/// top of it. Any other error is not understood well enough to carry on either.
+fn after_failure(step: Step, error: &sled::Error) -> Recovery {
+    match step {
+        Step::Write if is_full(error) => Recovery::Reopen,
+        Step::Write | Step::WriteBack => Recovery::Restart,
+    }
+}
+
+/// Whether `error` says the file system is full (`ENOSPC`).
+fn is_full(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -157,7 +226,8 @@ impl GroupCommit {
         self.shared.failed.load(Ordering::SeqCst)
     }
 
-    /// Whether the failure was something other than a full disk.
+    /// Whether the failure rules out reopening in place: anything but a full disk refusing a
+    /// write (see `after_failure`).
     pub fn fatal(&self) -> bool {
         self.shared.fatal.load(Ordering::SeqCst)
     }
@@ -168,9 +238,11 @@ impl GroupCommit {
         flush_and_sync(db, &self.log, &self.shared)
     }
 
-    /// Marks this sled instance failed (a write outside the flusher hit an I/O error).
+    /// Marks this sled instance failed (a sled call outside the flusher hit an I/O error).
+    /// Errors from [`GroupCommit::sync`] come back here too: they were judged where they
+    /// happened, and a fatal verdict is never undone.
     pub fn fail(&self, error: &sled::Error) {
-        self.shared.fail(error);
+        self.shared.sled_failed(&self.log, error);
     }
 
     /// Notifies while holding the lock the flusher checks under, so no wake-up is lost.
@@ -250,14 +322,16 @@ fn flush_loop(
         }
         let target = shared.issued.load(Ordering::SeqCst);
         let commit = shared.durable_commit.load(Ordering::SeqCst) + 1;
+        // Each step marks the instance failed as it fails, and judges its own error.
         let result = meta
             .insert(COMMIT_KEY, &commit.to_be_bytes())
+            .map_err(|e| {
+                shared.sled_failed(log, &e);
+                e
+            })
             .and_then(|_| flush_and_sync(db, log, shared));
         // A write that failed elsewhere (`GroupCommit::fail`) ends acknowledgements too.
-        if let Err(e) = &result {
-            shared.fail(e);
-        }
-        if shared.failed.load(Ordering::SeqCst) {
+        if result.is_err() || shared.failed.load(Ordering::SeqCst) {
             if let Err(e) = &result {
                 tracing::error!(error = %e, "store flush failed; writes get 503 from now on");
             }
@@ -289,10 +363,16 @@ impl Drop for FlusherGone<'_> {
     }
 }
 
-/// sled's `flush()` (a `sync_file_range` of its log), then [`sync_log`]: what makes a write
-/// durable, for the flusher and key operations alike.
+/// sled's `flush()` (a `pwrite` and a `sync_file_range` of its log), then [`sync_log`]: what
+/// makes a write durable, for the flusher and key operations alike. Marks the instance failed
+/// on any error. A failed `flush()` is fatal unless the log's write-back is then found clean
+/// ([`Shared::sled_failed`]): its error may be the kernel's report of pages it could not
+/// write, and a full disk reported there is no proof that the disk holds what was written.
 fn flush_and_sync(db: &sled::Db, log: &std::fs::File, shared: &Shared) -> sled::Result<()> {
-    db.flush()?;
+    db.flush().map_err(|e| {
+        shared.sled_failed(log, &e);
+        e
+    })?;
     sync_log(log, shared)
 }
 
@@ -304,9 +384,9 @@ fn flush_and_sync(db: &sled::Db, log: &std::fs::File, shared: &Shared) -> sled::
 fn sync_log(log: &std::fs::File, shared: &Shared) -> sled::Result<()> {
     let _turn = shared.sync_turn.lock().unwrap_or_else(|p| p.into_inner());
     if shared.failed.load(Ordering::SeqCst) {
-        // Reported as the earlier failure's kind, so that passing it to `Shared::fail` does
-        // not turn a full disk (recovered in place) into a fatal failure. `fail` sets `fatal`
-        // before `failed`, so it is settled here.
+        // Reported as the earlier failure's kind, so that passing it to `GroupCommit::fail`
+        // does not turn a full disk (recovered in place) into a fatal failure. `fail` sets
+        // `fatal` before `failed`, so it is settled here.
         let kind = if shared.fatal.load(Ordering::SeqCst) {
             std::io::ErrorKind::Other
         } else {
@@ -319,8 +399,7 @@ fn sync_log(log: &std::fs::File, shared: &Shared) -> sled::Result<()> {
     }
     log.sync_data().map_err(|e| {
         let e = sled::Error::from(e);
-        shared.fatal.store(true, Ordering::SeqCst);
-        shared.fail(&e);
+        shared.fail(Step::WriteBack, &e);
         e
     })
 }
@@ -421,6 +500,61 @@ mod tests {
         assert!(!shared.failed.load(Ordering::SeqCst));
         assert!(run(true).is_err());
         assert!(shared.failed.load(Ordering::SeqCst) && shared.fatal.load(Ordering::SeqCst));
+    }
+
+    fn full() -> sled::Error {
+        sled::Error::Io(std::io::Error::from(std::io::ErrorKind::StorageFull))
+    }
+
+    /// Only a full disk refusing a write is reopened in place; a failed write-back is fatal
+    /// whatever its kind, a full disk included.
+    #[test]
+    fn only_a_full_disk_refusing_a_write_is_reopened_in_place() {
+        let io = |kind: std::io::ErrorKind| sled::Error::Io(std::io::Error::from(kind));
+        let cases = [
+            (Step::Write, full(), Recovery::Reopen),
+            (Step::Write, io(std::io::ErrorKind::Other), Recovery::Restart),
+            (Step::Write, io(std::io::ErrorKind::PermissionDenied), Recovery::Restart),
+            (Step::Write, sled::Error::Unsupported("x".into()), Recovery::Restart),
+            (Step::WriteBack, full(), Recovery::Restart),
+            (Step::WriteBack, io(std::io::ErrorKind::Other), Recovery::Restart),
+        ];
+        for (step, error, want) in &cases {
+            assert_eq!(after_failure(*step, error), *want, "{step:?}: {error}");
+        }
+    }
+
+    /// A full disk reported by sled (from an insert or from its flush, which cannot be told
+    /// apart) is fatal when the log's write-back has failed: the kernel may have dropped pages
+    /// that sled's `sync_file_range` could not write.
+    #[test]
+    fn a_full_disk_with_a_failed_write_back_is_fatal() {
+        let (db, meta, _) = temp_db("gcwb");
+        // fdatasync on a pipe fails (EINVAL), standing in for a write-back error.
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let log = std::fs::File::from(std::os::fd::OwnedFd::from(reader));
+        let gc = GroupCommit::start(db, meta, log, 1, 0).unwrap();
+        gc.fail(&full());
+        assert!(gc.failed() && gc.fatal());
+        gc.shutdown();
+    }
+
+    /// A full disk whose log then syncs cleanly was a refused write: the store may be reopened
+    /// in place. A write-back failure reported later still makes it fatal, for good.
+    #[test]
+    fn a_full_disk_with_a_clean_write_back_may_be_reopened() {
+        let (db, meta, dir) = temp_db("gcfull");
+        let log = std::fs::File::open(dir.join("db")).unwrap();
+        let gc = GroupCommit::start(db.clone(), meta, log, 1, 0).unwrap();
+        db.insert(b"k", &b"v"[..]).unwrap();
+        gc.fail(&full());
+        assert!(gc.failed() && !gc.fatal());
+        gc.shared.fail(Step::WriteBack, &full());
+        assert!(gc.fatal());
+        gc.shared.fail(Step::Write, &full());
+        gc.fail(&full());
+        assert!(gc.fatal());
+        gc.shutdown();
     }
 
     /// A log that cannot be synced fails its writers, the instance, and the key operations'

@@ -90,14 +90,12 @@ impl Shared {
     fn sled_failed(&self, log: &std::fs::File, error: &sled::Error) {
         let _turn = self.sync_turn.lock().unwrap_or_else(|p| p.into_inner());
         // Once fatal, nothing can make it less so: no need to ask the kernel again.
-        let step = if is_full(error)
-            && !self.fatal.load(Ordering::SeqCst)
-            && log.sync_data().is_err()
-        {
-            Step::WriteBack
-        } else {
-            Step::Write
-        };
+        let step =
+            if is_full(error) && !self.fatal.load(Ordering::SeqCst) && log.sync_data().is_err() {
+                Step::WriteBack
+            } else {
+                Step::Write
+            };
         self.fail(step, error);
     }
 }
@@ -325,10 +323,7 @@ fn flush_loop(
         // Each step marks the instance failed as it fails, and judges its own error.
         let result = meta
             .insert(COMMIT_KEY, &commit.to_be_bytes())
-            .map_err(|e| {
-                shared.sled_failed(log, &e);
-                e
-            })
+            .inspect_err(|e| shared.sled_failed(log, e))
             .and_then(|_| flush_and_sync(db, log, shared));
         // A write that failed elsewhere (`GroupCommit::fail`) ends acknowledgements too.
         if result.is_err() || shared.failed.load(Ordering::SeqCst) {
@@ -369,10 +364,7 @@ impl Drop for FlusherGone<'_> {
 /// ([`Shared::sled_failed`]): its error may be the kernel's report of pages it could not
 /// write, and a full disk reported there is no proof that the disk holds what was written.
 fn flush_and_sync(db: &sled::Db, log: &std::fs::File, shared: &Shared) -> sled::Result<()> {
-    db.flush().map_err(|e| {
-        shared.sled_failed(log, &e);
-        e
-    })?;
+    db.flush().inspect_err(|e| shared.sled_failed(log, e))?;
     sync_log(log, shared)
 }
 
@@ -513,11 +505,27 @@ mod tests {
         let io = |kind: std::io::ErrorKind| sled::Error::Io(std::io::Error::from(kind));
         let cases = [
             (Step::Write, full(), Recovery::Reopen),
-            (Step::Write, io(std::io::ErrorKind::Other), Recovery::Restart),
-            (Step::Write, io(std::io::ErrorKind::PermissionDenied), Recovery::Restart),
-            (Step::Write, sled::Error::Unsupported("x".into()), Recovery::Restart),
+            (
+                Step::Write,
+                io(std::io::ErrorKind::Other),
+                Recovery::Restart,
+            ),
+            (
+                Step::Write,
+                io(std::io::ErrorKind::PermissionDenied),
+                Recovery::Restart,
+            ),
+            (
+                Step::Write,
+                sled::Error::Unsupported("x".into()),
+                Recovery::Restart,
+            ),
             (Step::WriteBack, full(), Recovery::Restart),
-            (Step::WriteBack, io(std::io::ErrorKind::Other), Recovery::Restart),
+            (
+                Step::WriteBack,
+                io(std::io::ErrorKind::Other),
+                Recovery::Restart,
+            ),
         ];
         for (step, error, want) in &cases {
             assert_eq!(after_failure(*step, error), *want, "{step:?}: {error}");

@@ -231,7 +231,9 @@ impl From<VaultError> for ApiError {
                     "the store cannot take writes right now; retry later",
                 )
             }
-            VaultError::Audit(_) => {
+            // `Unaudited`: the object was made, and is kept under the request's
+            // Idempotency-Key (see `api::idempotent`); the client is refused all the same.
+            VaultError::Audit(_) | VaultError::Unaudited { .. } => {
                 tracing::error!(error = %e, "audit failure");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -242,10 +242,57 @@ struct Replayable {
     duplicate: bool,
 }
 
+/// The status of a creating request that succeeded: 201, or 200 when it returned an object
+/// that existed already (an attach of a card the customer holds).
+fn created_status(duplicate: bool) -> StatusCode {
+    if duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    }
+}
+
+/// Why a creating request failed, and what it made all the same: an object committed before
+/// its audit line failed ([`VaultError::Unaudited`](crate::vault::VaultError::Unaudited)).
+/// The client gets `error`; the request's `Idempotency-Key` keeps `made` as its outcome.
+struct Failed {
+    error: ApiError,
+    made: Option<(StatusCode, Replayable)>,
+}
+
+impl From<ApiError> for Failed {
+    fn from(error: ApiError) -> Failed {
+        Failed { error, made: None }
+    }
+}
+
+impl From<crate::vault::VaultError> for Failed {
+    fn from(e: crate::vault::VaultError) -> Failed {
+        let made = match &e {
+            crate::vault::VaultError::Unaudited {
+                object, duplicate, ..
+            } => Some((
+                created_status(*duplicate),
+                Replayable {
+                    object: object.clone(),
+                    duplicate: *duplicate,
+                },
+            )),
+            _ => None,
+        };
+        Failed {
+            error: ApiError::from(e),
+            made,
+        }
+    }
+}
+
 /// Runs a creating request under its `Idempotency-Key`, if it has one (SPEC §4). A replay gets
 /// the first outcome: a success is rebuilt by `render` from the live object (404 if it was
 /// deleted since), an error is sent as it was. The same key with another body gets 409. A
-/// server error releases the key so a retry can run.
+/// server error releases the key so a retry can run, unless the request made its object
+/// before failing (its audit line was lost): the key then keeps that object as a success, and
+/// the retry gets it, replayed, instead of making a second one.
 ///
 /// Under a key, `run` and the recording of its outcome are a task of their own: a client that
 /// goes away mid-request drops this future, and the request must still finish and record what
@@ -255,11 +302,11 @@ async fn idempotent<P: Requires>(
     state: &AppState,
     grant: &Grant<P>,
     body: &[u8],
-    run: impl std::future::Future<Output = Result<Created, ApiError>> + 'static,
+    run: impl std::future::Future<Output = Result<Created, Failed>> + 'static,
     render: impl FnOnce(&Replayable) -> Result<Vec<u8>, ApiError>,
 ) -> Result<HttpResponse, ApiError> {
     let Some(value) = req.headers().get("idempotency-key") else {
-        let (status, bytes) = run.await?.reply;
+        let (status, bytes) = run.await.map_err(|failed| failed.error)?.reply;
         return Ok(send(status, bytes, false));
     };
     let key = value
@@ -295,12 +342,21 @@ async fn idempotent<P: Requires>(
                 claim.finish(status.as_u16(), kept).await?;
                 Ok(send(status, bytes, false))
             }
-            Err(e) if e.status.is_client_error() => {
-                claim.finish(e.status.as_u16(), e.body()).await?;
-                Err(e)
+            // Made, then refused: the key keeps the object, the client gets the error.
+            Err(Failed {
+                error,
+                made: Some((status, replay)),
+            }) => {
+                let kept = serde_json::to_vec(&replay).map_err(|_| ApiError::INTERNAL)?;
+                claim.finish(status.as_u16(), kept).await?;
+                Err(error)
+            }
+            Err(Failed { error, made: None }) if error.status.is_client_error() => {
+                claim.finish(error.status.as_u16(), error.body()).await?;
+                Err(error)
             }
             // Dropping the claim releases the key.
-            Err(e) => Err(e),
+            Err(Failed { error, made: None }) => Err(error),
         }
     });
     task.await.map_err(|_| ApiError::INTERNAL)?
@@ -432,7 +488,7 @@ async fn tokenize(
         let (state, grant) = (state.clone(), Arc::clone(&grant));
         async move {
             let view = state.vault.tokenize(&grant, card).await?;
-            Created::new(StatusCode::CREATED, &view.id, false, &view)
+            Created::new(StatusCode::CREATED, &view.id, false, &view).map_err(Failed::from)
         }
     };
     let render = |r: &Replayable| {
@@ -552,7 +608,7 @@ async fn create_customer(
         let (state, grant) = (state.clone(), Arc::clone(&grant));
         async move {
             let view = state.vault.create_customer(&grant, profile).await?;
-            Created::new(StatusCode::CREATED, &view.id, false, &view)
+            Created::new(StatusCode::CREATED, &view.id, false, &view).map_err(Failed::from)
         }
     };
     let render = |r: &Replayable| {
@@ -639,14 +695,9 @@ async fn attach_card(
         .map_err(|_| ApiError::NOT_FOUND)?;
     let recurring = request.recurring.map(Recurring::parse).transpose()?;
     let respond = |view: TokenView, duplicate: bool| {
-        let status = if duplicate {
-            StatusCode::OK
-        } else {
-            StatusCode::CREATED
-        };
         let token = view.id.clone();
         Created::new(
-            status,
+            created_status(duplicate),
             &token,
             duplicate,
             &AttachResponse {
@@ -663,7 +714,7 @@ async fn attach_card(
                 .vault
                 .attach_card(&grant, &customer, &source, recurring)
                 .await?;
-            respond(attached.token, attached.duplicate)
+            respond(attached.token, attached.duplicate).map_err(Failed::from)
         }
     };
     let render = |r: &Replayable| {

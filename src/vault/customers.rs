@@ -122,7 +122,8 @@ impl Vault {
         Ok(customer_view(id.as_str(), profile, &record))
     }
 
-    /// A customer as a replay of its creation shows it (the creation was audited).
+    /// A customer as a replay of its creation shows it. Not an audit line of its own: the
+    /// creation was one (or, if its line was lost, the log names the customer).
     pub fn created_customer(
         &self,
         grant: &Grant<Customers>,
@@ -228,21 +229,20 @@ impl Vault {
         source: &ObjectId,
         recurring: Option<Recurring>,
     ) -> Result<Attached, VaultError> {
+        const ACTION: &str = "customer_token.create";
         let result = self
             .attach_card_inner(grant, customer, source, recurring)
             .await;
         let object = result.as_ref().ok().map(|a| a.token.id.as_str());
-        self.audit(
-            grant.actor(),
-            grant.project(),
-            "customer_token.create",
-            &result,
-            object,
-            &Purpose::default(),
-        )?
-        .wait()
-        .await?;
-        result
+        let audited = self.audit_line(grant, ACTION, object, &result).await;
+        match (audited, result) {
+            (Ok(()), result) => result,
+            // The token is in the store and the card token used up: the error names the token.
+            (Err(e), Ok(attached)) => {
+                Err(e.unaudited(ACTION, &attached.token.id, attached.duplicate))
+            }
+            (Err(e), Err(_)) => Err(e),
+        }
     }
 
     async fn attach_card_inner(
@@ -421,8 +421,8 @@ impl Vault {
         Ok(views)
     }
 
-    /// A customer token as a replay of the attach that made it shows it (the attach was
-    /// audited).
+    /// A customer token as a replay of the attach that made it shows it. Not an audit line of
+    /// its own: the attach was one (or, if its line was lost, the log names the token).
     pub fn attached_token(
         &self,
         grant: &Grant<Customers>,
@@ -569,10 +569,16 @@ impl Vault {
         grant: &Grant<Customers>,
         profile: Profile,
     ) -> Result<CustomerView, VaultError> {
+        const ACTION: &str = "customer.create";
         let result = self.create_customer_inner(grant, profile).await;
-        let object = result.as_ref().ok().map(|v| v.id.clone());
-        self.audited(grant, "customer.create", object.as_deref(), result)
-            .await
+        let object = result.as_ref().ok().map(|v| v.id.as_str());
+        let audited = self.audit_line(grant, ACTION, object, &result).await;
+        match (audited, result) {
+            (Ok(()), result) => result,
+            // The customer is in the store: the error names it.
+            (Err(e), Ok(view)) => Err(e.unaudited(ACTION, &view.id, false)),
+            (Err(e), Err(_)) => Err(e),
+        }
     }
 
     /// A customer's contact details; an audit line (who read which customer).
@@ -670,17 +676,29 @@ impl Vault {
         object: Option<&str>,
         result: Result<T, VaultError>,
     ) -> Result<T, VaultError> {
+        self.audit_line(grant, action, object, &result).await?;
+        result
+    }
+
+    /// Writes the audit line of `result`; the error is the audit trail's.
+    async fn audit_line<T>(
+        &self,
+        grant: &Grant<Customers>,
+        action: &'static str,
+        object: Option<&str>,
+        result: &Result<T, VaultError>,
+    ) -> Result<(), VaultError> {
         self.audit(
             grant.actor(),
             grant.project(),
             action,
-            &result,
+            result,
             object,
             &Purpose::default(),
         )?
         .wait()
         .await?;
-        result
+        Ok(())
     }
 }
 

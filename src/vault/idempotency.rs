@@ -18,7 +18,10 @@
 //! the end in a task of its own, so a client that goes away does not cut it short (a shutdown
 //! still does: a task running when the workers stop is dropped). If it fails
 //! with a server error, or its outcome cannot be written, [`Claim`]'s `Drop` releases the key;
-//! a claim left by a process that died is taken over by the next request with the key. One
+//! a claim left by a process that died is taken over by the next request with the key. A
+//! request that committed its object and then failed (its audit line could not be written:
+//! [`VaultError::Unaudited`]) is not a failure here: the API finishes its claim with the
+//! object, as a success, so the retry gets that object instead of making a second one. One
 //! gap remains: if the process dies after the object is committed and before the outcome is
 //! recorded, a retry makes a second object.
 

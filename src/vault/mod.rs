@@ -57,6 +57,16 @@ pub enum VaultError {
     Id(#[from] IdError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    /// A creating operation committed `object`, then its audit line could not be written.
+    /// The caller is answered as for [`VaultError::Audit`]; the API keeps `object` under the
+    /// request's `Idempotency-Key`, so that a retry gets it instead of making a second one.
+    #[error("{object} was committed, but its audit line was lost: {cause}")]
+    Unaudited {
+        object: String,
+        /// The object existed before (an attach that found the card already held).
+        duplicate: bool,
+        cause: crate::audit::AuditError,
+    },
     #[error("{0}")]
     Field(crate::customer::FieldError),
     #[error("gave up after repeated conflicting concurrent changes")]
@@ -94,7 +104,7 @@ impl VaultError {
             VaultError::Store(_) => "storage_unavailable",
             VaultError::Integrity(_) => "record_integrity",
             VaultError::Keys(_) | VaultError::Id(_) => "internal_error",
-            VaultError::Audit(_) => "audit_unavailable",
+            VaultError::Audit(_) | VaultError::Unaudited { .. } => "audit_unavailable",
             VaultError::Field(_) => "invalid_field",
             VaultError::Contention => "contention",
             VaultError::TooManyTokens => "too_many_tokens",
@@ -106,6 +116,28 @@ impl VaultError {
             VaultError::Forbidden => "forbidden",
             VaultError::RateLimited => "rate_limited",
             VaultError::ReloadRefused => "reload_refused",
+        }
+    }
+
+    /// The error of an audit line that failed after `action` committed `object`: an audit
+    /// failure becomes [`VaultError::Unaudited`] (logged here, with ids only), anything else
+    /// stays as it is. Allocates only on that failure.
+    fn unaudited(self, action: &'static str, object: &str, duplicate: bool) -> VaultError {
+        match self {
+            VaultError::Audit(cause) => {
+                tracing::error!(
+                    action,
+                    object,
+                    error = %cause,
+                    "object committed, but its audit line was lost"
+                );
+                VaultError::Unaudited {
+                    object: object.to_owned(),
+                    duplicate,
+                    cause,
+                }
+            }
+            other => other,
         }
     }
 }
@@ -532,19 +564,26 @@ impl Vault {
         grant: &Grant<Tokenize>,
         card: NewCard,
     ) -> Result<CardView, VaultError> {
+        const ACTION: &str = "card.tokenize";
         let result = self.tokenize_inner(grant, card).await;
         let object = result.as_ref().ok().map(|v| v.id.as_str());
-        self.audit(
+        let audited = match self.audit(
             grant.actor(),
             grant.project(),
-            "card.tokenize",
+            ACTION,
             &result,
             object,
             &Purpose::default(),
-        )?
-        .wait()
-        .await?;
-        result
+        ) {
+            Ok(ticket) => ticket.wait().await.map_err(VaultError::from),
+            Err(e) => Err(e),
+        };
+        match (audited, result) {
+            (Ok(()), result) => result,
+            // The card is in the store: the error names it.
+            (Err(e), Ok(view)) => Err(e.unaudited(ACTION, &view.id, false)),
+            (Err(e), Err(_)) => Err(e),
+        }
     }
 
     async fn tokenize_inner(

@@ -330,7 +330,10 @@ mod tests {
             }
         }
         // Email local parts take no spaces at all; the other separators are caught there too.
-        for local in ["4111\u{2013}1111\u{2013}1111\u{2013}1111", "4111+1111+1111+1111"] {
+        for local in [
+            "4111\u{2013}1111\u{2013}1111\u{2013}1111",
+            "4111+1111+1111+1111",
+        ] {
             let got = parse(profile("email", local)).err();
             assert_eq!(got, Some(Some(FieldError::Email)), "{local:?}");
         }

@@ -3,15 +3,19 @@
 //! [`Application::build`] does every check that can refuse a start and binds the listener
 //! (port 0 works, which is how tests get a free port); [`Application::run`] serves until
 //! SIGINT/SIGTERM, drains connections, then flushes and closes the store. There is no
-//! plaintext listener: the only bind is `listen_rustls_0_23`.
+//! plaintext listener: the one listener accepts TCP only to run a rustls handshake on it
+//! ([`handshake`]), and only a completed handshake reaches HTTP. A failed one is a log line.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 
-use actix_tls::accept::rustls_0_23::TlsStream;
+use actix_http::{HttpService, Protocol};
+use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::{AppConfig, Extensions};
 use actix_web::rt::net::TcpStream;
-use actix_web::{middleware, web, App, HttpServer};
+use actix_web::{middleware, web, App};
+use tokio_rustls::server::TlsStream;
 
 use crate::api::{self, AppState};
 use crate::audit::file::{AuditKey, FileSink, KEY_FILE as AUDIT_KEY_FILE};
@@ -177,6 +181,113 @@ fn key_source(config: &Config, store_kek: Option<String>) -> Result<KeySource, S
     )))
 }
 
+/// Handshakes running at once per worker, past which accepted connections wait their turn
+/// (a flood of slow handshakes cannot take every worker's memory).
+const HANDSHAKES_PER_WORKER: usize = 256;
+
+/// The HTTP server over the listener: each accepted connection runs a rustls handshake
+/// ([`handshake`]); a completed one gets its [`Peer`](crate::policy::Peer) from the verified
+/// certificate ([`on_connect`]) and is served by the app; a failed one is logged and closed.
+///
+/// Assembled from actix's parts rather than `HttpServer::listen_rustls_0_23`, whose acceptor
+/// drops handshake errors unseen. The settings are `HttpServer`'s defaults.
+fn serve(
+    config: &Config,
+    listener: TcpListener,
+    tls_config: rustls::ServerConfig,
+    state: web::Data<AppState>,
+    generation: Arc<tls::TlsState>,
+) -> std::io::Result<actix_web::dev::Server> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
+    let failures = Arc::new(tls::HandshakeLog::default());
+    let mut builder = actix_server::Server::build().shutdown_timeout(10);
+    if let Some(workers) = config.workers {
+        builder = builder.workers(workers);
+    }
+    let graceful = builder.graceful_shutdown_signal();
+    let builder = builder.listen("cardvault", listener, move || {
+        let app = App::new()
+            .app_data(state.clone())
+            .wrap(middleware::from_fn(api::log_request))
+            .configure(api::configure)
+            .into_factory()
+            .map_err(|e| e.error_response());
+        let generation = Arc::clone(&generation);
+        let graceful = graceful.clone();
+        let http = HttpService::build()
+            .client_request_timeout(std::time::Duration::from_secs(5))
+            .client_disconnect_timeout(std::time::Duration::from_secs(1))
+            .graceful_shutdown_signal(move || {
+                let graceful = graceful.clone();
+                async move { graceful.notified().await }
+            })
+            .on_connect_ext(move |io: &TlsStream<TcpStream>, ext: &mut Extensions| {
+                on_connect(io, ext, &generation)
+            })
+            // The app reads neither the scheme nor the host from its config.
+            .finish(map_config(app, |()| AppConfig::default()));
+        let acceptor = acceptor.clone();
+        let failures = Arc::clone(&failures);
+        let turns = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PER_WORKER));
+        fn_service(move |tcp: TcpStream| {
+            handshake(
+                tcp,
+                acceptor.clone(),
+                Arc::clone(&failures),
+                Arc::clone(&turns),
+            )
+        })
+        .and_then(http.map_err(|_| ()))
+    })?;
+    Ok(builder.run())
+}
+
+/// Runs the TLS handshake on an accepted connection, within [`tls::HANDSHAKE_TIMEOUT`]. A
+/// failure (no certificate, unknown CA, expired, revoked, bad protocol, timeout) is one log
+/// line with the peer's address and the reason, rate-limited by [`tls::HandshakeLog`].
+async fn handshake(
+    tcp: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    failures: Arc<tls::HandshakeLog>,
+    turns: Arc<tokio::sync::Semaphore>,
+) -> Result<(TlsStream<TcpStream>, Protocol, Option<SocketAddr>), ()> {
+    let _turn = turns.acquire_owned().await.map_err(|_| ())?;
+    let peer = tcp.peer_addr().ok();
+    // Small requests and replies: no Nagle delay (as HttpServer's rustls acceptor does).
+    let _ = tcp.set_nodelay(true);
+    let outcome = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(accepted) => accepted,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    };
+    match outcome {
+        Ok(io) => Ok((io, Protocol::Http1, peer)),
+        Err(e) => {
+            failures.failed(peer, &e);
+            Err(())
+        }
+    }
+}
+
+/// Runs once per connection, after the handshake verified the client certificate: the
+/// [`Peer`](crate::policy::Peer) it names goes into the connection's data for every request.
+fn on_connect(stream: &TlsStream<TcpStream>, extensions: &mut Extensions, tls: &tls::TlsState) {
+    let (tcp, session) = stream.get_ref();
+    let chain = session.peer_certificates().unwrap_or_default();
+    let Some(mut peer) = tls::peer_from_chain(chain) else {
+        // Verified, but not a client certificate: requests are refused, and audited.
+        if let Some(mut refused) = tls::refused_peer(chain) {
+            refused.address = tcp.peer_addr().ok();
+            extensions.insert(api::NoClientAuth(refused));
+        }
+        return;
+    };
+    peer.address = tcp.peer_addr().ok();
+    // Verified by the handshake, under the configuration in force now unless a reload came
+    // during it.
+    peer.trusted_under = std::sync::atomic::AtomicU64::new(tls.generation_for_new_connection());
+    extensions.insert(Arc::new(peer));
+}
+
 pub struct Application {
     server: actix_web::dev::Server,
     addr: SocketAddr,
@@ -237,39 +348,12 @@ impl Application {
         });
         let generation = Arc::clone(&tls_state);
         spawn_reloader(hangup, config.clone(), tls_state, state.clone());
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .wrap(middleware::from_fn(api::log_request))
-                .configure(api::configure)
-        })
-        .on_connect(move |conn, extensions| {
-            // Runs once per connection, after the client certificate was verified.
-            let Some(stream) = conn.downcast_ref::<TlsStream<TcpStream>>() else {
-                return;
-            };
-            let (_, session) = stream.get_ref();
-            if let Some(mut peer) = session.peer_certificates().and_then(tls::peer_from_chain) {
-                peer.address = stream.get_ref().0.peer_addr().ok();
-                // Verified by the handshake, under the configuration in force now unless a
-                // reload came during it.
-                peer.trusted_under =
-                    std::sync::atomic::AtomicU64::new(generation.generation_for_new_connection());
-                extensions.insert(Arc::new(peer));
-            }
-        })
-        .shutdown_timeout(10)
-        .tls_handshake_timeout(tls::HANDSHAKE_TIMEOUT);
-        if let Some(workers) = config.workers {
-            server = server.workers(workers);
-        }
-        let server = server
-            .listen_rustls_0_23(listener, tls_config)
-            .map_err(|source| StartupError::Bind {
+        let server = serve(config, listener, tls_config, state, generation).map_err(|source| {
+            StartupError::Bind {
                 addr: config.listen,
                 source,
-            })?
-            .run();
+            }
+        })?;
         Ok(Application {
             server,
             addr,

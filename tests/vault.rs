@@ -193,6 +193,31 @@ fn tls_layer_refuses_missing_foreign_and_expired_certificates() {
         "not-yet-valid certificate was accepted"
     );
 
+    // Each failed handshake is a log line with the peer's address and the reason.
+    for reason in [
+        "no client certificate",
+        "client certificate from an unknown CA",
+        "client certificate expired",
+        "client certificate not yet valid",
+    ] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let logged = |out: &str| {
+            out.lines().any(|l| {
+                l.contains("TLS handshake failed")
+                    && l.contains(&format!("reason=\"{reason}\""))
+                    && l.contains("peer=127.0.0.1:")
+            })
+        };
+        while !logged(&daemon.output()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line for a handshake failed with {reason:?}:\n{}",
+                daemon.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     // A certificate that expires while its keep-alive connection is open: refused from then
     // on, on the connection it already has.
     let mut short = spec("router");
@@ -256,6 +281,22 @@ fn policy_decides_who_does_what() {
 
     // The denials above consumed nothing: the router still gets the card, once.
     assert_eq!(detokenize(&router, &id).status, 200);
+
+    // Every refusal is an audit line, the certificate without clientAuth included.
+    drop(daemon.stop());
+    let audit = std::fs::read_to_string(setup.root().join("audit/audit.log")).unwrap();
+    let no_eku_line = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| {
+            l["event"] == "policy.denied"
+                && l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("clientAuth"))
+        })
+        .unwrap_or_else(|| panic!("no audit line for the certificate without clientAuth"));
+    assert!(no_eku_line["subject"].as_str().unwrap().contains("router"));
+    assert_eq!(no_eku_line["fingerprint"].as_str().unwrap().len(), 64);
 }
 
 #[test]

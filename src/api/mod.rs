@@ -92,6 +92,10 @@ fn peer(req: &HttpRequest) -> Result<&Arc<Peer>, ApiError> {
     req.conn_data::<Arc<Peer>>().ok_or(ApiError::FORBIDDEN)
 }
 
+/// Put in a connection's data instead of a [`Peer`] when its verified certificate lacks the
+/// clientAuth extended key usage: no identity, but enough to audit the refusal.
+pub struct NoClientAuth(pub Peer);
+
 fn project(req: &HttpRequest) -> Result<Project, ApiError> {
     match req.headers().get(PROJECT_HEADER) {
         None => Ok(Project::default_project()),
@@ -107,7 +111,18 @@ fn project(req: &HttpRequest) -> Result<Project, ApiError> {
 /// the vault is sealed; 503 `audit_unavailable` when the audit trail cannot take the event
 /// the request would make (fail closed: the action never starts).
 fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, ApiError> {
-    let peer = peer(req)?;
+    let Ok(peer) = peer(req) else {
+        if let Some(NoClientAuth(refused)) = req.conn_data::<NoClientAuth>() {
+            state.vault.audit_refusal(
+                crate::audit::Actor::of("", refused),
+                &project(req).unwrap_or_else(|_| Project::default_project()),
+                "policy.denied",
+                crate::vault::VaultError::Forbidden,
+                "client certificate lacks the clientAuth extended key usage",
+            )?;
+        }
+        return Err(ApiError::FORBIDDEN);
+    };
     let project = project(req)?;
     if !state.tls.still_trusted(peer) {
         let actor = crate::audit::Actor::of("", peer);

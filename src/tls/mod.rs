@@ -32,10 +32,13 @@ use rustls::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{CertificateRevocationList, FromDer, GeneralName, X509Certificate};
 
 use crate::crypto::sha256_hex;
 use crate::policy::Peer;
+
+mod failures;
+pub use failures::HandshakeLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -362,6 +365,19 @@ pub fn peer_from_chain(chain: &[CertificateDer<'_>]) -> Option<Peer> {
         }
     }
     Some(peer)
+}
+
+/// The leaf of a chain the handshake verified but [`peer_from_chain`] gave no identity (no
+/// clientAuth extended key usage): its subject, fingerprint and chain only, so a refusal can
+/// be audited. It carries no names, so no policy identity can ever match it.
+pub fn refused_peer(chain: &[CertificateDer<'_>]) -> Option<Peer> {
+    let leaf = chain.first()?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+    Some(Peer {
+        subject: cert.subject().to_string(),
+        fingerprint: sha256_hex(leaf.as_ref()),
+        ..Peer::default()
+    })
 }
 
 #[cfg(test)]

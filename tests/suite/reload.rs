@@ -49,6 +49,9 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
             .send("GET", "/v1/health", &[], None)
     };
     assert!(health(&early).is_err(), "a revoked certificate got through");
+    // The failed handshake is a log line naming the peer and the reason.
+    wait_for_log(&daemon, "TLS handshake failed peer=127.0.0.1:", 1);
+    wait_for_log(&daemon, "reason=\"client certificate revoked\"", 1);
     assert_eq!(health(&late).unwrap().status, 200);
     assert_eq!(health(&other).unwrap().status, 200);
 

@@ -49,6 +49,9 @@ impl ClientSpec {
 
 pub struct Authority {
     issuer: CertifiedIssuer<'static, KeyPair>,
+    /// The certificates from this authority up to the root, the root left out (PEM; empty for a
+    /// root). Appended to each certificate it issues, so a client sends its whole chain.
+    chain: String,
 }
 
 fn name(common_name: &str) -> DistinguishedName {
@@ -69,7 +72,28 @@ impl Authority {
         params.not_after = now + Duration::days(365);
         Ok(Authority {
             issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)?,
+            chain: String::new(),
         })
+    }
+
+    /// An intermediate CA under this authority, valid from yesterday until `not_after`. What it
+    /// issues carries the intermediates after the leaf, so a client trusted through the root
+    /// alone can present the path.
+    pub fn intermediate(
+        &self,
+        common_name: &str,
+        not_after: OffsetDateTime,
+    ) -> Result<Authority, Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = name(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
+        params.not_after = not_after;
+        params.serial_number = Some(SerialNumber::from_slice(&serial()?));
+        let issuer = CertifiedIssuer::signed_by(params, KeyPair::generate()?, &self.issuer)?;
+        let chain = format!("{}{}", issuer.pem(), self.chain);
+        Ok(Authority { issuer, chain })
     }
 
     pub fn cert_pem(&self) -> String {
@@ -112,15 +136,12 @@ impl Authority {
     }
 
     fn issue(&self, mut params: CertificateParams) -> Result<Issued, Error> {
-        let mut serial = [0u8; 16];
-        crate::crypto::fill_random(&mut serial).map_err(|_| Error::RingUnspecified)?;
-        // Positive, as RFC 5280 asks.
-        serial[0] &= 0x7f;
+        let serial = serial()?;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
-            cert_pem: cert.pem(),
+            cert_pem: format!("{}{}", cert.pem(), self.chain),
             key_pem: Zeroizing::new(key.serialize_pem()),
             serial: serial.to_vec(),
         })
@@ -129,10 +150,20 @@ impl Authority {
     /// A CRL (PEM) from this authority revoking the certificates with these serials, valid
     /// from yesterday for 30 days.
     pub fn crl(&self, revoked: &[&[u8]]) -> Result<String, Error> {
+        self.crl_until(revoked, OffsetDateTime::now_utc() + Duration::days(30))
+    }
+
+    /// [`Authority::crl`] with its nextUpdate at `next_update` (whole seconds), after which a
+    /// verifier that enforces it refuses the chains it covers.
+    pub fn crl_until(
+        &self,
+        revoked: &[&[u8]],
+        next_update: OffsetDateTime,
+    ) -> Result<String, Error> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::days(1),
-            next_update: now + Duration::days(30),
+            next_update,
             crl_number: SerialNumber::from(now.unix_timestamp().unsigned_abs()),
             issuing_distribution_point: None,
             revoked_certs: revoked
@@ -148,4 +179,12 @@ impl Authority {
         };
         params.signed_by(&self.issuer)?.pem()
     }
+}
+
+/// A random serial number, positive as RFC 5280 asks.
+fn serial() -> Result<[u8; 16], Error> {
+    let mut serial = [0u8; 16];
+    crate::crypto::fill_random(&mut serial).map_err(|_| Error::RingUnspecified)?;
+    serial[0] &= 0x7f;
+    Ok(serial)
 }

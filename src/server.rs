@@ -285,6 +285,8 @@ fn on_connect(stream: &TlsStream<TcpStream>, extensions: &mut Extensions, tls: &
     // Verified by the handshake, under the configuration in force now unless a reload came
     // during it.
     peer.trusted_under = std::sync::atomic::AtomicU64::new(tls.generation_for_new_connection());
+    // When the chain must be verified again: an intermediate's or a CRL's expiry.
+    tls.stamp(&peer);
     extensions.insert(Arc::new(peer));
 }
 

@@ -131,7 +131,7 @@ fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, A
             &project,
             "policy.denied",
             crate::vault::VaultError::Forbidden,
-            "client certificate expired since the handshake, or no longer trusted after a reload (revoked, or CA changed)",
+            "client certificate expired since the handshake, or no longer trusted after a reload (revoked, or CA changed), or its intermediate or CRL expired",
         )?;
         return Err(ApiError::FORBIDDEN);
     }

@@ -38,6 +38,17 @@ pub struct Peer {
     /// The leaf certificate's `notAfter` (Unix seconds): past it, requests on a connection
     /// opened before are refused.
     pub not_after: i64,
+    /// The `notAfter` (Unix seconds) of each certificate the client sent after its leaf, on
+    /// the verified path or not: once one has passed, the chain is verified again.
+    pub issuers_not_after: Vec<i64>,
+    /// When the chain is next verified again (Unix seconds): the first second in which an
+    /// intermediate may have expired or a CRL passed its nextUpdate. 0 (the default) until
+    /// `TlsState::stamp` sets it, so a connection nobody stamped is verified again at its
+    /// first request rather than trusted past such a moment.
+    pub recheck_at: std::sync::atomic::AtomicI64,
+    /// Held while the chain is verified again, so that two requests doing it at once cannot
+    /// leave one verification's generation beside the other's `recheck_at`.
+    pub rechecking: std::sync::Mutex<()>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

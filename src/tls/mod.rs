@@ -14,6 +14,10 @@
 //! (unknown status and an expired CRL are refusals). Reload: the server certificate, the
 //! client CA and the CRLs sit behind [`TlsState`], which `SIGHUP` replaces as a whole or not
 //! at all; connections already established keep their session.
+//!
+//! An open connection's chain is verified again before a request when a reload came since it
+//! was last verified, and when time alone may have changed the answer since: an intermediate
+//! the client sent expired, or a CRL passed its nextUpdate ([`TlsState::still_trusted`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,15 +117,25 @@ pub struct TlsState {
     /// When the last reload began swapping the new configuration in.
     reloaded_at: Mutex<Option<Instant>>,
     certified: RwLock<Arc<CertifiedKey>>,
-    verifier: RwLock<Arc<dyn ClientCertVerifier>>,
+    verifier: RwLock<Arc<Verifier>>,
     /// Leaked once per load (a few hundred bytes per reload), so `root_hint_subjects` can hand
     /// out a reference that outlives the lock.
     hints: RwLock<&'static [DistinguishedName]>,
 }
 
+/// The client verifier, and when what it decides changes with time alone. One value, so that
+/// a reload replaces both at once and a verification always sees the deadlines of its own CRLs.
+#[derive(Debug)]
+struct Verifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    /// The nextUpdate of each CRL loaded (Unix seconds): from then on the verifier refuses
+    /// every chain that CRL covers. Empty without `[tls] crl`.
+    crl_next_updates: Vec<i64>,
+}
+
 struct Loaded {
     certified: Arc<CertifiedKey>,
-    verifier: Arc<dyn ClientCertVerifier>,
+    verifier: Arc<Verifier>,
 }
 
 fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, TlsError> {
@@ -131,6 +145,7 @@ fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, 
     }
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    let mut crl_next_updates = Vec::new();
     if let Some(crl) = paths.crl {
         let crls = CertificateRevocationListDer::pem_file_iter(crl)
             .map_err(|e| file_err(crl, e))?
@@ -139,17 +154,51 @@ fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, 
         if crls.is_empty() {
             return Err(file_err(crl, "no CRL found"));
         }
+        // A CRL whose nextUpdate cannot be read here is refused: open connections could not
+        // be checked again when it expires.
+        for der in &crls {
+            let (_, parsed) =
+                CertificateRevocationList::from_der(der.as_ref()).map_err(|e| file_err(crl, e))?;
+            if let Some(next_update) = parsed.next_update() {
+                crl_next_updates.push(next_update.timestamp());
+            }
+        }
         builder = builder.with_crls(crls).enforce_revocation_expiration();
     }
-    let verifier = builder
+    let inner = builder
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let certified = CertifiedKey::from_der(load_certs(paths.cert)?, load_key(paths.key)?, provider)
         .map_err(|e| file_err(paths.key, e))?;
     Ok(Loaded {
         certified: Arc::new(certified),
-        verifier,
+        verifier: Arc::new(Verifier {
+            inner,
+            crl_next_updates,
+        }),
     })
+}
+
+/// Unix seconds, as webpki counts them (whole seconds, rounded down).
+fn unix_seconds(at: UnixTime) -> i64 {
+    i64::try_from(at.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The first second in which verifying `peer`'s chain again may be refused although a
+/// verification at `checked` (Unix seconds) passed: a certificate sent after the leaf expires
+/// (webpki refuses it once the time is past its notAfter), or a CRL reaches its nextUpdate
+/// (refused from that second on). `i64::MAX` when there is none. Moments at or before
+/// `checked` are left out, as that verification already passed with them: a spare certificate
+/// the client sent already expired was not on the path, and a CRL already expired covers none
+/// of this chain.
+fn next_check(peer: &Peer, checked: i64, crl_next_updates: &[i64]) -> i64 {
+    peer.issuers_not_after
+        .iter()
+        .map(|not_after| not_after.saturating_add(1))
+        .chain(crl_next_updates.iter().copied())
+        .filter(|&at| at > checked)
+        .min()
+        .unwrap_or(i64::MAX)
 }
 
 impl TlsState {
@@ -159,6 +208,7 @@ impl TlsState {
         let hints: &'static [DistinguishedName] = Box::leak(
             loaded
                 .verifier
+                .inner
                 .root_hint_subjects()
                 .to_vec()
                 .into_boxed_slice(),
@@ -196,19 +246,44 @@ impl TlsState {
         }
     }
 
-    /// Whether a connection's client chain is still trusted: not expired since the handshake
-    /// (keep-alive can outlast a certificate), and checked again, once, against the current CA
-    /// and CRLs after each reload. A connection made before a reload that revoked its
-    /// certificate stays open, but every request on it is refused.
+    /// Sets when a new connection's chain is next verified (`Peer::recheck_at`), from the
+    /// intermediates it sent and the CRLs in force; called in `on_connect`. The handshake
+    /// verified the chain at some moment of the last [`HANDSHAKE_TIMEOUT`], so a deadline that
+    /// fell inside that window (plus a second) may have passed after the check: it counts as
+    /// still ahead, and the first request verifies the chain again. A connection left
+    /// unstamped is verified again at its first request all the same (`recheck_at` is 0).
+    pub fn stamp(&self, peer: &Peer) {
+        let window = i64::try_from(HANDSHAKE_TIMEOUT.as_secs() + 1).unwrap_or(i64::MAX);
+        let checked = unix_seconds(UnixTime::now()).saturating_sub(window);
+        let verifier = self.current_verifier();
+        peer.recheck_at.store(
+            next_check(peer, checked, &verifier.crl_next_updates),
+            Ordering::Release,
+        );
+    }
+
+    /// Whether a connection's client chain is still trusted: its leaf not expired since the
+    /// handshake (keep-alive can outlast a certificate), and its chain verified again with the
+    /// current CA and CRLs once after each reload and whenever an intermediate it sent expired
+    /// or a CRL passed its nextUpdate since the last verification. A connection whose chain
+    /// fails that stays open, but every request on it is refused (until a reload makes the
+    /// chain pass again).
     pub fn still_trusted(&self, peer: &Peer) -> bool {
-        let now = i64::try_from(UnixTime::now().as_secs()).unwrap_or(i64::MAX);
+        let at = UnixTime::now();
+        let now = unix_seconds(at);
         if now > peer.not_after {
             return false;
         }
         let generation = self.generation();
-        if peer.trusted_under.load(Ordering::Acquire) == generation {
+        // The common case, on every request: no reload and no deadline since the last check.
+        // `recheck_at` is stored before `trusted_under`, so a generation seen here comes with
+        // the deadline computed beside it.
+        if peer.trusted_under.load(Ordering::Acquire) == generation
+            && now < peer.recheck_at.load(Ordering::Acquire)
+        {
             return true;
         }
+        let _one_at_a_time = peer.rechecking.lock().unwrap_or_else(|p| p.into_inner());
         let Some((leaf, intermediates)) = peer.chain.split_first() else {
             return false;
         };
@@ -216,21 +291,24 @@ impl TlsState {
             .iter()
             .map(|c| CertificateDer::from(c.as_slice()))
             .collect();
-        let trusted = self
-            .current_verifier()
-            .verify_client_cert(
-                &CertificateDer::from(leaf.as_slice()),
-                &intermediates,
-                UnixTime::now(),
-            )
+        // Read after the generation: if a reload lands in between, the generation stored is the
+        // older one, and the next request verifies again.
+        let verifier = self.current_verifier();
+        let trusted = verifier
+            .inner
+            .verify_client_cert(&CertificateDer::from(leaf.as_slice()), &intermediates, at)
             .is_ok();
         if trusted {
+            peer.recheck_at.store(
+                next_check(peer, now, &verifier.crl_next_updates),
+                Ordering::Release,
+            );
             peer.trusted_under.store(generation, Ordering::Release);
         }
         trusted
     }
 
-    fn current_verifier(&self) -> Arc<dyn ClientCertVerifier> {
+    fn current_verifier(&self) -> Arc<Verifier> {
         Arc::clone(&self.verifier.read().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -268,6 +346,7 @@ impl ClientCertVerifier for CurrentVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.0
             .current_verifier()
+            .inner
             .verify_client_cert(end_entity, intermediates, now)
     }
 
@@ -279,6 +358,7 @@ impl ClientCertVerifier for CurrentVerifier {
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0
             .current_verifier()
+            .inner
             .verify_tls12_signature(message, cert, dss)
     }
 
@@ -290,11 +370,12 @@ impl ClientCertVerifier for CurrentVerifier {
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0
             .current_verifier()
+            .inner
             .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.current_verifier().supported_verify_schemes()
+        self.0.current_verifier().inner.supported_verify_schemes()
     }
 }
 
@@ -306,6 +387,7 @@ pub fn server_config(paths: &TlsPaths<'_>) -> Result<(ServerConfig, Arc<TlsState
     let hints: &'static [DistinguishedName] = Box::leak(
         loaded
             .verifier
+            .inner
             .root_hint_subjects()
             .to_vec()
             .into_boxed_slice(),
@@ -348,6 +430,16 @@ pub fn peer_from_chain(chain: &[CertificateDer<'_>]) -> Option<Peer> {
         // The leaf's: other certificates a client sends need not be on the path the
         // verifier built, and an expired spare one must not lock it out.
         not_after: cert.validity().not_after.timestamp(),
+        // Every other certificate's, on the path or not: when one expires the chain is
+        // verified again, which refuses it only if the path needed that certificate. One that
+        // does not parse here is skipped: x509-parser reads more than webpki accepts, so
+        // webpki cannot have built the path through it.
+        issuers_not_after: chain
+            .iter()
+            .skip(1)
+            .filter_map(|c| X509Certificate::from_der(c.as_ref()).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .collect(),
         ..Peer::default()
     };
     for cn in cert.subject().iter_common_name() {
@@ -424,6 +516,84 @@ mod tests {
         peer.trusted_under.store(stamp, Ordering::SeqCst);
         assert!(state.still_trusted(&peer));
         assert_eq!(peer.trusted_under.load(Ordering::SeqCst), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A chain is verified again at the first of its intermediates' expiries and the loaded
+    /// CRLs' nextUpdates; an expired spare certificate the client also sent sets no deadline
+    /// (it is not on the path, and must neither lock the client out nor make every request
+    /// verify again), and a reload's CRLs replace the deadline.
+    #[test]
+    fn chains_are_verified_again_at_their_first_deadline() {
+        let dir =
+            std::env::temp_dir().join(format!("cardvault-tls-deadlines-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let at = |seconds: i64| time::OffsetDateTime::from_unix_timestamp(now + seconds).unwrap();
+        let root = Authority::new("test ca").unwrap();
+        let intermediate = root.intermediate("test intermediate", at(3600)).unwrap();
+        let spare = root.intermediate("spare", at(-3600)).unwrap();
+        let server = root.server(&["localhost"]).unwrap();
+        let client = intermediate.client(&ClientSpec::named("router")).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let crls = |intermediate_next_update: i64| {
+            format!(
+                "{}{}",
+                root.crl_until(&[], at(3 * 3600)).unwrap(),
+                intermediate
+                    .crl_until(&[], at(intermediate_next_update))
+                    .unwrap()
+            )
+        };
+        let (cert, key, client_ca, crl) = (
+            file("server.pem", &server.cert_pem),
+            file("server.key", &server.key_pem),
+            file("ca.pem", &root.cert_pem()),
+            file("crl.pem", &crls(2 * 3600)),
+        );
+        let paths = TlsPaths {
+            cert: &cert,
+            key: &key,
+            client_ca: &client_ca,
+            crl: Some(&crl),
+        };
+        let (_, state) = server_config(&paths).unwrap();
+
+        let mut chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+        assert_eq!(chain.len(), 2, "leaf and intermediate");
+        chain.push(CertificateDer::from_pem_slice(spare.cert_pem().as_bytes()).unwrap());
+        let peer = peer_from_chain(&chain).unwrap();
+        assert_eq!(peer.issuers_not_after, vec![now + 3600, now - 3600]);
+
+        // Unstamped, the first request verifies the chain and finds the intermediate's expiry
+        // first (webpki refuses it from the second after its notAfter).
+        assert_eq!(peer.recheck_at.load(Ordering::SeqCst), 0);
+        assert!(state.still_trusted(&peer));
+        assert_eq!(peer.recheck_at.load(Ordering::SeqCst), now + 3601);
+        peer.recheck_at.store(0, Ordering::SeqCst);
+        state.stamp(&peer);
+        assert_eq!(peer.recheck_at.load(Ordering::SeqCst), now + 3601);
+
+        // A reload whose intermediate CRL expires sooner: the next request verifies again
+        // and takes its nextUpdate.
+        file("crl.pem", &crls(1800));
+        state.reload(&paths).unwrap();
+        assert!(state.still_trusted(&peer));
+        assert_eq!(peer.trusted_under.load(Ordering::SeqCst), 1);
+        assert_eq!(peer.recheck_at.load(Ordering::SeqCst), now + 1800);
+
+        // A deadline at or before the verification is left out, but `stamp` counts the ones
+        // that fell during the handshake, which may have checked the chain just before them.
+        assert_eq!(next_check(&peer, now, &[now - 2]), now + 3601);
+        assert_eq!(next_check(&peer, now - 4, &[now - 2]), now - 2);
+        assert_eq!(next_check(&Peer::default(), now, &[]), i64::MAX);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -128,3 +128,135 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     assert_eq!(audit.matches("\"event\":\"daemon.reload\"").count(), 4);
     assert_eq!(audit.matches("no longer trusted after a reload").count(), 1);
 }
+
+/// A whole second `seconds` from now: certificate and CRL times have no fraction.
+fn whole_seconds_from_now(seconds: i64) -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    time::OffsetDateTime::from_unix_timestamp(now + seconds).unwrap()
+}
+
+fn sleep_until(at: time::OffsetDateTime) {
+    let left = at - time::OffsetDateTime::now_utc();
+    if left.is_positive() {
+        std::thread::sleep(left.unsigned_abs());
+    }
+}
+
+/// Waits on an open session until a second past `refused_from`, the first moment the daemon
+/// must refuse it. A request 1.5 s before that moment keeps the connection from idling out
+/// (actix closes one idle for 5 s), and must be answered if it was answered in time.
+fn idle_past(session: &mut Session, refused_from: time::OffsetDateTime) {
+    sleep_until(refused_from - time::Duration::milliseconds(1500));
+    let status = session.get("/v1/health").status;
+    if time::OffsetDateTime::now_utc() < refused_from {
+        assert_eq!(status, 200, "refused before its deadline");
+    }
+    sleep_until(refused_from + time::Duration::seconds(1));
+}
+
+/// A keep-alive connection is refused once the CRL in force passes its nextUpdate, as a new
+/// handshake is (the verifier enforces CRL expiry), with no reload to prompt a check.
+#[test]
+fn an_open_connection_is_refused_once_the_crl_expires() {
+    let setup = Setup::new("crl-expiry");
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "client_ca = \"ca.pem\"\n",
+        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
+    );
+    write(&setup.config, &config);
+    let crl = setup.root().join("crl.pem");
+    write(&crl, &setup.ca.crl(&[]).unwrap());
+    let daemon = setup.start();
+    // The short-lived CRL comes by reload, so that however long the start took, the test
+    // still has its few seconds.
+    let next_update = whole_seconds_from_now(4);
+    write(&crl, &setup.ca.crl_until(&[], next_update).unwrap());
+    hangup(&daemon);
+    wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
+
+    let router = setup.router();
+    let mut session = setup.client(&daemon, &router).session();
+    let card = "/v1/cards/card_00000000000000000000000000000000";
+    assert_eq!(session.get("/v1/health").status, 200);
+    assert_eq!(session.get(card).status, 404);
+    assert!(
+        time::OffsetDateTime::now_utc() < next_update,
+        "the CRL expired before the first requests: the test ran too slowly to mean anything"
+    );
+
+    // webpki refuses a CRL from its nextUpdate on.
+    idle_past(&mut session, next_update);
+    assert_eq!(
+        session.get("/v1/health").status,
+        403,
+        "health answered on a connection whose CRL expired"
+    );
+    let res = session.get(card);
+    assert_eq!(
+        (res.status, res.code()),
+        (403, "forbidden".into()),
+        "a connection whose CRL expired still works"
+    );
+    assert!(
+        setup
+            .client(&daemon, &router)
+            .send("GET", "/v1/health", &[], None)
+            .is_err(),
+        "a handshake under an expired CRL was accepted"
+    );
+    assert!(!daemon.output().contains("panicked"));
+}
+
+/// A keep-alive connection whose client chain runs through an intermediate (the client sends
+/// leaf and intermediate, `client_ca` holds the root alone) is refused once that intermediate
+/// expires, although its leaf is still valid.
+#[test]
+fn an_open_connection_is_refused_once_its_intermediate_expires() {
+    let setup = Setup::new("intermediate-expiry");
+    let daemon = setup.start();
+    let not_after = whole_seconds_from_now(3);
+    let intermediate = setup
+        .ca
+        .intermediate("cardvault test intermediate", not_after)
+        .unwrap();
+    let router = issue(&intermediate, &spec("router"), setup.root());
+    assert_eq!(
+        std::fs::read_to_string(&router.cert)
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2,
+        "the client sends leaf and intermediate"
+    );
+
+    let mut session = setup.client(&daemon, &router).session();
+    let card = "/v1/cards/card_00000000000000000000000000000000";
+    assert_eq!(session.get("/v1/health").status, 200);
+    assert_eq!(session.get(card).status, 404);
+    assert!(
+        time::OffsetDateTime::now_utc() < not_after,
+        "the intermediate expired before the first requests: the test ran too slowly to mean anything"
+    );
+
+    // webpki refuses a certificate from the second after its notAfter.
+    idle_past(&mut session, not_after + time::Duration::seconds(1));
+    assert_eq!(
+        session.get("/v1/health").status,
+        403,
+        "health answered on a connection whose intermediate expired"
+    );
+    let res = session.get(card);
+    assert_eq!(
+        (res.status, res.code()),
+        (403, "forbidden".into()),
+        "a connection whose intermediate expired still works"
+    );
+    assert!(
+        setup
+            .client(&daemon, &router)
+            .send("GET", "/v1/health", &[], None)
+            .is_err(),
+        "a handshake through an expired intermediate was accepted"
+    );
+    assert!(!daemon.output().contains("panicked"));
+}

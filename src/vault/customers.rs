@@ -368,9 +368,17 @@ impl Vault {
                         pan: seal(&keys, Blob::TokenPan, project, tid, &digits)?,
                     };
                     let mut updated_customer = customer_rec.clone();
+                    // A token made by a caller that may not see fingerprints takes no part in
+                    // deduplication, later attaches included: if it did, a fingerprint holder's
+                    // attach landing on it (or not) would tell its maker which of the cards it
+                    // attached is the one the customer holds. An empty fingerprint matches none.
                     updated_customer.tokens.push(TokenRef {
                         id: tid.to_owned(),
-                        fingerprint: card_meta.fingerprint.clone(),
+                        fingerprint: if grant.disclosure().fingerprint {
+                            card_meta.fingerprint.clone()
+                        } else {
+                            String::new()
+                        },
                     });
                     batch
                         .expect_no_token(p, tid)

@@ -8,6 +8,8 @@
 //! enumerating candidates in order reaches it within the first 2,000 whether it sees 6 or 8
 //! leading digits: the test fails if any signal singles it out.
 
+use std::collections::HashMap;
+
 use serde_json::{json, Value};
 
 use crate::support::*;
@@ -107,26 +109,34 @@ fn tokenize_and_read_cannot_recover_a_pan() {
     let mut session = checkout.session();
     let shown = session.get(&format!("/v1/cards/{id}")).json();
     assert_eq!(shown["iin"], &target[..6]);
-    let want = pan_derived(&shown);
     let list = candidates(&shown, CANDIDATES);
     assert!(list.contains(&target), "the enumeration reaches the target");
-    let mut matches = Vec::new();
+    // Every answer the caller gets, by what it says about the card: all candidates must be
+    // answered alike, or the odd one out is the target.
+    let mut outcomes: HashMap<String, Vec<&String>> = HashMap::new();
     for pan in &list {
         let res = session.post("/v1/cards", &card_body(pan));
-        if res.status != 201 {
-            continue; // refused: it tells the caller nothing either way
+        let mut seen = format!("{} {}", res.status, pan_derived(&res.json()));
+        if res.status == 201 {
+            let read = session.get(&format!("/v1/cards/{}", res.json()["id"].as_str().unwrap()));
+            seen += &format!(" {} {}", read.status, pan_derived(&read.json()));
         }
-        let made = res.json();
-        let read = session.get(&format!("/v1/cards/{}", made["id"].as_str().unwrap()));
-        if pan_derived(&made) == want || pan_derived(&read.json()) == want {
-            matches.push(pan.clone());
-        }
+        outcomes.entry(seen).or_default().push(pan);
     }
-    assert!(
-        matches.len() != 1,
-        "checkout singled out the card number from {} candidates",
-        list.len()
+    assert_eq!(
+        outcomes.len(),
+        1,
+        "checkout told {} candidates apart ({} answers; the target's was shared by {})",
+        list.len(),
+        outcomes.len(),
+        outcomes
+            .values()
+            .find(|p| p.contains(&&target))
+            .map_or(0, Vec::len)
     );
+    // And that one answer is the target's own truncation, nothing more.
+    let only = outcomes.keys().next().unwrap();
+    assert!(only.ends_with(&pan_derived(&shown).to_string()), "{only}");
     assert!(
         shown.get("fingerprint").is_none() && shown.get("iin8").is_none(),
         "checkout sees more than BIN-6 and last 4: {shown}"
@@ -160,10 +170,9 @@ fn attach_cannot_recover_a_pan_through_deduplication() {
     let listed = session.get(&tokens).json();
     let shown = listed["data"][0].clone();
     assert_eq!(shown["id"], held.as_str());
-    let want = pan_derived(&shown);
     let list = candidates(&shown, CANDIDATES);
     assert!(list.contains(&target), "the enumeration reaches the target");
-    let mut matches = Vec::new();
+    let mut outcomes: HashMap<String, Vec<&String>> = HashMap::new();
     for pan in &list {
         let made = session.post("/v1/cards", &card_body(pan));
         assert_eq!(made.status, 201, "{}", made.body);
@@ -177,13 +186,18 @@ fn attach_cannot_recover_a_pan_through_deduplication() {
         );
         let token = res.json();
         let id = token["id"].as_str().unwrap().to_owned();
-        if res.status == 200
-            || token["duplicate"] == true
-            || id == held
-            || pan_derived(&token) == want
-        {
-            matches.push(pan.clone());
-        }
+        let listed = session.get(&tokens).json()["data"]
+            .as_array()
+            .unwrap()
+            .len();
+        let seen = format!(
+            "{} {} {} {} {listed}",
+            res.status,
+            token["duplicate"],
+            id == held,
+            pan_derived(&token)
+        );
+        outcomes.entry(seen).or_default().push(pan);
         if id != held {
             let gone = session
                 .send("DELETE", &format!("{tokens}/{id}"), None)
@@ -191,10 +205,16 @@ fn attach_cannot_recover_a_pan_through_deduplication() {
             assert_eq!(gone.status, 200, "{}", gone.body);
         }
     }
-    assert!(
-        matches.len() != 1,
-        "edge singled out the card number from {} candidates",
-        list.len()
+    assert_eq!(
+        outcomes.len(),
+        1,
+        "edge told {} candidates apart ({} answers; the target's was shared by {})",
+        list.len(),
+        outcomes.len(),
+        outcomes
+            .values()
+            .find(|p| p.contains(&&target))
+            .map_or(0, Vec::len)
     );
     assert!(
         shown.get("fingerprint").is_none() && shown.get("iin8").is_none(),
@@ -208,4 +228,52 @@ fn attach_cannot_recover_a_pan_through_deduplication() {
     let res = router.post(&tokens, &json!({"source": again}));
     assert_eq!(res.status, 200, "{}", res.body);
     assert_eq!(res.json()["id"], held.as_str());
+}
+
+/// The other way round: cards attached to a customer by a caller without `fingerprint` never
+/// take part in a fingerprint holder's deduplication. Else the router's routine attach of the
+/// customer's card would land on (update, and not add beside) the one candidate that is the
+/// same card, and the caller that attached the candidates would read which one it was.
+#[test]
+fn attaches_by_a_fingerprint_holder_never_land_on_another_callers_tokens() {
+    let setup = Setup::new("oracle-reattach");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let edge = setup.client(&daemon, &setup.identity(&spec("edge")));
+    let target = target_pan();
+    let cust = router.post("/v1/customers", &json!({})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tokens = format!("/v1/customers/{cust}/tokens");
+    let attach = |client: &Client, pan: &str| {
+        let card = client.post("/v1/cards", &card_body(pan)).json()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        client.post(&tokens, &json!({"source": card}))
+    };
+    let others = [test_pan(1), test_pan(2)];
+    let mut made = Vec::new();
+    for pan in [&target, &others[0], &others[1]] {
+        let res = attach(&edge, pan);
+        assert_eq!(res.status, 201, "{}", res.body);
+        made.push(res.json());
+    }
+    let before = edge.get(&tokens).json()["data"].clone();
+
+    // The router attaches the customer's real card: a token of its own, beside the others.
+    let res = attach(&router, &target);
+    assert_eq!(res.status, 201, "landed on a token edge made: {}", res.body);
+    let routers = res.json()["id"].as_str().unwrap().to_owned();
+    assert!(made.iter().all(|t| t["id"] != routers.as_str()));
+    let after = edge.get(&tokens).json()["data"].as_array().unwrap().clone();
+    assert_eq!(after.len(), 4);
+    for old in before.as_array().unwrap() {
+        assert!(after.contains(old), "edge's token changed: {old}");
+    }
+    // The router still deduplicates against its own token.
+    let res = attach(&router, &target);
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(res.json()["id"], routers.as_str());
 }

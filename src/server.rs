@@ -251,11 +251,19 @@ async fn handshake(
     failures: Arc<tls::HandshakeLog>,
     turns: Arc<tokio::sync::Semaphore>,
 ) -> Result<(TlsStream<TcpStream>, Protocol, Option<SocketAddr>), ()> {
-    let _turn = turns.acquire_owned().await.map_err(|_| ())?;
     let peer = tcp.peer_addr().ok();
     // Small requests and replies: no Nagle delay (as HttpServer's rustls acceptor does).
     let _ = tcp.set_nodelay(true);
-    let outcome = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    // The timeout runs from the accept and covers the wait for a turn: a flood of idle
+    // connections is closed after it instead of queueing (each holding a file descriptor).
+    let accepted = async {
+        let _turn = turns
+            .acquire_owned()
+            .await
+            .map_err(|_| std::io::Error::other("shutting down"))?;
+        acceptor.accept(tcp).await
+    };
+    let outcome = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, accepted).await {
         Ok(accepted) => accepted,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     };

@@ -139,6 +139,11 @@ struct Chain {
     /// The writer thread died: nothing will write again until a restart.
     writer_gone: bool,
     stop: bool,
+    /// A sync of the log failed: lines written before it may be lost in a power loss even
+    /// though the kernel still shows them (it reports a write-back failure once, and may keep
+    /// the pages it could not write). The head then stays at the last line a successful sync
+    /// made durable, until a restart.
+    head_frozen: bool,
 }
 
 struct Inner {
@@ -155,6 +160,9 @@ struct Inner {
     /// Tests only: the order in which the log was synced and the head written.
     #[cfg(test)]
     trace: Mutex<Vec<Step>>,
+    /// Tests only: the next log sync fails as a failed write-back would.
+    #[cfg(test)]
+    fail_next_sync: AtomicBool,
 }
 
 /// One step of a maintenance round, as the tests see it.
@@ -247,11 +255,14 @@ impl FileSink {
                 writer_idle: false,
                 writer_gone: false,
                 stop: false,
+                head_frozen: false,
             }),
             wake: Condvar::new(),
             file: Mutex::new(Some(file)),
             #[cfg(test)]
             trace: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
         });
         let writer_inner = Arc::clone(&inner);
         let writer = std::thread::Builder::new()
@@ -432,6 +443,16 @@ impl Inner {
     /// Every second and at shutdown: sync the log, then record its last durable line in the
     /// head; notice a rotated, replaced or repaired file.
     fn maintain(&self) {
+        // The head is written and synced with no lock held: audited requests need the chain
+        // lock to make their lines, and should not wait for a second fsync each second.
+        if let Some((head, seq, mac)) = self.maintain_log() {
+            self.write_head(&head, seq, &mac);
+        }
+    }
+
+    /// Syncs the log and reopens it if it was rotated, replaced or failed. Returns what the
+    /// head may now name, and a handle on the head file to write it with.
+    fn maintain_log(&self) -> Option<(File, u64, String)> {
         let mut chain = self.lock_chain();
         // What the head may name, captured before the sync: every line up to `written_seq`
         // was in the file when its `write` returned, so the sync below carries it. A batch
@@ -440,24 +461,32 @@ impl Inner {
         let (seq, mac) = (chain.written_seq, chain.written_prev.clone());
         // Waits for a write in progress.
         let mut file = self.lock_file();
+        let mut head = None;
         if let Some(open) = file.as_ref() {
             if let Err(e) = self.sync_log(open) {
-                tracing::error!(path = %self.path.display(), error = %e, "audit log cannot be synced: refusing audited requests");
+                tracing::error!(path = %self.path.display(), error = %e, "audit log cannot be synced: refusing audited requests; the head stays where it is until a restart");
                 chain.failed = Some(format!("cannot sync {}: {e}", self.path.display()));
+                chain.head_frozen = true;
                 self.failed.store(true, Ordering::Release);
-                // Retried next round, by reopening. The head stays where it was.
-                return;
+                // Retried next round, by reopening.
+                return None;
             }
             // Only after a sync that succeeded. (With no log open nothing was written since
             // the last round's sync; the head waits for the next one.)
-            self.write_head(&chain, seq, &mac);
+            if !chain.head_frozen && seq > 0 {
+                head = chain
+                    .head
+                    .as_ref()
+                    .and_then(|h| h.try_clone().ok())
+                    .map(|h| (h, seq, mac));
+            }
         }
         let current = fs::metadata(&self.path)
             .ok()
             .filter(|m| m.is_file())
             .map(|m| (m.dev(), m.ino()));
         if chain.writer_gone || (current == Some(chain.identity) && chain.failed.is_none()) {
-            return;
+            return head;
         }
         // Rotated, replaced, removed or failed: reopen; the chain continues in the new file.
         match open_append(&self.path) {
@@ -479,12 +508,17 @@ impl Inner {
                 self.failed.store(true, Ordering::Release);
             }
         }
+        head
     }
 }
 
 impl Inner {
     /// fdatasyncs the open log (the caller holds the file lock, so no write is in progress).
     fn sync_log(&self, file: &File) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(5)); // EIO
+        }
         file.sync_data()?;
         #[cfg(test)]
         self.note(Step::LogSynced(self.last_seq_in_file()));
@@ -497,13 +531,7 @@ impl Inner {
     /// chain's lock cost a third of the tokenization throughput. A cut of whole lines older
     /// than the last second is caught. A failed head write leaves an older head, which is
     /// safe: it only names an earlier line.
-    fn write_head(&self, chain: &Chain, seq: u64, mac: &str) {
-        if seq == 0 {
-            return;
-        }
-        let Some(file) = &chain.head else {
-            return;
-        };
+    fn write_head(&self, file: &File, seq: u64, mac: &str) {
         let head = format!("{seq:020} {mac}\n");
         let written = file
             .write_all_at(head.as_bytes(), 0)
@@ -956,6 +984,32 @@ mod tests {
             verify(&log, &key, Some(&head), false),
             Verdict::Intact(405, 1, 405)
         );
+    }
+
+    /// After a failed sync, lines written before it may be gone after a power loss though
+    /// the file still shows them: the head never names a line past the last good sync again,
+    /// even once the log is writable and synced again.
+    #[test]
+    fn after_a_failed_sync_the_head_stays_at_the_last_good_one() {
+        let (sink, path, _key) = sink("headfreeze");
+        for _ in 0..3 {
+            written(&sink, &event("card.tokenize"));
+        }
+        sink.maintain();
+        let head = || fs::read_to_string(head_path(&path)).unwrap();
+        let good = head();
+        assert!(good.starts_with(&format!("{:020} ", 3)), "{good}");
+        written(&sink, &event("card.tokenize"));
+        sink.inner.fail_next_sync.store(true, Ordering::SeqCst);
+        sink.maintain();
+        assert!(sink.ready().is_err(), "a failed sync must refuse audited requests");
+        // The next rounds reopen the log and sync it fine; lines are written again.
+        sink.maintain();
+        sink.ready().unwrap();
+        written(&sink, &event("card.tokenize"));
+        sink.maintain();
+        sink.maintain();
+        assert_eq!(head(), good);
     }
 
     #[test]

@@ -767,7 +767,7 @@ fn customer_view(id: &str, profile: Profile, record: &CustomerRecord) -> Custome
     CustomerView {
         id: id.to_owned(),
         object: "customer",
-        profile,
+        profile: profile.screened(),
         created_at: rfc3339(record.created_at),
         updated_at: rfc3339(record.updated_at),
     }

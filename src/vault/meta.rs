@@ -120,6 +120,28 @@ mod tests {
         }
     }
 
+    /// Views show what the caller's disclosure allows, and never a stored holder name the
+    /// current rule would refuse (a card number in fullwidth digits, stored before the rule).
+    #[test]
+    fn views_are_cut_to_the_disclosure_and_screen_old_names() {
+        use crate::policy::Disclosure;
+        let none = Disclosure::default();
+        let all = Disclosure {
+            fingerprint: true,
+            iin8: true,
+        };
+        let shown = meta(Some("Ada Lovelace"), Some("42424242")).shown(none);
+        assert_eq!(
+            (shown.iin8, shown.fingerprint, shown.holder_name.as_deref()),
+            (None, None, Some("Ada Lovelace"))
+        );
+        let shown = meta(None, Some("42424242")).shown(all);
+        assert_eq!(shown.iin8.as_deref(), Some("42424242"));
+        assert_eq!(shown.fingerprint.map(|f| f.len()), Some(64));
+        let fullwidth = "\u{ff14}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11}";
+        assert_eq!(meta(Some(fullwidth), None).shown(all).holder_name, None);
+    }
+
     #[test]
     fn metadata_round_trips_smaller_than_json() {
         for m in [

@@ -251,7 +251,11 @@ impl CardMeta {
             last4: self.last4,
             exp_month: self.exp_month,
             exp_year: self.exp_year,
-            holder_name: self.holder_name,
+            // A name stored under the older rule (only ASCII digits refused) that the current
+            // one refuses, such as a number in fullwidth digits, is not shown.
+            holder_name: self
+                .holder_name
+                .filter(|h| crate::card::HolderName::parse(h).is_ok()),
             fingerprint: Some(self.fingerprint).filter(|_| disclosure.fingerprint),
         }
     }

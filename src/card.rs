@@ -167,9 +167,36 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
 /// passing Luhn, so a Luhn test would let a PAN hidden in a longer run (a PAN followed by its
 /// CVC) through. Free text headed for logs or storage is refused when this is true.
 pub fn contains_pan(text: &str) -> bool {
-    digit_row(text, SEPARATOR_RUN, true, |c| {
-        c.is_whitespace() || is_dash(c) || matches!(c, '+' | '.' | '_' | '/' | '\\' | '|')
+    digit_row(text, SEPARATOR_RUN, true, is_invisible, |c| {
+        c.is_whitespace()
+            || is_dash(c)
+            || matches!(
+                c,
+                '+' | '.'
+                    | '_'
+                    | '/'
+                    | '\\'
+                    | '|'
+                    | '\''
+                    | '\u{b7}' // middle dot
+                    | '\u{2022}' // bullet
+                    | '\u{2219}' // bullet operator
+                    | '\u{30fb}' // katakana middle dot
+                    | '\u{ff0b}' // fullwidth plus
+                    | '\u{ff0e}' // fullwidth full stop
+                    | '\u{ff0f}' // fullwidth solidus
+            )
     })
+}
+
+/// Characters that show nothing and are skipped as if absent, so that they can neither join
+/// nor split a row of digits: zero-width space, non-joiner and joiner, word joiner, byte-order
+/// mark, soft hyphen, Mongolian vowel separator.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200b}' | '\u{200c}' | '\u{200d}' | '\u{2060}' | '\u{feff}' | '\u{ad}' | '\u{180e}'
+    )
 }
 
 /// The hyphen-minus and the Unicode dashes that may stand in for it between digit groups:
@@ -187,7 +214,7 @@ fn is_dash(c: char) -> bool {
 /// every stored record's key, so a name accepted once must stay accepted: this rule must not
 /// widen with [`contains_pan`].
 pub fn contains_grouped_pan(text: &str) -> bool {
-    digit_row(text, 1, false, |c| matches!(c, ' ' | '-' | '.'))
+    digit_row(text, 1, false, |_| false, |c| matches!(c, ' ' | '-' | '.'))
 }
 
 /// Whether `text` holds [`PAN_MIN`] numeric characters with at most `max_run` separators
@@ -197,13 +224,14 @@ fn digit_row(
     text: &str,
     max_run: usize,
     whitespace_runs: bool,
+    ignorable: impl Fn(char) -> bool,
     separator: impl Fn(char) -> bool,
 ) -> bool {
     let mut digits = 0usize;
     let mut separators = 0usize;
     // Whether the previous character was whitespace counted as a separator of this row.
     let mut in_whitespace = false;
-    for c in text.chars() {
+    for c in text.chars().filter(|&c| !ignorable(c)) {
         if c.is_numeric() {
             digits += 1;
             separators = 0;
@@ -638,6 +666,16 @@ mod tests {
             // A fourth separator still ends the row; a whitespace run counts as one.
             ("4111 \u{2013}\u{2013}\u{2013} 1111 1111 111", false),
             ("4111++++1111++++1111++++1111", false),
+            // Invisible characters neither join nor split a row; dots, bullets and
+            // apostrophes between groups, fullwidth punctuation, are separators.
+            ("4111\u{200b}1111\u{200b}1111\u{200b}1111", true),
+            ("4111\u{ad}1111\u{2060}1111\u{feff}1111", true),
+            ("4111 \u{200b}\u{200b}\u{200b}\u{200b} 1111 1111 1111", true),
+            ("4111\u{b7}1111\u{b7}1111\u{b7}1111", true),
+            ("4111 \u{2022} 1111 \u{2022} 1111 \u{2022} 1111", true),
+            ("4111'1111'1111'1111", true),
+            ("4111\u{ff0b}1111\u{ff0e}1111\u{ff0f}1111", true),
+            ("4111\u{200b}1111\u{200b}111", false),
         ];
         for (input, found) in cases {
             assert_eq!(contains_pan(input), *found, "{input:?}");

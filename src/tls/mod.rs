@@ -154,8 +154,8 @@ fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, 
         if crls.is_empty() {
             return Err(file_err(crl, "no CRL found"));
         }
-        // A CRL whose nextUpdate cannot be read here is refused: open connections could not
-        // be checked again when it expires.
+        // A CRL that cannot be parsed here is refused: open connections could not be checked
+        // again when it expires. One without a nextUpdate never expires, so sets no deadline.
         for der in &crls {
             let (_, parsed) =
                 CertificateRevocationList::from_der(der.as_ref()).map_err(|e| file_err(crl, e))?;

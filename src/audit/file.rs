@@ -1002,7 +1002,10 @@ mod tests {
         written(&sink, &event("card.tokenize"));
         sink.inner.fail_next_sync.store(true, Ordering::SeqCst);
         sink.maintain();
-        assert!(sink.ready().is_err(), "a failed sync must refuse audited requests");
+        assert!(
+            sink.ready().is_err(),
+            "a failed sync must refuse audited requests"
+        );
         // The next rounds reopen the log and sync it fine; lines are written again.
         sink.maintain();
         sink.ready().unwrap();

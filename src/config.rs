@@ -102,7 +102,10 @@ struct RawConfig {
     card_token_ttl: Option<String>,
     cvc_ttl: Option<String>,
     workers: Option<usize>,
+    /// The old place of `[store] cache_mb`, still read.
     cache_mb: Option<u64>,
+    #[serde(default)]
+    store: RawStore,
     #[serde(default)]
     log: LogConfig,
     #[serde(default)]
@@ -110,6 +113,16 @@ struct RawConfig {
     #[serde(default)]
     keys: RawKeys,
     audit: RawAudit,
+}
+
+/// `[store]`: which engine keeps the records, and its settings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    /// `"sled"`, the embedded engine (the default and, today, the only one).
+    engine: Option<String>,
+    /// sled's page cache, in MiB (default 64).
+    cache_mb: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +239,20 @@ impl Config {
         if raw.workers == Some(0) {
             return Err("workers must be at least 1".into());
         }
+        if let Some(engine) = raw.store.engine.as_deref().filter(|e| *e != "sled") {
+            return Err(format!(
+                "[store] engine {engine:?} is not known: the one engine is \"sled\""
+            ));
+        }
+        let cache_mb = match (raw.store.cache_mb, raw.cache_mb) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "cache_mb is set twice: keep [store] cache_mb and remove the top-level one"
+                        .into(),
+                )
+            }
+            (store, top) => store.or(top).unwrap_or(64),
+        };
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let config = Config {
             listen,
@@ -241,7 +268,7 @@ impl Config {
             card_token_ttl,
             cvc_ttl,
             workers: raw.workers,
-            cache_bytes: raw.cache_mb.unwrap_or(64) * 1024 * 1024,
+            cache_bytes: cache_mb.saturating_mul(1024 * 1024),
             log: raw.log,
             insecure_dev_key: raw.insecure_dev_key,
             keys,
@@ -346,6 +373,21 @@ mod tests {
         path = "audit/audit.log"
     "#;
 
+    /// The store cache is set under `[store]` (as documented), or at the top level where older
+    /// configs have it.
+    #[test]
+    fn store_cache_is_read_from_store_or_the_top_level() {
+        let mib = |text: &str| Config::parse(text, Path::new("/tmp")).unwrap().cache_bytes >> 20;
+        assert_eq!(mib(MINIMAL), 64);
+        assert_eq!(
+            mib(&format!(
+                "{MINIMAL}\n[store]\nengine = \"sled\"\ncache_mb = 16"
+            )),
+            16
+        );
+        assert_eq!(mib(&MINIMAL.replace("listen", "cache_mb = 32\nlisten")), 32);
+    }
+
     #[test]
     fn durations() {
         for (text, secs) in [
@@ -386,6 +428,14 @@ mod tests {
             .contains("audit.path"));
         let unknown = format!("{MINIMAL}\n[extra]\nx = 1");
         assert!(Config::parse(&unknown, Path::new("/tmp")).is_err());
+        let engine = format!("{MINIMAL}\n[store]\nengine = \"mysql\"");
+        assert!(Config::parse(&engine, Path::new("/tmp"))
+            .unwrap_err()
+            .contains("engine"));
+        let twice = MINIMAL.replace("listen", "cache_mb = 8\nlisten") + "\n[store]\ncache_mb = 8";
+        assert!(Config::parse(&twice, Path::new("/tmp"))
+            .unwrap_err()
+            .contains("twice"));
         for ttl in [
             "card_token_ttl = \"soon\"",
             "card_token_ttl = \"31d\"",

@@ -395,9 +395,16 @@ async fn health(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
             &serde_json::json!({"status": "sealed", "sealed": true}),
         )
     } else if !state.vault.ready() {
+        // "unavailable" mends by itself (a full disk with room again, an audit log that can
+        // be written again); "restart_required" does not.
+        let status = if state.vault.needs_restart() {
+            "restart_required"
+        } else {
+            "unavailable"
+        };
         json(
             StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"status": "unavailable", "sealed": false}),
+            &serde_json::json!({"status": status, "sealed": false}),
         )
     } else {
         json(

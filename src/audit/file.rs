@@ -437,6 +437,10 @@ impl AuditSink for FileSink {
     fn maintain(&self) {
         self.inner.maintain();
     }
+
+    fn needs_restart(&self) -> bool {
+        self.inner.failed.load(Ordering::Acquire) && self.inner.lock_chain().writer_gone
+    }
 }
 
 impl Inner {
@@ -901,6 +905,10 @@ mod tests {
         assert!(sink.record(&event("card.tokenize")).is_err());
         sink.maintain();
         assert!(sink.ready().is_err());
+        assert!(
+            sink.needs_restart(),
+            "a dead writer does not come back by itself"
+        );
     }
 
     /// Blocking waits on a runtime worker (refusals are audited from request handlers): many

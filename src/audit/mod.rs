@@ -144,6 +144,11 @@ pub trait AuditSink: Send + Sync {
 
     /// Called every second: sync to disk, notice a rotated or repaired file.
     fn maintain(&self) {}
+
+    /// Whether the trail cannot recover by itself (its writer is gone): only a restart helps.
+    fn needs_restart(&self) -> bool {
+        false
+    }
 }
 
 /// Writes audit events into the daemon's structured log.
@@ -186,5 +191,9 @@ impl AuditSink for FileAndLog {
 
     fn maintain(&self) {
         self.0.maintain();
+    }
+
+    fn needs_restart(&self) -> bool {
+        self.0.needs_restart()
     }
 }

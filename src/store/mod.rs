@@ -413,6 +413,14 @@ impl Store {
         self.0.current().is_ok_and(|g| !g.failed())
     }
 
+    /// Whether the store failed in a way a reopen does not mend (a failed write-back, an I/O
+    /// error other than a full disk): it takes no writes until the daemon restarts.
+    pub fn needs_restart(&self) -> bool {
+        self.0
+            .current()
+            .is_ok_and(|g| g.failed() && g.commit.fatal())
+    }
+
     /// Waits until the write behind `ticket` is on disk.
     pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
         let g = self.0.current()?;
@@ -825,6 +833,22 @@ mod tests {
             meta: vec![1],
             pan: Some(vec![2; 28]),
         }
+    }
+
+    /// A failure a reopen mends (a full disk that refused a write) leaves the store unwritable
+    /// but not in need of a restart; any other I/O error needs one.
+    #[test]
+    fn only_a_failure_a_reopen_cannot_mend_needs_a_restart() {
+        let (store, dir) = temp_store("restart");
+        assert!(store.writable() && !store.needs_restart());
+        let full = sled::Error::Io(std::io::ErrorKind::StorageFull.into());
+        store.0.current().unwrap().commit.fail(&full);
+        assert!(!store.writable() && !store.needs_restart());
+        let other = sled::Error::Io(std::io::Error::other("i/o error"));
+        store.0.current().unwrap().commit.fail(&other);
+        assert!(!store.writable() && store.needs_restart());
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Sixteen threads race to use each of 100 records: exactly one wins every time.

@@ -844,6 +844,13 @@ impl Vault {
         self.store.writable() && self.audit.ready().is_ok()
     }
 
+    /// Whether what keeps the vault from serving writes will not mend by itself: a store
+    /// failure a reopen cannot fix, or a dead audit writer. `/v1/health` says
+    /// `restart_required`, so an operator (or an orchestrator) restarts it.
+    pub fn needs_restart(&self) -> bool {
+        self.store.needs_restart() || self.audit.needs_restart()
+    }
+
     /// Whether the audit trail can take events; checked before every audited request.
     pub fn audit_ready(&self) -> Result<(), VaultError> {
         Ok(self.audit.ready()?)

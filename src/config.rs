@@ -39,6 +39,8 @@ pub struct Config {
     pub keys: crate::vault::KeySettings,
     /// The chained audit log; never inside `data_dir` or `keys_dir`.
     pub audit_path: PathBuf,
+    /// The file this was loaded from, read again on `SIGHUP` for the TLS files and policies.
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,10 +173,12 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base).map_err(|message| ConfigError::Invalid {
+        let mut config = Config::parse(&text, base).map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
@@ -273,6 +277,7 @@ impl Config {
             insecure_dev_key: raw.insecure_dev_key,
             keys,
             audit_path: resolve(raw.audit.path),
+            source: None,
         };
         config.check_layout()?;
         Ok(config)

@@ -87,9 +87,16 @@ fn spawn_reloader(
     });
 }
 
+/// What a reload reads: the config file again (so `[tls]` paths, a CRL turned on or off, and
+/// `policies` may change), then the files it names. Other settings take effect at a restart.
 fn reload(config: &Config, tls: &tls::TlsState, state: &AppState) -> Result<(), String> {
-    let policy = Policy::load(&config.policies).map_err(|e| e.to_string())?;
-    tls.reload(&config.tls.paths()).map_err(|e| e.to_string())?;
+    let current = match &config.source {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => config.clone(),
+    };
+    let policy = Policy::load(&current.policies).map_err(|e| e.to_string())?;
+    tls.reload(&current.tls.paths())
+        .map_err(|e| e.to_string())?;
     *state.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     Ok(())
 }

@@ -129,6 +129,38 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     assert_eq!(audit.matches("no longer trusted after a reload").count(), 1);
 }
 
+/// Revocation turned on by a reload: the config file is read again on `SIGHUP`, so a `crl`
+/// added to `[tls]` takes effect without a restart.
+#[test]
+fn a_crl_added_to_the_config_takes_effect_on_reload() {
+    let setup = Setup::new("crl-on");
+    let daemon = setup.start();
+    let revoked = setup.router();
+    let kept = setup.router();
+    let health = |who: &Identity| {
+        setup
+            .client(&daemon, who)
+            .send("GET", "/v1/health", &[], None)
+    };
+    assert_eq!(health(&revoked).unwrap().status, 200);
+    write(
+        &setup.root().join("crl.pem"),
+        &setup.ca.crl(&[&revoked.serial]).unwrap(),
+    );
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "client_ca = \"ca.pem\"\n",
+        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
+    );
+    write(&setup.config, &config);
+    hangup(&daemon);
+    wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
+    assert!(
+        health(&revoked).is_err(),
+        "the CRL added by the reload was not used"
+    );
+    assert_eq!(health(&kept).unwrap().status, 200);
+}
+
 /// A whole second `seconds` from now: certificate and CRL times have no fraction.
 fn whole_seconds_from_now(seconds: i64) -> time::OffsetDateTime {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -452,6 +452,93 @@ pub fn keys_rotate(connect: &Connect) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// Moves the new custodians' folder into place once the vault uses its KEK; the old shares
+/// are removed (they open nothing any more).
+fn promote(current_dir: &Path, next_dir: &Path, kek_id: &str) -> Result<(), CommandError> {
+    let retired = current_dir.with_extension("retired");
+    let _ = std::fs::remove_dir_all(&retired);
+    std::fs::rename(current_dir, &retired)
+        .and_then(|()| std::fs::rename(next_dir, current_dir))
+        .map_err(|e| {
+            CommandError::Keys(format!(
+                "the vault now uses KEK {kek_id}, but moving {} into place failed: {e}; the \
+                 daemon also finds it there after a restart",
+                next_dir.display()
+            ))
+        })?;
+    let _ = std::fs::remove_dir_all(&retired);
+    Ok(())
+}
+
+/// A `custodians.next` left by a rekey whose outcome was unknown (a timeout, a reset, a
+/// vault that could not be reached): the vault says which KEK it uses. If it is the new one,
+/// that rekey took effect: its folder is moved into place and `Ok(true)` says so. If it is
+/// still the current one, it never did: its shares open nothing, they are removed, and the
+/// rekey runs again (`Ok(false)`). Anything else is left for an operator.
+fn settle_unfinished_rekey(
+    client: &crate::client::AdminClient,
+    current_dir: &Path,
+    next_dir: &Path,
+) -> Result<bool, CommandError> {
+    let current = Custody::load(current_dir).map_err(keys_error)?;
+    let next = Custody::load(next_dir).map_err(keys_error)?;
+    let inventory = expect_ok(
+        client
+            .send("GET", "/v1/admin/keys", None)
+            .map_err(keys_error)?,
+    )?;
+    let unfinished = |why: &str| {
+        CommandError::Keys(format!(
+            "{} exists: a rekey did not finish, and {why}; see keys/README.md, runbook 4 step 5",
+            next_dir.display()
+        ))
+    };
+    if inventory["sealed"] != serde_json::Value::Bool(false) {
+        return Err(unfinished(
+            "the vault is sealed: unseal it and run this again",
+        ));
+    }
+    let in_use = inventory["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| {
+            k["purpose"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("key-encryption"))
+        })
+        .and_then(|k| k["id"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    if in_use == next.kek_id {
+        promote(current_dir, next_dir, &next.kek_id)?;
+        println!(
+            "the last rekey had taken effect: KEK {} ({}-of-{}) replaces {}; its shares are \
+             now in {}. Nothing else was changed",
+            next.kek_id,
+            next.threshold,
+            next.custodians.len(),
+            current.kek_id,
+            current_dir.display()
+        );
+        return Ok(true);
+    }
+    if in_use == current.kek_id {
+        std::fs::remove_dir_all(next_dir)
+            .map_err(|e| CommandError::Keys(format!("removing {}: {e}", next_dir.display())))?;
+        eprintln!(
+            "the last rekey never took effect (the vault still uses {}): its new shares were \
+             removed; rekeying again",
+            current.kek_id
+        );
+        return Ok(false);
+    }
+    Err(unfinished(&format!(
+        "the vault uses KEK {in_use:?}, neither {} nor {}",
+        current.kek_id, next.kek_id
+    )))
+}
+
 /// `cardvault keys rekey`: k current custodians open their shares; a new KEK is split for the
 /// new custodian list into `custodians.next/`; the daemon re-wraps every key under it; then
 /// the new folder replaces the old one, whose shares no longer open anything.
@@ -467,11 +554,8 @@ pub fn keys_rekey(
     let current_dir = config.keys_dir.join(CUSTODIANS_DIR);
     let next_dir = config.keys_dir.join(NEXT_CUSTODIANS_DIR);
     let current = Custody::load(&current_dir).map_err(keys_error)?;
-    if next_dir.exists() {
-        return Err(CommandError::Keys(format!(
-            "{} exists: a rekey did not finish; see keys/README.md before trying again",
-            next_dir.display()
-        )));
+    if next_dir.exists() && settle_unfinished_rekey(&client, &current_dir, &next_dir)? {
+        return Ok(());
     }
     let passphrases = Passphrases::parse(passphrase_files)?;
     let shares = share_files
@@ -544,19 +628,7 @@ pub fn keys_rekey(
             )));
         }
     }
-    let retired = config.keys_dir.join(format!("{CUSTODIANS_DIR}.retired"));
-    let _ = std::fs::remove_dir_all(&retired);
-    std::fs::rename(&current_dir, &retired)
-        .and_then(|()| std::fs::rename(&next_dir, &current_dir))
-        .map_err(|e| {
-            CommandError::Keys(format!(
-                "the vault now uses KEK {}, but moving {} into place failed: {e}; the daemon \
-                 also finds it there after a restart",
-                next.kek_id,
-                next_dir.display()
-            ))
-        })?;
-    let _ = std::fs::remove_dir_all(&retired);
+    promote(&current_dir, &next_dir, &next.kek_id)?;
     println!(
         "rekeyed: KEK {} ({}-of-{}) replaces {}; the old shares open nothing any more",
         next.kek_id,

@@ -396,6 +396,65 @@ fn kill_9_during_reencryption_resumes_after_unseal() {
     daemon.stop();
 }
 
+/// A rekey whose request never reached the vault leaves `custodians.next` (its outcome is
+/// unknown to the CLI); running it again, as the runbook says, finds the vault still on the
+/// old KEK, removes the useless new shares and rekeys.
+#[test]
+fn a_rekey_that_never_reached_the_vault_runs_again() {
+    let setup = Setup::with_custodians("rekey-retry", "", &["alice", "bob"], 2);
+    let daemon = setup.start();
+    assert!(setup.unseal_as(&daemon, "alice", 1).0);
+    assert!(setup.unseal_as(&daemon, "bob", 1).0);
+    let old_kek = inventory(&setup, &daemon)["keys"][0]["id"].clone();
+    let ops = setup.ops();
+    let pass = |n: &str, g: u32| format!("{n}={}", setup.passphrase_file(n, g).display());
+    let share = |n: &str| setup.share(n).display().to_string();
+    let rekey = |url: &str| {
+        setup.try_cli(&[
+            "keys",
+            "rekey",
+            "--share",
+            &share("alice"),
+            "--share",
+            &share("bob"),
+            "--passphrase-file",
+            &pass("alice", 1),
+            "--passphrase-file",
+            &pass("bob", 1),
+            "--custodians",
+            "alice,bob",
+            "--threshold",
+            "2",
+            "--new-passphrase-file",
+            &pass("alice", 2),
+            "--new-passphrase-file",
+            &pass("bob", 2),
+            "--cert",
+            ops.cert.to_str().unwrap(),
+            "--key",
+            ops.key.to_str().unwrap(),
+            "--url",
+            url,
+        ])
+    };
+    // Nothing listens there: the request never arrives.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("https://{}", unused.local_addr().unwrap());
+    drop(unused);
+    let (ok, out) = rekey(&nowhere);
+    assert!(!ok && out.contains("outcome unknown"), "{out}");
+    assert!(setup.keys_dir.join("custodians.next").exists());
+
+    let (ok, out) = rekey(&format!("https://{}", daemon.addr));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("never took effect") && out.contains("rekeyed"),
+        "{out}"
+    );
+    assert!(!setup.keys_dir.join("custodians.next").exists());
+    assert_ne!(inventory(&setup, &daemon)["keys"][0]["id"], old_kek);
+}
+
 #[test]
 fn rekey_moves_to_new_custodians_and_old_shares_stop_working() {
     let setup = Setup::with_custodians("rekey", "", &["alice", "bob", "carol"], 2);

@@ -101,6 +101,25 @@ fn reload(config: &Config, tls: &tls::TlsState, state: &AppState) -> Result<(), 
     Ok(())
 }
 
+/// At start and then once a day: a warning for each certificate (server, client CA) or CRL
+/// that runs out within 30 days, an error for one that has run out. An expired server
+/// certificate or CRL stops every handshake, so these come early and every day.
+fn spawn_expiry_warnings(tls: Arc<tls::TlsState>) {
+    actix_web::rt::spawn(async move {
+        loop {
+            for (deadline, days_left) in tls.expiring(crate::vault::unix_now()) {
+                let at = crate::vault::rfc3339(deadline.at);
+                if days_left < 0 {
+                    tracing::error!(what = %deadline.what, at, "TLS material has run out");
+                } else {
+                    tracing::warn!(what = %deadline.what, days_left, at, "TLS material runs out soon");
+                }
+            }
+            actix_web::rt::time::sleep(std::time::Duration::from_secs(86_400)).await;
+        }
+    });
+}
+
 /// The audit file (its folder made 0700 if missing) and its key from `keys_dir`.
 fn open_audit(config: &Config) -> Result<FileAndLog, StartupError> {
     if let Some(dir) = config.audit_path.parent() {
@@ -364,6 +383,7 @@ impl Application {
             tls: Arc::clone(&tls_state),
         });
         let generation = Arc::clone(&tls_state);
+        spawn_expiry_warnings(Arc::clone(&tls_state));
         spawn_reloader(hangup, config.clone(), tls_state, state.clone());
         let server = serve(config, listener, tls_config, state, generation).map_err(|source| {
             StartupError::Bind {

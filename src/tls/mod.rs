@@ -121,7 +121,22 @@ pub struct TlsState {
     /// Leaked once per load (a few hundred bytes per reload), so `root_hint_subjects` can hand
     /// out a reference that outlives the lock.
     hints: RwLock<&'static [DistinguishedName]>,
+    /// When the loaded material runs out, for the warnings ahead of it ([`TlsState::expiring`]).
+    deadlines: RwLock<Vec<Deadline>>,
 }
+
+/// When one piece of the TLS material stops working: a certificate's notAfter, a CRL's
+/// nextUpdate (past it, every handshake it covers is refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deadline {
+    /// What runs out, for the log: "server certificate", "client CA CN=...", "CRL ...".
+    pub what: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// How long before a deadline the daily warnings start.
+pub const WARN_DAYS: i64 = 30;
 
 /// The client verifier, and when what it decides changes with time alone. One value, so that
 /// a reload replaces both at once and a verification always sees the deadlines of its own CRLs.
@@ -136,11 +151,29 @@ struct Verifier {
 struct Loaded {
     certified: Arc<CertifiedKey>,
     verifier: Arc<Verifier>,
+    deadlines: Vec<Deadline>,
+}
+
+/// `what` and the notAfter of each certificate in `certs` that parses.
+fn not_afters(
+    certs: &[CertificateDer<'_>],
+    what: impl Fn(&X509Certificate<'_>) -> String,
+) -> Vec<Deadline> {
+    certs
+        .iter()
+        .filter_map(|der| X509Certificate::from_der(der.as_ref()).ok())
+        .map(|(_, cert)| Deadline {
+            what: what(&cert),
+            at: cert.validity().not_after.timestamp(),
+        })
+        .collect()
 }
 
 fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, TlsError> {
     let mut roots = RootCertStore::empty();
-    for ca in load_certs(paths.client_ca)? {
+    let cas = load_certs(paths.client_ca)?;
+    let mut deadlines = not_afters(&cas, |c| format!("client CA {}", c.subject()));
+    for ca in cas {
         roots.add(ca).map_err(|e| file_err(paths.client_ca, e))?;
     }
     let mut builder =
@@ -161,6 +194,10 @@ fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, 
                 CertificateRevocationList::from_der(der.as_ref()).map_err(|e| file_err(crl, e))?;
             if let Some(next_update) = parsed.next_update() {
                 crl_next_updates.push(next_update.timestamp());
+                deadlines.push(Deadline {
+                    what: format!("CRL of {} ({})", parsed.issuer(), crl.display()),
+                    at: next_update.timestamp(),
+                });
             }
         }
         builder = builder.with_crls(crls).enforce_revocation_expiration();
@@ -168,7 +205,11 @@ fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, 
     let inner = builder
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let certified = CertifiedKey::from_der(load_certs(paths.cert)?, load_key(paths.key)?, provider)
+    let chain = load_certs(paths.cert)?;
+    deadlines.extend(not_afters(chain.get(..1).unwrap_or_default(), |c| {
+        format!("server certificate {}", c.subject())
+    }));
+    let certified = CertifiedKey::from_der(chain, load_key(paths.key)?, provider)
         .map_err(|e| file_err(paths.key, e))?;
     Ok(Loaded {
         certified: Arc::new(certified),
@@ -176,7 +217,16 @@ fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, 
             inner,
             crl_next_updates,
         }),
+        deadlines,
     })
+}
+
+fn expiring(deadlines: &[Deadline], now: i64) -> Vec<(Deadline, i64)> {
+    deadlines
+        .iter()
+        .filter(|d| d.at.saturating_sub(now) <= WARN_DAYS * 86_400)
+        .map(|d| (d.clone(), d.at.saturating_sub(now).div_euclid(86_400)))
+        .collect()
 }
 
 /// Unix seconds, as webpki counts them (whole seconds, rounded down).
@@ -219,8 +269,18 @@ impl TlsState {
         *self.certified.write().unwrap_or_else(|p| p.into_inner()) = loaded.certified;
         *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = loaded.verifier;
         *self.hints.write().unwrap_or_else(|p| p.into_inner()) = hints;
+        *self.deadlines.write().unwrap_or_else(|p| p.into_inner()) = loaded.deadlines;
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// What runs out within [`WARN_DAYS`] of `now` (Unix seconds), or has run out, with the
+    /// whole days left (negative once past). The daemon logs these once a day.
+    pub fn expiring(&self, now: i64) -> Vec<(Deadline, i64)> {
+        expiring(
+            &self.deadlines.read().unwrap_or_else(|p| p.into_inner()),
+            now,
+        )
     }
 
     pub fn generation(&self) -> u64 {
@@ -398,6 +458,7 @@ pub fn server_config(paths: &TlsPaths<'_>) -> Result<(ServerConfig, Arc<TlsState
         certified: RwLock::new(loaded.certified),
         verifier: RwLock::new(loaded.verifier),
         hints: RwLock::new(hints),
+        deadlines: RwLock::new(loaded.deadlines),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -480,6 +541,37 @@ mod tests {
     /// A reload makes the connections finishing their handshake right after it unchecked, so
     /// a certificate it revoked cannot slip through on a handshake that was checked before it;
     /// the first request checks them under the new configuration.
+    /// Warnings start 30 days ahead, count whole days, and go on once past.
+    #[test]
+    fn deadlines_within_thirty_days_are_reported_with_the_days_left() {
+        let day = 86_400;
+        let now = 1_800_000_000;
+        let deadline = |what: &str, at: i64| Deadline {
+            what: what.into(),
+            at,
+        };
+        let list = [
+            deadline("far", now + 31 * day),
+            deadline("thirty", now + 30 * day),
+            deadline("seven", now + 7 * day + 5),
+            deadline("hours", now + 3600),
+            deadline("past", now - 10),
+        ];
+        let got: Vec<(String, i64)> = expiring(&list, now)
+            .into_iter()
+            .map(|(d, days)| (d.what, days))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("thirty".to_owned(), 30),
+                ("seven".to_owned(), 7),
+                ("hours".to_owned(), 0),
+                ("past".to_owned(), -1)
+            ]
+        );
+    }
+
     #[test]
     fn connections_made_across_a_reload_are_checked_again() {
         let dir = std::env::temp_dir().join(format!("cardvault-tls-{}", std::process::id()));

@@ -161,6 +161,35 @@ fn a_crl_added_to_the_config_takes_effect_on_reload() {
     assert_eq!(health(&kept).unwrap().status, 200);
 }
 
+/// A CRL whose next update is days away is a warning in the log from the start (and once a
+/// day after), naming it and the days left.
+#[test]
+fn a_crl_close_to_its_next_update_is_a_warning_at_start() {
+    let setup = Setup::new("crl-soon");
+    let crl = setup.root().join("crl.pem");
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::days(5) + time::Duration::hours(1);
+    write(&crl, &setup.ca.crl_until(&[], soon).unwrap());
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "client_ca = \"ca.pem\"\n",
+        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
+    );
+    write(&setup.config, &config);
+    let daemon = setup.start();
+    wait_for_log(&daemon, "TLS material runs out soon", 1);
+    let line = daemon
+        .output()
+        .lines()
+        .find(|l| l.contains("TLS material runs out soon"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains("CRL of") && line.contains("days_left=5"),
+        "{line}"
+    );
+    // The server certificate (90 days) and the CA (a year) are not close: no line for them.
+    assert!(!daemon.output().contains("what=server certificate"));
+}
+
 /// A whole second `seconds` from now: certificate and CRL times have no fraction.
 fn whole_seconds_from_now(seconds: i64) -> time::OffsetDateTime {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -43,6 +43,8 @@ pub enum StartupError {
     },
     #[error("{0} (is another cardvault running on this data_dir?)")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    StoreFormat(StoreError),
     #[error("the key-encryption key does not open this store ({0}); wrong keys_dir?")]
     WrongKek(VaultError),
     #[error("keys_dir {0}")]
@@ -348,7 +350,10 @@ impl Application {
                 path: config.data_dir.display().to_string(),
                 source,
             })?;
-        let store = Store::open(&config.data_dir, config.cache_bytes)?;
+        let store = Store::open(&config.data_dir, config.cache_bytes).map_err(|e| match e {
+            StoreError::TooNew { .. } => StartupError::StoreFormat(e),
+            other => StartupError::Store(other),
+        })?;
         let source = key_source(config, store.kek_id()?)?;
         let settings = VaultSettings {
             card_token_ttl: config.card_token_ttl,

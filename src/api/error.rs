@@ -222,7 +222,8 @@ impl From<VaultError> for ApiError {
                 | StoreError::Flush(_)
                 | StoreError::Thread(_)
                 | StoreError::Unavailable
-                | StoreError::Damaged(_),
+                | StoreError::Damaged(_)
+                | StoreError::TooNew { .. },
             ) => {
                 tracing::error!(error = %e, "storage failure");
                 ApiError::new(

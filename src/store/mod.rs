@@ -47,7 +47,19 @@ pub enum StoreError {
     Unavailable,
     #[error("store damaged: {0}")]
     Damaged(String),
+    #[error(
+        "store format {found} was written by a newer cardvault (this one reads up to {FORMAT}): \
+         run that version or a later one; downgrades are not supported"
+    )]
+    TooNew { found: u32 },
 }
+
+/// The layout of what this build writes. A store records the highest format that ever wrote
+/// to it; this build reads every format up to its own and refuses a store from a newer one
+/// (whose records it might misread or half-rewrite). 2: card metadata in the binary layout
+/// (`vault::meta`); 1 (unrecorded): before it.
+pub const FORMAT: u32 = 2;
+const FORMAT_KEY: &[u8] = b"format";
 
 /// The outcome of a compare-and-swap loop ([`Store::swap_card`], [`Store::swap_token`], ...).
 pub enum Swap<R, E> {
@@ -204,6 +216,17 @@ impl Generation {
             None => 0,
         };
         recovery::check(dir, commit)?;
+        let found = match meta.get(FORMAT_KEY)? {
+            Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
+            None => 1,
+        };
+        if found > FORMAT {
+            return Err(StoreError::TooNew { found });
+        }
+        if found < FORMAT {
+            // Made durable by the first flush, with whatever this build writes first.
+            meta.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
+        }
         let log = std::fs::File::open(dir.join("db")).map_err(sled::Error::from)?;
         Ok(Generation {
             cards: db.open_tree("cards")?,
@@ -833,6 +856,27 @@ mod tests {
             meta: vec![1],
             pan: Some(vec![2; 28]),
         }
+    }
+
+    /// A store records its format; one from a newer build is refused before anything is read.
+    #[test]
+    fn a_store_from_a_newer_format_is_refused() {
+        let (store, dir) = temp_store("format");
+        store.close().unwrap();
+        drop(store);
+        let db = sled::open(&dir).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        assert_eq!(
+            meta.get(FORMAT_KEY).unwrap().unwrap().as_ref(),
+            FORMAT.to_be_bytes()
+        );
+        meta.insert(FORMAT_KEY, &(FORMAT + 1).to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+        drop((meta, db));
+        let refused = Store::open(&dir, 8 << 20).err().unwrap();
+        assert!(matches!(refused, StoreError::TooNew { found } if found == FORMAT + 1));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// A failure a reopen mends (a full disk that refused a write) leaves the store unwritable

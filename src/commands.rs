@@ -251,7 +251,7 @@ pub fn keys_init(
             "wrote an INSECURE dev key to {}: one file holds the whole KEK; for dev and tests only",
             dev_key.display()
         );
-        return Ok(());
+        return hand_to_keys_dir_owner(&config.keys_dir);
     }
     let (Some(custodians), Some(threshold)) = (custodians, threshold) else {
         return Err(CommandError::Keys(
@@ -283,7 +283,7 @@ pub fn keys_init(
         "each custodian keeps a copy of their own share file and passphrase; {} of them unseal",
         custody.threshold
     );
-    Ok(())
+    hand_to_keys_dir_owner(&config.keys_dir)
 }
 
 /// How an operator command reaches the daemon.
@@ -452,6 +452,42 @@ pub fn keys_rotate(connect: &Connect) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// `keys init` and `keys rekey` are often run as root, in a `keys_dir` the service user owns
+/// (keys/README.md, runbook 1): what they wrote there as root is given to that owner, or the
+/// daemon could not read its own keys. A `keys_dir` root owns is left as it is, with a note.
+fn hand_to_keys_dir_owner(keys_dir: &Path) -> Result<(), CommandError> {
+    use std::os::unix::fs::MetadataExt;
+    if !crate::hardening::is_root() {
+        return Ok(());
+    }
+    let io = |e: std::io::Error| CommandError::Keys(format!("{}: {e}", keys_dir.display()));
+    let meta = std::fs::metadata(keys_dir).map_err(io)?;
+    let (uid, gid) = (meta.uid(), meta.gid());
+    if uid == 0 {
+        eprintln!(
+            "note: {} is owned by root; the user the daemon runs as must own it and everything \
+             in it (e.g. chown -R cardvault: {})",
+            keys_dir.display(),
+            keys_dir.display()
+        );
+        return Ok(());
+    }
+    let mut stack = vec![keys_dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(io)?;
+            if meta.is_dir() {
+                stack.push(path.clone());
+            }
+            if meta.uid() == 0 && !meta.file_type().is_symlink() {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(io)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Moves the new custodians' folder into place once the vault uses its KEK; the old shares
 /// are removed (they open nothing any more).
 fn promote(current_dir: &Path, next_dir: &Path, kek_id: &str) -> Result<(), CommandError> {
@@ -512,6 +548,9 @@ fn settle_unfinished_rekey(
         .to_owned();
     if in_use == next.kek_id {
         promote(current_dir, next_dir, &next.kek_id)?;
+        if let Some(keys_dir) = current_dir.parent() {
+            hand_to_keys_dir_owner(keys_dir)?;
+        }
         println!(
             "the last rekey had taken effect: KEK {} ({}-of-{}) replaces {}; its shares are \
              now in {}. Nothing else was changed",
@@ -629,6 +668,7 @@ pub fn keys_rekey(
         }
     }
     promote(&current_dir, &next_dir, &next.kek_id)?;
+    hand_to_keys_dir_owner(&config.keys_dir)?;
     println!(
         "rekeyed: KEK {} ({}-of-{}) replaces {}; the old shares open nothing any more",
         next.kek_id,
@@ -715,4 +755,33 @@ pub fn bench(
         print!("{}", crate::bench::table(&figures));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Run as root (as CI is), what lands in a keys_dir owned by another user becomes that
+    /// user's, folders included; elsewhere it says so and checks nothing.
+    #[test]
+    fn files_written_as_root_go_to_the_keys_dir_owner() {
+        if !crate::hardening::is_root() {
+            eprintln!("SKIPPED: needs root to hand files to another user");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("cardvault-owner-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("custodians")).unwrap();
+        std::fs::write(dir.join("audit.key"), b"k").unwrap();
+        std::fs::write(dir.join("custodians/kek.json"), b"{}").unwrap();
+        let nobody = 65534;
+        std::os::unix::fs::chown(&dir, Some(nobody), Some(nobody)).unwrap();
+        hand_to_keys_dir_owner(&dir).unwrap();
+        for p in ["audit.key", "custodians", "custodians/kek.json"] {
+            let meta = std::fs::metadata(dir.join(p)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (nobody, nobody), "{p}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

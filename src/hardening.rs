@@ -71,9 +71,14 @@ pub fn no_huge_pages() {
     }
 }
 
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    geteuid().is_root()
+}
+
 /// Warns about running as root: nothing here needs it.
 pub fn warn_if_root() {
-    if geteuid().is_root() {
+    if is_root() {
         tracing::warn!("running as root: run cardvault as its own unprivileged user");
     }
 }

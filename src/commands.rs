@@ -529,21 +529,23 @@ fn settle_unfinished_rekey(
             next_dir.display()
         ))
     };
-    if inventory["sealed"] != serde_json::Value::Bool(false) {
+    if inventory.get("sealed") != Some(&serde_json::Value::Bool(false)) {
         return Err(unfinished(
             "the vault is sealed: unseal it and run this again",
         ));
     }
-    let in_use = inventory["keys"]
-        .as_array()
+    let in_use = inventory
+        .get("keys")
+        .and_then(serde_json::Value::as_array)
         .into_iter()
         .flatten()
         .find(|k| {
-            k["purpose"]
-                .as_str()
+            k.get("purpose")
+                .and_then(serde_json::Value::as_str)
                 .is_some_and(|p| p.starts_with("key-encryption"))
         })
-        .and_then(|k| k["id"].as_str())
+        .and_then(|k| k.get("id"))
+        .and_then(serde_json::Value::as_str)
         .unwrap_or_default()
         .to_owned();
     if in_use == next.kek_id {

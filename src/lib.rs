@@ -39,6 +39,7 @@ pub mod commands;
 pub mod config;
 pub mod dev;
 pub mod hardening;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 

@@ -298,6 +298,7 @@ async fn handshake(
     match outcome {
         Ok(io) => Ok((io, Protocol::Http1, peer)),
         Err(e) => {
+            crate::metrics::handshake_failed();
             failures.failed(peer, &e);
             Err(())
         }

@@ -34,6 +34,9 @@ mod reload;
 #[path = "suite/oracle.rs"]
 mod oracle;
 
+#[path = "suite/metrics.rs"]
+mod metrics;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

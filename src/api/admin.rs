@@ -1,7 +1,8 @@
-//! Key-management endpoints: unseal, DEK rotation, KEK rekey, the key inventory.
+//! Key-management endpoints: unseal, DEK rotation, KEK rekey, the key inventory; and the
+//! metrics scrape.
 //!
-//! Unseal takes `unseal` (each custodian with their own certificate); the rest take `keys`.
-//! Both are vault-wide permissions. Shares arrive as hex in wiping memory and are never
+//! Unseal takes `unseal` (each custodian with their own certificate); the key endpoints take
+//! `keys`; metrics take `metrics`. All three are vault-wide permissions. Shares arrive as hex in wiping memory and are never
 //! logged; key operations run on the blocking pool (they scan or flush the store).
 
 use actix_web::http::StatusCode;
@@ -11,7 +12,7 @@ use serde::Deserialize;
 use super::{grant, json, parse_json, read_body, ApiError, AppState};
 use crate::card::SecretInput;
 use crate::crypto::custody::{Custody, Share};
-use crate::policy::{Keys, Unseal};
+use crate::policy::{Keys, Metrics, Unseal};
 use crate::vault::VaultError;
 
 #[derive(Deserialize)]
@@ -131,4 +132,32 @@ pub async fn rekey(
         StatusCode::OK,
         &serde_json::json!({"kek_id": result?}),
     ))
+}
+
+/// `GET /v1/metrics`: the Prometheus text exposition. Answers while sealed and while the audit
+/// trail is down (that is when it is most needed); never an id, a caller's string or card data
+/// in a label.
+pub async fn metrics(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    grant::<Metrics>(&req, &state)?;
+    let vault = state.vault.clone();
+    let tls = std::sync::Arc::clone(&state.tls);
+    let body = web::block(move || {
+        let mut snapshot = vault.metrics_snapshot();
+        snapshot.now = crate::vault::unix_now();
+        snapshot.tls_deadlines = tls
+            .deadlines()
+            .into_iter()
+            .map(|d| (d.kind, d.what, d.at))
+            .collect();
+        crate::metrics::render(&snapshot)
+    })
+    .await
+    .map_err(|_| ApiError::INTERNAL)?;
+    Ok(HttpResponse::build(StatusCode::OK)
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body))
 }

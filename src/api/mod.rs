@@ -47,6 +47,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/v1")
             .service(resource("/health").route(web::get().to(health)))
+            .service(resource("/metrics").route(web::get().to(admin::metrics)))
             .service(resource("/admin/unseal").route(web::post().to(admin::unseal)))
             .service(resource("/admin/keys").route(web::get().to(admin::inventory)))
             .service(resource("/admin/keys/rotate").route(web::post().to(admin::rotate)))
@@ -151,7 +152,11 @@ fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, A
             return Err(denied.into());
         }
     };
-    state.vault.audit_ready()?;
+    // A scrape makes no audit line and must work while the trail is down: it is how an
+    // operator sees that it is.
+    if P::PERMISSION != crate::policy::Permission::Metrics {
+        state.vault.audit_ready()?;
+    }
     if !P::PERMISSION.is_vault_wide() && state.vault.is_sealed() {
         return Err(ApiError::SEALED);
     }
@@ -871,21 +876,36 @@ pub async fn log_request(
         res.headers_mut()
             .insert(header::HeaderName::from_static("request-id"), value);
     }
+    // The route pattern (`/v1/cards/{id}`), never the path: no id ever becomes a label.
+    let route = res
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "-".to_owned());
+    let status = res.status().as_u16();
+    let latency = started.elapsed();
     if logging {
-        let route = res
-            .request()
-            .match_pattern()
-            .unwrap_or_else(|| "-".to_owned());
         tracing::info!(
             request_id,
             caller,
             method = %method,
             route,
-            status = res.status().as_u16(),
-            latency_us = started.elapsed().as_micros() as u64,
+            status,
+            latency_us = latency.as_micros() as u64,
             "request"
         );
     }
+    // The method as a label only when it is one of the few the API knows: a client picks it.
+    let method_label = match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "PUT" => "PUT",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
+    crate::metrics::request(route, method_label, status, latency);
     Ok(res)
 }
 

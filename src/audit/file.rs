@@ -310,8 +310,10 @@ impl Inner {
                 return;
             };
             let last = (chain.seq, chain.prev.clone());
+            let backlog = chain.seq.saturating_sub(chain.written_seq);
             let mut file = self.lock_file();
             drop(chain);
+            let started = std::time::Instant::now();
             let written = match file.as_mut() {
                 // The length is read under the file lock, where only this thread writes and a
                 // rotation cannot swap the file.
@@ -325,6 +327,7 @@ impl Inner {
                 None => Err(std::io::Error::other("not open")),
             };
             drop(file);
+            crate::metrics::audit_write(started.elapsed(), backlog);
             let mut chain = self.lock_chain();
             match written {
                 Ok(()) => {

@@ -64,10 +64,12 @@ pub enum Permission {
     /// See card fingerprints, and have attach deduplicate cards by them. Not a permission of
     /// its own endpoint: it widens what the other permissions show (see [`Disclosure`]).
     Fingerprint,
+    /// Scrape `GET /v1/metrics`, vault-wide.
+    Metrics,
 }
 
 impl Permission {
-    const ALL: [Permission; 7] = [
+    const ALL: [Permission; 8] = [
         Permission::Tokenize,
         Permission::Read,
         Permission::Customers,
@@ -75,6 +77,7 @@ impl Permission {
         Permission::Unseal,
         Permission::Keys,
         Permission::Fingerprint,
+        Permission::Metrics,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,13 +89,17 @@ impl Permission {
             Permission::Unseal => "unseal",
             Permission::Keys => "keys",
             Permission::Fingerprint => "fingerprint",
+            Permission::Metrics => "metrics",
         }
     }
 
     /// Permissions over the whole vault rather than one project's data: `projects` does not
     /// restrict them.
     pub fn is_vault_wide(self) -> bool {
-        matches!(self, Permission::Unseal | Permission::Keys)
+        matches!(
+            self,
+            Permission::Unseal | Permission::Keys | Permission::Metrics
+        )
     }
 
     fn parse(s: &str) -> Option<Permission> {
@@ -126,6 +133,7 @@ permission_marker!(Detokenize, Permission::Detokenize);
 permission_marker!(Customers, Permission::Customers);
 permission_marker!(Unseal, Permission::Unseal);
 permission_marker!(Keys, Permission::Keys);
+permission_marker!(Metrics, Permission::Metrics);
 
 /// What an identity may see of a card beyond scheme, BIN-6, last 4, expiry and holder name.
 ///
@@ -610,7 +618,7 @@ mod tests {
     #[test]
     fn shipped_policies_parse() {
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        assert_eq!(Policy::load(&example).unwrap().identities.len(), 6);
+        assert_eq!(Policy::load(&example).unwrap().identities.len(), 7);
         assert_eq!(parse(crate::dev::DEV_POLICY).unwrap().identities.len(), 3);
     }
 

@@ -320,6 +320,7 @@ fn flush_loop(
         }
         let target = shared.issued.load(Ordering::SeqCst);
         let commit = shared.durable_commit.load(Ordering::SeqCst) + 1;
+        let started = std::time::Instant::now();
         // Each step marks the instance failed as it fails, and judges its own error.
         let result = meta
             .insert(COMMIT_KEY, &commit.to_be_bytes())
@@ -335,6 +336,7 @@ fn flush_loop(
         // The commit number first: a writer told its write is durable may read it at once.
         shared.durable_commit.store(commit, Ordering::SeqCst);
         durable.send_replace(target);
+        crate::metrics::store_flush(started.elapsed(), target - covered);
         last_batch = target - covered;
         covered = target;
         if shared.stop.load(Ordering::SeqCst) && shared.issued.load(Ordering::SeqCst) == covered {

@@ -129,6 +129,8 @@ pub struct TlsState {
 /// nextUpdate (past it, every handshake it covers is refused).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deadline {
+    /// `server_certificate`, `client_ca` or `crl`.
+    pub kind: &'static str,
     /// What runs out, for the log: "server certificate", "client CA CN=...", "CRL ...".
     pub what: String,
     /// Unix seconds.
@@ -157,12 +159,14 @@ struct Loaded {
 /// `what` and the notAfter of each certificate in `certs` that parses.
 fn not_afters(
     certs: &[CertificateDer<'_>],
+    kind: &'static str,
     what: impl Fn(&X509Certificate<'_>) -> String,
 ) -> Vec<Deadline> {
     certs
         .iter()
         .filter_map(|der| X509Certificate::from_der(der.as_ref()).ok())
         .map(|(_, cert)| Deadline {
+            kind,
             what: what(&cert),
             at: cert.validity().not_after.timestamp(),
         })
@@ -172,7 +176,7 @@ fn not_afters(
 fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, TlsError> {
     let mut roots = RootCertStore::empty();
     let cas = load_certs(paths.client_ca)?;
-    let mut deadlines = not_afters(&cas, |c| format!("client CA {}", c.subject()));
+    let mut deadlines = not_afters(&cas, "client_ca", |c| format!("client CA {}", c.subject()));
     for ca in cas {
         roots.add(ca).map_err(|e| file_err(paths.client_ca, e))?;
     }
@@ -195,6 +199,7 @@ fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, 
             if let Some(next_update) = parsed.next_update() {
                 crl_next_updates.push(next_update.timestamp());
                 deadlines.push(Deadline {
+                    kind: "crl",
                     what: format!("CRL of {} ({})", parsed.issuer(), crl.display()),
                     at: next_update.timestamp(),
                 });
@@ -206,9 +211,11 @@ fn load(paths: &TlsPaths<'_>, provider: &Arc<CryptoProvider>) -> Result<Loaded, 
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let chain = load_certs(paths.cert)?;
-    deadlines.extend(not_afters(chain.get(..1).unwrap_or_default(), |c| {
-        format!("server certificate {}", c.subject())
-    }));
+    deadlines.extend(not_afters(
+        chain.get(..1).unwrap_or_default(),
+        "server_certificate",
+        |c| format!("server certificate {}", c.subject()),
+    ));
     let certified = CertifiedKey::from_der(chain, load_key(paths.key)?, provider)
         .map_err(|e| file_err(paths.key, e))?;
     Ok(Loaded {
@@ -272,6 +279,14 @@ impl TlsState {
         *self.deadlines.write().unwrap_or_else(|p| p.into_inner()) = loaded.deadlines;
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// When each piece of the loaded material runs out.
+    pub fn deadlines(&self) -> Vec<Deadline> {
+        self.deadlines
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// What runs out within [`WARN_DAYS`] of `now` (Unix seconds), or has run out, with the
@@ -547,6 +562,7 @@ mod tests {
         let day = 86_400;
         let now = 1_800_000_000;
         let deadline = |what: &str, at: i64| Deadline {
+            kind: "crl",
             what: what.into(),
             at,
         };

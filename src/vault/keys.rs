@@ -954,8 +954,25 @@ impl Vault {
         Ok(counts)
     }
 
+    /// Each project's DEK versions with their state and seals made, for metrics: the
+    /// inventory without its scan of every record. Empty while sealed or on a store error.
+    pub(super) fn dek_inventory(&self) -> Vec<(String, u32, String, u64)> {
+        self.inventory(false)
+            .map(|inv| inv.keys)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|k| Some((k.project?, k.version?, k.state, k.encryptions.unwrap_or(0))))
+            .collect()
+    }
+
     /// The key inventory: the KEK, and per project its fingerprint key and DEK versions.
     pub fn key_inventory(&self) -> Result<Inventory, VaultError> {
+        self.inventory(true)
+    }
+
+    /// The inventory, with each DEK version's record count when `count_records` (a scan of
+    /// every record).
+    fn inventory(&self, count_records: bool) -> Result<Inventory, VaultError> {
         let sealed = self.is_sealed();
         let custody = self
             .keyring
@@ -1005,7 +1022,11 @@ impl Vault {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let records = self.records_by_version()?;
+        let records = if count_records {
+            self.records_by_version()?
+        } else {
+            HashMap::new()
+        };
         let cached: HashMap<Project, Arc<ProjectKeys>> =
             self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
         let wrapped = self.store.wrapped_keys()?;

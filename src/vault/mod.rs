@@ -386,6 +386,11 @@ impl CvcCache {
     /// The smallest table the map is rebuilt into.
     const MIN_CAPACITY: usize = 1024;
 
+    /// How many codes are held.
+    fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     fn new() -> Result<CvcCache, CryptoError> {
         let rng = ring::rand::SystemRandom::new();
         Ok(CvcCache {
@@ -481,6 +486,9 @@ pub struct Vault {
     audit: Box<dyn AuditSink>,
     /// Random per process: marks the idempotency claims this process owns.
     boot_id: u64,
+    /// Card records the last sweep went through (live tokens and tombstones), for metrics:
+    /// the sweep reads every card anyway, a count on request would read them again.
+    cards_swept: std::sync::atomic::AtomicU64,
 }
 
 pub fn unix_now() -> i64 {
@@ -548,6 +556,7 @@ impl Vault {
             settings,
             audit,
             boot_id: u64::from_be_bytes(boot_id),
+            cards_swept: std::sync::atomic::AtomicU64::new(0),
         });
         if let Some(kek) = dev_kek {
             vault.install_kek(*kek)?;
@@ -890,8 +899,9 @@ impl Vault {
     /// Wipes expired CVCs; drops the PAN of expired card tokens; forgets tombstones after
     /// their retention. Safe to run while serving: every change is a compare-and-swap.
     fn sweep_cards(&self, now: i64) -> Result<(usize, usize), StoreError> {
-        let (mut expired, mut forgotten) = (0, 0);
+        let (mut expired, mut forgotten, mut seen) = (0, 0, 0u64);
         for item in self.store.cards() {
+            seen += 1;
             let (project, id, record) = match item {
                 Ok(x) => x,
                 Err(e) => {
@@ -923,7 +933,43 @@ impl Vault {
                 }
             }
         }
+        self.cards_swept.store(
+            seen.saturating_sub(forgotten as u64),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok((expired, forgotten))
+    }
+
+    /// What `GET /v1/metrics` shows of the vault: sealed and ready states, each project's
+    /// DEK versions with their seal counts and rotation limit (no record scan), and record
+    /// counts as of the last sweep.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let deks = self
+            .dek_inventory()
+            .into_iter()
+            .map(|(project, version, state, seals)| {
+                (
+                    project,
+                    version,
+                    state,
+                    seals,
+                    self.settings.keys.dek_max_encryptions,
+                )
+            })
+            .collect();
+        crate::metrics::Snapshot {
+            sealed: self.is_sealed(),
+            ready: self.ready(),
+            deks,
+            records: vec![
+                (
+                    "card",
+                    self.cards_swept.load(std::sync::atomic::Ordering::Relaxed),
+                ),
+                ("cvc", self.cvcs.len() as u64),
+            ],
+            ..Default::default()
+        }
     }
 }
 

@@ -64,6 +64,12 @@ uri_san = "spiffe://cardvault.test/checkout"
 permissions = ["tokenize", "read"]
 projects = ["*"]
 
+# Prometheus: scrapes /v1/metrics and nothing else.
+[[identity]]
+name = "prometheus"
+uri_san = "spiffe://cardvault.test/prometheus"
+permissions = ["metrics"]
+
 # An edge that makes customer tokens but never sees a card number or a fingerprint.
 [[identity]]
 name = "edge"

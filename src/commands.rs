@@ -26,6 +26,10 @@ pub enum CommandError {
     Keys(String),
     #[error("audit: {0}")]
     Audit(String),
+    #[error("{0} problem(s) found")]
+    Check(usize),
+    #[error("{0}")]
+    Explain(String),
     #[error("server: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]
@@ -757,6 +761,56 @@ pub fn bench(
         print!("{}", crate::bench::table(&figures));
     }
     Ok(())
+}
+
+/// `cardvault check --config F`: every problem `serve` would refuse to start on, and every
+/// warning it would log, without starting; non-zero when there is a problem.
+pub fn check(config_path: &Path) -> Result<(), CommandError> {
+    let config = Config::load(config_path)?;
+    let found = crate::check::run(&config);
+    for p in &found.problems {
+        println!("problem: {p}");
+    }
+    for w in &found.warnings {
+        println!("warning: {w}");
+    }
+    if found.problems.is_empty() {
+        println!(
+            "{}: no problems ({} warning(s)); the store is checked when serve opens it",
+            config_path.display(),
+            found.warnings.len()
+        );
+        Ok(())
+    } else {
+        Err(CommandError::Check(found.problems.len()))
+    }
+}
+
+/// `cardvault policy explain --config F --cert X.pem`: which identity a client certificate
+/// is, and what it may do on which projects.
+pub fn policy_explain(config_path: &Path, cert: &Path) -> Result<(), CommandError> {
+    let config = Config::load(config_path)?;
+    let policy = crate::policy::Policy::load(&config.policies)
+        .map_err(|e| CommandError::Explain(e.to_string()))?;
+    let chain = crate::tls::load_certs(cert).map_err(|e| CommandError::Explain(e.to_string()))?;
+    let Some(peer) = crate::tls::peer_from_chain(&chain) else {
+        return Err(CommandError::Explain(format!(
+            "{}: no identity: the leaf lacks the clientAuth extended key usage (every request \
+             is refused)",
+            cert.display()
+        )));
+    };
+    match policy.identify(&peer) {
+        Ok(identity) => {
+            println!("{}", identity.explain());
+            Ok(())
+        }
+        Err(denied) => Err(CommandError::Explain(format!(
+            "{}: {denied} (subject {}): every request is refused",
+            cert.display(),
+            peer.subject
+        ))),
+    }
 }
 
 #[cfg(test)]

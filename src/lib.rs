@@ -34,6 +34,7 @@ macro_rules! redacted_debug {
 
 pub mod bench;
 pub mod card;
+pub mod check;
 pub mod client;
 pub mod commands;
 pub mod config;

@@ -61,6 +61,17 @@ enum Command {
         #[arg(long)]
         ca: Option<PathBuf>,
     },
+    /// Check a config without starting: policies, TLS files and their deadlines, keys_dir;
+    /// lists every problem serve would refuse to start on, exits non-zero if any.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The policy: which identity a certificate is, and what it may do.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Key management.
     Keys {
         #[command(subcommand)]
@@ -112,6 +123,19 @@ impl Connect {
             url: self.url.clone(),
         }
     }
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Which identity a client certificate matches, its permissions, projects and what it
+    /// is shown of cards.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        /// The client certificate (PEM, leaf first).
+        #[arg(long)]
+        cert: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -192,6 +216,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve { config } => cardvault::commands::serve(config),
+        Command::Check { config } => cardvault::commands::check(config),
+        Command::Policy {
+            command: PolicyCommand::Explain { config, cert },
+        } => cardvault::commands::policy_explain(config, cert),
         Command::Dev { dir, listen } => cardvault::commands::dev(dir, listen),
         Command::Keys { command } => match command {
             KeysCommand::Init {

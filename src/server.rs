@@ -45,6 +45,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("{0}")]
     StoreFormat(StoreError),
+    #[error("the config has problems (`cardvault check` lists the same):\n  {}", .0.join("\n  "))]
+    Check(Vec<String>),
     #[error("the key-encryption key does not open this store ({0}); wrong keys_dir?")]
     WrongKek(VaultError),
     #[error("keys_dir {0}")]
@@ -341,6 +343,14 @@ impl Application {
                 addr: config.listen,
                 source,
             })?;
+        // Everything `cardvault check` finds stops the start, all of it said at once.
+        let found = crate::check::run(config);
+        for warning in &found.warnings {
+            tracing::warn!(warning = %warning, "config check");
+        }
+        if !found.problems.is_empty() {
+            return Err(StartupError::Check(found.problems));
+        }
         let policy = Arc::new(Policy::load(&config.policies)?);
         let tls_config = tls::server_config(&config.tls.paths())?;
         std::fs::DirBuilder::new()

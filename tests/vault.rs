@@ -37,6 +37,9 @@ mod oracle;
 #[path = "suite/metrics.rs"]
 mod metrics;
 
+#[path = "suite/check.rs"]
+mod check;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

@@ -283,6 +283,48 @@ impl Identity {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// What this identity may do, in words: for `cardvault policy explain`.
+    pub fn explain(&self) -> String {
+        let mut permissions: Vec<&str> = self.permissions.iter().map(|p| p.as_str()).collect();
+        permissions.sort_unstable();
+        let projects = match &self.projects {
+            None => "every project".to_owned(),
+            Some(set) => {
+                let mut names: Vec<&str> = set.iter().map(|p| p.as_str()).collect();
+                names.sort_unstable();
+                format!("projects {}", names.join(", "))
+            }
+        };
+        let shown = match (self.disclosure.iin8, self.disclosure.fingerprint) {
+            (false, false) => "BIN-6 and last 4",
+            (true, false) => "BIN-8 and last 4",
+            (false, true) => "BIN-6, last 4 and fingerprints",
+            (true, true) => "BIN-8, last 4 and fingerprints",
+        };
+        let matcher = match &self.matcher {
+            Matcher::UriSan(v) => format!("URI SAN {v}"),
+            Matcher::DnsSan(v) => format!("DNS SAN {v}"),
+            Matcher::CommonName(v) => format!("CN {v}"),
+        };
+        let limit = match self.limits.detokenize_per_second {
+            Some(rate) => format!(
+                "; detokenize at most {rate}/s (burst {})",
+                self.limits.detokenize_burst
+            ),
+            None => String::new(),
+        };
+        format!(
+            "identity {} (matched on {matcher}): {} on {projects} (project-bound permissions); \
+             cards shown as {shown}{limit}",
+            self.name,
+            if permissions.is_empty() {
+                "nothing".to_owned()
+            } else {
+                permissions.join(", ")
+            }
+        )
+    }
 }
 
 #[derive(Debug)]

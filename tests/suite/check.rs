@@ -1,0 +1,56 @@
+//! `cardvault check` and `cardvault policy explain`: a config judged without starting, every
+//! problem listed at once, the same problems stopping `serve`; and what a certificate may do.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::support::*;
+
+#[test]
+fn check_lists_every_problem_and_serve_refuses_on_the_same() {
+    let setup = Setup::new("check");
+    let (ok, out) = setup.try_cli(&["check"]);
+    assert!(ok && out.contains("no problems"), "{out}");
+
+    // Two problems at once: a TLS key others can read, and no audit key.
+    let key = setup.root().join("server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::remove_file(setup.keys_dir.join("audit.key")).unwrap();
+    let (ok, out) = setup.try_cli(&["check"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("readable by others"), "{out}");
+    assert!(out.contains("audit.key"), "{out}");
+    assert!(out.contains("2 problem(s) found"), "{out}");
+
+    let refused = Daemon::try_start(&setup).err().expect("serve started");
+    assert!(
+        refused.contains("readable by others") && refused.contains("audit.key"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn policy_explain_names_the_identity_and_what_it_may_do() {
+    let setup = Setup::new("explain");
+    let explain = |who: &Identity| {
+        setup.try_cli(&["policy", "explain", "--cert", who.cert.to_str().unwrap()])
+    };
+    let (ok, out) = explain(&setup.router());
+    assert!(ok, "{out}");
+    assert!(out.contains("identity router"), "{out}");
+    assert!(
+        out.contains("customers, detokenize, fingerprint, read, tokenize"),
+        "{out}"
+    );
+    assert!(out.contains("BIN-8, last 4 and fingerprints"), "{out}");
+    let (ok, out) = explain(&setup.checkout());
+    assert!(
+        ok && out.contains("cards shown as BIN-6 and last 4"),
+        "{out}"
+    );
+    let (ok, out) = explain(&setup.identity(&spec("stranger")));
+    assert!(!ok && out.contains("matches no identity"), "{out}");
+    let mut no_eku = spec("router");
+    no_eku.client_auth_eku = false;
+    let (ok, out) = explain(&setup.identity(&no_eku));
+    assert!(!ok && out.contains("clientAuth"), "{out}");
+}

@@ -24,6 +24,7 @@ struct Cli {
 enum Command {
     /// Serve with operator-provided certificates, keys and policies.
     Serve {
+        /// The daemon's config file (TOML).
         #[arg(long)]
         config: PathBuf,
     },
@@ -32,6 +33,7 @@ enum Command {
         /// Folder for the dev material (wiped and made again on every run).
         #[arg(long, default_value = ".cardvault-dev")]
         dir: PathBuf,
+        /// Address to serve on (loopback: the dev material is not for a network).
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: String,
     },
@@ -55,6 +57,7 @@ enum Command {
         /// Client certificate for --target (needs tokenize, read, customers, detokenize).
         #[arg(long)]
         cert: Option<PathBuf>,
+        /// Private key (PEM) of --cert.
         #[arg(long)]
         key: Option<PathBuf>,
         /// CA that signed the vault's server certificate.
@@ -64,6 +67,7 @@ enum Command {
     /// Check a config without starting: policies, TLS files and their deadlines, keys_dir;
     /// lists every problem serve would refuse to start on, exits non-zero if any.
     Check {
+        /// The daemon's config file (TOML).
         #[arg(long)]
         config: PathBuf,
     },
@@ -98,17 +102,19 @@ enum Command {
 /// How an operator command reaches the running vault.
 #[derive(Args)]
 struct Connect {
+    /// The daemon's config file (TOML).
     #[arg(long)]
     config: PathBuf,
     /// Client certificate (PEM) of the operator or custodian.
     #[arg(long)]
     cert: PathBuf,
+    /// Private key (PEM) of --cert.
     #[arg(long)]
     key: PathBuf,
     /// CA of the vault's server certificate; default: the config's tls.client_ca.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Default: https:// and the config's listen address.
+    /// The vault's URL; default: https:// and the config's listen address.
     #[arg(long)]
     url: Option<String>,
 }
@@ -130,6 +136,7 @@ enum PolicyCommand {
     /// Which identity a client certificate matches, its permissions, projects and what it
     /// is shown of cards.
     Explain {
+        /// The daemon's config file (TOML).
         #[arg(long)]
         config: PathBuf,
         /// The client certificate (PEM, leaf first).
@@ -158,6 +165,7 @@ enum AuditCommand {
 enum KeysCommand {
     /// Make the KEK and split it among custodians (k of n unseal), or make the insecure dev key.
     Init {
+        /// The daemon's config file (TOML).
         #[arg(long)]
         config: PathBuf,
         /// Custodian names, comma-separated; each is also the name of their policy identity.
@@ -178,6 +186,7 @@ enum KeysCommand {
     Status {
         #[command(flatten)]
         connect: Connect,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -199,6 +208,7 @@ enum KeysCommand {
         /// The new custodian list, comma-separated.
         #[arg(long)]
         custodians: String,
+        /// How many of the new custodians it takes to unseal (at least 2).
         #[arg(long)]
         threshold: u8,
         /// NAME=PATH: a new custodian's new passphrase file; repeatable.

@@ -54,3 +54,51 @@ fn policy_explain_names_the_identity_and_what_it_may_do() {
     let (ok, out) = explain(&setup.identity(&no_eku));
     assert!(!ok && out.contains("clientAuth"), "{out}");
 }
+
+/// Every option of every command says what it is for in `--help`.
+#[test]
+fn every_flag_has_help_text() {
+    let commands: &[&[&str]] = &[
+        &["serve"],
+        &["dev"],
+        &["check"],
+        &["bench"],
+        &["unseal"],
+        &["keys", "init"],
+        &["keys", "status"],
+        &["keys", "rotate"],
+        &["keys", "rekey"],
+        &["audit", "verify"],
+        &["policy", "explain"],
+    ];
+    for command in commands {
+        let out = std::process::Command::new(BIN)
+            .args(*command)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let option = line.trim_start();
+            if !option.starts_with("--") && !option.starts_with("-h") {
+                continue;
+            }
+            // Help on the same line, after the flag and its value name, or on the next.
+            // (A lone `[default: ...]` is not help.)
+            let same_line = option
+                .split("  ")
+                .filter(|s| !s.trim().is_empty())
+                .nth(1)
+                .is_some_and(|help| !help.trim_start().starts_with('['));
+            let next_line = lines.get(i + 1).is_some_and(|next| {
+                next.starts_with("          ") && !next.trim_start().starts_with('-')
+            });
+            assert!(
+                same_line || next_line,
+                "{command:?}: {option:?} has no help text:\n{text}"
+            );
+        }
+    }
+}

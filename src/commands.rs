@@ -691,10 +691,12 @@ pub fn audit_verify(
     config_path: &Path,
     logs: &[PathBuf],
     rotated: bool,
+    key: Option<&Path>,
 ) -> Result<(), CommandError> {
     use crate::audit::file::{verify_files, AuditKey, Verdict, KEY_FILE};
     let config = Config::load(config_path)?;
-    let key = AuditKey::load(&config.keys_dir.join(KEY_FILE)).map_err(keys_error)?;
+    let key_path = key.map_or_else(|| config.keys_dir.join(KEY_FILE), Path::to_owned);
+    let key = AuditKey::load(&key_path).map_err(keys_error)?;
     match verify_files(logs, &key, rotated).map_err(keys_error)? {
         (_, Verdict::Intact(lines, first, last)) => {
             println!(
@@ -708,6 +710,35 @@ pub fn audit_verify(
             path.display()
         ))),
     }
+}
+
+/// `cardvault audit rotate-key --config F`, the daemon stopped: the audit log and its key move
+/// aside, and a new log under a new key continues the old one's chain (its first line's
+/// `prev` is the old last line's MAC).
+pub fn audit_rotate_key(config_path: &Path) -> Result<(), CommandError> {
+    let config = Config::load(config_path)?;
+    if crate::store::Store::in_use(&config.data_dir) {
+        return Err(CommandError::Audit(
+            "the daemon is running (it holds the store): stop it first".into(),
+        ));
+    }
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .map_err(|e| CommandError::Audit(e.to_string()))?;
+    let key_path = config.keys_dir.join(crate::audit::file::KEY_FILE);
+    let (seq, moved) = crate::audit::file::rotate_key(&config.audit_path, &key_path, &stamp)
+        .map_err(|e| CommandError::Audit(e.0))?;
+    hand_to_keys_dir_owner(&config.keys_dir)?;
+    println!(
+        "rotated the audit key: {} (verify it with --key {}.{stamp}) ends at seq {seq}; {} \
+         continues it under the new key (verify it with --rotated)",
+        moved.display(),
+        key_path.display(),
+        config.audit_path.display()
+    );
+    Ok(())
 }
 
 /// `cardvault dev`: throwaway certificates, policy and key; serves and prints curl examples.

@@ -158,6 +158,17 @@ enum AuditCommand {
         /// The first file continues a part not given: it may start mid-chain.
         #[arg(long)]
         rotated: bool,
+        /// The audit key file to verify with (one kept by `audit rotate-key`); default: the
+        /// one in keys_dir.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// With the daemon stopped: move the audit log and its key aside and start a new log under
+    /// a new key that continues the old chain.
+    RotateKey {
+        /// The daemon's config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -271,8 +282,12 @@ fn main() -> ExitCode {
                     files,
                     config,
                     rotated,
+                    key,
                 },
-        } => cardvault::commands::audit_verify(config, files, *rotated),
+        } => cardvault::commands::audit_verify(config, files, *rotated, key.as_deref()),
+        Command::Audit {
+            command: AuditCommand::RotateKey { config },
+        } => cardvault::commands::audit_rotate_key(config),
         Command::Unseal {
             connect,
             share,

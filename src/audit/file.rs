@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{AuditError, AuditEvent, AuditSink, AuditTicket};
+use super::{Actor, AuditError, AuditEvent, AuditSink, AuditTicket, Outcome};
 use crate::crypto::{hex, unhex, KeyMaterial};
 
 pub const KEY_FILE: &str = "audit.key";
@@ -213,9 +213,19 @@ impl FileSink {
     /// Opens the log for appending and continues its chain from the last line, which must
     /// verify: a damaged tail stops startup rather than be built upon.
     pub fn open(path: &Path, key: AuditKey) -> Result<FileSink, AuditError> {
+        Self::open_after(path, key, None)
+    }
+
+    /// Opens the log; an empty one continues the chain after `(seq, mac)` of another file's
+    /// last line instead of starting it (a key rotation's new file).
+    fn open_after(
+        path: &Path,
+        key: AuditKey,
+        after: Option<(u64, String)>,
+    ) -> Result<FileSink, AuditError> {
         let fail = |what: String| AuditError(format!("audit log {}: {what}", path.display()));
         let (seq, prev) = match last_line(path).map_err(|e| fail(e.to_string()))? {
-            None => (0, GENESIS.to_owned()),
+            None => after.unwrap_or((0, GENESIS.to_owned())),
             Some(line) => {
                 let checked = check_line(&key, &line).ok_or_else(|| {
                     fail("the last line does not verify; run `cardvault audit verify` and move the file aside".into())
@@ -593,6 +603,72 @@ fn last_line(path: &Path) -> std::io::Result<Option<String>> {
     };
     let line = body.rsplit(|b| *b == b'\n').next().unwrap_or(body);
     Ok(Some(String::from_utf8_lossy(line).into_owned()))
+}
+
+/// Rotates the audit key (the daemon stopped): the log and its head move aside as
+/// `PATH.STAMP` and `PATH.STAMP.head`, the key that chained them to `KEY.STAMP` (kept, to
+/// verify them), a new key is made, and a new log begins whose first line,
+/// `audit.key_rotated` under the new key, continues the old file's chain: its seq follows the
+/// old last line's and its `prev` is that line's MAC. Verify the old file with the old key,
+/// the new one with `--rotated`. Refused unless the old log verifies to its end.
+pub fn rotate_key(log: &Path, key_path: &Path, stamp: &str) -> Result<(u64, PathBuf), AuditError> {
+    let fail = |what: String| AuditError(format!("{}: {what}", log.display()));
+    let old_key = AuditKey::load(key_path)?;
+    let (seq, mac) = match verify_files(&[log.to_owned()], &old_key, true)? {
+        (_, Verdict::Broken(line, why)) => {
+            return Err(fail(format!(
+                "line {line}: {why}; the key is not rotated over a broken log"
+            )))
+        }
+        (_, Verdict::Intact(0, _, _)) => (0, GENESIS.to_owned()),
+        (_, Verdict::Intact(..)) => {
+            let line = last_line(log)
+                .map_err(|e| fail(e.to_string()))?
+                .ok_or_else(|| fail("no last line".into()))?;
+            let (seq, mac, _) =
+                check_line(&old_key, &line).ok_or_else(|| fail("the last line moved".into()))?;
+            (seq, mac)
+        }
+    };
+    let aside = |p: &Path, suffix: &str| {
+        let mut name = p.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{stamp}{suffix}"));
+        p.with_file_name(name)
+    };
+    let moved_log = aside(log, "");
+    let moved_key = aside(key_path, "");
+    for (from, to) in [
+        (log.to_owned(), moved_log.clone()),
+        (head_path(log), aside(log, ".head")),
+        (key_path.to_owned(), moved_key.clone()),
+    ] {
+        if to.exists() {
+            return Err(fail(format!("{} exists already", to.display())));
+        }
+        if from.exists() {
+            fs::rename(&from, &to)
+                .map_err(|e| fail(format!("moving {} aside: {e}", from.display())))?;
+        }
+    }
+    AuditKey::create(key_path)?;
+    let sink = FileSink::open_after(log, AuditKey::load(key_path)?, Some((seq, mac)))?;
+    let continues = format!(
+        "continues {} after seq {seq}",
+        moved_log.file_name().unwrap_or_default().to_string_lossy()
+    );
+    sink.record(&AuditEvent {
+        action: "audit.key_rotated",
+        outcome: Outcome::Success,
+        actor: Actor::system(),
+        project: "",
+        object: None,
+        code: None,
+        reason: Some(&continues),
+        reference: None,
+    })?
+    .wait_blocking()?;
+    sink.maintain();
+    Ok((seq, moved_log))
 }
 
 /// `(seq, mac, prev)` of a line whose MAC verifies.

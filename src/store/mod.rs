@@ -394,6 +394,16 @@ impl Store {
         Ok(Store(shared))
     }
 
+    /// Whether a process (a running daemon) holds the store in `dir`: sled locks its log file
+    /// (`flock`) for as long as it has the store open. Asked without opening the store.
+    pub fn in_use(dir: &Path) -> bool {
+        let Ok(file) = std::fs::File::open(dir.join("db")) else {
+            return false;
+        };
+        // The lock, if taken here, goes with the file when it is dropped.
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
+    }
+
     /// Which opening of the store is current: anything derived from an earlier one (cached
     /// keys, counts) must be read again.
     pub fn generation(&self) -> u64 {

@@ -391,3 +391,77 @@ fn detokenization_limits_answer_429_and_are_audited() {
         .any(|l| l["identity"] == "prober"
             && l["reason"].as_str().unwrap().contains("unknown tokens")));
 }
+
+/// `audit rotate-key`, the daemon stopped: the old log and key move aside and still verify
+/// together; the new log, under a new key, continues the chain from the old last line, and
+/// the daemon carries on writing it.
+#[test]
+fn rotating_the_audit_key_continues_the_chain_in_a_new_file() {
+    let setup = Setup::new("audit-rotate");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    assert_eq!(
+        router.post("/v1/cards", &card_body(&test_pan(1))).status,
+        201
+    );
+    let (ok, out) = setup.try_cli(&["audit", "rotate-key"]);
+    assert!(!ok && out.contains("stop it first"), "{out}");
+    daemon.stop();
+
+    let log = setup.root().join("audit/audit.log");
+    let old_lines = audit_lines(&setup);
+    let old_last = old_lines.last().unwrap().clone();
+    let (ok, out) = setup.try_cli(&["audit", "rotate-key"]);
+    assert!(ok, "{out}");
+    let moved: Vec<_> = std::fs::read_dir(setup.root().join("audit"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("audit.log.") && !name.ends_with(".head")
+        })
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    let old_key: Vec<_> = std::fs::read_dir(&setup.keys_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("audit.key.")
+        })
+        .collect();
+    assert_eq!(old_key.len(), 1, "{old_key:?}");
+
+    // The old file verifies under the old key only; the new one starts where it ended.
+    let verify = |file: &Path, extra: &[&str]| {
+        let mut args = vec!["audit", "verify", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        setup.try_cli(&args)
+    };
+    let old_key = old_key[0].to_str().unwrap().to_owned();
+    assert!(verify(&moved[0], &["--key", &old_key]).0);
+    assert!(
+        !verify(&moved[0], &[]).0,
+        "the old file verified under the new key"
+    );
+    let first = audit_lines(&setup)[0].clone();
+    assert_eq!(first["event"], "audit.key_rotated");
+    assert_eq!(first["seq"], old_last["seq"].as_u64().unwrap() + 1);
+    assert_eq!(first["prev"], old_last["mac"]);
+    let (ok, out) = verify(&log, &["--rotated"]);
+    assert!(ok, "{out}");
+
+    // The daemon goes on writing the new file under the new key.
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    assert_eq!(
+        router.post("/v1/cards", &card_body(&test_pan(2))).status,
+        201
+    );
+    daemon.stop();
+    let (ok, out) = verify(&log, &["--rotated"]);
+    assert!(ok, "{out}");
+    assert!(audit_lines(&setup).len() > 2);
+}

@@ -69,6 +69,7 @@ fn every_flag_has_help_text() {
         &["keys", "rotate"],
         &["keys", "rekey"],
         &["audit", "verify"],
+        &["audit", "rotate-key"],
         &["policy", "explain"],
     ];
     for command in commands {

@@ -396,6 +396,36 @@ fn kill_9_during_reencryption_resumes_after_unseal() {
     daemon.stop();
 }
 
+/// `cardvault keys rekey` as ops at `url`: the `current` custodians prove custody with their
+/// first passphrases; the `next` list gets new shares under their second ones.
+fn rekey_as_ops(setup: &Setup, url: &str, current: &[&str], next: &[&str]) -> (bool, String) {
+    let ops = setup.ops();
+    let pass = |n: &str, g: u32| format!("{n}={}", setup.passphrase_file(n, g).display());
+    let mut args: Vec<String> = vec!["keys".into(), "rekey".into()];
+    for n in current {
+        args.extend(["--share".into(), setup.share(n).display().to_string()]);
+        args.extend(["--passphrase-file".into(), pass(n, 1)]);
+    }
+    args.extend([
+        "--custodians".into(),
+        next.join(","),
+        "--threshold".into(),
+        "2".into(),
+    ]);
+    for n in next {
+        args.extend(["--new-passphrase-file".into(), pass(n, 2)]);
+    }
+    args.extend([
+        "--cert".into(),
+        ops.cert.display().to_string(),
+        "--key".into(),
+        ops.key.display().to_string(),
+        "--url".into(),
+        url.into(),
+    ]);
+    setup.try_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// A rekey whose request never reached the vault leaves `custodians.next` (its outcome is
 /// unknown to the CLI); running it again, as the runbook says, finds the vault still on the
 /// old KEK, removes the useless new shares and rekeys.
@@ -406,37 +436,7 @@ fn a_rekey_that_never_reached_the_vault_runs_again() {
     assert!(setup.unseal_as(&daemon, "alice", 1).0);
     assert!(setup.unseal_as(&daemon, "bob", 1).0);
     let old_kek = inventory(&setup, &daemon)["keys"][0]["id"].clone();
-    let ops = setup.ops();
-    let pass = |n: &str, g: u32| format!("{n}={}", setup.passphrase_file(n, g).display());
-    let share = |n: &str| setup.share(n).display().to_string();
-    let rekey = |url: &str| {
-        setup.try_cli(&[
-            "keys",
-            "rekey",
-            "--share",
-            &share("alice"),
-            "--share",
-            &share("bob"),
-            "--passphrase-file",
-            &pass("alice", 1),
-            "--passphrase-file",
-            &pass("bob", 1),
-            "--custodians",
-            "alice,bob",
-            "--threshold",
-            "2",
-            "--new-passphrase-file",
-            &pass("alice", 2),
-            "--new-passphrase-file",
-            &pass("bob", 2),
-            "--cert",
-            ops.cert.to_str().unwrap(),
-            "--key",
-            ops.key.to_str().unwrap(),
-            "--url",
-            url,
-        ])
-    };
+    let rekey = |url: &str| rekey_as_ops(&setup, url, &["alice", "bob"], &["alice", "bob"]);
     // Nothing listens there: the request never arrives.
     let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let nowhere = format!("https://{}", unused.local_addr().unwrap());
@@ -481,38 +481,9 @@ fn rekey_moves_to_new_custodians_and_old_shares_stop_working() {
     );
 
     // Alice and Bob prove custody; Carol leaves, Dave joins; everyone picks a new passphrase.
-    let ops = setup.ops();
     let url = format!("https://{}", daemon.addr);
-    let pass = |n: &str, g: u32| format!("{n}={}", setup.passphrase_file(n, g).display());
-    let share = |n: &str| setup.share(n).display().to_string();
-    let out = setup.cli(&[
-        "keys",
-        "rekey",
-        "--share",
-        &share("alice"),
-        "--share",
-        &share("bob"),
-        "--passphrase-file",
-        &pass("alice", 1),
-        "--passphrase-file",
-        &pass("bob", 1),
-        "--custodians",
-        "alice,bob,dave",
-        "--threshold",
-        "2",
-        "--new-passphrase-file",
-        &pass("alice", 2),
-        "--new-passphrase-file",
-        &pass("bob", 2),
-        "--new-passphrase-file",
-        &pass("dave", 2),
-        "--cert",
-        ops.cert.to_str().unwrap(),
-        "--key",
-        ops.key.to_str().unwrap(),
-        "--url",
-        &url,
-    ]);
+    let (ok, out) = rekey_as_ops(&setup, &url, &["alice", "bob"], &["alice", "bob", "dave"]);
+    assert!(ok, "{out}");
     assert!(out.contains("rekeyed"), "{out}");
     assert!(!setup.share("carol").exists(), "the old share files stay");
     assert!(!setup.keys_dir.join("custodians.next").exists());

@@ -227,6 +227,7 @@ pub fn keys_init(
     insecure_dev_key: bool,
 ) -> Result<(), CommandError> {
     let config = Config::load(config_path)?;
+    refuse_root_in_others_folder(&config.keys_dir)?;
     private_dir(&config.keys_dir)?;
     let custody_dir = config.keys_dir.join(CUSTODIANS_DIR);
     let dev_key = config.keys_dir.join(DEV_KEY_FILE);
@@ -255,7 +256,7 @@ pub fn keys_init(
             "wrote an INSECURE dev key to {}: one file holds the whole KEK; for dev and tests only",
             dev_key.display()
         );
-        return hand_to_keys_dir_owner(&config.keys_dir);
+        return Ok(());
     }
     let (Some(custodians), Some(threshold)) = (custodians, threshold) else {
         return Err(CommandError::Keys(
@@ -287,7 +288,7 @@ pub fn keys_init(
         "each custodian keeps a copy of their own share file and passphrase; {} of them unseal",
         custody.threshold
     );
-    hand_to_keys_dir_owner(&config.keys_dir)
+    Ok(())
 }
 
 /// How an operator command reaches the daemon.
@@ -456,40 +457,27 @@ pub fn keys_rotate(connect: &Connect) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// `keys init` and `keys rekey` are often run as root, in a `keys_dir` the service user owns
-/// (keys/README.md, runbook 1): what they wrote there as root is given to that owner, or the
-/// daemon could not read its own keys. A `keys_dir` root owns is left as it is, with a note.
-fn hand_to_keys_dir_owner(keys_dir: &Path) -> Result<(), CommandError> {
+/// Refuses to write, as root, into a folder another user owns (the daemon's `keys_dir` or
+/// audit folder): the files would be root's and the daemon could not read them, and giving
+/// them away afterwards would mean root following paths that user controls. Run the command
+/// as that user instead.
+fn refuse_root_in_others_folder(dir: &Path) -> Result<(), CommandError> {
     use std::os::unix::fs::MetadataExt;
     if !crate::hardening::is_root() {
         return Ok(());
     }
-    let io = |e: std::io::Error| CommandError::Keys(format!("{}: {e}", keys_dir.display()));
-    let meta = std::fs::metadata(keys_dir).map_err(io)?;
-    let (uid, gid) = (meta.uid(), meta.gid());
-    if uid == 0 {
-        eprintln!(
-            "note: {} is owned by root; the user the daemon runs as must own it and everything \
-             in it (e.g. chown -R cardvault: {})",
-            keys_dir.display(),
-            keys_dir.display()
-        );
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if meta.uid() == 0 {
         return Ok(());
     }
-    let mut stack = vec![keys_dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(io)? {
-            let path = entry.map_err(io)?.path();
-            let meta = std::fs::symlink_metadata(&path).map_err(io)?;
-            if meta.is_dir() {
-                stack.push(path.clone());
-            }
-            if meta.uid() == 0 && !meta.file_type().is_symlink() {
-                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(io)?;
-            }
-        }
-    }
-    Ok(())
+    Err(CommandError::Keys(format!(
+        "{} belongs to uid {}: run this as that user (e.g. sudo -u cardvault cardvault ...), \
+         so that what it writes there is readable by the daemon",
+        dir.display(),
+        meta.uid()
+    )))
 }
 
 /// Moves the new custodians' folder into place once the vault uses its KEK; the old shares
@@ -554,9 +542,6 @@ fn settle_unfinished_rekey(
         .to_owned();
     if in_use == next.kek_id {
         promote(current_dir, next_dir, &next.kek_id)?;
-        if let Some(keys_dir) = current_dir.parent() {
-            hand_to_keys_dir_owner(keys_dir)?;
-        }
         println!(
             "the last rekey had taken effect: KEK {} ({}-of-{}) replaces {}; its shares are \
              now in {}. Nothing else was changed",
@@ -569,12 +554,21 @@ fn settle_unfinished_rekey(
         return Ok(true);
     }
     if in_use == current.kek_id {
-        std::fs::remove_dir_all(next_dir)
-            .map_err(|e| CommandError::Keys(format!("removing {}: {e}", next_dir.display())))?;
+        // Set aside, never deleted: a rekey still under way in the vault (queued behind
+        // another key operation, say) could yet commit that KEK, and then only these shares
+        // open the store; the daemon finds them by KEK id at its next start.
+        let aside = current_dir.with_file_name(format!(
+            "{}{}",
+            custody::ABANDONED_CUSTODIANS_PREFIX,
+            next.kek_id
+        ));
+        std::fs::rename(next_dir, &aside)
+            .map_err(|e| CommandError::Keys(format!("moving {} aside: {e}", next_dir.display())))?;
         eprintln!(
-            "the last rekey never took effect (the vault still uses {}): its new shares were \
-             removed; rekeying again",
-            current.kek_id
+            "the last rekey had not taken effect (the vault still uses {}): its new shares are \
+             kept in {} in case it still does; rekeying again",
+            current.kek_id,
+            aside.display()
         );
         return Ok(false);
     }
@@ -596,6 +590,7 @@ pub fn keys_rekey(
     new_passphrase_files: &[String],
 ) -> Result<(), CommandError> {
     let (config, client) = connect.open()?;
+    refuse_root_in_others_folder(&config.keys_dir)?;
     let current_dir = config.keys_dir.join(CUSTODIANS_DIR);
     let next_dir = config.keys_dir.join(NEXT_CUSTODIANS_DIR);
     let current = Custody::load(&current_dir).map_err(keys_error)?;
@@ -674,7 +669,6 @@ pub fn keys_rekey(
         }
     }
     promote(&current_dir, &next_dir, &next.kek_id)?;
-    hand_to_keys_dir_owner(&config.keys_dir)?;
     println!(
         "rekeyed: KEK {} ({}-of-{}) replaces {}; the old shares open nothing any more",
         next.kek_id,
@@ -717,10 +711,12 @@ pub fn audit_verify(
 /// `prev` is the old last line's MAC).
 pub fn audit_rotate_key(config_path: &Path) -> Result<(), CommandError> {
     let config = Config::load(config_path)?;
-    if crate::store::Store::in_use(&config.data_dir) {
-        return Err(CommandError::Audit(
-            "the daemon is running (it holds the store): stop it first".into(),
-        ));
+    // Held to the end: no daemon starts on the log while it is rotated.
+    let _stopped = crate::store::Store::lock_stopped(&config.data_dir)
+        .map_err(|why| CommandError::Audit(format!("{why}: stop it first")))?;
+    refuse_root_in_others_folder(&config.keys_dir)?;
+    if let Some(audit_dir) = config.audit_path.parent() {
+        refuse_root_in_others_folder(audit_dir)?;
     }
     let stamp = time::OffsetDateTime::now_utc()
         .format(time::macros::format_description!(
@@ -730,7 +726,6 @@ pub fn audit_rotate_key(config_path: &Path) -> Result<(), CommandError> {
     let key_path = config.keys_dir.join(crate::audit::file::KEY_FILE);
     let (seq, moved) = crate::audit::file::rotate_key(&config.audit_path, &key_path, &stamp)
         .map_err(|e| CommandError::Audit(e.0))?;
-    hand_to_keys_dir_owner(&config.keys_dir)?;
     println!(
         "rotated the audit key: {} (verify it with --key {}.{stamp}) ends at seq {seq}; {} \
          continues it under the new key (verify it with --rotated)",
@@ -847,28 +842,22 @@ pub fn policy_explain(config_path: &Path, cert: &Path) -> Result<(), CommandErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
-    /// Run as root (as CI is), what lands in a keys_dir owned by another user becomes that
-    /// user's, folders included; elsewhere it says so and checks nothing.
+    /// Run as root (as CI is), writing into a folder another user owns is refused with the
+    /// fix; into root's own folder it goes ahead. Elsewhere it says so and checks nothing.
     #[test]
-    fn files_written_as_root_go_to_the_keys_dir_owner() {
+    fn root_is_refused_in_a_folder_another_user_owns() {
         if !crate::hardening::is_root() {
-            eprintln!("SKIPPED: needs root to hand files to another user");
+            eprintln!("SKIPPED: needs root");
             return;
         }
         let dir = std::env::temp_dir().join(format!("cardvault-owner-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("custodians")).unwrap();
-        std::fs::write(dir.join("audit.key"), b"k").unwrap();
-        std::fs::write(dir.join("custodians/kek.json"), b"{}").unwrap();
-        let nobody = 65534;
-        std::os::unix::fs::chown(&dir, Some(nobody), Some(nobody)).unwrap();
-        hand_to_keys_dir_owner(&dir).unwrap();
-        for p in ["audit.key", "custodians", "custodians/kek.json"] {
-            let meta = std::fs::metadata(dir.join(p)).unwrap();
-            assert_eq!((meta.uid(), meta.gid()), (nobody, nobody), "{p}");
-        }
+        std::fs::create_dir_all(&dir).unwrap();
+        refuse_root_in_others_folder(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        let refused = refuse_root_in_others_folder(&dir).unwrap_err().to_string();
+        assert!(refused.contains("run this as that user"), "{refused}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

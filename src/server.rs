@@ -21,7 +21,7 @@ use crate::api::{self, AppState};
 use crate::audit::file::{AuditKey, FileSink, KEY_FILE as AUDIT_KEY_FILE};
 use crate::audit::{Actor, AuditError, FileAndLog};
 use crate::config::Config;
-use crate::crypto::custody::{Custody, CUSTODIANS_DIR, NEXT_CUSTODIANS_DIR};
+use crate::crypto::custody::Custody;
 use crate::crypto::{CryptoError, DevKey, DEV_KEY_FILE};
 use crate::policy::{Policy, PolicyError};
 use crate::store::{Store, StoreError};
@@ -159,11 +159,9 @@ fn key_source(config: &Config, store_kek: Option<String>) -> Result<KeySource, S
         )));
     }
     let dev_key = config.keys_dir.join(DEV_KEY_FILE);
-    let candidates: Vec<Custody> = [CUSTODIANS_DIR, NEXT_CUSTODIANS_DIR]
+    let candidates: Vec<Custody> = crate::crypto::custody::custody_dirs(&config.keys_dir)
         .iter()
-        .map(|dir| config.keys_dir.join(dir))
-        .filter(|dir| dir.exists())
-        .map(|dir| Custody::load(&dir))
+        .map(|dir| Custody::load(dir))
         .collect::<Result<_, _>>()?;
     if !candidates.is_empty() && dev_key.exists() {
         return Err(StartupError::Keys(format!(

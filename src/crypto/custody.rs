@@ -22,6 +22,35 @@ use super::{aad, fill_random, hex, unhex, CryptoError, KeyMaterial, SealingKey, 
 pub const CUSTODIANS_DIR: &str = "custodians";
 /// Where a rekey ceremony writes the next shares until the daemon has switched to them.
 pub const NEXT_CUSTODIANS_DIR: &str = "custodians.next";
+/// Prefix of a folder of new shares set aside by a rekey rerun (`custodians.abandoned.KEK_ID`):
+/// the vault did not use that KEK when the rerun asked, but a rekey still under way could yet
+/// commit it, so its shares are kept, and the daemon finds them by KEK id at start.
+pub const ABANDONED_CUSTODIANS_PREFIX: &str = "custodians.abandoned.";
+
+/// Every folder of custodian shares in `keys_dir`, in the order the daemon tries them:
+/// `custodians`, `custodians.next`, then the abandoned ones.
+pub fn custody_dirs(keys_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<std::path::PathBuf> = [CUSTODIANS_DIR, NEXT_CUSTODIANS_DIR]
+        .iter()
+        .map(|d| keys_dir.join(d))
+        .filter(|d| d.is_dir())
+        .collect();
+    let mut abandoned: Vec<std::path::PathBuf> = std::fs::read_dir(keys_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(ABANDONED_CUSTODIANS_PREFIX))
+        })
+        .collect();
+    abandoned.sort();
+    dirs.extend(abandoned);
+    dirs
+}
 pub const DESCRIPTOR_FILE: &str = "kek.json";
 const DESCRIPTOR_FORMAT: &str = "cardvault-custody-v1";
 const SHARE_FORMAT: &str = "cardvault-share-v1";

@@ -448,10 +448,22 @@ fn a_rekey_that_never_reached_the_vault_runs_again() {
     let (ok, out) = rekey(&format!("https://{}", daemon.addr));
     assert!(ok, "{out}");
     assert!(
-        out.contains("never took effect") && out.contains("rekeyed"),
+        out.contains("had not taken effect") && out.contains("rekeyed"),
         "{out}"
     );
     assert!(!setup.keys_dir.join("custodians.next").exists());
+    // The first attempt's shares are kept aside, never deleted.
+    let aside = std::fs::read_dir(&setup.keys_dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("custodians.abandoned.kek_")
+        })
+        .count();
+    assert_eq!(aside, 1);
     assert_ne!(inventory(&setup, &daemon)["keys"][0]["id"], old_kek);
 }
 

@@ -636,38 +636,64 @@ pub fn rotate_key(log: &Path, key_path: &Path, stamp: &str) -> Result<(u64, Path
         p.with_file_name(name)
     };
     let moved_log = aside(log, "");
-    let moved_key = aside(key_path, "");
-    for (from, to) in [
+    let moves = [
         (log.to_owned(), moved_log.clone()),
         (head_path(log), aside(log, ".head")),
-        (key_path.to_owned(), moved_key.clone()),
-    ] {
-        if to.exists() {
-            return Err(fail(format!("{} exists already", to.display())));
+        (key_path.to_owned(), aside(key_path, "")),
+    ];
+    // Everything that could refuse, before anything moves: the names aside are free, and the
+    // new key and the new log's first line are written under names of their own.
+    if let Some((_, taken)) = moves.iter().find(|(_, to)| to.exists()) {
+        return Err(fail(format!("{} exists already", taken.display())));
+    }
+    let new_key = aside(key_path, ".new");
+    let new_log = aside(log, ".new");
+    let made = (|| {
+        AuditKey::create(&new_key)?;
+        let sink = FileSink::open_after(&new_log, AuditKey::load(&new_key)?, Some((seq, mac)))?;
+        let continues = format!(
+            "continues {} after seq {seq}",
+            moved_log.file_name().unwrap_or_default().to_string_lossy()
+        );
+        sink.record(&AuditEvent {
+            action: "audit.key_rotated",
+            outcome: Outcome::Success,
+            actor: Actor::system(),
+            project: "",
+            object: None,
+            code: None,
+            reason: Some(&continues),
+            reference: None,
+        })?
+        .wait_blocking()?;
+        sink.maintain();
+        drop(sink);
+        Ok::<(), AuditError>(())
+    })();
+    if let Err(e) = made {
+        for temp in [&new_key, &new_log, &head_path(&new_log)] {
+            let _ = fs::remove_file(temp);
         }
+        return Err(e);
+    }
+    // Then the renames: the old files aside, the new ones in their place.
+    let installs = [
+        (new_key.clone(), key_path.to_owned()),
+        (new_log.clone(), log.to_owned()),
+        (head_path(&new_log), head_path(log)),
+    ];
+    for (from, to) in moves.iter().chain(installs.iter()) {
         if from.exists() {
-            fs::rename(&from, &to)
-                .map_err(|e| fail(format!("moving {} aside: {e}", from.display())))?;
+            fs::rename(from, to).map_err(|e| {
+                fail(format!(
+                    "moving {} to {} failed ({e}); finish the moves by hand: old log, head \
+                     and key to *.{stamp}, then *.{stamp}.new to the live names",
+                    from.display(),
+                    to.display()
+                ))
+            })?;
         }
     }
-    AuditKey::create(key_path)?;
-    let sink = FileSink::open_after(log, AuditKey::load(key_path)?, Some((seq, mac)))?;
-    let continues = format!(
-        "continues {} after seq {seq}",
-        moved_log.file_name().unwrap_or_default().to_string_lossy()
-    );
-    sink.record(&AuditEvent {
-        action: "audit.key_rotated",
-        outcome: Outcome::Success,
-        actor: Actor::system(),
-        project: "",
-        object: None,
-        code: None,
-        reason: Some(&continues),
-        reference: None,
-    })?
-    .wait_blocking()?;
-    sink.maintain();
     Ok((seq, moved_log))
 }
 

@@ -394,14 +394,19 @@ impl Store {
         Ok(Store(shared))
     }
 
-    /// Whether a process (a running daemon) holds the store in `dir`: sled locks its log file
-    /// (`flock`) for as long as it has the store open. Asked without opening the store.
-    pub fn in_use(dir: &Path) -> bool {
-        let Ok(file) = std::fs::File::open(dir.join("db")) else {
-            return false;
+    /// Takes the lock a daemon holds on the store in `dir` (sled `flock`s its log file for as
+    /// long as it has the store open), without opening the store: while the returned file is
+    /// kept, no daemon can start on it. `Err` when one runs, or when the lock cannot be asked
+    /// for (taken as running); `Ok(None)` when there is no store.
+    pub fn lock_stopped(dir: &Path) -> Result<Option<std::fs::File>, String> {
+        let file = match std::fs::File::open(dir.join("db")) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
         };
-        // The lock, if taken here, goes with the file when it is dropped.
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| format!("{} is in use: a daemon is running on it", dir.display()))?;
+        Ok(Some(file))
     }
 
     /// Which opening of the store is current: anything derived from an earlier one (cached

@@ -46,8 +46,16 @@ fn tls(config: &Config, found: &mut Findings) {
         Ok((_, state)) => {
             for (deadline, days_left) in state.expiring(crate::vault::unix_now()) {
                 let at = crate::vault::rfc3339(deadline.at);
-                if days_left < 0 {
+                // An expired server certificate fails every client; an expired certificate in
+                // a CA bundle (kept through a rollover) or one stale CRL among several may
+                // fail only some, so those do not stop a start.
+                if days_left < 0 && deadline.kind == "server_certificate" {
                     found.problem(format!("{} ran out at {at}", deadline.what));
+                } else if days_left < 0 {
+                    found.warning(format!(
+                        "{} ran out at {at}: handshakes it covers are refused",
+                        deadline.what
+                    ));
                 } else {
                     found.warning(format!(
                         "{} runs out in {days_left} days ({at})",
@@ -89,11 +97,15 @@ fn keys_dir(config: &Config, found: &mut Findings) {
             mode & 0o777
         ));
     }
-    let custodians = dir.join(crate::crypto::custody::CUSTODIANS_DIR);
+    // As `serve` looks for them: `custodians`, `custodians.next` (a rekey that switched the
+    // store but not the folders), set-aside ones; the store's KEK picks one at start.
+    let custody = crate::crypto::custody::custody_dirs(dir);
     let dev_key = dir.join(crate::crypto::DEV_KEY_FILE);
-    if custodians.exists() {
-        if let Err(e) = crate::crypto::custody::Custody::load(&custodians) {
-            found.problem(format!("{}: {e}", custodians.display()));
+    if !custody.is_empty() {
+        for folder in &custody {
+            if let Err(e) = crate::crypto::custody::Custody::load(folder) {
+                found.problem(format!("{}: {e}", folder.display()));
+            }
         }
         if dev_key.exists() {
             found.problem(format!(
@@ -123,7 +135,8 @@ fn keys_dir(config: &Config, found: &mut Findings) {
 }
 
 /// Anything below `dir` owned by someone else than `uid` (the folder's owner) may be
-/// unreadable to the daemon: `keys init` run as root before it gave files away, say.
+/// unreadable to the daemon (`keys init` run as root, say): a warning, since a root-owned
+/// folder of files the daemon's user owns works too.
 fn owners(dir: &Path, uid: u32, found: &mut Findings) {
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -139,7 +152,7 @@ fn owners(dir: &Path, uid: u32, found: &mut Findings) {
                 stack.push(path.clone());
             }
             if meta.uid() != uid {
-                found.problem(format!(
+                found.warning(format!(
                     "{} is owned by uid {}, but {} by uid {uid}: the daemon may not read it \
                      (chown it to the folder's owner)",
                     path.display(),

@@ -189,13 +189,25 @@ pub fn contains_pan(text: &str) -> bool {
     })
 }
 
-/// Characters that show nothing and are skipped as if absent, so that they can neither join
-/// nor split a row of digits: zero-width space, non-joiner and joiner, word joiner, byte-order
-/// mark, soft hyphen, Mongolian vowel separator.
+/// Characters that show nothing, or only mark the one before, skipped as if absent so that
+/// they can neither join nor split a row of digits: zero-width space, joiners and direction
+/// marks, bidirectional embeddings and isolates, word joiner and invisible operators,
+/// byte-order mark, soft hyphen, Mongolian vowel separator, Arabic letter mark, combining
+/// grapheme joiner, variation selectors, and the combining diacritical marks.
 fn is_invisible(c: char) -> bool {
     matches!(
         c,
-        '\u{200b}' | '\u{200c}' | '\u{200d}' | '\u{2060}' | '\u{feff}' | '\u{ad}' | '\u{180e}'
+        '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+            | '\u{ad}'
+            | '\u{180e}'
+            | '\u{61c}'
+            | '\u{34f}'
+            | '\u{fe00}'..='\u{fe0f}'
+            | '\u{300}'..='\u{36f}'
     )
 }
 
@@ -676,6 +688,8 @@ mod tests {
             ("4111'1111'1111'1111", true),
             ("4111\u{ff0b}1111\u{ff0e}1111\u{ff0f}1111", true),
             ("4111\u{200b}1111\u{200b}111", false),
+            ("4111\u{200e}1111\u{202b}1111\u{2066}1111", true),
+            ("4\u{301}111 1111 1111 1111", true),
         ];
         for (input, found) in cases {
             assert_eq!(contains_pan(input), *found, "{input:?}");

@@ -69,7 +69,8 @@ impl Histogram {
                 "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
             );
         }
-        let count = self.count.load(Ordering::Relaxed);
+        // A scrape racing an observation may see its bucket before its count.
+        let count = self.count.load(Ordering::Relaxed).max(cumulative);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let braces = |s: &str| {
             if s.is_empty() {
@@ -362,7 +363,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         &mut out,
         "cardvault_records",
         "gauge",
-        "Records in the store by kind (approximate: counted by the last sweep).",
+        "Card tokens in the store as of the last sweep (used and expired ones included), and CVCs held now.",
     );
     for (kind, n) in &snapshot.records {
         let _ = writeln!(out, "cardvault_records{{kind=\"{kind}\"}} {n}");

@@ -314,15 +314,23 @@ impl Identity {
             ),
             None => String::new(),
         };
+        let (wide, bound): (Vec<&str>, Vec<&str>) = permissions
+            .iter()
+            .partition(|p| Permission::parse(p).is_some_and(Permission::is_vault_wide));
+        let mut may = Vec::new();
+        if !bound.is_empty() {
+            may.push(format!("{} on {projects}", bound.join(", ")));
+        }
+        if !wide.is_empty() {
+            may.push(format!("{} vault-wide", wide.join(", ")));
+        }
+        if may.is_empty() {
+            may.push("nothing".into());
+        }
         format!(
-            "identity {} (matched on {matcher}): {} on {projects} (project-bound permissions); \
-             cards shown as {shown}{limit}",
+            "identity {} (matched on {matcher}): {}; cards shown as {shown}{limit}",
             self.name,
-            if permissions.is_empty() {
-                "nothing".to_owned()
-            } else {
-                permissions.join(", ")
-            }
+            may.join("; ")
         )
     }
 }

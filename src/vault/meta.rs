@@ -138,8 +138,12 @@ mod tests {
         let shown = meta(None, Some("42424242")).shown(all);
         assert_eq!(shown.iin8.as_deref(), Some("42424242"));
         assert_eq!(shown.fingerprint.map(|f| f.len()), Some(64));
-        let fullwidth = "\u{ff14}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11}";
+        let fullwidth = "\u{ff14}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11} \
+                         \u{ff11}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11}";
         assert_eq!(meta(Some(fullwidth), None).shown(all).holder_name, None);
+        // A name with a numeral that is no card number is shown.
+        let king = meta(Some("Henry \u{2167}"), None).shown(none);
+        assert_eq!(king.holder_name.as_deref(), Some("Henry \u{2167}"));
     }
 
     #[test]

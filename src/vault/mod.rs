@@ -251,11 +251,9 @@ impl CardMeta {
             last4: self.last4,
             exp_month: self.exp_month,
             exp_year: self.exp_year,
-            // A name stored under the older rule (only ASCII digits refused) that the current
-            // one refuses, such as a number in fullwidth digits, is not shown.
-            holder_name: self
-                .holder_name
-                .filter(|h| crate::card::HolderName::parse(h).is_ok()),
+            // A name stored under the older rule (only ASCII digits refused) that holds a card
+            // number by the current free-text rule (fullwidth digits, say) is not shown.
+            holder_name: self.holder_name.filter(|h| !crate::card::contains_pan(h)),
             fingerprint: Some(self.fingerprint).filter(|_| disclosure.fingerprint),
         }
     }
@@ -948,6 +946,13 @@ impl Vault {
             .dek_inventory()
             .into_iter()
             .map(|(project, version, state, seals)| {
+                // Project names keep an older, narrower PAN rule (SECURITY.md): one that the
+                // free-text rule would refuse never becomes a label.
+                let project = if crate::card::contains_pan(&project) {
+                    "(withheld)".to_owned()
+                } else {
+                    project
+                };
                 (
                     project,
                     version,

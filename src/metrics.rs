@@ -169,13 +169,15 @@ pub fn handshake_failed() {
     metrics().handshake_failures.fetch_add(1, Ordering::Relaxed);
 }
 
+/// `(project, DEK version, state, seals made, seals allowed before automatic rotation)`.
+pub type Dek = (String, u32, String, u64, u64);
+
 /// What only the caller knows at scrape time.
 #[derive(Default)]
 pub struct Snapshot {
     pub sealed: bool,
     pub ready: bool,
-    /// `(project, DEK version, state, seals made, seals allowed before automatic rotation)`.
-    pub deks: Vec<(String, u32, String, u64, u64)>,
+    pub deks: Vec<Dek>,
     /// `(kind, subject, Unix seconds)`: when each certificate or CRL runs out.
     pub tls_deadlines: Vec<(&'static str, String, i64)>,
     /// `(kind, records)`, approximate.
@@ -201,6 +203,12 @@ fn escape(value: &str) -> String {
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A metric with one unlabelled sample.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 /// The whole exposition.
@@ -276,72 +284,58 @@ pub fn render(snapshot: &Snapshot) -> String {
     );
     m.audit_write_seconds
         .render(&mut out, "cardvault_audit_write_duration_seconds", "");
-    header(
+    single(
         &mut out,
         "cardvault_audit_backlog_lines",
         "gauge",
         "Audit lines waiting when the last batch was taken.",
+        m.audit_backlog.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "cardvault_audit_backlog_lines {}",
-        m.audit_backlog.load(Ordering::Relaxed)
-    );
-
-    header(
+    single(
         &mut out,
         "cardvault_tls_handshake_failures_total",
         "counter",
         "TLS handshakes that failed (each is also a log line, rate-limited).",
+        m.handshake_failures.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "cardvault_tls_handshake_failures_total {}",
-        m.handshake_failures.load(Ordering::Relaxed)
-    );
-
-    header(
+    single(
         &mut out,
         "cardvault_sealed",
         "gauge",
         "1 while the vault is sealed (no KEK in memory).",
+        u8::from(snapshot.sealed),
     );
-    let _ = writeln!(out, "cardvault_sealed {}", u8::from(snapshot.sealed));
-    header(
+    single(
         &mut out,
         "cardvault_ready",
         "gauge",
         "1 while the store and the audit trail take writes.",
+        u8::from(snapshot.ready),
     );
-    let _ = writeln!(out, "cardvault_ready {}", u8::from(snapshot.ready));
 
-    header(
-        &mut out,
-        "cardvault_dek_encryptions",
-        "gauge",
-        "Seals made under each project's DEK version (reserved ahead in blocks: may run ahead).",
-    );
-    for (project, version, state, seals, _) in &snapshot.deks {
-        let _ = writeln!(
-            out,
-            "cardvault_dek_encryptions{{project=\"{}\",version=\"{version}\",state=\"{}\"}} {seals}",
-            escape(project),
-            escape(state)
-        );
-    }
-    header(
-        &mut out,
-        "cardvault_dek_rotation_limit",
-        "gauge",
-        "Seals after which a DEK version is rotated automatically.",
-    );
-    for (project, version, state, _, limit) in &snapshot.deks {
-        let _ = writeln!(
-            out,
-            "cardvault_dek_rotation_limit{{project=\"{}\",version=\"{version}\",state=\"{}\"}} {limit}",
-            escape(project),
-            escape(state)
-        );
+    for (name, help, value) in [
+        (
+            "cardvault_dek_encryptions",
+            "Seals made under each project's DEK version (reserved ahead in blocks: may run ahead).",
+            (|d| d.3) as fn(&Dek) -> u64,
+        ),
+        (
+            "cardvault_dek_rotation_limit",
+            "Seals after which a DEK version is rotated automatically.",
+            |d| d.4,
+        ),
+    ] {
+        header(&mut out, name, "gauge", help);
+        for dek in &snapshot.deks {
+            let (project, version, state, ..) = dek;
+            let _ = writeln!(
+                out,
+                "{name}{{project=\"{}\",version=\"{version}\",state=\"{}\"}} {}",
+                escape(project),
+                escape(state),
+                value(dek)
+            );
+        }
     }
 
     header(

@@ -15,6 +15,15 @@ fn hangup(daemon: &Daemon) {
     assert!(ok);
 }
 
+/// Adds `crl = "crl.pem"` to the config's `[tls]` (the file itself is the test's to write).
+fn turn_on_crl(setup: &Setup) {
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "client_ca = \"ca.pem\"\n",
+        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
+    );
+    write(&setup.config, &config);
+}
+
 /// Waits until the daemon has logged `needle` `count` times.
 fn wait_for_log(daemon: &Daemon, needle: &str, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -31,11 +40,7 @@ fn wait_for_log(daemon: &Daemon, needle: &str, count: usize) {
 #[test]
 fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     let setup = Setup::new("crl");
-    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "client_ca = \"ca.pem\"\n",
-        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
-    );
-    write(&setup.config, &config);
+    turn_on_crl(&setup);
     let crl = setup.root().join("crl.pem");
     let early = setup.router();
     let late = setup.router();
@@ -147,11 +152,7 @@ fn a_crl_added_to_the_config_takes_effect_on_reload() {
         &setup.root().join("crl.pem"),
         &setup.ca.crl(&[&revoked.serial]).unwrap(),
     );
-    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "client_ca = \"ca.pem\"\n",
-        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
-    );
-    write(&setup.config, &config);
+    turn_on_crl(&setup);
     hangup(&daemon);
     wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
     assert!(
@@ -169,11 +170,7 @@ fn a_crl_close_to_its_next_update_is_a_warning_at_start() {
     let crl = setup.root().join("crl.pem");
     let soon = time::OffsetDateTime::now_utc() + time::Duration::days(5) + time::Duration::hours(1);
     write(&crl, &setup.ca.crl_until(&[], soon).unwrap());
-    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "client_ca = \"ca.pem\"\n",
-        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
-    );
-    write(&setup.config, &config);
+    turn_on_crl(&setup);
     let daemon = setup.start();
     wait_for_log(&daemon, "TLS material runs out soon", 1);
     let line = daemon
@@ -220,11 +217,7 @@ fn idle_past(session: &mut Session, refused_from: time::OffsetDateTime) {
 #[test]
 fn an_open_connection_is_refused_once_the_crl_expires() {
     let setup = Setup::new("crl-expiry");
-    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "client_ca = \"ca.pem\"\n",
-        "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
-    );
-    write(&setup.config, &config);
+    turn_on_crl(&setup);
     let crl = setup.root().join("crl.pem");
     write(&crl, &setup.ca.crl(&[]).unwrap());
     let daemon = setup.start();

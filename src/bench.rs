@@ -40,6 +40,8 @@ pub struct BenchOptions {
     pub concurrency: usize,
     pub scenarios: Vec<String>,
     pub json: bool,
+    /// Start the vault on a throwaway PostgreSQL instead of sled.
+    pub postgres: bool,
     /// An already running vault: base URL, and the client identity and CA to reach it with.
     pub target: Option<Target>,
 }
@@ -98,7 +100,7 @@ pub fn run(options: &BenchOptions) -> Result<Vec<Figures>, BenchError> {
     let (server, client) = match &options.target {
         Some(target) => (None, Client::new(target)?),
         None => {
-            let server = LocalServer::start()?;
+            let server = LocalServer::start(options.postgres)?;
             let client = Client::new(&server.target)?;
             (Some(server), client)
         }
@@ -169,12 +171,14 @@ pub fn table(figures: &[Figures]) -> String {
 /// A throwaway vault in a temporary folder, stopped and removed on drop.
 struct LocalServer {
     child: Child,
+    /// Stopped after the daemon, before the folder is removed.
+    postgres: Option<crate::throwaway::Cluster>,
     dir: PathBuf,
     target: Target,
 }
 
 impl LocalServer {
-    fn start() -> Result<LocalServer, BenchError> {
+    fn start(postgres: bool) -> Result<LocalServer, BenchError> {
         let dir = std::env::temp_dir().join(format!("cardvault-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         // Pick a free port; the short race with other processes is acceptable for a bench.
@@ -184,6 +188,13 @@ impl LocalServer {
         let config = crate::dev::prepare(&dir, &format!("127.0.0.1:{port}")).map_err(setup)?;
         let mut text = std::fs::read_to_string(&config)?;
         text.push_str("\n[log]\nlevel = \"warn\"\n");
+        let postgres = if postgres {
+            let cluster = crate::throwaway::Cluster::start(&dir).map_err(setup)?;
+            text.push_str(&cluster.store_config("pool_size = 32"));
+            Some(cluster)
+        } else {
+            None
+        };
         std::fs::write(&config, text)?;
         let child = Command::new(std::env::current_exe()?)
             .args(["serve", "--config"])
@@ -195,6 +206,7 @@ impl LocalServer {
         let pki = dir.join("pki");
         Ok(LocalServer {
             child,
+            postgres,
             target: Target {
                 url: format!("https://127.0.0.1:{port}"),
                 cert: pki.join("router.pem"),
@@ -238,6 +250,7 @@ impl Drop for LocalServer {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+        drop(self.postgres.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -712,8 +712,11 @@ pub fn audit_verify(
 pub fn audit_rotate_key(config_path: &Path) -> Result<(), CommandError> {
     let config = Config::load(config_path)?;
     // Held to the end: no daemon starts on the log while it is rotated.
-    let _stopped = crate::store::Store::lock_stopped(&config.data_dir)
-        .map_err(|why| CommandError::Audit(format!("{why}: stop it first")))?;
+    let _stopped = match config.data_dir() {
+        Some(dir) => crate::store::Store::lock_stopped(dir)
+            .map_err(|why| CommandError::Audit(format!("{why}: stop it first")))?,
+        None => None,
+    };
     refuse_root_in_others_folder(&config.keys_dir)?;
     if let Some(audit_dir) = config.audit_path.parent() {
         refuse_root_in_others_folder(audit_dir)?;
@@ -755,9 +758,19 @@ pub fn bench(
     concurrency: usize,
     scenarios: &[String],
     json: bool,
+    store: &str,
     target: Option<crate::bench::Target>,
 ) -> Result<(), CommandError> {
     use crate::bench::{BenchError, BenchOptions, SCENARIOS};
+    let postgres = match store {
+        "sled" => false,
+        "postgres" => true,
+        other => {
+            return Err(
+                BenchError::Setup(format!("--store {other:?}: use sled or postgres")).into(),
+            )
+        }
+    };
     let duration = crate::config::parse_duration(duration)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| {
@@ -775,6 +788,7 @@ pub fn bench(
         concurrency: concurrency.max(1),
         scenarios,
         json,
+        postgres,
         target,
     };
     let figures = crate::bench::run(&options)?;

@@ -23,7 +23,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub data_dir: PathBuf,
+    /// Where the records live: sled in `data_dir` (the default), or PostgreSQL.
+    pub store: crate::store::StoreConfig,
     pub keys_dir: PathBuf,
     pub policies: PathBuf,
     pub tls: TlsFiles,
@@ -31,8 +32,6 @@ pub struct Config {
     pub cvc_ttl: Duration,
     /// HTTP worker threads; default: one per core.
     pub workers: Option<usize>,
-    /// sled's page cache.
-    pub cache_bytes: u64,
     pub log: LogConfig,
     /// Allows the single-file dev KEK (`cardvault dev`, tests). Never in production.
     pub insecure_dev_key: bool,
@@ -97,7 +96,8 @@ fn default_level() -> String {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: String,
-    data_dir: PathBuf,
+    /// sled's folder; not used with `[store] engine = "postgres"`.
+    data_dir: Option<PathBuf>,
     keys_dir: PathBuf,
     policies: PathBuf,
     tls: RawTls,
@@ -121,10 +121,24 @@ struct RawConfig {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
-    /// `"sled"`, the embedded engine (the default and, today, the only one).
+    /// `"sled"`, the embedded engine (the default), or `"postgres"`.
     engine: Option<String>,
     /// sled's page cache, in MiB (default 64).
     cache_mb: Option<u64>,
+    postgres: Option<RawPostgres>,
+}
+
+/// `[store.postgres]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url: String,
+    password_file: Option<PathBuf>,
+    pool_size: Option<usize>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    statement_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -243,11 +257,7 @@ impl Config {
         if raw.workers == Some(0) {
             return Err("workers must be at least 1".into());
         }
-        if let Some(engine) = raw.store.engine.as_deref().filter(|e| *e != "sled") {
-            return Err(format!(
-                "[store] engine {engine:?} is not known: the one engine is \"sled\""
-            ));
-        }
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let cache_mb = match (raw.store.cache_mb, raw.cache_mb) {
             (Some(_), Some(_)) => {
                 return Err(
@@ -255,12 +265,54 @@ impl Config {
                         .into(),
                 )
             }
-            (store, top) => store.or(top).unwrap_or(64),
+            (store, top) => store.or(top),
         };
-        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let store = match raw.store.engine.as_deref().unwrap_or("sled") {
+            "sled" => {
+                if raw.store.postgres.is_some() {
+                    return Err(
+                        "[store.postgres] is set but [store] engine is \"sled\": set engine = \"postgres\" or remove it"
+                            .into(),
+                    );
+                }
+                let dir = raw
+                    .data_dir
+                    .ok_or("data_dir is required with the sled engine (the default)")?;
+                crate::store::StoreConfig::Sled {
+                    dir: resolve(dir),
+                    cache_bytes: cache_mb.unwrap_or(64).saturating_mul(1024 * 1024),
+                }
+            }
+            "postgres" => {
+                let pg = raw.store.postgres.ok_or(
+                    "[store] engine = \"postgres\" needs a [store.postgres] section with url",
+                )?;
+                if cache_mb.is_some() {
+                    return Err("cache_mb is for the sled engine: remove it with postgres".into());
+                }
+                let settings = crate::store::PgSettings {
+                    url: pg.url,
+                    password_file: pg.password_file.map(&resolve),
+                    pool_size: pg.pool_size.unwrap_or(32),
+                    ca: pg.ca.map(&resolve),
+                    cert: pg.cert.map(&resolve),
+                    key: pg.key.map(&resolve),
+                    statement_timeout: duration(
+                        "[store.postgres] statement_timeout",
+                        pg.statement_timeout,
+                        Duration::from_secs(5),
+                    )?,
+                };
+                settings.validate()?;
+                crate::store::StoreConfig::Postgres(settings)
+            }
+            other => return Err(format!(
+                "[store] engine {other:?} is not known: use \"sled\" (the default) or \"postgres\""
+            )),
+        };
         let config = Config {
             listen,
-            data_dir: resolve(raw.data_dir),
+            store,
             keys_dir: resolve(raw.keys_dir),
             policies: resolve(raw.policies),
             tls: TlsFiles {
@@ -272,7 +324,6 @@ impl Config {
             card_token_ttl,
             cvc_ttl,
             workers: raw.workers,
-            cache_bytes: cache_mb.saturating_mul(1024 * 1024),
             log: raw.log,
             insecure_dev_key: raw.insecure_dev_key,
             keys,
@@ -286,24 +337,43 @@ impl Config {
     /// Keys never sit beside the data: refuse a `keys_dir` inside `data_dir` or the reverse
     /// (compared after resolving `..` and symlinks as far as the paths exist).
     fn check_layout(&self) -> Result<(), String> {
-        let data = normalize(&self.data_dir);
         let keys = normalize(&self.keys_dir);
+        let audit = normalize(&self.audit_path);
+        if audit.starts_with(&keys) {
+            return Err(format!(
+                "audit.path ({}) must be outside data_dir and keys_dir",
+                self.audit_path.display()
+            ));
+        }
+        let Some(data_dir) = self.data_dir() else {
+            return Ok(());
+        };
+        let data = normalize(data_dir);
         if keys.starts_with(&data) || data.starts_with(&keys) {
             return Err(format!(
                 "keys_dir ({}) must not be inside data_dir ({}) or contain it: keys never sit beside the data",
                 self.keys_dir.display(),
-                self.data_dir.display()
+                data_dir.display()
             ));
         }
         // The audit trail must survive a wiped or restored store, and must not sit with keys.
-        let audit = normalize(&self.audit_path);
-        if audit.starts_with(&data) || audit.starts_with(&keys) {
+        if audit.starts_with(&data) {
             return Err(format!(
                 "audit.path ({}) must be outside data_dir and keys_dir",
                 self.audit_path.display()
             ));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The sled folder, when the store is sled.
+    pub fn data_dir(&self) -> Option<&Path> {
+        match &self.store {
+            crate::store::StoreConfig::Sled { dir, .. } => Some(dir),
+            crate::store::StoreConfig::Postgres(_) => None,
+        }
     }
 }
 
@@ -382,7 +452,10 @@ mod tests {
     /// configs have it.
     #[test]
     fn store_cache_is_read_from_store_or_the_top_level() {
-        let mib = |text: &str| Config::parse(text, Path::new("/tmp")).unwrap().cache_bytes >> 20;
+        let mib = |text: &str| match Config::parse(text, Path::new("/tmp")).unwrap().store {
+            crate::store::StoreConfig::Sled { cache_bytes, .. } => cache_bytes >> 20,
+            crate::store::StoreConfig::Postgres(_) => 0,
+        };
         assert_eq!(mib(MINIMAL), 64);
         assert_eq!(
             mib(&format!(
@@ -413,7 +486,7 @@ mod tests {
     #[test]
     fn resolves_relative_paths_and_defaults() {
         let c = Config::parse(MINIMAL, Path::new("/etc/cardvault")).unwrap();
-        assert_eq!(c.data_dir, Path::new("/etc/cardvault/data"));
+        assert_eq!(c.data_dir(), Some(Path::new("/etc/cardvault/data")));
         assert_eq!(c.tls.client_ca, Path::new("/etc/cardvault/ca.pem"));
         assert_eq!(c.card_token_ttl, Duration::from_secs(86_400));
         assert_eq!(c.cvc_ttl, Duration::from_secs(3600));

@@ -155,7 +155,10 @@ pub fn curl_examples(dir: &Path, config: &Config, addr: std::net::SocketAddr) ->
     let _ = writeln!(
         out,
         "cardvault dev is serving on {base} (data in {})",
-        config.data_dir.display()
+        config
+            .data_dir()
+            .unwrap_or(Path::new("PostgreSQL"))
+            .display()
     );
     let _ = writeln!(
         out,

@@ -43,6 +43,7 @@ pub mod hardening;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod throwaway;
 
 mod api;
 mod audit;

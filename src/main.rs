@@ -51,6 +51,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The engine of the vault the bench starts: sled, or postgres (a throwaway
+        /// PostgreSQL cluster started for the run, as the tests do).
+        #[arg(long, default_value = "sled", conflicts_with = "target")]
+        store: String,
         /// A running vault to drive instead, e.g. https://127.0.0.1:8443
         #[arg(long, requires_all = ["cert", "key", "ca"])]
         target: Option<String>,
@@ -298,6 +302,7 @@ fn main() -> ExitCode {
             concurrency,
             scenarios,
             json,
+            store,
             target,
             cert,
             key,
@@ -313,7 +318,7 @@ fn main() -> ExitCode {
                 }),
                 _ => None,
             };
-            cardvault::commands::bench(duration, *concurrency, scenarios, *json, target)
+            cardvault::commands::bench(duration, *concurrency, scenarios, *json, store, target)
         }
     };
     match result {

@@ -351,18 +351,23 @@ impl Application {
         }
         let policy = Arc::new(Policy::load(&config.policies)?);
         let tls_config = tls::server_config(&config.tls.paths())?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&config.data_dir)
-            .map_err(|source| StartupError::DataDir {
-                path: config.data_dir.display().to_string(),
-                source,
-            })?;
-        let store = Store::open(&config.data_dir, config.cache_bytes).map_err(|e| match e {
-            StoreError::TooNew { .. } => StartupError::StoreFormat(e),
+        if let Some(data_dir) = config.data_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data_dir)
+                .map_err(|source| StartupError::DataDir {
+                    path: data_dir.display().to_string(),
+                    source,
+                })?;
+        }
+        let store = Store::open(&config.store).map_err(|e| match e {
+            StoreError::TooNew { .. } | StoreError::SchemaTooNew { .. } => {
+                StartupError::StoreFormat(e)
+            }
             other => StartupError::Store(other),
         })?;
+        tracing::info!(engine = store.engine(), "store open");
         let source = key_source(config, store.kek_id()?)?;
         let settings = VaultSettings {
             card_token_ttl: config.card_token_ttl,

@@ -10,6 +10,23 @@
 
 mod support;
 
+/// For each `fn name(engine: Engine)`, the tests `name::sled` and `name::postgres`.
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn sled() {
+                super::$name(crate::support::Engine::Sled)
+            }
+
+            #[test]
+            fn postgres() {
+                super::$name(crate::support::Engine::Postgres)
+            }
+        }
+    )*};
+}
+
 #[path = "suite/customers.rs"]
 mod customers;
 
@@ -49,6 +66,17 @@ use support::*;
 
 const VISA: &str = "4111111111111111";
 
+both_engines!(
+    tokenize_read_detokenize_once,
+    concurrent_detokenize_of_one_card_token_succeeds_exactly_once,
+    projects_are_isolated_and_fingerprints_are_per_project,
+    no_pan_in_plaintext_at_rest_or_in_logs,
+    acknowledged_tokens_survive_kill_9,
+    tokens_acknowledged_while_killed_mid_load_survive,
+    used_card_tokens_stay_used_after_kill_9,
+    card_tokens_and_cvcs_expire,
+);
+
 fn tokenize(client: &Client, pan: &str) -> serde_json::Value {
     let res = client.post("/v1/cards", &card_body(pan));
     assert_eq!(res.status, 201, "{}", res.body);
@@ -62,9 +90,10 @@ fn detokenize(client: &Client, token: &str) -> Response {
     )
 }
 
-#[test]
-fn tokenize_read_detokenize_once() {
-    let setup = Setup::new("lifecycle");
+fn tokenize_read_detokenize_once(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "lifecycle") else {
+        return;
+    };
     let daemon = setup.start();
     let checkout = setup.client(&daemon, &setup.checkout());
     let router = setup.client(&daemon, &setup.router());
@@ -119,9 +148,10 @@ fn tokenize_read_detokenize_once() {
     );
 }
 
-#[test]
-fn concurrent_detokenize_of_one_card_token_succeeds_exactly_once() {
-    let setup = Setup::new("race");
+fn concurrent_detokenize_of_one_card_token_succeeds_exactly_once(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "race") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let id = tokenize(&router, VISA)["id"].as_str().unwrap().to_owned();
@@ -451,9 +481,10 @@ fn bad_input_gets_a_4xx_with_a_code_and_never_an_echo() {
     );
 }
 
-#[test]
-fn projects_are_isolated_and_fingerprints_are_per_project() {
-    let setup = Setup::new("projects");
+fn projects_are_isolated_and_fingerprints_are_per_project(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "projects") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let (a, b) = (router.in_project("shop-a"), router.in_project("shop-b"));
@@ -482,10 +513,12 @@ fn projects_are_isolated_and_fingerprints_are_per_project() {
     assert_eq!(detokenize(&a, id).json()["number"], VISA);
 }
 
-#[test]
-fn no_pan_in_plaintext_at_rest_or_in_logs() {
-    // At trace level, every crate's logging is on: actix's dispatcher, rustls, sled.
-    let setup = Setup::with_log_level("atrest", "", "trace");
+fn no_pan_in_plaintext_at_rest_or_in_logs(engine: Engine) {
+    // At trace level, every crate's logging is on: actix's dispatcher, rustls, sled,
+    // tokio-postgres.
+    let Some(setup) = Setup::on_with_level(engine, "atrest", "", "trace") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let checkout = setup.client(&daemon, &setup.checkout());
@@ -563,14 +596,32 @@ fn no_pan_in_plaintext_at_rest_or_in_logs() {
     );
 
     // The scan must be able to find something: the daemon did write a store and a key.
-    assert!(!files_below(&setup.data_dir).is_empty() && !files_below(&setup.keys_dir).is_empty());
+    // On PostgreSQL the store is the cluster's folder (tables and WAL) and a `pg_dump`.
+    let (store_dir, dump) = match &setup.pg {
+        Some(pg) => {
+            let dump = pg.dump().unwrap();
+            let text = String::from_utf8_lossy(&dump);
+            assert!(
+                ids.iter().all(|id| text.contains(id.as_str())),
+                "the dump holds no cards"
+            );
+            (setup.root().join("pg"), dump)
+        }
+        None => (setup.data_dir.clone(), Vec::new()),
+    };
+    assert!(!files_below(&store_dir).is_empty() && !files_below(&setup.keys_dir).is_empty());
     let audit = setup.root().join("audit");
     assert!(!files_below(&audit).is_empty(), "no audit file to scan");
+    for dir in [&store_dir, &setup.keys_dir, &audit] {
+        let hits = files_containing_digits(dir, &pans);
+        assert!(hits.is_empty(), "PAN in plaintext in {hits:?}");
+    }
     for pan in &pans {
-        for dir in [&setup.data_dir, &setup.keys_dir, &audit] {
-            let hits = files_containing(dir, pan.as_bytes());
-            assert!(hits.is_empty(), "PAN in plaintext in {hits:?}");
-        }
+        let hex: String = pan.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !contains(&dump, pan.as_bytes()) && !contains(&dump, hex.as_bytes()),
+            "PAN in the database dump"
+        );
         assert!(!output.contains(pan.as_str()), "PAN in the log");
         assert!(!output.contains(&pan[6..]), "PAN middle digits in the log");
     }
@@ -615,9 +666,10 @@ fn swapped_ciphertexts_never_open_as_the_other_card() {
     }
 }
 
-#[test]
-fn acknowledged_tokens_survive_kill_9() {
-    let setup = Setup::new("kill9");
+fn acknowledged_tokens_survive_kill_9(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "kill9") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let handles: Vec<_> = (0..8u32)
@@ -654,9 +706,10 @@ fn acknowledged_tokens_survive_kill_9() {
 
 /// Writers keep going while the daemon is killed: every write acknowledged before the kill
 /// must be there after the restart, including the last ones in flight.
-#[test]
-fn tokens_acknowledged_while_killed_mid_load_survive() {
-    let setup = Setup::new("kill9load");
+fn tokens_acknowledged_while_killed_mid_load_survive(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "kill9load") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -735,9 +788,10 @@ fn assert_all_readable(setup: &Setup, written: &[(String, String)]) {
     );
 }
 
-#[test]
-fn used_card_tokens_stay_used_after_kill_9() {
-    let setup = Setup::new("kill9used");
+fn used_card_tokens_stay_used_after_kill_9(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "kill9used") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let ids: Vec<String> = (0..20)
@@ -763,9 +817,11 @@ fn used_card_tokens_stay_used_after_kill_9() {
     }
 }
 
-#[test]
-fn card_tokens_and_cvcs_expire() {
-    let setup = Setup::with_settings("ttl", "card_token_ttl = \"4s\"\ncvc_ttl = \"1s\"");
+fn card_tokens_and_cvcs_expire(engine: Engine) {
+    let Some(setup) = Setup::on_with(engine, "ttl", "card_token_ttl = \"4s\"\ncvc_ttl = \"1s\"")
+    else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let early = tokenize(&router, VISA)["id"].as_str().unwrap().to_owned();

@@ -222,8 +222,10 @@ impl From<VaultError> for ApiError {
                 | StoreError::Flush(_)
                 | StoreError::Thread(_)
                 | StoreError::Unavailable
+                | StoreError::Database(_)
                 | StoreError::Damaged(_)
-                | StoreError::TooNew { .. },
+                | StoreError::TooNew { .. }
+                | StoreError::SchemaTooNew { .. },
             ) => {
                 tracing::error!(error = %e, "storage failure");
                 ApiError::new(
@@ -240,6 +242,14 @@ impl From<VaultError> for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "audit_unavailable",
                     "the audit trail cannot be written; the request was refused",
+                )
+            }
+            VaultError::Store(StoreError::Query(_)) => {
+                tracing::error!(error = %e, "the database refused a query");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage_error",
+                    "the store refused the operation",
                 )
             }
             VaultError::Integrity(_) | VaultError::Store(StoreError::Corrupt(_)) => {

@@ -317,14 +317,17 @@ impl From<crate::vault::VaultError> for Failed {
 /// Under a key, `run` and the recording of its outcome are a task of their own: a client that
 /// goes away mid-request drops this future, and the request must still finish and record what
 /// it made, or the retry the key exists for would make a second object.
-async fn idempotent<P: Requires>(
+async fn idempotent<P: Requires, R>(
     req: &HttpRequest,
     state: &AppState,
     grant: &Grant<P>,
     body: &[u8],
     run: impl std::future::Future<Output = Result<Created, Failed>> + 'static,
-    render: impl FnOnce(&Replayable) -> Result<Vec<u8>, ApiError>,
-) -> Result<HttpResponse, ApiError> {
+    render: impl FnOnce(Replayable) -> R,
+) -> Result<HttpResponse, ApiError>
+where
+    R: std::future::Future<Output = Result<Vec<u8>, ApiError>>,
+{
     let Some(value) = req.headers().get("idempotency-key") else {
         let (status, bytes) = run.await.map_err(|failed| failed.error)?.reply;
         return Ok(send(status, bytes, false));
@@ -334,24 +337,24 @@ async fn idempotent<P: Requires>(
         .ok()
         .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| (0x21..0x7f).contains(&b)))
         .ok_or(ApiError::INVALID_IDEMPOTENCY_KEY)?;
-    let claim =
-        match state
-            .vault
-            .idempotency_begin(grant, key, req.method().as_str(), req.path(), body)?
-        {
-            Begin::Proceed(claim) => claim,
-            Begin::Replay { status, body } => {
-                let status = StatusCode::from_u16(status).map_err(|_| ApiError::INTERNAL)?;
-                if !status.is_success() {
-                    return Ok(send(status, body, true));
-                }
-                let replay: Replayable =
-                    serde_json::from_slice(&body).map_err(|_| ApiError::INTERNAL)?;
-                return Ok(send(status, render(&replay)?, true));
+    let claim = match state
+        .vault
+        .idempotency_begin(grant, key, req.method().as_str(), req.path(), body)
+        .await?
+    {
+        Begin::Proceed(claim) => claim,
+        Begin::Replay { status, body } => {
+            let status = StatusCode::from_u16(status).map_err(|_| ApiError::INTERNAL)?;
+            if !status.is_success() {
+                return Ok(send(status, body, true));
             }
-            Begin::Conflict => return Err(ApiError::IDEMPOTENCY_CONFLICT),
-            Begin::InProgress => return Err(ApiError::IDEMPOTENCY_IN_PROGRESS),
-        };
+            let replay: Replayable =
+                serde_json::from_slice(&body).map_err(|_| ApiError::INTERNAL)?;
+            return Ok(send(status, render(replay).await?, true));
+        }
+        Begin::Conflict => return Err(ApiError::IDEMPOTENCY_CONFLICT),
+        Begin::InProgress => return Err(ApiError::IDEMPOTENCY_IN_PROGRESS),
+    };
     let task = actix_web::rt::spawn(async move {
         match run.await {
             Ok(Created {
@@ -518,11 +521,12 @@ async fn tokenize(
             Created::new(StatusCode::CREATED, &view.id, false, &view).map_err(Failed::from)
         }
     };
-    let render = |r: &Replayable| {
+    let (st, gr) = (&state, &grant);
+    let render = |r: Replayable| async move {
         let id = path_id(IdKind::Card, &r.object)?;
         reply(
             StatusCode::CREATED,
-            &state.vault.tokenized_card(&grant, &id)?,
+            &st.vault.tokenized_card(gr, &id).await?,
         )
         .map(|(_, b)| b)
     };
@@ -638,11 +642,12 @@ async fn create_customer(
             Created::new(StatusCode::CREATED, &view.id, false, &view).map_err(Failed::from)
         }
     };
-    let render = |r: &Replayable| {
+    let (st, gr) = (&state, &grant);
+    let render = |r: Replayable| async move {
         let id = path_id(IdKind::Customer, &r.object)?;
         reply(
             StatusCode::CREATED,
-            &state.vault.created_customer(&grant, &id)?,
+            &st.vault.created_customer(gr, &id).await?,
         )
         .map(|(_, b)| b)
     };
@@ -744,9 +749,10 @@ async fn attach_card(
             respond(attached.token, attached.duplicate).map_err(Failed::from)
         }
     };
-    let render = |r: &Replayable| {
+    let (st, gr, cu) = (&state, &grant, &customer);
+    let render = |r: Replayable| async move {
         let token = path_id(IdKind::CustomerToken, &r.object)?;
-        let view = state.vault.attached_token(&grant, &customer, &token)?;
+        let view = st.vault.attached_token(gr, cu, &token).await?;
         respond(view, r.duplicate).map(|created| created.reply.1)
     };
     idempotent(&req, &state, &grant, &body, run, render).await

@@ -168,6 +168,16 @@ pub struct Ticket {
     seq: u64,
 }
 
+impl Ticket {
+    /// The ticket of a write that was durable when it returned (a PostgreSQL `COMMIT`).
+    pub(crate) fn committed() -> Ticket {
+        Ticket {
+            generation: 0,
+            seq: 0,
+        }
+    }
+}
+
 /// Where the commit number is kept in the `meta` tree.
 pub const COMMIT_KEY: &[u8] = b"commit";
 

@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
-use super::{Shared, StoreError};
+use super::embedded::Shared;
+use super::StoreError;
 
 /// The store is reopened after a failure only once its file system has this much room.
 pub const RECOVERY_FREE_BYTES: u64 = 8 << 20;

@@ -117,14 +117,15 @@ impl Vault {
         };
         let ticket = self
             .store
-            .insert_customer(project.as_str(), id.as_str(), &record)?;
+            .insert_customer(project.as_str(), id.as_str(), &record)
+            .await?;
         self.store.durable(ticket).await?;
         Ok(customer_view(id.as_str(), profile, &record))
     }
 
     /// A customer as a replay of its creation shows it. Not an audit line of its own: the
     /// creation was one (or, if its line was lost, the log names the customer).
-    pub fn created_customer(
+    pub async fn created_customer(
         &self,
         grant: &Grant<Customers>,
         id: &ObjectId,
@@ -136,7 +137,8 @@ impl Vault {
             .ok_or(VaultError::NotFound)?;
         let record = self
             .store
-            .customer(project.as_str(), id)?
+            .customer(project.as_str(), id)
+            .await?
             .ok_or(VaultError::NotFound)?;
         let profile = open_profile(&keys, project, id, &record)?;
         Ok(customer_view(id, profile, &record))
@@ -158,27 +160,30 @@ impl Vault {
         // The patch applies to the profile as stored at the moment of the swap, so two racing
         // updates never lose each other's fields. `patched` holds the last attempt's result,
         // which is the one that was written.
-        let swap = self.store.swap_customer(project.as_str(), id, |rec| {
-            let mut profile = open_profile(&keys, project, id, rec)?;
-            patch
-                .clone()
-                .apply(&mut profile)
-                .map_err(VaultError::Field)?;
-            let sealed = seal(
-                &keys,
-                Blob::CustomerProfile,
-                project,
-                id,
-                &json(&profile, id)?,
-            )?;
-            patched = Some(profile);
-            Ok(CustomerRecord {
-                updated_at: now,
-                key_version: keys.dek_version,
-                profile: sealed,
-                ..rec.clone()
+        let swap = self
+            .store
+            .swap_customer(project.as_str(), id, |rec| {
+                let mut profile = open_profile(&keys, project, id, rec)?;
+                patch
+                    .clone()
+                    .apply(&mut profile)
+                    .map_err(VaultError::Field)?;
+                let sealed = seal(
+                    &keys,
+                    Blob::CustomerProfile,
+                    project,
+                    id,
+                    &json(&profile, id)?,
+                )?;
+                patched = Some(profile);
+                Ok(CustomerRecord {
+                    updated_at: now,
+                    key_version: keys.dek_version,
+                    profile: sealed,
+                    ..rec.clone()
+                })
             })
-        })?;
+            .await?;
         let (old, ticket) = swap.swapped(VaultError::NotFound)?;
         self.store.durable(ticket).await?;
         let profile = patched.ok_or(VaultError::NotFound)?;
@@ -203,7 +208,8 @@ impl Vault {
         for _ in 0..MAX_ATTEMPTS {
             let record = self
                 .store
-                .customer(project, id)?
+                .customer(project, id)
+                .await?
                 .ok_or(VaultError::NotFound)?;
             let mut batch = Batch::default();
             batch
@@ -212,7 +218,7 @@ impl Vault {
             for token in &record.tokens {
                 batch.remove_token(project, &token.id);
             }
-            if let Some(ticket) = self.store.commit(&batch)? {
+            if let Some(ticket) = self.store.commit(&batch).await? {
                 self.store.durable(ticket).await?;
                 return Ok(());
             }
@@ -262,10 +268,15 @@ impl Vault {
             .project_keys(project, false)?
             .ok_or(VaultError::NotFound)?;
         for _ in 0..MAX_ATTEMPTS {
-            let customer_rec = self.store.customer(p, cust)?.ok_or(VaultError::NotFound)?;
+            let customer_rec = self
+                .store
+                .customer(p, cust)
+                .await?
+                .ok_or(VaultError::NotFound)?;
             let card_rec = self
                 .store
-                .card(p, source.as_str())?
+                .card(p, source.as_str())
+                .await?
                 .ok_or(VaultError::NotFound)?;
             let now = unix_now();
             if card_rec.used_at.is_some() {
@@ -297,7 +308,7 @@ impl Vault {
                 .find(|t| t.fingerprint == card_meta.fingerprint);
             let (token_id, token_rec, meta, duplicate) = match existing {
                 Some(existing) => {
-                    let Some(token_rec) = self.store.token(p, &existing.id)? else {
+                    let Some(token_rec) = self.store.token(p, &existing.id).await? else {
                         continue; // deleted meanwhile: the customer record changes too; retry
                     };
                     let mut meta: TokenMeta = parse(
@@ -387,7 +398,7 @@ impl Vault {
                     (tid.to_owned(), token_rec, meta, false)
                 }
             };
-            if let Some(ticket) = self.store.commit(&batch)? {
+            if let Some(ticket) = self.store.commit(&batch).await? {
                 self.store.durable(ticket).await?;
                 // A customer token never carries a CVC: wipe the card token's now.
                 drop(self.cvcs.take(project, source));
@@ -400,7 +411,7 @@ impl Vault {
         Err(VaultError::Contention)
     }
 
-    fn customer_tokens_inner(
+    async fn customer_tokens_inner(
         &self,
         grant: &Grant<Customers>,
         customer: &ObjectId,
@@ -412,12 +423,13 @@ impl Vault {
             .ok_or(VaultError::NotFound)?;
         let record = self
             .store
-            .customer(project.as_str(), cust)?
+            .customer(project.as_str(), cust)
+            .await?
             .ok_or(VaultError::NotFound)?;
         let mut views = Vec::with_capacity(record.tokens.len());
         for t in &record.tokens {
             // A token deleted between the two reads is simply not listed.
-            if let Some(token) = self.store.token(project.as_str(), &t.id)? {
+            if let Some(token) = self.store.token(project.as_str(), &t.id).await? {
                 views.push(token_view(
                     &t.id,
                     &token,
@@ -431,14 +443,14 @@ impl Vault {
 
     /// A customer token as a replay of the attach that made it shows it. Not an audit line of
     /// its own: the attach was one (or, if its line was lost, the log names the token).
-    pub fn attached_token(
+    pub async fn attached_token(
         &self,
         grant: &Grant<Customers>,
         customer: &ObjectId,
         token: &ObjectId,
     ) -> Result<TokenView, VaultError> {
         let project = grant.project();
-        let (keys, record) = self.owned_token(project, customer, token)?;
+        let (keys, record) = self.owned_token(project, customer, token).await?;
         Ok(token_view(
             token.as_str(),
             &record,
@@ -456,29 +468,32 @@ impl Vault {
     ) -> Result<TokenView, VaultError> {
         let project = grant.project();
         let tid = token.as_str();
-        let (keys, _) = self.owned_token(project, customer, token)?;
+        let (keys, _) = self.owned_token(project, customer, token).await?;
         let now = unix_now();
         let mut new_meta = None;
-        let swap = self.store.swap_token(project.as_str(), tid, |rec| {
-            let mut meta = open_token_meta(&keys, project, tid, rec)?;
-            if let Some(expiry) = patch.expiry {
-                meta.card.exp_month = expiry.month();
-                meta.card.exp_year = expiry.year();
-            }
-            if let Some(r) = &patch.recurring {
-                meta.recurring = Some(r.clone());
-            }
-            let sealed = seal(&keys, Blob::TokenMeta, project, tid, &json(&meta, tid)?)?;
-            let pan = current_pan(&keys, project, tid, rec)?;
-            new_meta = Some(meta);
-            Ok(TokenRecord {
-                updated_at: now,
-                key_version: keys.dek_version,
-                meta: sealed,
-                pan,
-                ..rec.clone()
+        let swap = self
+            .store
+            .swap_token(project.as_str(), tid, |rec| {
+                let mut meta = open_token_meta(&keys, project, tid, rec)?;
+                if let Some(expiry) = patch.expiry {
+                    meta.card.exp_month = expiry.month();
+                    meta.card.exp_year = expiry.year();
+                }
+                if let Some(r) = &patch.recurring {
+                    meta.recurring = Some(r.clone());
+                }
+                let sealed = seal(&keys, Blob::TokenMeta, project, tid, &json(&meta, tid)?)?;
+                let pan = current_pan(&keys, project, tid, rec)?;
+                new_meta = Some(meta);
+                Ok(TokenRecord {
+                    updated_at: now,
+                    key_version: keys.dek_version,
+                    meta: sealed,
+                    pan,
+                    ..rec.clone()
+                })
             })
-        })?;
+            .await?;
         let (old, ticket) = swap.swapped(VaultError::NotFound)?;
         self.store.durable(ticket).await?;
         let meta = new_meta.ok_or(VaultError::NotFound)?;
@@ -503,8 +518,12 @@ impl Vault {
         let p = project.as_str();
         let cust = customer_id(customer)?;
         for _ in 0..MAX_ATTEMPTS {
-            let (_, token_rec) = self.owned_token(project, customer, token)?;
-            let customer_rec = self.store.customer(p, cust)?.ok_or(VaultError::NotFound)?;
+            let (_, token_rec) = self.owned_token(project, customer, token).await?;
+            let customer_rec = self
+                .store
+                .customer(p, cust)
+                .await?
+                .ok_or(VaultError::NotFound)?;
             let mut updated = customer_rec.clone();
             updated.tokens.retain(|t| t.id != token.as_str());
             let mut batch = Batch::default();
@@ -513,7 +532,7 @@ impl Vault {
                 .expect_token(p, token.as_str(), &token_rec)
                 .put_customer(p, cust, &updated)
                 .remove_token(p, token.as_str());
-            if let Some(ticket) = self.store.commit(&batch)? {
+            if let Some(ticket) = self.store.commit(&batch).await? {
                 self.store.durable(ticket).await?;
                 return Ok(());
             }
@@ -522,7 +541,7 @@ impl Vault {
     }
 
     /// A customer token's card, as often as asked; never a CVC.
-    pub(super) fn detokenize_customer_token(
+    pub(super) async fn detokenize_customer_token(
         &self,
         project: &Project,
         token: &ObjectId,
@@ -533,7 +552,8 @@ impl Vault {
             .ok_or(VaultError::NotFound)?;
         let record = self
             .store
-            .token(project.as_str(), tid)?
+            .token(project.as_str(), tid)
+            .await?
             .ok_or(VaultError::NotFound)?;
         let meta = open_token_meta(&keys, project, tid, &record)?;
         let digits = open(
@@ -548,7 +568,7 @@ impl Vault {
     }
 
     /// The token, if it exists in this project and belongs to `customer`.
-    fn owned_token(
+    async fn owned_token(
         &self,
         project: &Project,
         customer: &ObjectId,
@@ -563,7 +583,8 @@ impl Vault {
             .ok_or(VaultError::NotFound)?;
         let record = self
             .store
-            .token(project.as_str(), token.as_str())?
+            .token(project.as_str(), token.as_str())
+            .await?
             .filter(|r| r.customer == cust)
             .ok_or(VaultError::NotFound)?;
         Ok((keys, record))
@@ -595,7 +616,7 @@ impl Vault {
         grant: &Grant<Customers>,
         id: &ObjectId,
     ) -> Result<CustomerView, VaultError> {
-        let result = self.created_customer(grant, id);
+        let result = self.created_customer(grant, id).await;
         self.audited(grant, "customer.read", Some(id.as_str()), result)
             .await
     }
@@ -606,7 +627,7 @@ impl Vault {
         grant: &Grant<Customers>,
         customer: &ObjectId,
     ) -> Result<Vec<TokenView>, VaultError> {
-        let result = self.customer_tokens_inner(grant, customer);
+        let result = self.customer_tokens_inner(grant, customer).await;
         self.audited(
             grant,
             "customer_token.list",
@@ -623,7 +644,7 @@ impl Vault {
         customer: &ObjectId,
         token: &ObjectId,
     ) -> Result<TokenView, VaultError> {
-        let result = self.attached_token(grant, customer, token);
+        let result = self.attached_token(grant, customer, token).await;
         self.audited(grant, "customer_token.read", Some(token.as_str()), result)
             .await
     }

@@ -57,7 +57,7 @@ pub struct Claim {
 }
 
 impl Vault {
-    pub fn idempotency_begin<P: Requires>(
+    pub async fn idempotency_begin<P: Requires>(
         self: &Arc<Self>,
         grant: &Grant<P>,
         key: &str,
@@ -87,7 +87,7 @@ impl Vault {
         let p = project.as_str();
         loop {
             let now = unix_now();
-            let current = self.store.idempotency(p, &scope)?;
+            let current = self.store.idempotency(p, &scope).await?;
             let claimable = match &current {
                 None => true,
                 Some(rec) if rec.created_at + RETENTION_SECS <= now => true,
@@ -112,9 +112,10 @@ impl Vault {
                     response: None,
                 };
                 // Not awaited: a claim lost in a crash only means the retry runs again.
-                if let Some(_ticket) =
-                    self.store
-                        .swap_idempotency(p, &scope, current.as_ref(), Some(&claim))?
+                if let Some(_ticket) = self
+                    .store
+                    .swap_idempotency(p, &scope, current.as_ref(), Some(&claim))
+                    .await?
                 {
                     return Ok(Begin::Proceed(Claim {
                         vault: Arc::clone(self),
@@ -152,12 +153,14 @@ impl Claim {
         let store = &self.vault.store;
         // Not finished until the outcome is written: if the write fails, dropping the claim
         // releases the key instead of leaving it in progress for a day.
-        let ticket = store.swap_idempotency(
-            self.project.as_str(),
-            &self.scope,
-            Some(&self.record),
-            Some(&done),
-        )?;
+        let ticket = store
+            .swap_idempotency(
+                self.project.as_str(),
+                &self.scope,
+                Some(&self.record),
+                Some(&done),
+            )
+            .await?;
         self.finished = true;
         if let Some(ticket) = ticket {
             store.durable(ticket).await?;
@@ -171,14 +174,20 @@ impl Drop for Claim {
         if self.finished {
             return;
         }
-        let released = self.vault.store.swap_idempotency(
-            self.project.as_str(),
-            &self.scope,
-            Some(&self.record),
-            None,
+        let (vault, project, scope, record) = (
+            Arc::clone(&self.vault),
+            self.project.clone(),
+            std::mem::take(&mut self.scope),
+            self.record.clone(),
         );
-        if let Err(e) = released {
-            tracing::warn!(error = %e, "could not release an idempotency claim; it expires by itself");
-        }
+        self.vault.store.detach(async move {
+            let released = vault
+                .store
+                .swap_idempotency(project.as_str(), &scope, Some(&record), None)
+                .await;
+            if let Err(e) = released {
+                tracing::warn!(error = %e, "could not release an idempotency claim; it expires by itself");
+            }
+        });
     }
 }

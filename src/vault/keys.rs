@@ -793,7 +793,7 @@ impl Vault {
         let Some((p, keys)) = self.keys_for(project, active)? else {
             return Ok(false);
         };
-        let swap = self.store.swap_card(project, id, |rec| {
+        let swap = self.store.wait(self.store.swap_card(project, id, |rec| {
             if rec.key_version == active {
                 return Err(VaultError::NotFound);
             }
@@ -811,7 +811,7 @@ impl Vault {
                 pan,
                 ..rec.clone()
             })
-        })?;
+        }))?;
         self.count_moved(swap.swapped(VaultError::NotFound))
     }
 
@@ -819,24 +819,26 @@ impl Vault {
         let Some((p, keys)) = self.keys_for(project, active)? else {
             return Ok(false);
         };
-        let swap = self.store.swap_customer(project, id, |rec| {
-            if rec.key_version == active {
-                return Err(VaultError::NotFound);
-            }
-            let profile = open(
-                &keys,
-                Blob::CustomerProfile,
-                &p,
-                id,
-                rec.key_version,
-                &rec.profile,
-            )?;
-            Ok(CustomerRecord {
-                key_version: active,
-                profile: seal(&keys, Blob::CustomerProfile, &p, id, &profile)?,
-                ..rec.clone()
-            })
-        })?;
+        let swap = self
+            .store
+            .wait(self.store.swap_customer(project, id, |rec| {
+                if rec.key_version == active {
+                    return Err(VaultError::NotFound);
+                }
+                let profile = open(
+                    &keys,
+                    Blob::CustomerProfile,
+                    &p,
+                    id,
+                    rec.key_version,
+                    &rec.profile,
+                )?;
+                Ok(CustomerRecord {
+                    key_version: active,
+                    profile: seal(&keys, Blob::CustomerProfile, &p, id, &profile)?,
+                    ..rec.clone()
+                })
+            }))?;
         self.count_moved(swap.swapped(VaultError::NotFound))
     }
 
@@ -844,12 +846,12 @@ impl Vault {
         let Some((p, keys)) = self.keys_for(project, active)? else {
             return Ok(false);
         };
-        let swap = self.store.swap_token(project, id, |rec| {
+        let swap = self.store.wait(self.store.swap_token(project, id, |rec| {
             if rec.key_version == active {
                 return Err(VaultError::NotFound);
             }
             reseal_token(&keys, &p, id, rec)
-        })?;
+        }))?;
         self.count_moved(swap.swapped(VaultError::NotFound))
     }
 
@@ -1258,7 +1260,7 @@ mod tests {
         let kek = KeyMaterial::random().unwrap();
         let names: Vec<String> = ["alice", "bob", "carol"].map(String::from).to_vec();
         let (custody, shares) = split(&kek, "kek_test", &names, threshold, "now").unwrap();
-        let store = crate::store::Store::open(&root.join("data"), 8 << 20).unwrap();
+        let store = crate::store::Store::open_sled(&root.join("data"), 8 << 20).unwrap();
         let settings = crate::vault::VaultSettings {
             card_token_ttl: Duration::from_secs(3600),
             cvc_ttl: Duration::from_secs(60),

@@ -634,7 +634,8 @@ impl Vault {
         };
         let ticket = self
             .store
-            .insert_card(project.as_str(), id.as_str(), &record)?;
+            .insert_card(project.as_str(), id.as_str(), &record)
+            .await?;
         self.store.durable(ticket).await?;
         if let Some(cvc) = card.cvc {
             self.cvcs
@@ -646,7 +647,9 @@ impl Vault {
     /// A card token's metadata; the read is an audit line (who read which card), so that
     /// collecting cards' truncations leaves a trace.
     pub async fn card(&self, grant: &Grant<Read>, id: &ObjectId) -> Result<CardView, VaultError> {
-        let result = self.card_view(grant.project(), id, grant.disclosure());
+        let result = self
+            .card_view(grant.project(), id, grant.disclosure())
+            .await;
         self.audit(
             grant.actor(),
             grant.project(),
@@ -662,15 +665,16 @@ impl Vault {
 
     /// The card a tokenization made, for replaying its `Idempotency-Key`: the caller may
     /// tokenize without holding `read`, and gets back what it got the first time.
-    pub fn tokenized_card(
+    pub async fn tokenized_card(
         &self,
         grant: &Grant<Tokenize>,
         id: &ObjectId,
     ) -> Result<CardView, VaultError> {
         self.card_view(grant.project(), id, grant.disclosure())
+            .await
     }
 
-    fn card_view(
+    async fn card_view(
         &self,
         project: &Project,
         id: &ObjectId,
@@ -684,7 +688,8 @@ impl Vault {
             .ok_or(VaultError::NotFound)?;
         let record = self
             .store
-            .card(project.as_str(), id.as_str())?
+            .card(project.as_str(), id.as_str())
+            .await?
             .ok_or(VaultError::NotFound)?;
         let meta = self.open_meta(&keys, project, id, &record)?;
         Ok(view(id, meta.shown(disclosure), &record))
@@ -699,7 +704,7 @@ impl Vault {
     ) -> Result<CardDetails, VaultError> {
         let result = match token.kind() {
             IdKind::Card => self.detokenize_card(grant.project(), token).await,
-            IdKind::CustomerToken => self.detokenize_customer_token(grant.project(), token),
+            IdKind::CustomerToken => self.detokenize_customer_token(grant.project(), token).await,
             IdKind::Customer => Err(VaultError::NotFound),
         };
         self.audit(
@@ -745,7 +750,8 @@ impl Vault {
                     pan: None,
                     ..current.clone()
                 })
-            })?;
+            })
+            .await?;
         let (record, ticket) = swap.swapped(VaultError::NotFound)?;
         // The use must be on disk before the card leaves the process: after a crash the token
         // stays used, so the card can never be handed out twice.
@@ -908,15 +914,17 @@ impl Vault {
                 }
             };
             if record.pan.is_some() && record.expires_at <= now {
-                let swap = self.store.swap_card(&project, &id, |current| {
-                    if current.pan.is_none() || current.expires_at > now {
-                        return Err(());
-                    }
-                    Ok(CardRecord {
-                        pan: None,
-                        ..current.clone()
-                    })
-                })?;
+                let swap = self
+                    .store
+                    .wait(self.store.swap_card(&project, &id, |current| {
+                        if current.pan.is_none() || current.expires_at > now {
+                            return Err(());
+                        }
+                        Ok(CardRecord {
+                            pan: None,
+                            ..current.clone()
+                        })
+                    }))?;
                 // Not awaited: an expired token's PAN is unusable whether or not this
                 // erasure reaches disk before the next flush.
                 if let Swap::Swapped(_, _ticket) = swap {
@@ -1087,7 +1095,7 @@ pub(crate) mod tests {
         let kek_path = root.join("keys").join(crate::crypto::DEV_KEY_FILE);
         crate::crypto::DevKey::create(&kek_path).unwrap();
         let kek = crate::crypto::DevKey::load(&kek_path).unwrap();
-        let store = Store::open(&root.join("data"), 8 << 20).unwrap();
+        let store = Store::open_sled(&root.join("data"), 8 << 20).unwrap();
         let settings = VaultSettings {
             card_token_ttl: Duration::from_secs(3600),
             cvc_ttl: Duration::from_secs(60),

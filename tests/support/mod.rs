@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -119,8 +121,17 @@ pub struct Identity {
     pub serial: Vec<u8>,
 }
 
+/// Which store engine a test's daemon runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sled,
+    Postgres,
+}
+
 /// Everything a daemon needs on disk, before it runs.
 pub struct Setup {
+    /// The test's own PostgreSQL (stopped before its folder is removed).
+    pub pg: Option<pg::PgCluster>,
     pub dir: TempDir,
     pub ca: Authority,
     pub config: PathBuf,
@@ -132,6 +143,32 @@ pub struct Setup {
 impl Setup {
     pub fn new(label: &str) -> Setup {
         Setup::with_settings(label, "")
+    }
+
+    /// A dev-key vault on `engine`; `None` (the test is skipped) when PostgreSQL is asked for
+    /// and not installed, and not required.
+    pub fn on(engine: Engine, label: &str) -> Option<Setup> {
+        Setup::on_with(engine, label, "")
+    }
+
+    /// [`Setup::on`] with `extra` top-level settings.
+    pub fn on_with(engine: Engine, label: &str, extra: &str) -> Option<Setup> {
+        Setup::on_with_level(engine, label, extra, "debug")
+    }
+
+    /// [`Setup::on_with`] at log `level`.
+    pub fn on_with_level(engine: Engine, label: &str, extra: &str, level: &str) -> Option<Setup> {
+        if engine == Engine::Postgres && !pg::available() {
+            return None;
+        }
+        let setup = Setup::files_on(
+            engine,
+            label,
+            &format!("insecure_dev_key = true\n{extra}"),
+            level,
+        );
+        setup.cli(&["keys", "init", "--insecure-dev-key"]);
+        Some(setup)
     }
 
     /// `extra` is appended to the config's top-level keys (e.g. `cvc_ttl = "1s"`).
@@ -250,8 +287,22 @@ impl Setup {
     }
 
     fn files(label: &str, extra: &str, level: &str) -> Setup {
+        Setup::files_on(Engine::Sled, label, extra, level)
+    }
+
+    fn files_on(engine: Engine, label: &str, extra: &str, level: &str) -> Setup {
         let dir = TempDir::new(label);
         let root = dir.path().to_owned();
+        let pg = (engine == Engine::Postgres).then(|| pg::start(&root));
+        let store = pg
+            .as_ref()
+            .map(|pg| pg.store_config(""))
+            .unwrap_or_default();
+        let data_dir = if pg.is_some() {
+            ""
+        } else {
+            "data_dir = \"data\"\n"
+        };
         let ca = Authority::new("cardvault test CA").unwrap();
         write(&root.join("ca.pem"), &ca.cert_pem());
         let server = ca.server(&["localhost", "127.0.0.1"]).unwrap();
@@ -263,13 +314,14 @@ impl Setup {
         write(
             &config,
             &format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkeys_dir = \"keys\"\npolicies = \"policy.toml\"\nworkers = 2\n{extra}\n\
+                "listen = \"127.0.0.1:0\"\n{data_dir}keys_dir = \"keys\"\npolicies = \"policy.toml\"\nworkers = 2\n{extra}\n\
                  [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
                  [audit]\npath = \"audit/audit.log\"\n\
-                 [log]\nlevel = \"{level}\"\n"
+                 [log]\nlevel = \"{level}\"\n{store}"
             ),
         );
         Setup {
+            pg,
             data_dir: root.join("data"),
             keys_dir: root.join("keys"),
             dir,
@@ -780,6 +832,40 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
             std::fs::read(p)
                 .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
                 .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Whether `hay` contains `needle`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Files below `dir` that contain any of `needles` (ASCII digit strings), read once each: for
+/// large folders (a PostgreSQL cluster) where a pass per needle would be slow.
+pub fn files_containing_digits(dir: &Path, needles: &[String]) -> Vec<PathBuf> {
+    let set: std::collections::HashSet<&[u8]> = needles.iter().map(|n| n.as_bytes()).collect();
+    let lengths: std::collections::BTreeSet<usize> = needles.iter().map(String::len).collect();
+    let shortest = lengths.iter().next().copied().unwrap_or(1);
+    files_below(dir)
+        .into_iter()
+        .filter(|p| {
+            let Ok(bytes) = std::fs::read(p) else {
+                return false;
+            };
+            let mut run = 0;
+            for (i, b) in bytes.iter().enumerate() {
+                run = if b.is_ascii_digit() { run + 1 } else { 0 };
+                // A needle ends here if the digit run is long enough.
+                if run >= shortest {
+                    for len in &lengths {
+                        if run >= *len && set.contains(&bytes[i + 1 - len..=i]) {
+                            return true;
+                        }
+                    }
+                }
+            }
+            false
         })
         .collect()
 }

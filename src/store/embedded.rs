@@ -1,0 +1,763 @@
+//! The embedded engine: sled, in one folder that one process holds.
+//!
+//! Trees: `cards`, `customers`, `customer_tokens`, `idempotency` and `keys`, each keyed by
+//! `project \0 id`; `meta` for store-wide values. Compare-and-swap is sled's own; a
+//! [`Batch`] is one sled transaction over the trees it touches.
+//!
+//! sled holds an exclusive lock on its folder: one process per store, so admin actions go
+//! through the daemon. Compression stays off so a byte scan of the folder for test PANs means
+//! something. Every write a caller is told about is made durable through [`GroupCommit`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::commit::{self, GroupCommit, Ticket};
+use super::recovery;
+use super::{
+    key, split_key, Batch, CardRecord, Codec, CustomerRecord, IdempotencyRecord, Malformed, Space,
+    StoreError, Swap, TokenRecord, FORMAT, FORMAT_KEY,
+};
+
+/// The sled engine: cheap to clone, every clone the same store.
+#[derive(Clone)]
+pub struct Sled(Arc<Shared>);
+
+pub(crate) struct Shared {
+    pub(super) dir: PathBuf,
+    pub(super) cache_bytes: u64,
+    /// The open sled instance; `None` for the moment of a reopen.
+    pub(super) current: RwLock<Option<Arc<Generation>>>,
+    /// Bumped on every reopen (starts at 1).
+    pub(super) generation: AtomicU64,
+    /// Wakes the watcher early (a failed write, or closing).
+    pub(super) signal: Arc<recovery::Signal>,
+    /// The commit number in the witness file; held while the file is written.
+    pub(super) witnessed: Mutex<u64>,
+}
+
+/// One opening of the sled store.
+pub(super) struct Generation {
+    db: sled::Db,
+    cards: sled::Tree,
+    customers: sled::Tree,
+    tokens: sled::Tree,
+    idempotency: sled::Tree,
+    keys: sled::Tree,
+    meta: sled::Tree,
+    pub(super) commit: GroupCommit,
+}
+
+impl Generation {
+    fn open(dir: &Path, cache_bytes: u64, id: u64) -> Result<Generation, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .use_compression(false)
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        let commit = match meta.get(commit::COMMIT_KEY)? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
+            None => 0,
+        };
+        recovery::check(dir, commit)?;
+        let found = match meta.get(FORMAT_KEY)? {
+            Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
+            None => 1,
+        };
+        if found > FORMAT {
+            return Err(StoreError::TooNew { found });
+        }
+        if found < FORMAT {
+            // Made durable by the first flush, with whatever this build writes first.
+            meta.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
+        }
+        let log = std::fs::File::open(dir.join("db")).map_err(sled::Error::from)?;
+        Ok(Generation {
+            cards: db.open_tree("cards")?,
+            customers: db.open_tree("customers")?,
+            tokens: db.open_tree("customer_tokens")?,
+            idempotency: db.open_tree("idempotency")?,
+            keys: db.open_tree("keys")?,
+            commit: GroupCommit::start(db.clone(), meta.clone(), log, id, commit)
+                .map_err(StoreError::Thread)?,
+            meta,
+            db,
+        })
+    }
+
+    /// Whether this sled instance can no longer write.
+    pub(super) fn failed(&self) -> bool {
+        self.commit.failed()
+    }
+}
+
+impl Shared {
+    pub(super) fn current(&self) -> Result<Arc<Generation>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    /// Closes the failed sled instance and opens the store again; returns the new generation.
+    pub(super) fn reopen(&self) -> Result<u64, StoreError> {
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(old) = old {
+            // Writers waiting on its flushes get `FlushFailed` now.
+            old.commit.shutdown();
+        }
+        // sled's folder lock is released once the last handle of the old instance is gone;
+        // until then the open fails and the watcher tries again.
+        let id = self.generation.load(Ordering::SeqCst) + 1;
+        let generation = Generation::open(&self.dir, self.cache_bytes, id)?;
+        self.generation.store(id, Ordering::SeqCst);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(generation));
+        Ok(id)
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        self.signal.wake(true);
+        let generation = self.current()?;
+        generation.commit.shutdown();
+        generation.commit.sync(&generation.db)?;
+        recovery::witness(self);
+        Ok(())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+const KEK_CHECK: &[u8] = b"kek_check";
+const KEK_ID: &[u8] = b"kek_id";
+const DEK_STATE: &[u8] = b"dek_state";
+const ENCRYPTIONS: &str = "encryptions/";
+
+fn get<R: Codec>(tree: &sled::Tree, k: &[u8]) -> Result<Option<R>, StoreError> {
+    match tree.get(k)? {
+        Some(bytes) => Ok(Some(R::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// `(project, id, record)` for every entry of `tree`.
+fn entries<R: Codec>(
+    tree: Result<sled::Tree, StoreError>,
+) -> impl Iterator<Item = Result<(String, String, R), StoreError>> {
+    let (tree, unavailable) = match tree {
+        Ok(tree) => (Some(tree), None),
+        Err(e) => (None, Some(Err(e))),
+    };
+    unavailable
+        .into_iter()
+        .chain(tree.into_iter().flat_map(|tree| {
+            tree.iter().map(|item| {
+                let (k, v) = item?;
+                let (project, id) = split_key(&k).ok_or(StoreError::Corrupt(Malformed))?;
+                Ok((project, id, R::decode(&v)?))
+            })
+        }))
+}
+
+/// Inserts a record that must not exist yet. Ids carry 154 bits from the CSPRNG, so an existing
+/// record under one means a broken generator, and is refused rather than overwritten.
+fn insert_new<R: Codec>(
+    g: &Generation,
+    tree: &sled::Tree,
+    k: &[u8],
+    rec: &R,
+) -> Result<Ticket, StoreError> {
+    match tree.compare_and_swap(k, None as Option<&[u8]>, Some(rec.encode()))? {
+        Ok(()) => Ok(g.commit.ticket()),
+        Err(_) => Err(StoreError::Corrupt(Malformed)),
+    }
+}
+
+fn swap<R: Codec, E>(
+    g: &Generation,
+    tree: &sled::Tree,
+    k: &[u8],
+    mut decide: impl FnMut(&R) -> Result<R, E>,
+) -> Result<Swap<R, E>, StoreError> {
+    loop {
+        let Some(current) = tree.get(k)? else {
+            return Ok(Swap::Missing);
+        };
+        let old = R::decode(&current)?;
+        let new = match decide(&old) {
+            Ok(new) => new,
+            Err(e) => return Ok(Swap::Refused(e)),
+        };
+        if tree
+            .compare_and_swap(k, Some(&current), Some(new.encode()))?
+            .is_ok()
+        {
+            return Ok(Swap::Swapped(old, g.commit.ticket()));
+        }
+    }
+}
+
+impl Sled {
+    /// Opens the store in `dir`, refusing one that holds less than its commit witness says
+    /// was acknowledged, and starts its flush and watcher threads.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Sled, StoreError> {
+        let generation = Generation::open(dir, cache_bytes, 1)?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            cache_bytes,
+            current: RwLock::new(Some(Arc::new(generation))),
+            generation: AtomicU64::new(1),
+            signal: Arc::default(),
+            witnessed: Mutex::new(0),
+        });
+        recovery::spawn_watcher(Arc::downgrade(&shared), Arc::clone(&shared.signal))
+            .map_err(StoreError::Thread)?;
+        Ok(Sled(shared))
+    }
+
+    /// Takes the lock a daemon holds on the store in `dir` (sled `flock`s its log file for as
+    /// long as it has the store open), without opening the store: while the returned file is
+    /// kept, no daemon can start on it. `Err` when one runs, or when the lock cannot be asked
+    /// for (taken as running); `Ok(None)` when there is no store.
+    pub fn lock_stopped(dir: &Path) -> Result<Option<std::fs::File>, String> {
+        let file = match std::fs::File::open(dir.join("db")) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        };
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| format!("{} is in use: a daemon is running on it", dir.display()))?;
+        Ok(Some(file))
+    }
+
+    /// Which opening of the store is current: anything derived from an earlier one (cached
+    /// keys, counts) must be read again.
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::SeqCst)
+    }
+
+    /// Runs `f` on the current sled instance; an I/O error marks it failed and wakes the
+    /// watcher, which reopens the store once it can.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Generation) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let g = self.0.current()?;
+        let result = f(&g);
+        if let Err(StoreError::Sled(e @ sled::Error::Io(_))) = &result {
+            g.commit.fail(e);
+            self.0.signal.wake(false);
+        }
+        result
+    }
+
+    /// [`Store::with`] for a write: refused with [`StoreError::Unavailable`] once this sled
+    /// instance has failed. sled refuses writes after its own I/O errors, but not after a
+    /// failed `fdatasync` of its log, which it never sees; a write applied now could never be
+    /// acknowledged, and would be served to readers as if it had been.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Generation) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.with(|g| {
+            if g.failed() {
+                return Err(StoreError::Unavailable);
+            }
+            f(g)
+        })
+    }
+
+    /// Whether the store takes writes now: open, and its sled instance has not failed.
+    pub fn writable(&self) -> bool {
+        self.0.current().is_ok_and(|g| !g.failed())
+    }
+
+    /// Whether the store failed in a way a reopen does not mend (a failed write-back, an I/O
+    /// error other than a full disk): it takes no writes until the daemon restarts.
+    pub fn needs_restart(&self) -> bool {
+        self.0
+            .current()
+            .is_ok_and(|g| g.failed() && g.commit.fatal())
+    }
+
+    /// Waits until the write behind `ticket` is on disk.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
+        let g = self.0.current()?;
+        Ok(g.commit.durable(ticket).await?)
+    }
+
+    /// Flushes everything, stops the flush thread and writes the commit witness.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.0.close()
+    }
+
+    /// Inserts a new card record under a fresh id.
+    pub fn insert_card(
+        &self,
+        project: &str,
+        id: &str,
+        rec: &CardRecord,
+    ) -> Result<Ticket, StoreError> {
+        self.write(|g| insert_new(g, &g.cards, &key(project, id), rec))
+    }
+
+    pub fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
+        self.with(|g| get(&g.cards, &key(project, id)))
+    }
+
+    pub fn customer(&self, project: &str, id: &str) -> Result<Option<CustomerRecord>, StoreError> {
+        self.with(|g| get(&g.customers, &key(project, id)))
+    }
+
+    pub fn token(&self, project: &str, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.with(|g| get(&g.tokens, &key(project, id)))
+    }
+
+    /// Atomically replaces a card record with what `decide` makes of it: compare-and-swap in
+    /// a loop, so of any number of racing callers exactly one sees the old state and wins.
+    /// `decide` may run several times and must have no side effects.
+    pub fn swap_card<E>(
+        &self,
+        project: &str,
+        id: &str,
+        decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
+    ) -> Result<Swap<CardRecord, E>, StoreError> {
+        self.write(|g| swap(g, &g.cards, &key(project, id), decide))
+    }
+
+    /// As [`Store::swap_card`], for a customer.
+    pub fn swap_customer<E>(
+        &self,
+        project: &str,
+        id: &str,
+        decide: impl FnMut(&CustomerRecord) -> Result<CustomerRecord, E>,
+    ) -> Result<Swap<CustomerRecord, E>, StoreError> {
+        self.write(|g| swap(g, &g.customers, &key(project, id), decide))
+    }
+
+    /// As [`Store::swap_card`], for a customer token.
+    pub fn swap_token<E>(
+        &self,
+        project: &str,
+        id: &str,
+        decide: impl FnMut(&TokenRecord) -> Result<TokenRecord, E>,
+    ) -> Result<Swap<TokenRecord, E>, StoreError> {
+        self.write(|g| swap(g, &g.tokens, &key(project, id), decide))
+    }
+
+    /// Inserts a new customer under a fresh id.
+    pub fn insert_customer(
+        &self,
+        project: &str,
+        id: &str,
+        rec: &CustomerRecord,
+    ) -> Result<Ticket, StoreError> {
+        self.write(|g| insert_new(g, &g.customers, &key(project, id), rec))
+    }
+
+    /// Applies `batch` in one transaction if every record it checks is exactly as expected.
+    /// `Ok(None)`: a check failed (a racing change); nothing was written.
+    pub fn commit(&self, batch: &Batch) -> Result<Option<Ticket>, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        self.write(|g| {
+            let outcome =
+                (&g.cards, &g.customers, &g.tokens).transaction(|(cards, customers, tokens)| {
+                    let tree = |space: Space| match space {
+                        Space::Cards => cards,
+                        Space::Customers => customers,
+                        Space::Tokens => tokens,
+                    };
+                    for (space, k, expected) in &batch.checks {
+                        let current = tree(*space).get(k)?;
+                        if current.as_deref() != expected.as_deref() {
+                            return Err(ConflictableTransactionError::Abort(()));
+                        }
+                    }
+                    for (space, k, value) in &batch.writes {
+                        match value {
+                            Some(v) => {
+                                tree(*space).insert(k.as_slice(), v.as_slice())?;
+                            }
+                            None => {
+                                tree(*space).remove(k.as_slice())?;
+                            }
+                        }
+                    }
+                    Ok(())
+                });
+            match outcome {
+                Ok(()) => Ok(Some(g.commit.ticket())),
+                Err(TransactionError::Abort(())) => Ok(None),
+                Err(TransactionError::Storage(e)) => Err(e.into()),
+            }
+        })
+    }
+
+    pub fn idempotency(
+        &self,
+        project: &str,
+        scope: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.with(|g| get(&g.idempotency, &key(project, scope)))
+    }
+
+    /// Compare-and-swap of an idempotency record; `Ok(None)` when `old` is no longer current.
+    pub fn swap_idempotency(
+        &self,
+        project: &str,
+        scope: &str,
+        old: Option<&IdempotencyRecord>,
+        new: Option<&IdempotencyRecord>,
+    ) -> Result<Option<Ticket>, StoreError> {
+        self.write(|g| {
+            let swapped = g.idempotency.compare_and_swap(
+                key(project, scope),
+                old.map(IdempotencyRecord::encode),
+                new.map(IdempotencyRecord::encode),
+            )?;
+            Ok(swapped.is_ok().then(|| g.commit.ticket()))
+        })
+    }
+
+    /// Removes idempotency records created before `cutoff` (unix seconds); returns how many.
+    pub fn remove_idempotency_before(&self, cutoff: i64) -> Result<usize, StoreError> {
+        self.write(|g| {
+            let mut removed = 0;
+            for item in g.idempotency.iter() {
+                let (k, v) = item?;
+                let stale = IdempotencyRecord::decode(&v).map_or(true, |r| r.created_at < cutoff);
+                if stale
+                    && g.idempotency
+                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                        .is_ok()
+                {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+    }
+
+    /// Removes a card record if it still holds exactly `expected` (used by the sweeper).
+    pub fn remove_card_if(
+        &self,
+        project: &str,
+        id: &str,
+        expected: &CardRecord,
+    ) -> Result<bool, StoreError> {
+        self.write(|g| {
+            let swapped = g.cards.compare_and_swap(
+                key(project, id),
+                Some(expected.encode()),
+                None as Option<&[u8]>,
+            )?;
+            Ok(swapped.is_ok())
+        })
+    }
+
+    /// Every card record, as `(project, id, record)`; records that fail to decode are skipped
+    /// (and counted by the caller through the `Err` items).
+    pub fn cards(&self) -> impl Iterator<Item = Result<(String, String, CardRecord), StoreError>> {
+        entries(self.0.current().map(|g| g.cards.clone()))
+    }
+
+    /// Every customer record, as `(project, id, record)`.
+    pub fn customers(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, CustomerRecord), StoreError>> {
+        entries(self.0.current().map(|g| g.customers.clone()))
+    }
+
+    /// Every customer token record, as `(project, id, record)`.
+    pub fn tokens(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, TokenRecord), StoreError>> {
+        entries(self.0.current().map(|g| g.tokens.clone()))
+    }
+
+    /// A project's key wrapped by the KEK, if it exists.
+    pub fn wrapped_key(&self, project: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|g| Ok(g.keys.get(key(project, name))?.map(|v| v.to_vec())))
+    }
+
+    /// Stores `wrapped` unless a key of that name exists; returns the key that is now stored
+    /// (ours, or the one a racing writer stored first). Not flushed here: callers flush before
+    /// sealing anything under it (`Vault::project_keys`, `Vault::rotate_deks`), and check the
+    /// store was not reopened in between.
+    pub fn insert_wrapped_key(
+        &self,
+        project: &str,
+        name: &str,
+        wrapped: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        self.write(|g| {
+            let k = key(project, name);
+            match g
+                .keys
+                .compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped))?
+            {
+                Ok(()) => Ok(wrapped.to_vec()),
+                Err(e) => e
+                    .current
+                    .map(|v| v.to_vec())
+                    .ok_or(StoreError::Corrupt(Malformed)),
+            }
+        })
+    }
+
+    /// The wrapped KEK check value and the KEK id, if this store has them yet.
+    pub fn kek_check(&self) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        self.with(|g| {
+            let check = g.meta.get(KEK_CHECK)?;
+            let id = g.meta.get(KEK_ID)?;
+            Ok(match (check, id) {
+                (Some(check), Some(id)) => Some((
+                    check.to_vec(),
+                    String::from_utf8(id.to_vec()).map_err(|_| Malformed)?,
+                )),
+                (Some(check), None) => Some((check.to_vec(), String::new())),
+                _ => None,
+            })
+        })
+    }
+
+    /// Records the KEK check value and id of a new store, durably, before anything is sealed.
+    pub fn set_kek_check(&self, wrapped: &[u8], kek_id: &str) -> Result<(), StoreError> {
+        self.write(|g| {
+            g.meta
+                .transaction(|meta| {
+                    meta.insert(KEK_CHECK, wrapped)?;
+                    meta.insert(KEK_ID, kek_id.as_bytes())?;
+                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(transaction_error)?;
+            g.commit.sync(&g.db)?;
+            Ok(())
+        })
+    }
+
+    /// Every wrapped key, as `(project, name, wrapped)`.
+    pub fn wrapped_keys(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        self.with(|g| {
+            g.keys
+                .iter()
+                .map(|item| {
+                    let (k, v) = item?;
+                    let (project, name) = split_key(&k).ok_or(Malformed)?;
+                    Ok((project, name, v.to_vec()))
+                })
+                .collect()
+        })
+    }
+
+    /// Replaces every wrapped key and the KEK check value and id in one transaction, then
+    /// flushes: after a crash the store is wholly under the old KEK or wholly under the new.
+    /// `Ok(false)`: some wrapped key is no longer what `rewrapped` was made from.
+    pub fn rewrap(
+        &self,
+        rewrapped: &[(String, String, Vec<u8>, Vec<u8>)],
+        check: &[u8],
+        kek_id: &str,
+    ) -> Result<bool, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        self.write(|g| {
+            let outcome = (&g.keys, &g.meta).transaction(|(keys, meta)| {
+                for (project, name, old, new) in rewrapped {
+                    let k = key(project, name);
+                    if keys.get(&k)?.as_deref() != Some(old.as_slice()) {
+                        return Err(ConflictableTransactionError::Abort(()));
+                    }
+                    keys.insert(k, new.as_slice())?;
+                }
+                meta.insert(KEK_CHECK, check)?;
+                meta.insert(KEK_ID, kek_id.as_bytes())?;
+                Ok(())
+            });
+            match outcome {
+                Ok(()) => {
+                    g.commit.sync(&g.db)?;
+                    Ok(true)
+                }
+                Err(TransactionError::Abort(())) => Ok(false),
+                Err(TransactionError::Storage(e)) => Err(e.into()),
+            }
+        })
+    }
+
+    /// Removes a wrapped key (a destroyed DEK version). Not durable until the next flush.
+    pub fn remove_wrapped_key(&self, project: &str, name: &str) -> Result<(), StoreError> {
+        self.write(|g| {
+            g.keys.remove(key(project, name))?;
+            Ok(())
+        })
+    }
+
+    /// The DEK version states (JSON, owned by the vault), if written yet.
+    pub fn dek_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|g| Ok(g.meta.get(DEK_STATE)?.map(|v| v.to_vec())))
+    }
+
+    /// Writes the DEK version states and flushes.
+    pub fn set_dek_state(&self, state: &[u8]) -> Result<(), StoreError> {
+        self.write(|g| {
+            g.meta.insert(DEK_STATE, state)?;
+            g.commit.sync(&g.db)?;
+            Ok(())
+        })
+    }
+
+    /// Encryptions reserved so far under a project's DEK version.
+    pub fn encryptions_reserved(&self, project: &str, version: u32) -> Result<u64, StoreError> {
+        self.with(|g| {
+            Ok(match g.meta.get(encryptions_key(project, version))? {
+                Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
+                None => 0,
+            })
+        })
+    }
+
+    /// Flushes everything written so far and syncs it (for rare, blocking callers: key
+    /// operations).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.write(|g| Ok(g.commit.sync(&g.db)?))
+    }
+}
+
+fn encryptions_key(project: &str, version: u32) -> Vec<u8> {
+    let mut k = ENCRYPTIONS.as_bytes().to_vec();
+    k.extend_from_slice(&key(project, &version.to_string()));
+    k
+}
+
+impl Sled {
+    /// Raises a DEK's encryption reservation (see [`Ledger::reserve`]).
+    pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
+        self.write(|g| {
+            g.meta
+                .fetch_and_update(encryptions_key(project, version), |old| {
+                    let old = old
+                        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                        .map_or(0, u64::from_be_bytes);
+                    Some(old.max(upto).to_be_bytes().to_vec())
+                })?;
+            Ok(())
+        })
+    }
+}
+
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => e.into(),
+        sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt(Malformed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Barrier};
+
+    fn temp_store(label: &str) -> (Sled, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("cardvault-store-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (Sled::open(&dir, 8 << 20).unwrap(), dir)
+    }
+
+    fn record() -> CardRecord {
+        CardRecord {
+            created_at: 1,
+            expires_at: i64::MAX,
+            used_at: None,
+            key_version: 1,
+            meta: vec![1],
+            pan: Some(vec![2; 28]),
+        }
+    }
+
+    /// A store records its format; one from a newer build is refused before anything is read.
+    #[test]
+    fn a_store_from_a_newer_format_is_refused() {
+        let (store, dir) = temp_store("format");
+        store.close().unwrap();
+        drop(store);
+        let db = sled::open(&dir).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        assert_eq!(
+            meta.get(FORMAT_KEY).unwrap().unwrap().as_ref(),
+            FORMAT.to_be_bytes()
+        );
+        meta.insert(FORMAT_KEY, &(FORMAT + 1).to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+        drop((meta, db));
+        let refused = Sled::open(&dir, 8 << 20).err().unwrap();
+        assert!(matches!(refused, StoreError::TooNew { found } if found == FORMAT + 1));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A failure a reopen mends (a full disk that refused a write) leaves the store unwritable
+    /// but not in need of a restart; any other I/O error needs one.
+    #[test]
+    fn only_a_failure_a_reopen_cannot_mend_needs_a_restart() {
+        let (store, dir) = temp_store("restart");
+        assert!(store.writable() && !store.needs_restart());
+        let full = sled::Error::Io(std::io::ErrorKind::StorageFull.into());
+        store.0.current().unwrap().commit.fail(&full);
+        assert!(!store.writable() && !store.needs_restart());
+        let other = sled::Error::Io(std::io::Error::other("i/o error"));
+        store.0.current().unwrap().commit.fail(&other);
+        assert!(!store.writable() && store.needs_restart());
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Sixteen threads race to use each of 100 records: exactly one wins every time.
+    #[test]
+    fn swap_card_has_exactly_one_winner() {
+        let (store, dir) = temp_store("race");
+        let store = Arc::new(store);
+        for round in 0..100 {
+            let id = format!("card_{round}");
+            let _ticket = store.insert_card("p", &id, &record()).unwrap();
+            let barrier = Arc::new(Barrier::new(16));
+            let winners: usize = (0..16)
+                .map(|_| {
+                    let (store, barrier, id) =
+                        (Arc::clone(&store), Arc::clone(&barrier), id.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let swap = store
+                            .swap_card("p", &id, |r| {
+                                if r.used_at.is_some() {
+                                    return Err(());
+                                }
+                                Ok(CardRecord {
+                                    used_at: Some(2),
+                                    pan: None,
+                                    ..r.clone()
+                                })
+                            })
+                            .unwrap();
+                        usize::from(matches!(swap, Swap::Swapped(..)))
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .sum();
+            assert_eq!(winners, 1, "round {round}");
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,1206 @@
+//! The PostgreSQL engine: several daemons over one database, which does the replication,
+//! failover and backups.
+//!
+//! Each space is a table of `(project, id, value)`, `value` being the same bytes the sled
+//! engine stores (timestamps, state flags, key version and ciphertext: never a PAN, CVC,
+//! contact detail or key in the clear). Store-wide values live in `meta`, DEK encryption
+//! reservations in `encryptions`.
+//!
+//! - A single-record change is one statement: `INSERT ... ON CONFLICT DO NOTHING` for a new
+//!   record or claim, `UPDATE ... WHERE value = <the bytes read>` for a compare-and-swap (zero
+//!   rows: a racing writer won; read again and decide again, as on sled).
+//! - A [`Batch`] is one transaction: every record it checks is locked (`FOR UPDATE`, in a fixed
+//!   order) and compared, a record it expects absent is `INSERT`ed (a racing insert fails it),
+//!   and any conflict, serialization failure or deadlock rolls it back whole and reports the
+//!   race, so the caller re-reads and decides again.
+//! - Every write is durable when its statement returns: the daemon waits for `COMMIT` (with
+//!   `synchronous_commit` as the operator set it), never for a flush of its own.
+//!
+//! Connections live on the engine's own small runtime (so blocking callers and request
+//! handlers share them), every statement is prepared once per connection, and every call is
+//! bounded by the statement timeout on both sides: PostgreSQL's `statement_timeout`, and a
+//! client-side deadline for a database that stopped answering altogether. A connection error
+//! answers [`StoreError::Database`] (503); the pool replaces dead connections as the database
+//! comes back, with no restart.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::{
+    split_key, Batch, Codec, Malformed, Space, StoreError, Swap, Ticket, FORMAT, FORMAT_KEY,
+};
+
+/// `[store.postgres]`, resolved.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// A libpq-style URL or key=value string, without a password.
+    pub url: String,
+    /// A file holding the password (mode 0600 or stricter), if the role has one.
+    pub password_file: Option<PathBuf>,
+    pub pool_size: usize,
+    /// CA certificates that sign the server's certificate: TLS (rustls) when set.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key for the database, if it asks for one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Bound on every call, on the server (`statement_timeout`) and on the client.
+    pub statement_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL carries no password (refused at parse), but say only where it points.
+        f.debug_struct("PgSettings")
+            .field("hosts", &self.hosts().ok())
+            .field("pool_size", &self.pool_size)
+            .field("tls", &self.ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgSettings {
+    /// Parses the URL and checks what can be checked without connecting: no password in it,
+    /// and plaintext only to loopback hosts or a Unix socket.
+    pub fn validate(&self) -> Result<(), String> {
+        let config = self.parse_url()?;
+        if config.get_password().is_some() {
+            return Err("[store.postgres] url holds a password: put it in password_file".into());
+        }
+        if self.ca.is_none() {
+            if let Some(host) = self.hosts()?.into_iter().find(|h| !is_local(h)) {
+                return Err(format!(
+                    "[store.postgres] host {host} is not loopback: set ca (TLS to the database) \
+                     or connect over loopback or a Unix socket"
+                ));
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err("[store.postgres] cert and key go together".into());
+        }
+        if (self.cert.is_some() || self.key.is_some()) && self.ca.is_none() {
+            return Err("[store.postgres] cert and key need ca".into());
+        }
+        if self.pool_size == 0 {
+            return Err("[store.postgres] pool_size must be at least 1".into());
+        }
+        if self.statement_timeout.is_zero() {
+            return Err("[store.postgres] statement_timeout must be positive".into());
+        }
+        Ok(())
+    }
+
+    fn parse_url(&self) -> Result<tokio_postgres::Config, String> {
+        self.url
+            .parse::<tokio_postgres::Config>()
+            // The parser's message may quote the URL: say only that it is wrong.
+            .map_err(|_| "[store.postgres] url is not a PostgreSQL connection URL".to_owned())
+    }
+
+    /// The hosts the URL names (Unix sockets as their folder).
+    pub fn hosts(&self) -> Result<Vec<String>, String> {
+        let config = self.parse_url()?;
+        let mut hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        hosts.extend(config.get_hostaddrs().iter().map(|a| a.to_string()));
+        if hosts.is_empty() {
+            return Err("[store.postgres] url names no host".into());
+        }
+        Ok(hosts)
+    }
+
+    /// The client config: URL, password, timeouts and keepalives.
+    fn client_config(&self) -> Result<tokio_postgres::Config, StoreError> {
+        let mut config = self.parse_url().map_err(StoreError::Damaged)?;
+        if let Some(path) = &self.password_file {
+            let password = read_secret(path).map_err(StoreError::Damaged)?;
+            config.password(password.trim_end_matches(['\r', '\n']));
+        }
+        let millis = self.statement_timeout.as_millis();
+        config
+            .application_name("cardvault")
+            .options(format!(
+                "-c statement_timeout={millis} -c lock_timeout={millis} \
+                 -c idle_in_transaction_session_timeout={}",
+                millis.saturating_mul(2)
+            ))
+            .connect_timeout(self.statement_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3)
+            .tcp_user_timeout(self.statement_timeout.saturating_mul(2));
+        if self.ca.is_some() {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
+        Ok(config)
+    }
+
+    /// rustls, verifying the server against `ca` (and its name against the URL's host).
+    fn tls(&self) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
+        let Some(ca) = &self.ca else {
+            return Ok(None);
+        };
+        let bad =
+            |what: &str, e: String| StoreError::Damaged(format!("[store.postgres] {what}: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in crate::tls::load_certs(ca).map_err(|e| bad("ca", e.to_string()))? {
+            roots.add(cert).map_err(|e| bad("ca", e.to_string()))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| bad("tls", e.to_string()))?
+            .with_root_certificates(roots);
+        let config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = crate::tls::load_certs(cert).map_err(|e| bad("cert", e.to_string()))?;
+                let key = crate::tls::load_key(key).map_err(|e| bad("key", e.to_string()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| bad("cert", e.to_string()))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+    }
+}
+
+fn is_local(host: &str) -> bool {
+    host == "localhost"
+        || host.starts_with('/')
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Reads a password file, refusing one that others can read.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("[store.postgres] password_file {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "[store.postgres] password_file {} is readable by others: chmod 600 it",
+            path.display()
+        ));
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("[store.postgres] password_file {}: {e}", path.display()))
+}
+
+/// The tables of the record spaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Cards,
+    Customers,
+    Tokens,
+    Idempotency,
+    Keys,
+}
+
+const TABLES: [Table; 5] = [
+    Table::Cards,
+    Table::Customers,
+    Table::Tokens,
+    Table::Idempotency,
+    Table::Keys,
+];
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Cards => "cards",
+            Table::Customers => "customers",
+            Table::Tokens => "customer_tokens",
+            Table::Idempotency => "idempotency",
+            Table::Keys => "wrapped_keys",
+        }
+    }
+
+    fn of(space: Space) -> Table {
+        match space {
+            Space::Cards => Table::Cards,
+            Space::Customers => Table::Customers,
+            Space::Tokens => Table::Tokens,
+        }
+    }
+}
+
+/// The statements of one table, in the order [`Statements`] prepares them.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Get,
+    Lock,
+    Insert,
+    Update,
+    Upsert,
+    DeleteIf,
+    Delete,
+    Page,
+}
+
+const OPS: [Op; 8] = [
+    Op::Get,
+    Op::Lock,
+    Op::Insert,
+    Op::Update,
+    Op::Upsert,
+    Op::DeleteIf,
+    Op::Delete,
+    Op::Page,
+];
+
+fn sql(op: Op, table: Table) -> String {
+    let t = table.name();
+    match op {
+        Op::Get => format!("SELECT value FROM {t} WHERE project = $1 AND id = $2"),
+        Op::Lock => format!("SELECT value FROM {t} WHERE project = $1 AND id = $2 FOR UPDATE"),
+        Op::Insert => format!(
+            "INSERT INTO {t} (project, id, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+        ),
+        Op::Update => {
+            format!("UPDATE {t} SET value = $3 WHERE project = $1 AND id = $2 AND value = $4")
+        }
+        Op::Upsert => format!(
+            "INSERT INTO {t} (project, id, value) VALUES ($1, $2, $3) \
+             ON CONFLICT (project, id) DO UPDATE SET value = EXCLUDED.value"
+        ),
+        Op::DeleteIf => format!("DELETE FROM {t} WHERE project = $1 AND id = $2 AND value = $3"),
+        Op::Delete => format!("DELETE FROM {t} WHERE project = $1 AND id = $2"),
+        Op::Page => format!(
+            "SELECT project, id, value FROM {t} WHERE (project, id) > ($1, $2) \
+             ORDER BY project, id LIMIT $3"
+        ),
+    }
+}
+
+const META_GET: &str = "SELECT value FROM meta WHERE name = $1";
+const META_PUT: &str = "INSERT INTO meta (name, value) VALUES ($1, $2) \
+                        ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value";
+const RESERVED_GET: &str = "SELECT reserved FROM encryptions WHERE project = $1 AND version = $2";
+const RESERVE: &str = "INSERT INTO encryptions (project, version, reserved) VALUES ($1, $2, $3) \
+                       ON CONFLICT (project, version) \
+                       DO UPDATE SET reserved = GREATEST(encryptions.reserved, EXCLUDED.reserved)";
+
+/// Every statement, prepared once per connection.
+struct Statements {
+    /// `OPS.len()` per table, tables in `TABLES` order.
+    tables: Vec<Statement>,
+    meta_get: Statement,
+    meta_put: Statement,
+    reserved_get: Statement,
+    reserve: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        // Sent together: the client pipelines them over one round trip's wait.
+        let texts: Vec<String> = TABLES
+            .iter()
+            .flat_map(|t| OPS.iter().map(move |op| sql(*op, *t)))
+            .collect();
+        let tables =
+            futures_util::future::try_join_all(texts.iter().map(|q| client.prepare(q))).await?;
+        Ok(Statements {
+            tables,
+            meta_get: client.prepare(META_GET).await?,
+            meta_put: client.prepare(META_PUT).await?,
+            reserved_get: client.prepare(RESERVED_GET).await?,
+            reserve: client.prepare(RESERVE).await?,
+        })
+    }
+
+    fn get(&self, op: Op, table: Table) -> Result<&Statement, StoreError> {
+        let t = TABLES.iter().position(|x| *x == table).unwrap_or(0);
+        self.tables
+            .get(t * OPS.len() + op as usize)
+            .ok_or_else(|| StoreError::Query("statement missing".into()))
+    }
+}
+
+/// One pooled connection.
+pub struct Conn {
+    client: Client,
+    statements: Statements,
+}
+
+/// Makes connections on the engine's runtime.
+struct Manager {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Manager {
+    /// Connects, and runs the connection on the engine's runtime.
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        let task = self.runtime.spawn(async move {
+            match tls {
+                None => {
+                    let (client, connection) = config.connect(NoTls).await?;
+                    tokio::spawn(async move { drop(connection.await) });
+                    Ok(client)
+                }
+                Some(tls) => {
+                    let (client, connection) = config.connect(tls).await?;
+                    tokio::spawn(async move { drop(connection.await) });
+                    Ok(client)
+                }
+            }
+        });
+        match task.await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(StoreError::Database("connection task ended".into())),
+        }
+    }
+}
+
+impl managed::Manager for Manager {
+    type Type = Conn;
+    type Error = StoreError;
+
+    async fn create(&self) -> Result<Conn, StoreError> {
+        let client = self.connect().await?;
+        let statements = Statements::prepare(&client).await.map_err(classify)?;
+        Ok(Conn { client, statements })
+    }
+
+    async fn recycle(&self, conn: &mut Conn, _: &Metrics) -> RecycleResult<StoreError> {
+        if conn.client.is_closed() {
+            return Err(RecycleError::message("connection closed"));
+        }
+        Ok(())
+    }
+}
+
+/// Sorts a PostgreSQL error into "the database is unreachable or refusing service" (503, the
+/// caller may retry later) and "the database refused this query" (500).
+fn classify(e: tokio_postgres::Error) -> StoreError {
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the connection broke, timed out or never opened.
+        return StoreError::Database(e.to_string());
+    };
+    let class = code.code().get(..2).unwrap_or("");
+    if matches!(class, "08" | "53" | "57" | "58")
+        || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+    {
+        StoreError::Database(e.to_string())
+    } else {
+        StoreError::Query(e.to_string())
+    }
+}
+
+/// Inside a transaction: a lost race (roll back, report the race) or a failure.
+enum TxError {
+    Race,
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for TxError {
+    fn from(e: tokio_postgres::Error) -> TxError {
+        if lost_race(&e) {
+            TxError::Race
+        } else {
+            TxError::Store(classify(e))
+        }
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> TxError {
+        TxError::Store(e)
+    }
+}
+
+/// Whether a failed transaction lost a race (the caller re-reads and tries again).
+fn lost_race(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::UNIQUE_VIOLATION
+    })
+}
+
+/// The engine: cheap to clone, every clone the same pool.
+#[derive(Clone)]
+pub struct Postgres(Arc<Inner>);
+
+struct Inner {
+    /// Connections for request handlers.
+    pool: Pool<Manager>,
+    /// Connections for blocking callers ([`Postgres::block`]): a request handler that blocks
+    /// its thread on a store call must never wait for a connection that a request suspended
+    /// on that same thread holds.
+    background: Pool<Manager>,
+    /// Runs the connections, the health probe and blocking callers' work.
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    timeout: Duration,
+    /// Whether the last probe or call reached the database.
+    up: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(runtime) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            // Never blocks, so it is safe wherever the last handle goes (even inside a runtime).
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Schema migrations, applied in order; the schema's version is how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: the record spaces, store-wide values and DEK encryption reservations. `C` collation:
+    // ids are ASCII, and keyset scans then compare bytes.
+    r#"
+    CREATE TABLE cards (project text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+                        value bytea NOT NULL, PRIMARY KEY (project, id));
+    CREATE TABLE customers (project text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+                            value bytea NOT NULL, PRIMARY KEY (project, id));
+    CREATE TABLE customer_tokens (project text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+                                  value bytea NOT NULL, PRIMARY KEY (project, id));
+    CREATE TABLE idempotency (project text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+                              value bytea NOT NULL, PRIMARY KEY (project, id));
+    CREATE TABLE wrapped_keys (project text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+                               value bytea NOT NULL, PRIMARY KEY (project, id));
+    CREATE TABLE meta (name text COLLATE "C" PRIMARY KEY, value bytea NOT NULL);
+    CREATE TABLE encryptions (project text COLLATE "C" NOT NULL, version bigint NOT NULL,
+                              reserved bigint NOT NULL, PRIMARY KEY (project, version));
+    "#,
+];
+
+/// Any constant: every daemon and `keys init` migrate under this advisory lock.
+const MIGRATION_LOCK: i64 = 0x6361_7264_7661_756c;
+
+const KEK_CHECK: &str = "kek_check";
+const KEK_ID: &str = "kek_id";
+const DEK_STATE: &str = "dek_state";
+
+/// Connections kept for blocking callers (key maintenance, sweeps, admin actions).
+const BACKGROUND_CONNECTIONS: usize = 4;
+
+tokio::task_local! {
+    /// Set while a blocking caller's work runs: it takes the background connections.
+    static BLOCKING: bool;
+}
+
+/// Rows per page of a full scan.
+const PAGE: i64 = 1000;
+
+impl Postgres {
+    /// Connects, creates or migrates the schema, and starts the pool and its health probe.
+    pub fn open(settings: &PgSettings) -> Result<Postgres, StoreError> {
+        settings.validate().map_err(StoreError::Damaged)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cardvault-pg")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Thread)?;
+        let handle = runtime.handle().clone();
+        let manager = Manager {
+            config: settings.client_config()?,
+            tls: settings.tls()?,
+            runtime: handle.clone(),
+        };
+        let timeout = settings.statement_timeout;
+        block_on(&handle, async {
+            tokio::time::timeout(timeout.saturating_mul(4), migrate(&manager))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Database("timed out migrating".into())))
+        })?;
+        let pool = |manager: Manager, size: usize| {
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(deadpool::Runtime::Tokio1)
+                .wait_timeout(Some(timeout))
+                .create_timeout(Some(timeout))
+                .recycle_timeout(Some(timeout))
+                .build()
+                .map_err(|e| StoreError::Damaged(e.to_string()))
+        };
+        let background = pool(
+            Manager {
+                config: manager.config.clone(),
+                tls: manager.tls.clone(),
+                runtime: handle.clone(),
+            },
+            BACKGROUND_CONNECTIONS,
+        )?;
+        let pool = pool(manager, settings.pool_size)?;
+        let up = Arc::new(AtomicBool::new(true));
+        handle.spawn(probe(pool.clone(), Arc::clone(&up), timeout));
+        Ok(Postgres(Arc::new(Inner {
+            pool,
+            background,
+            runtime: Mutex::new(Some(runtime)),
+            handle,
+            timeout,
+            up,
+        })))
+    }
+
+    pub fn generation(&self) -> u64 {
+        1
+    }
+
+    /// Whether the database answered the last probe or call.
+    pub fn writable(&self) -> bool {
+        self.0.up.load(Ordering::SeqCst)
+    }
+
+    pub fn needs_restart(&self) -> bool {
+        false
+    }
+
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.0.pool.close();
+        self.0.background.close();
+        Ok(())
+    }
+
+    /// Runs `call` to completion from blocking code: on the calling thread when it is outside
+    /// any runtime (the key and sweeper threads, the CLI), else on a helper thread (a request
+    /// handler doing a rare blocking store call must not block its runtime on this one).
+    pub fn block<T: Send>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>> + Send,
+    ) -> Result<T, StoreError> {
+        block_on(&self.0.handle, BLOCKING.scope(true, call))
+    }
+
+    /// Runs `call` as a task nobody waits for.
+    pub fn detach(&self, call: impl Future<Output = ()> + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(current) => drop(current.spawn(call)),
+            Err(_) => drop(self.0.handle.spawn(call)),
+        }
+    }
+
+    /// Runs `f` on a pooled connection, within the statement timeout; notes whether the
+    /// database could be reached.
+    async fn with<'a, T, F, Fut>(&'a self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(deadpool::managed::Object<Manager>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + 'a,
+    {
+        let pool = match BLOCKING.try_with(|b| *b) {
+            Ok(true) => &self.0.background,
+            _ => &self.0.pool,
+        };
+        let work = async {
+            let conn = pool.get().await.map_err(pool_error)?;
+            f(conn).await
+        };
+        let result = match tokio::time::timeout(self.0.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Database(
+                "no answer within the statement timeout".into(),
+            )),
+        };
+        match &result {
+            Err(StoreError::Database(_)) => self.0.up.store(false, Ordering::SeqCst),
+            Ok(_) => self.0.up.store(true, Ordering::SeqCst),
+            Err(_) => {}
+        }
+        result
+    }
+
+    pub async fn get<R: Codec>(
+        &self,
+        table: Table,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<R>, StoreError> {
+        self.with(|conn| async move {
+            let stmt = conn.statements.get(Op::Get, table)?;
+            let row = conn
+                .client
+                .query_opt(stmt, &[&project, &id])
+                .await
+                .map_err(classify)?;
+            match row {
+                Some(row) => Ok(Some(R::decode(
+                    row.try_get::<_, &[u8]>(0).map_err(classify)?,
+                )?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    /// Inserts a record that must not exist yet (see `embedded::insert_new`).
+    pub async fn insert(
+        &self,
+        table: Table,
+        project: &str,
+        id: &str,
+        value: Vec<u8>,
+    ) -> Result<Ticket, StoreError> {
+        self.with(|conn| async move {
+            let stmt = conn.statements.get(Op::Insert, table)?;
+            let n = conn
+                .client
+                .execute(stmt, &[&project, &id, &value])
+                .await
+                .map_err(classify)?;
+            if n == 1 {
+                Ok(Ticket::committed())
+            } else {
+                Err(StoreError::Corrupt(Malformed))
+            }
+        })
+        .await
+    }
+
+    /// Compare-and-swap in a loop: read, decide, `UPDATE ... WHERE value = <what was read>`.
+    pub async fn swap<R: Codec, E>(
+        &self,
+        table: Table,
+        project: &str,
+        id: &str,
+        mut decide: impl FnMut(&R) -> Result<R, E>,
+    ) -> Result<Swap<R, E>, StoreError> {
+        loop {
+            let decide = &mut decide;
+            let step = self
+                .with(|conn| async move {
+                    let get = conn.statements.get(Op::Get, table)?;
+                    let Some(row) = conn
+                        .client
+                        .query_opt(get, &[&project, &id])
+                        .await
+                        .map_err(classify)?
+                    else {
+                        return Ok(Some(Swap::Missing));
+                    };
+                    let current: Vec<u8> = row.try_get(0).map_err(classify)?;
+                    let old = R::decode(&current)?;
+                    let new = match decide(&old) {
+                        Ok(new) => new.encode(),
+                        Err(e) => return Ok(Some(Swap::Refused(e))),
+                    };
+                    let update = conn.statements.get(Op::Update, table)?;
+                    let n = conn
+                        .client
+                        .execute(update, &[&project, &id, &new, &current])
+                        .await
+                        .map_err(classify)?;
+                    Ok((n == 1).then(|| Swap::Swapped(old, Ticket::committed())))
+                })
+                .await?;
+            if let Some(outcome) = step {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Compare-and-swap of raw bytes, `None` meaning absent; `Ok(None)` when `old` is no longer
+    /// what is stored.
+    pub async fn swap_bytes(
+        &self,
+        table: Table,
+        project: &str,
+        id: &str,
+        old: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<Option<Ticket>, StoreError> {
+        self.with(|conn| async move {
+            let s = &conn.statements;
+            let c = &conn.client;
+            let changed = match (&old, &new) {
+                (None, Some(new)) => c
+                    .execute(s.get(Op::Insert, table)?, &[&project, &id, new])
+                    .await
+                    .map_err(classify)?,
+                (Some(old), Some(new)) => c
+                    .execute(s.get(Op::Update, table)?, &[&project, &id, new, old])
+                    .await
+                    .map_err(classify)?,
+                (Some(old), None) => c
+                    .execute(s.get(Op::DeleteIf, table)?, &[&project, &id, old])
+                    .await
+                    .map_err(classify)?,
+                (None, None) => {
+                    let row = c
+                        .query_opt(s.get(Op::Get, table)?, &[&project, &id])
+                        .await
+                        .map_err(classify)?;
+                    u64::from(row.is_none())
+                }
+            };
+            Ok((changed == 1).then(Ticket::committed))
+        })
+        .await
+    }
+
+    /// Applies a [`Batch`] in one transaction; `Ok(None)` when a checked record changed or
+    /// the transaction lost a race.
+    pub async fn commit(&self, batch: &Batch) -> Result<Option<Ticket>, StoreError> {
+        // Locks are taken in one order, so two batches never wait on each other in a cycle.
+        let mut checks: Vec<_> = batch.checks.iter().collect();
+        checks.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let absent: Vec<(Space, &[u8])> = checks
+            .iter()
+            .filter(|c| c.2.is_none())
+            .map(|c| (c.0, c.1.as_slice()))
+            .collect();
+        let mut locks = Vec::with_capacity(checks.len());
+        for (space, k, expected) in checks {
+            let (project, id) = split_key(k).ok_or(Malformed)?;
+            if let Some(expected) = expected {
+                locks.push((Table::of(*space), project, id, expected));
+            }
+        }
+        let mut writes = Vec::with_capacity(batch.writes.len());
+        for (space, k, value) in &batch.writes {
+            let (project, id) = split_key(k).ok_or(Malformed)?;
+            let op = match value {
+                None => Op::Delete,
+                Some(_) if absent.contains(&(*space, k.as_slice())) => Op::Insert,
+                Some(_) => Op::Upsert,
+            };
+            writes.push((Table::of(*space), project, id, op, value));
+        }
+        self.with(|mut conn| async move {
+            let conn = &mut *conn;
+            let s = &conn.statements;
+            let tx = conn.client.transaction().await.map_err(classify)?;
+            let outcome: Result<bool, TxError> = async {
+                for (table, project, id, expected) in &locks {
+                    let row = tx
+                        .query_opt(s.get(Op::Lock, *table)?, &[project, id])
+                        .await?;
+                    let current: Option<Vec<u8>> = row.map(|r| r.try_get(0)).transpose()?;
+                    if current.as_ref() != Some(*expected) {
+                        return Ok(false);
+                    }
+                }
+                for (table, project, id, op, value) in &writes {
+                    let stmt = s.get(*op, *table)?;
+                    let n = match value {
+                        Some(v) => tx.execute(stmt, &[project, id, v]).await?,
+                        None => tx.execute(stmt, &[project, id]).await?,
+                    };
+                    if matches!(op, Op::Insert) && n != 1 {
+                        // Expected absent, and a racing writer put it there.
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            .await;
+            match outcome {
+                Ok(true) => match tx.commit().await {
+                    Ok(()) => Ok(Some(Ticket::committed())),
+                    Err(e) if lost_race(&e) => Ok(None),
+                    Err(e) => Err(classify(e)),
+                },
+                Ok(false) => {
+                    tx.rollback().await.map_err(classify)?;
+                    Ok(None)
+                }
+                // Dropping the transaction rolls it back.
+                Err(TxError::Race) => Ok(None),
+                Err(TxError::Store(e)) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// Full scan of a table, a page at a time (blocking).
+    pub fn entries<R: Codec + Send + 'static>(&self, table: Table) -> Entries<R> {
+        Entries {
+            pg: self.clone(),
+            table,
+            after: (String::new(), String::new()),
+            buffer: VecDeque::new(),
+            done: false,
+            record: PhantomData,
+        }
+    }
+
+    async fn page(
+        &self,
+        table: Table,
+        after: &(String, String),
+    ) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        self.with(|conn| async move {
+            let stmt = conn.statements.get(Op::Page, table)?;
+            let rows = conn
+                .client
+                .query(stmt, &[&after.0, &after.1, &PAGE])
+                .await
+                .map_err(classify)?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+                .map_err(classify)
+        })
+        .await
+    }
+
+    /// Removes idempotency records created before `cutoff` (unix seconds).
+    pub fn remove_idempotency_before(&self, cutoff: i64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for item in self.entries::<super::IdempotencyRecord>(Table::Idempotency) {
+            let (project, scope, record) = match item {
+                Ok(item) => item,
+                Err(StoreError::Corrupt(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if record.created_at < cutoff
+                && self
+                    .block(self.swap_bytes(
+                        Table::Idempotency,
+                        &project,
+                        &scope,
+                        Some(record.encode()),
+                        None,
+                    ))?
+                    .is_some()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn meta(&self, name: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|conn| async move {
+            let row = conn
+                .client
+                .query_opt(&conn.statements.meta_get, &[&name])
+                .await
+                .map_err(classify)?;
+            row.map(|r| r.try_get(0)).transpose().map_err(classify)
+        })
+        .await
+    }
+
+    pub fn wrapped_key(&self, project: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.block(async {
+            self.with(|conn| async move {
+                let row = conn
+                    .client
+                    .query_opt(
+                        conn.statements.get(Op::Get, Table::Keys)?,
+                        &[&project, &name],
+                    )
+                    .await
+                    .map_err(classify)?;
+                row.map(|r| r.try_get(0)).transpose().map_err(classify)
+            })
+            .await
+        })
+    }
+
+    pub fn insert_wrapped_key(
+        &self,
+        project: &str,
+        name: &str,
+        wrapped: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        self.block(self.swap_bytes(Table::Keys, project, name, None, Some(wrapped.to_vec())))?;
+        self.wrapped_key(project, name)?
+            .ok_or(StoreError::Corrupt(Malformed))
+    }
+
+    pub fn kek_check(&self) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        let (check, id) =
+            self.block(async { Ok((self.meta(KEK_CHECK).await?, self.meta(KEK_ID).await?)) })?;
+        Ok(match (check, id) {
+            (Some(check), Some(id)) => Some((check, String::from_utf8(id).map_err(|_| Malformed)?)),
+            (Some(check), None) => Some((check, String::new())),
+            _ => None,
+        })
+    }
+
+    /// Writes store-wide values in one transaction.
+    async fn put_meta(&self, values: &[(&'static str, &[u8])]) -> Result<(), StoreError> {
+        self.with(|mut conn| async move {
+            let conn = &mut *conn;
+            let tx = conn.client.transaction().await.map_err(classify)?;
+            for (name, value) in values {
+                tx.execute(&conn.statements.meta_put, &[name, value])
+                    .await
+                    .map_err(classify)?;
+            }
+            tx.commit().await.map_err(classify)
+        })
+        .await
+    }
+
+    pub fn set_kek_check(&self, wrapped: &[u8], kek_id: &str) -> Result<(), StoreError> {
+        self.block(self.put_meta(&[(KEK_CHECK, wrapped), (KEK_ID, kek_id.as_bytes())]))
+    }
+
+    pub fn wrapped_keys(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        let mut all = Vec::new();
+        let mut after = (String::new(), String::new());
+        loop {
+            let page = self.block(self.page(Table::Keys, &after))?;
+            let full = page.len() as i64 == PAGE;
+            if let Some((p, n, _)) = page.last() {
+                after = (p.clone(), n.clone());
+            }
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub fn rewrap(
+        &self,
+        rewrapped: &[(String, String, Vec<u8>, Vec<u8>)],
+        check: &[u8],
+        kek_id: &str,
+    ) -> Result<bool, StoreError> {
+        self.block(self.with(|mut conn| async move {
+            let conn = &mut *conn;
+            let s = &conn.statements;
+            let tx = conn.client.transaction().await.map_err(classify)?;
+            let lock = s.get(Op::Lock, Table::Keys)?;
+            let update = s.get(Op::Update, Table::Keys)?;
+            let mut sorted: Vec<_> = rewrapped.iter().collect();
+            sorted.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            for (project, name, old, new) in sorted {
+                let row = tx
+                    .query_opt(lock, &[project, name])
+                    .await
+                    .map_err(classify)?;
+                let current: Option<Vec<u8>> =
+                    row.map(|r| r.try_get(0)).transpose().map_err(classify)?;
+                if current.as_deref() != Some(old.as_slice()) {
+                    tx.rollback().await.map_err(classify)?;
+                    return Ok(false);
+                }
+                tx.execute(update, &[project, name, new, old])
+                    .await
+                    .map_err(classify)?;
+            }
+            let kek_id = kek_id.as_bytes();
+            tx.execute(&s.meta_put, &[&KEK_CHECK, &check])
+                .await
+                .map_err(classify)?;
+            tx.execute(&s.meta_put, &[&KEK_ID, &kek_id])
+                .await
+                .map_err(classify)?;
+            tx.commit().await.map_err(classify)?;
+            Ok(true)
+        }))
+    }
+
+    pub fn remove_wrapped_key(&self, project: &str, name: &str) -> Result<(), StoreError> {
+        self.block(self.with(|conn| async move {
+            conn.client
+                .execute(
+                    conn.statements.get(Op::Delete, Table::Keys)?,
+                    &[&project, &name],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(())
+        }))
+    }
+
+    pub fn dek_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.block(self.meta(DEK_STATE))
+    }
+
+    pub fn set_dek_state(&self, state: &[u8]) -> Result<(), StoreError> {
+        self.block(self.put_meta(&[(DEK_STATE, state)]))
+    }
+
+    pub fn encryptions_reserved(&self, project: &str, version: u32) -> Result<u64, StoreError> {
+        let version = i64::from(version);
+        self.block(self.with(|conn| async move {
+            let row = conn
+                .client
+                .query_opt(&conn.statements.reserved_get, &[&project, &version])
+                .await
+                .map_err(classify)?;
+            let reserved: i64 = match row {
+                Some(row) => row.try_get(0).map_err(classify)?,
+                None => 0,
+            };
+            Ok(u64::try_from(reserved).unwrap_or(0))
+        }))
+    }
+
+    pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
+        let version = i64::from(version);
+        let upto = i64::try_from(upto).map_err(|_| StoreError::Corrupt(Malformed))?;
+        self.block(self.with(|conn| async move {
+            conn.client
+                .execute(&conn.statements.reserve, &[&project, &version, &upto])
+                .await
+                .map_err(classify)?;
+            Ok(())
+        }))
+    }
+}
+
+/// See [`Postgres::block`].
+fn block_on<T: Send>(
+    handle: &tokio::runtime::Handle,
+    call: impl Future<Output = Result<T, StoreError>> + Send,
+) -> Result<T, StoreError> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return handle.block_on(call);
+    }
+    std::thread::scope(|s| s.spawn(|| handle.block_on(call)).join())
+        .unwrap_or_else(|_| Err(StoreError::Unavailable))
+}
+
+fn pool_error(e: managed::PoolError<StoreError>) -> StoreError {
+    match e {
+        managed::PoolError::Backend(e) => e,
+        managed::PoolError::Timeout(_) => {
+            StoreError::Database("no connection within the statement timeout".into())
+        }
+        other => StoreError::Database(other.to_string()),
+    }
+}
+
+/// Creates or migrates the schema under an advisory lock, and records or checks the record
+/// format (as the sled engine does in its `meta` tree).
+async fn migrate(manager: &Manager) -> Result<(), StoreError> {
+    let mut client = manager.connect().await?;
+    let tx = client.transaction().await.map_err(classify)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(classify)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS cardvault_schema (version integer NOT NULL)")
+        .await
+        .map_err(classify)?;
+    let found: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM cardvault_schema",
+            &[],
+        )
+        .await
+        .map_err(classify)?
+        .try_get(0)
+        .map_err(classify)?;
+    let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.batch_execute(migration).await.map_err(classify)?;
+        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.execute("DELETE FROM cardvault_schema", &[])
+            .await
+            .map_err(classify)?;
+        tx.execute(
+            "INSERT INTO cardvault_schema (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .map_err(classify)?;
+    }
+    let format_key = std::str::from_utf8(FORMAT_KEY).unwrap_or("format");
+    let row = tx
+        .query_opt(META_GET, &[&format_key])
+        .await
+        .map_err(classify)?;
+    let found = match row {
+        Some(row) => {
+            let bytes: Vec<u8> = row.try_get(0).map_err(classify)?;
+            u32::from_be_bytes(bytes.try_into().map_err(|_| Malformed)?)
+        }
+        None => 0,
+    };
+    if found > FORMAT {
+        return Err(StoreError::TooNew { found });
+    }
+    if found < FORMAT {
+        let bytes = FORMAT.to_be_bytes().to_vec();
+        let params: [&(dyn ToSql + Sync); 2] = [&format_key, &bytes];
+        tx.execute(META_PUT, &params).await.map_err(classify)?;
+    }
+    tx.commit().await.map_err(classify)
+}
+
+/// Asks the database for `SELECT 1` every second, so that health answers 503 while it is
+/// away even when no request comes, and the pool's dead connections are noticed.
+async fn probe(pool: Pool<Manager>, up: Arc<AtomicBool>, timeout: Duration) {
+    loop {
+        let reached = tokio::time::timeout(timeout, async {
+            let conn = pool.get().await.ok()?;
+            conn.client.simple_query("SELECT 1").await.ok()
+        })
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+        up.store(reached, Ordering::SeqCst);
+        if pool.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A blocking full scan of one table, [`PAGE`] rows per query.
+pub struct Entries<R> {
+    pg: Postgres,
+    table: Table,
+    after: (String, String),
+    buffer: VecDeque<(String, String, Vec<u8>)>,
+    done: bool,
+    record: PhantomData<fn() -> R>,
+}
+
+impl<R: Codec> Iterator for Entries<R> {
+    type Item = Result<(String, String, R), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buffer.is_empty() && !self.done {
+            match self.pg.block(self.pg.page(self.table, &self.after)) {
+                Ok(rows) => {
+                    self.done = (rows.len() as i64) < PAGE;
+                    if let Some((project, id, _)) = rows.last() {
+                        self.after = (project.clone(), id.clone());
+                    }
+                    self.buffer.extend(rows);
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        let (project, id, value) = self.buffer.pop_front()?;
+        Some(
+            R::decode(&value)
+                .map(|record| (project, id, record))
+                .map_err(StoreError::from),
+        )
+    }
+}

@@ -1,0 +1,220 @@
+//! A throwaway PostgreSQL cluster: `initdb` into a folder, `pg_ctl start` on a free loopback
+//! port (and a Unix socket in the same folder), `fsync = on`, a `cardvault` database; stopped
+//! when dropped. For `cardvault bench --store postgres` and the end-to-end tests; never for
+//! serving cards.
+//!
+//! PostgreSQL refuses to run as root: as root, the cluster belongs to the `postgres` user and
+//! every server command runs through `runuser -u postgres --`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Where Debian puts the server binaries (not on `PATH`).
+const BIN_DIRS: &[&str] = &["/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin"];
+
+pub struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    pub port: u16,
+    running: bool,
+}
+
+/// The folder of the server binaries, if PostgreSQL is installed.
+pub fn bin_dir() -> Option<PathBuf> {
+    BIN_DIRS
+        .iter()
+        .map(PathBuf::from)
+        .find(|d| d.join("initdb").exists())
+}
+
+fn as_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Runs a server binary, as `postgres` when we are root.
+fn run(bin: &Path, args: &[&str]) -> Result<Output, String> {
+    let mut cmd = if as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    cmd.args(args)
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))
+}
+
+fn checked(what: &str, out: Output) -> Result<Output, String> {
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn text(path: &Path) -> Result<&str, String> {
+    path.to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", path.display()))
+}
+
+impl Cluster {
+    /// A new cluster in `parent/pg` with a `cardvault` database, running.
+    pub fn start(parent: &Path) -> Result<Cluster, String> {
+        let bin = bin_dir().ok_or("no PostgreSQL server binaries (apt-get install postgresql)")?;
+        let dir = parent.join("pg");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if as_root() {
+            let out = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .output()
+                .map_err(|e| format!("chown: {e}"))?;
+            checked("chown", out)?;
+            // The postgres user must be able to reach its folder.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let data = dir.join("data");
+        let out = run(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                text(&data)?,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        )?;
+        checked("initdb", out)?;
+        let mut cluster = Cluster {
+            bin,
+            dir,
+            port: 0,
+            running: false,
+        };
+        cluster.start_again()?;
+        checked(
+            "CREATE DATABASE",
+            cluster.psql("postgres", "CREATE DATABASE cardvault")?,
+        )?;
+        Ok(cluster)
+    }
+
+    /// Starts the (stopped) cluster again, on the port it had (a free one the first time).
+    pub fn start_again(&mut self) -> Result<(), String> {
+        if self.port == 0 {
+            self.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| e.to_string())?
+                .port();
+        }
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on \
+             -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log");
+        let out = run(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                text(&self.dir.join("data"))?,
+                "-o",
+                &options,
+                "-l",
+                text(&log)?,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
+        checked("pg_ctl start", out)
+            .map_err(|e| format!("{e}{}", std::fs::read_to_string(&log).unwrap_or_default()))?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops the cluster at once (`-m immediate`: like a crash of the database server).
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        if let Ok(data) = text(&self.dir.join("data")) {
+            let _ = run(
+                &self.bin.join("pg_ctl"),
+                &["-D", data, "-m", "immediate", "-w", "stop"],
+            );
+        }
+        self.running = false;
+    }
+
+    /// The postmaster's process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        let pid = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid")).ok()?;
+        pid.lines().next()?.trim().parse().ok()
+    }
+
+    /// The URL a daemon connects with: loopback TCP, no password.
+    pub fn url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/cardvault", self.port)
+    }
+
+    /// The `[store]` section for a daemon on this cluster; `extra` goes in `[store.postgres]`.
+    pub fn store_config(&self, extra: &str) -> String {
+        format!(
+            "[store]\nengine = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n{extra}\n",
+            self.url()
+        )
+    }
+
+    /// Runs SQL through `psql` on database `db`.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<Output, String> {
+        Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .output()
+            .map_err(|e| format!("psql: {e}"))
+    }
+
+    /// A plain-SQL dump of the `cardvault` database.
+    pub fn dump(&self) -> Result<Vec<u8>, String> {
+        let out = Command::new(self.bin.join("pg_dump"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["--no-owner", "cardvault"])
+            .output()
+            .map_err(|e| format!("pg_dump: {e}"))?;
+        Ok(checked("pg_dump", out)?.stdout)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -306,9 +306,11 @@ impl Config {
                 settings.validate()?;
                 crate::store::StoreConfig::Postgres(settings)
             }
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "[store] engine {other:?} is not known: use \"sled\" (the default) or \"postgres\""
-            )),
+            ))
+            }
         };
         let config = Config {
             listen,

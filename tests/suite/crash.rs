@@ -45,13 +45,16 @@ fn post(client: &Client, path: &str, body: &serde_json::Value) -> Option<Respons
         .ok()
 }
 
-#[test]
-fn kill_9_at_random_moments_loses_nothing_acknowledged() {
+both_engines!(kill_9_at_random_moments_loses_nothing_acknowledged);
+
+fn kill_9_at_random_moments_loses_nothing_acknowledged(engine: Engine) {
     let cycles: u64 = std::env::var("CARDVAULT_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let setup = Setup::new("crash");
+    let Some(setup) = Setup::on(engine, "crash") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let res = router.post("/v1/customers", &json!({"name": "Crash Test"}));

@@ -9,6 +9,17 @@ use serde_json::{json, Value};
 use super::{detokenize, tokenize, VISA};
 use crate::support::*;
 
+both_engines!(
+    customer_token_lifecycle,
+    customer_updates_and_validation,
+    attaching_a_card_the_customer_holds_returns_the_existing_token,
+    a_card_token_makes_one_customer_token_or_one_payment_never_both,
+    idempotency_keys_replay_conflict_and_race,
+    an_abandoned_request_and_its_retry_make_one_object,
+    customers_and_tokens_are_isolated_by_project,
+    acknowledged_customer_tokens_survive_kill_9,
+);
+
 const EMAIL: &str = "grace.hopper@navy.example";
 const PHONE: &str = "+1 202 555 0143";
 
@@ -29,9 +40,10 @@ fn attach(client: &Client, customer: &str, card: &str, recurring: Option<Value>)
     client.post(&format!("/v1/customers/{customer}/tokens"), &body)
 }
 
-#[test]
-fn customer_token_lifecycle() {
-    let setup = Setup::new("cust-lifecycle");
+fn customer_token_lifecycle(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "cust-lifecycle") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
 
@@ -188,9 +200,10 @@ fn customer_token_lifecycle() {
     }
 }
 
-#[test]
-fn customer_updates_and_validation() {
-    let setup = Setup::new("cust-update");
+fn customer_updates_and_validation(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "cust-update") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let checkout = setup.client(&daemon, &setup.checkout());
@@ -306,9 +319,10 @@ fn customer_updates_and_validation() {
     assert_eq!((again.status, again.code()), (409, "token_used".into()));
 }
 
-#[test]
-fn attaching_a_card_the_customer_holds_returns_the_existing_token() {
-    let setup = Setup::new("cust-dup");
+fn attaching_a_card_the_customer_holds_returns_the_existing_token(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "cust-dup") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let cust = new_customer(&router);
@@ -356,9 +370,10 @@ fn attaching_a_card_the_customer_holds_returns_the_existing_token() {
     );
 }
 
-#[test]
-fn a_card_token_makes_one_customer_token_or_one_payment_never_both() {
-    let setup = Setup::new("cust-race");
+fn a_card_token_makes_one_customer_token_or_one_payment_never_both(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "cust-race") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let cust = new_customer(&router);
@@ -413,9 +428,10 @@ fn a_card_token_makes_one_customer_token_or_one_payment_never_both() {
     );
 }
 
-#[test]
-fn idempotency_keys_replay_conflict_and_race() {
-    let setup = Setup::new("idem");
+fn idempotency_keys_replay_conflict_and_race(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "idem") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let post = |key: &str, path: &str, body: &Value| {
@@ -577,9 +593,10 @@ fn idempotency_keys_replay_conflict_and_race() {
 /// A client that times out and goes away mid-request, then retries with the same key, never
 /// gets a second object: the first request runs to its end and records its outcome whether
 /// or not anyone is still waiting for it.
-#[test]
-fn an_abandoned_request_and_its_retry_make_one_object() {
-    let setup = Setup::new("idem-abandon");
+fn an_abandoned_request_and_its_retry_make_one_object(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "idem-abandon") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let rounds = 40u32;
@@ -614,14 +631,17 @@ fn an_abandoned_request_and_its_retry_make_one_object() {
     }
     daemon.stop();
     // Counted in the store itself: a request dropped mid-write would have audited nothing.
-    let db = sled::Config::new().path(&setup.data_dir).open().unwrap();
-    let made = db.open_tree("cards").unwrap().len();
-    assert_eq!(made, rounds as usize, "a retry made a second card");
+    assert_eq!(
+        setup.stored_cards(),
+        rounds as usize,
+        "a retry made a second card"
+    );
 }
 
-#[test]
-fn customers_and_tokens_are_isolated_by_project() {
-    let setup = Setup::new("cust-projects");
+fn customers_and_tokens_are_isolated_by_project(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "cust-projects") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let (a, b) = (router.in_project("shop-a"), router.in_project("shop-b"));
@@ -692,9 +712,10 @@ fn no_contact_details_or_pan_at_rest_or_in_logs() {
     );
 }
 
-#[test]
-fn acknowledged_customer_tokens_survive_kill_9() {
-    let setup = Setup::new("cust-kill9");
+fn acknowledged_customer_tokens_survive_kill_9(engine: Engine) {
+    let Some(setup) = Setup::on(engine, "cust-kill9") else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let cust = new_customer(&router);

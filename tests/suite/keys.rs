@@ -14,6 +14,13 @@ use serde_json::json;
 
 use crate::support::*;
 
+both_engines!(
+    dek_rotation_under_load_loses_nothing,
+    dek_rotates_itself_after_its_encryption_limit,
+    kill_9_during_reencryption_resumes_after_unseal,
+    a_rekey_that_never_reached_the_vault_runs_again,
+);
+
 fn tokenize_n(client: &Client, n: u32, offset: u32) -> Vec<(String, String)> {
     (0..n)
         .map(|i| {
@@ -99,7 +106,7 @@ fn health(setup: &Setup, daemon: &Daemon) -> Response {
 fn secrets(
     custody_dir: &Path,
     passphrases: &[(&str, PathBuf)],
-    data_dir: Option<&Path>,
+    store: Option<&Setup>,
 ) -> Vec<Vec<u8>> {
     let custody = Custody::load(custody_dir).unwrap();
     let shares: Vec<Share> = passphrases
@@ -116,17 +123,13 @@ fn secrets(
     for s in &shares {
         found.push(cardvault::crypto::unhex(&s.to_hex()).unwrap().to_vec());
     }
-    let Some(data_dir) = data_dir else {
+    let Some(setup) = store else {
         return found;
     };
     let kek = cardvault::crypto::Kek::new(&kek, &custody.kek_id);
-    let db = sled::open(data_dir).unwrap();
     let mut keys = 0;
-    for item in db.open_tree("keys").unwrap().iter() {
-        let (k, wrapped) = item.unwrap();
-        let mut parts = k.splitn(2, |b| *b == 0);
-        let (project, name) = (parts.next().unwrap(), parts.next().unwrap());
-        let aad = cardvault::crypto::aad(&[b"cardvault/key/v1", project, name]);
+    for (project, name, wrapped) in setup.wrapped_keys() {
+        let aad = cardvault::crypto::aad(&[b"cardvault/key/v1", &project, &name]);
         found.push(kek.unwrap(&aad, &wrapped).unwrap().expose().to_vec());
         keys += 1;
     }
@@ -235,16 +238,18 @@ fn sealed_until_k_distinct_custodians_unseal() {
     assert_nowhere(
         setup.root(),
         &logs,
-        &secrets(&custody_dir, &passes, Some(&setup.data_dir)),
+        &secrets(&custody_dir, &passes, Some(&setup)),
     );
 }
 
-#[test]
-fn dek_rotation_under_load_loses_nothing() {
-    let setup = Setup::with_settings(
+fn dek_rotation_under_load_loses_nothing(engine: Engine) {
+    let Some(setup) = Setup::on_with(
+        engine,
         "rotate",
         "[keys]\nreencrypt_batch = 25\nreencrypt_pause = \"10ms\"\n",
-    );
+    ) else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     let cards = tokenize_n(&router, 150, 0);
@@ -329,9 +334,11 @@ fn dek_rotation_under_load_loses_nothing() {
     daemon.stop();
 }
 
-#[test]
-fn dek_rotates_itself_after_its_encryption_limit() {
-    let setup = Setup::with_settings("autorotate", "[keys]\ndek_max_encryptions = 40\n");
+fn dek_rotates_itself_after_its_encryption_limit(engine: Engine) {
+    let Some(setup) = Setup::on_with(engine, "autorotate", "[keys]\ndek_max_encryptions = 40\n")
+    else {
+        return;
+    };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     // Two seals per card token (metadata and PAN): 30 tokens pass the limit.
@@ -355,14 +362,16 @@ fn dek_rotates_itself_after_its_encryption_limit() {
     assert_eq!(rotated["reason"], "dek_max_encryptions");
 }
 
-#[test]
-fn kill_9_during_reencryption_resumes_after_unseal() {
-    let setup = Setup::with_custodians(
+fn kill_9_during_reencryption_resumes_after_unseal(engine: Engine) {
+    let Some(setup) = Setup::custodians_on(
+        engine,
         "reencrypt-kill",
         "[keys]\nreencrypt_batch = 10\nreencrypt_pause = \"100ms\"\n",
         &["alice", "bob"],
         2,
-    );
+    ) else {
+        return;
+    };
     let daemon = setup.start();
     assert!(setup.unseal_as(&daemon, "alice", 1).0);
     assert!(setup.unseal_as(&daemon, "bob", 1).0);
@@ -429,9 +438,10 @@ fn rekey_as_ops(setup: &Setup, url: &str, current: &[&str], next: &[&str]) -> (b
 /// A rekey whose request never reached the vault leaves `custodians.next` (its outcome is
 /// unknown to the CLI); running it again, as the runbook says, finds the vault still on the
 /// old KEK, removes the useless new shares and rekeys.
-#[test]
-fn a_rekey_that_never_reached_the_vault_runs_again() {
-    let setup = Setup::with_custodians("rekey-retry", "", &["alice", "bob"], 2);
+fn a_rekey_that_never_reached_the_vault_runs_again(engine: Engine) {
+    let Some(setup) = Setup::custodians_on(engine, "rekey-retry", "", &["alice", "bob"], 2) else {
+        return;
+    };
     let daemon = setup.start();
     assert!(setup.unseal_as(&daemon, "alice", 1).0);
     assert!(setup.unseal_as(&daemon, "bob", 1).0);
@@ -549,7 +559,7 @@ fn rekey_moves_to_new_custodians_and_old_shares_stop_working() {
             ("bob", setup.passphrase_file("bob", 2)),
             ("dave", setup.passphrase_file("dave", 2)),
         ],
-        Some(&setup.data_dir),
+        Some(&setup),
     );
     assert_nowhere(setup.root(), &logs, &[old_secrets, new_secrets].concat());
 }

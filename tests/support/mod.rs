@@ -187,6 +187,14 @@ impl Setup {
     /// the passphrase file of [`Setup::passphrase_file`]. It starts sealed.
     pub fn with_custodians(label: &str, extra: &str, custodians: &[&str], threshold: u8) -> Setup {
         let setup = Setup::files(label, extra, "debug");
+        setup.init_custodians(custodians, threshold);
+        setup
+    }
+
+    /// `keys init` for `custodians`, each with the passphrase file of
+    /// [`Setup::passphrase_file`].
+    fn init_custodians(&self, custodians: &[&str], threshold: u8) {
+        let setup = self;
         let mut args = vec![
             "keys".to_owned(),
             "init".into(),
@@ -204,7 +212,22 @@ impl Setup {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         setup.cli(&args);
-        setup
+    }
+
+    /// [`Setup::with_custodians`] on `engine`; `None` as for [`Setup::on`].
+    pub fn custodians_on(
+        engine: Engine,
+        label: &str,
+        extra: &str,
+        custodians: &[&str],
+        threshold: u8,
+    ) -> Option<Setup> {
+        if engine == Engine::Postgres && !pg::available() {
+            return None;
+        }
+        let setup = Setup::files_on(engine, label, extra, "debug");
+        setup.init_custodians(custodians, threshold);
+        Some(setup)
     }
 
     /// The passphrase file of `name`'s share of the `generation`-th KEK (written on demand).
@@ -328,6 +351,55 @@ impl Setup {
             ca,
             config,
             policy,
+        }
+    }
+
+    /// Every wrapped key in the (stopped) daemon's store: `(project, name, wrapped)`.
+    pub fn wrapped_keys(&self) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        match &self.pg {
+            Some(pg) => pg::query(
+                pg,
+                "SELECT project || ' ' || id || ' ' || encode(value, 'hex') FROM wrapped_keys",
+            )
+            .lines()
+            .map(|line| {
+                let mut parts = line.split(' ');
+                let (project, name, hex) = (
+                    parts.next().unwrap(),
+                    parts.next().unwrap(),
+                    parts.next().unwrap(),
+                );
+                (
+                    project.as_bytes().to_vec(),
+                    name.as_bytes().to_vec(),
+                    cardvault::crypto::unhex(hex).unwrap().to_vec(),
+                )
+            })
+            .collect(),
+            None => {
+                let db = sled::open(&self.data_dir).unwrap();
+                db.open_tree("keys")
+                    .unwrap()
+                    .iter()
+                    .map(|item| {
+                        let (k, wrapped) = item.unwrap();
+                        let mut parts = k.splitn(2, |b| *b == 0);
+                        let (project, name) = (parts.next().unwrap(), parts.next().unwrap());
+                        (project.to_vec(), name.to_vec(), wrapped.to_vec())
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// How many card records the (stopped) daemon's store holds.
+    pub fn stored_cards(&self) -> usize {
+        match &self.pg {
+            Some(pg) => pg::query(pg, "SELECT count(*) FROM cards").parse().unwrap(),
+            None => {
+                let db = sled::Config::new().path(&self.data_dir).open().unwrap();
+                db.open_tree("cards").unwrap().len()
+            }
         }
     }
 
@@ -830,7 +902,7 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         .into_iter()
         .filter(|p| {
             std::fs::read(p)
-                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                .map(|bytes| contains(&bytes, needle))
                 .unwrap_or(false)
         })
         .collect()
@@ -838,7 +910,7 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 
 /// Whether `hay` contains `needle`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 /// Files below `dir` that contain any of `needles` (ASCII digit strings), read once each: for

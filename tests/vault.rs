@@ -57,6 +57,9 @@ mod metrics;
 #[path = "suite/check.rs"]
 mod check;
 
+#[path = "suite/postgres.rs"]
+mod postgres;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

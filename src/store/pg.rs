@@ -520,7 +520,30 @@ impl Postgres {
             .enable_all()
             .build()
             .map_err(StoreError::Thread)?;
-        let handle = runtime.handle().clone();
+        match Postgres::start(settings, runtime.handle()) {
+            Ok((pool, background, up)) => Ok(Postgres(Arc::new(Inner {
+                pool,
+                background,
+                handle: runtime.handle().clone(),
+                runtime: Mutex::new(Some(runtime)),
+                timeout: settings.statement_timeout,
+                up,
+            }))),
+            Err(e) => {
+                // `open` may run inside a runtime, where dropping one would panic.
+                runtime.shutdown_background();
+                Err(e)
+            }
+        }
+    }
+
+    /// Migrates, then makes the pools and starts the probe on `handle`.
+    #[allow(clippy::type_complexity)]
+    fn start(
+        settings: &PgSettings,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<(Pool<Manager>, Pool<Manager>, Arc<AtomicBool>), StoreError> {
+        let handle = handle.clone();
         let manager = Manager {
             config: settings.client_config()?,
             tls: settings.tls()?,
@@ -553,14 +576,7 @@ impl Postgres {
         let pool = pool(manager, settings.pool_size)?;
         let up = Arc::new(AtomicBool::new(true));
         handle.spawn(probe(pool.clone(), Arc::clone(&up), timeout));
-        Ok(Postgres(Arc::new(Inner {
-            pool,
-            background,
-            runtime: Mutex::new(Some(runtime)),
-            handle,
-            timeout,
-            up,
-        })))
+        Ok((pool, background, up))
     }
 
     pub fn generation(&self) -> u64 {

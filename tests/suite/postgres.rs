@@ -1,0 +1,255 @@
+//! The PostgreSQL engine's own failure behaviour: a database that stops or stalls under load,
+//! and a schema from a newer build.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::detokenize;
+use crate::support::*;
+
+/// A vault on its own PostgreSQL with a 2 s statement timeout (the default is 5 s).
+fn setup(label: &str) -> Option<Setup> {
+    let setup = Setup::on(Engine::Postgres, label)?;
+    // `[store.postgres]` is the config's last table.
+    let mut config = std::fs::read_to_string(&setup.config).unwrap();
+    config.push_str("statement_timeout = \"2s\"\n");
+    write(&setup.config, &config);
+    Some(setup)
+}
+
+fn health(setup: &Setup, daemon: &Daemon) -> (u16, String) {
+    let res = setup.client(daemon, &setup.router()).get("/v1/health");
+    let status = res.json()["status"].as_str().unwrap_or_default().to_owned();
+    (res.status, status)
+}
+
+fn wait_for_health(setup: &Setup, daemon: &Daemon, want: (u16, &str), within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = health(setup, daemon);
+        if (got.0, got.1.as_str()) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health stayed {got:?}, not {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What writers saw while the database went away and came back.
+#[derive(Default)]
+struct Outcomes {
+    /// Acknowledged card tokens and their PANs.
+    acked: Vec<(String, String)>,
+    /// `storage_unavailable` answers, with how long each took.
+    unavailable: Vec<Duration>,
+    /// Anything else: must stay empty.
+    unexpected: Vec<String>,
+}
+
+/// Tokenizes in a loop on `threads` threads until `stop`.
+fn writers(
+    router: &Client,
+    threads: u32,
+    stop: &Arc<AtomicBool>,
+    seen: &Arc<Mutex<Outcomes>>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|t| {
+            let (router, stop, seen) = (router.clone(), stop.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let pan = test_pan(500_000 + t * 100_000 + i);
+                    i += 1;
+                    let started = Instant::now();
+                    let res = router.send(
+                        "POST",
+                        "/v1/cards",
+                        &[],
+                        Some(card_body(&pan).to_string().as_bytes()),
+                    );
+                    let mut seen = seen.lock().unwrap();
+                    match res {
+                        Ok(res) if res.status == 201 => seen
+                            .acked
+                            .push((res.json()["id"].as_str().unwrap().to_owned(), pan)),
+                        Ok(res) if res.status == 503 && res.code() == "storage_unavailable" => {
+                            seen.unavailable.push(started.elapsed())
+                        }
+                        Ok(res) => seen.unexpected.push(format!("{} {}", res.status, res.body)),
+                        Err(e) => seen.unexpected.push(e.to_string()),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Every acknowledged token is there, once, with its card.
+fn assert_all_detokenize(router: &Client, acked: &[(String, String)]) {
+    for (id, pan) in acked {
+        let res = detokenize(router, id);
+        assert_eq!(
+            res.status, 200,
+            "{id} was acknowledged and is gone: {}",
+            res.body
+        );
+        assert_eq!(res.json()["number"], pan.as_str());
+    }
+}
+
+/// PostgreSQL stops under load: requests get 503 `storage_unavailable` within the statement
+/// timeout, health says `unavailable`; when it is back the same daemon serves again, with no
+/// restart and no unseal, and every write it acknowledged is there.
+#[test]
+fn a_database_outage_gets_503_and_the_vault_reconnects_by_itself() {
+    let Some(mut setup) = setup("pg-outage") else {
+        return;
+    };
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Outcomes::default()));
+    let load = writers(&router, 4, &stop, &seen);
+    std::thread::sleep(Duration::from_millis(800));
+    setup.pg.as_mut().unwrap().stop();
+    wait_for_health(
+        &setup,
+        &daemon,
+        (503, "unavailable"),
+        Duration::from_secs(15),
+    );
+    // Down for a while: every request in this time is answered, none hangs.
+    std::thread::sleep(Duration::from_secs(3));
+    let during = seen.lock().unwrap().unavailable.len();
+    assert!(
+        during > 0,
+        "no request was refused while the database was down"
+    );
+    setup.pg.as_mut().unwrap().start_again().unwrap();
+    wait_for_health(&setup, &daemon, (200, "ok"), Duration::from_secs(30));
+    // Writes succeed again on the same process.
+    let before = seen.lock().unwrap().acked.len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.lock().unwrap().acked.len() < before + 20 {
+        assert!(Instant::now() < deadline, "writes did not resume");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for handle in load {
+        handle.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
+    // The statement timeout is 2 s; a refusal never waits much longer than it.
+    let slowest = seen.unavailable.iter().max().unwrap();
+    assert!(
+        *slowest < Duration::from_secs(6),
+        "a refusal took {slowest:?}"
+    );
+    assert!(daemon.output().contains("storage failure"));
+    assert_all_detokenize(&router, &seen.acked);
+    let (status, _) = health(&setup, &daemon);
+    assert_eq!(status, 200);
+    daemon.stop();
+}
+
+/// Sends `signal` to the cluster's postmaster and every backend it forked.
+fn signal_cluster(setup: &Setup, signal: &str) {
+    let pid = setup.pg.as_ref().unwrap().pid().unwrap().to_string();
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &pid])
+        .output()
+        .unwrap();
+    let mut pids = vec![pid];
+    pids.extend(
+        String::from_utf8(children.stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_owned),
+    );
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .args(&pids)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A database that stops answering (every PostgreSQL process frozen, connections open) never
+/// hangs a request: it gets 503 within the statement timeout, and the vault serves again
+/// when the database does.
+#[test]
+fn a_stalled_database_never_hangs_a_request() {
+    let Some(setup) = setup("pg-stall") else {
+        return;
+    };
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    // Connections in the pool, then the freeze.
+    for i in 0..20 {
+        let res = router.post("/v1/cards", &card_body(&test_pan(i)));
+        assert_eq!(res.status, 201, "{}", res.body);
+    }
+    signal_cluster(&setup, "STOP");
+    let started = Instant::now();
+    let res = router.post("/v1/cards", &card_body(&test_pan(99)));
+    let took = started.elapsed();
+    let refused = router.post(
+        "/v1/detokenize",
+        &json!({"token": "card_0000000000000000000000000000000a"}),
+    );
+    signal_cluster(&setup, "CONT");
+    assert_eq!(
+        (res.status, res.code()),
+        (503, "storage_unavailable".into()),
+        "{}",
+        res.body
+    );
+    assert!(took < Duration::from_secs(6), "the request waited {took:?}");
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    wait_for_health(&setup, &daemon, (200, "ok"), Duration::from_secs(30));
+    let res = router.post("/v1/cards", &card_body(&test_pan(100)));
+    assert_eq!(res.status, 201, "{}", res.body);
+    daemon.stop();
+}
+
+/// A schema written by a newer cardvault is refused at start, with a message that says so.
+#[test]
+fn a_schema_from_a_newer_cardvault_is_refused() {
+    let Some(setup) = setup("pg-schema") else {
+        return;
+    };
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    assert_eq!(
+        router.post("/v1/cards", &card_body(&test_pan(1))).status,
+        201
+    );
+    daemon.stop();
+    let pg = setup.pg.as_ref().unwrap();
+    assert_eq!(pg::query(pg, "SELECT version FROM cardvault_schema"), "1");
+    // A restart on the same schema migrates nothing and serves.
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    assert_eq!(
+        router.post("/v1/cards", &card_body(&test_pan(2))).status,
+        201
+    );
+    daemon.stop();
+    assert_eq!(pg::query(pg, "SELECT count(*) FROM cards"), "2");
+    pg::query(pg, "UPDATE cardvault_schema SET version = 99");
+    let out = Daemon::try_start(&setup)
+        .err()
+        .expect("started on a newer schema");
+    assert!(
+        out.contains("schema version 99") && out.contains("newer cardvault"),
+        "{out}"
+    );
+}

@@ -32,6 +32,8 @@ pub enum CommandError {
     Explain(String),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("store: {0}")]
+    Store(String),
     #[error(transparent)]
     Bench(#[from] crate::bench::BenchError),
 }
@@ -851,6 +853,156 @@ pub fn policy_explain(config_path: &Path, cert: &Path) -> Result<(), CommandErro
             peer.subject
         ))),
     }
+}
+
+/// Refuses when a daemon may be running on the store `config` names: a sled folder is locked
+/// by its daemon (and, once opened here, by this process); a PostgreSQL database has no
+/// cardvault connection.
+fn store_stopped(config: &Config, side: &str) -> Result<(), CommandError> {
+    use crate::store::{Postgres, StoreConfig};
+    match &config.store {
+        StoreConfig::Sled { dir, .. } => {
+            crate::store::Store::lock_stopped(dir)
+                .map_err(|why| CommandError::Store(format!("{side}: {why}: stop it first")))?;
+            Ok(())
+        }
+        StoreConfig::Postgres(settings) => {
+            let connected = Postgres::daemons_connected(settings)
+                .map_err(|e| CommandError::Store(format!("{side}: {e}")))?;
+            if connected > 0 {
+                return Err(CommandError::Store(format!(
+                    "{side}: {connected} cardvault connection(s) to the database: stop every daemon first"
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `cardvault store copy --from A --to B`, every daemon stopped: moves a store between engines
+/// (sled to PostgreSQL, or back) as the bytes it holds, so every record opens under the same
+/// keys. The KEK check value is written last: a copy cut short leaves a destination no daemon
+/// starts on, and running the command again completes it. On a destination that already holds
+/// this store it only verifies; one holding another store is refused.
+pub fn store_copy(from: &Path, to: &Path) -> Result<(), CommandError> {
+    use crate::store::{Kind, Store};
+    let from_config = Config::load(from)?;
+    let to_config = Config::load(to)?;
+    fn failed(side: &'static str) -> impl Fn(crate::store::StoreError) -> CommandError {
+        move |e| CommandError::Store(format!("{side}: {e}"))
+    }
+    store_stopped(&from_config, "--from")?;
+    store_stopped(&to_config, "--to")?;
+    if let (Some(a), Some(b)) = (from_config.data_dir(), to_config.data_dir()) {
+        if a == b {
+            return Err(CommandError::Store(
+                "--from and --to are the same store".into(),
+            ));
+        }
+    }
+    if let Some(dir) = to_config.data_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| CommandError::Store(format!("--to: {}: {e}", dir.display())))?;
+    }
+    let source = Store::open(&from_config.store).map_err(failed("--from"))?;
+    let target = Store::open(&to_config.store).map_err(failed("--to"))?;
+    let Some((check, kek_id)) = source.kek_check().map_err(failed("--from"))? else {
+        return Err(CommandError::Store(
+            "--from: the store is empty (no KEK check value): nothing to copy".into(),
+        ));
+    };
+    let already = match target.kek_check().map_err(failed("--to"))? {
+        Some((c, id)) if c == check && id == kek_id => true,
+        Some(_) => {
+            return Err(CommandError::Store(
+                "--to: the destination holds another vault's store (another KEK); refusing to \
+                 mix them"
+                    .into(),
+            ))
+        }
+        None => false,
+    };
+    if !already {
+        for kind in Kind::ALL {
+            for item in source.raw_entries(kind) {
+                let (project, id, bytes) = item.map_err(failed("--from"))?;
+                target
+                    .put_raw(kind, &project, &id, &bytes)
+                    .map_err(failed("--to"))?;
+            }
+        }
+        if let Some(state) = source.dek_state().map_err(failed("--from"))? {
+            target.set_dek_state(&state).map_err(failed("--to"))?;
+        }
+        for (project, version, reserved) in source.reservations().map_err(failed("--from"))? {
+            target
+                .ledger()
+                .reserve(&project, version, reserved)
+                .map_err(failed("--to"))?;
+        }
+        target.flush().map_err(failed("--to"))?;
+        // Last: only now can a daemon start on the destination.
+        target
+            .set_kek_check(&check, &kek_id)
+            .map_err(failed("--to"))?;
+    }
+    // Verify: the same entries, byte for byte, each a well-formed record.
+    let mut summary = Vec::new();
+    for kind in Kind::ALL {
+        let mut want = std::collections::HashMap::new();
+        for item in source.raw_entries(kind) {
+            let (project, id, bytes) = item.map_err(failed("--from"))?;
+            want.insert((project, id), bytes);
+        }
+        let mut found = 0usize;
+        for item in target.raw_entries(kind) {
+            let (project, id, bytes) = item.map_err(failed("--to"))?;
+            match want.get(&(project, id)) {
+                Some(expected) if *expected == bytes && kind.decodes(&bytes) => found += 1,
+                _ => {
+                    return Err(CommandError::Store(format!(
+                        "verification failed: the destination's {} differ from the source's",
+                        kind.name()
+                    )))
+                }
+            }
+        }
+        if found != want.len() {
+            return Err(CommandError::Store(format!(
+                "verification failed: {found} of {} {} copied",
+                want.len(),
+                kind.name()
+            )));
+        }
+        summary.push(format!("{found} {}", kind.name()));
+    }
+    if target.dek_state().map_err(failed("--to"))?
+        != source.dek_state().map_err(failed("--from"))?
+    {
+        return Err(CommandError::Store(
+            "verification failed: DEK states differ".into(),
+        ));
+    }
+    source.close().map_err(failed("--from"))?;
+    target.close().map_err(failed("--to"))?;
+    println!(
+        "{} {} ({} engine) to {} ({} engine): {}",
+        if already {
+            "already copied: verified"
+        } else {
+            "copied"
+        },
+        from.display(),
+        source.engine(),
+        to.display(),
+        target.engine(),
+        summary.join(", ")
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -450,6 +450,64 @@ mod tests {
         path = "audit/audit.log"
     "#;
 
+    /// The PostgreSQL engine: no data_dir needed; plaintext only to loopback or a socket; no
+    /// password in the URL; sled-only settings refused beside it.
+    #[test]
+    fn postgres_settings_are_checked() {
+        let pg = |url: &str, more: &str| {
+            let text = MINIMAL.replace("data_dir = \"data\"\n", "")
+                + &format!(
+                    "[store]\nengine = \"postgres\"\n[store.postgres]\nurl = \"{url}\"\n{more}"
+                );
+            Config::parse(&text, Path::new("/tmp"))
+        };
+        let c = pg("postgresql://cardvault@127.0.0.1:5432/cardvault", "").unwrap();
+        assert_eq!(c.data_dir(), None);
+        let crate::store::StoreConfig::Postgres(settings) = &c.store else {
+            panic!("not postgres");
+        };
+        assert_eq!(settings.statement_timeout, Duration::from_secs(5));
+        assert_eq!(settings.pool_size, 32);
+        assert!(pg("host=/run/postgresql dbname=cardvault", "").is_ok());
+        assert!(pg(
+            "postgresql://cardvault@localhost/cardvault",
+            "statement_timeout = \"2s\""
+        )
+        .is_ok());
+        let remote = pg("postgresql://cardvault@db1:5432,db2:5432/cardvault", "").unwrap_err();
+        assert!(remote.contains("db1") && remote.contains("ca"), "{remote}");
+        assert!(pg(
+            "postgresql://cardvault@db1:5432,db2:5432/cardvault?target_session_attrs=read-write",
+            "ca = \"db-ca.pem\""
+        )
+        .is_ok());
+        let password = pg("postgresql://cardvault:hunter2@127.0.0.1/cardvault", "").unwrap_err();
+        assert!(
+            password.contains("password_file") && !password.contains("hunter2"),
+            "{password}"
+        );
+        assert!(pg(
+            "postgresql://cardvault@127.0.0.1/cardvault",
+            "cert = \"c.pem\"\nkey = \"k.pem\""
+        )
+        .unwrap_err()
+        .contains("need ca"));
+        assert!(pg("not a url ://", "").is_err());
+        let cache = MINIMAL.to_owned()
+            + "[store]\nengine = \"postgres\"\ncache_mb = 8\n[store.postgres]\nurl = \"host=/tmp\"\n";
+        assert!(Config::parse(&cache, Path::new("/tmp"))
+            .unwrap_err()
+            .contains("cache_mb"));
+        let stray = MINIMAL.to_owned() + "[store.postgres]\nurl = \"host=/tmp\"\n";
+        assert!(Config::parse(&stray, Path::new("/tmp"))
+            .unwrap_err()
+            .contains("engine"));
+        let no_dir = MINIMAL.replace("data_dir = \"data\"\n", "");
+        assert!(Config::parse(&no_dir, Path::new("/tmp"))
+            .unwrap_err()
+            .contains("data_dir"));
+    }
+
     /// The store cache is set under `[store]` (as documented), or at the top level where older
     /// configs have it.
     #[test]

@@ -90,6 +90,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The store: moving it between engines.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Submit one custodian's share to a sealed vault (with the custodian's own certificate).
     Unseal {
         #[command(flatten)]
@@ -146,6 +151,20 @@ enum PolicyCommand {
         /// The client certificate (PEM, leaf first).
         #[arg(long)]
         cert: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy a stopped vault's store to another engine (sled to PostgreSQL, or back), then
+    /// verify every record; a second run only verifies. Both configs share keys_dir.
+    Copy {
+        /// Config of the store to copy from.
+        #[arg(long)]
+        from: PathBuf,
+        /// Config of the store to copy to (empty, or holding this same store).
+        #[arg(long)]
+        to: PathBuf,
     },
 }
 
@@ -292,6 +311,9 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::RotateKey { config },
         } => cardvault::commands::audit_rotate_key(config),
+        Command::Store {
+            command: StoreCommand::Copy { from, to },
+        } => cardvault::commands::store_copy(from, to),
         Command::Unseal {
             connect,
             share,

@@ -639,6 +639,57 @@ fn encryptions_key(project: &str, version: u32) -> Vec<u8> {
 }
 
 impl Sled {
+    fn tree(g: &Generation, kind: super::Kind) -> &sled::Tree {
+        match kind {
+            super::Kind::Cards => &g.cards,
+            super::Kind::Customers => &g.customers,
+            super::Kind::Tokens => &g.tokens,
+            super::Kind::Idempotency => &g.idempotency,
+            super::Kind::Keys => &g.keys,
+        }
+    }
+
+    pub fn raw_entries(&self, kind: super::Kind) -> super::RawEntries {
+        let tree = match self.0.current() {
+            Ok(g) => Sled::tree(&g, kind).clone(),
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        Box::new(tree.iter().map(|item| {
+            let (k, v) = item?;
+            let (project, id) = split_key(&k).ok_or(StoreError::Corrupt(Malformed))?;
+            Ok((project, id, v.to_vec()))
+        }))
+    }
+
+    pub fn put_raw(
+        &self,
+        kind: super::Kind,
+        project: &str,
+        id: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.write(|g| {
+            Sled::tree(g, kind).insert(key(project, id), bytes)?;
+            Ok(())
+        })
+    }
+
+    pub fn reservations(&self) -> Result<Vec<(String, u32, u64)>, StoreError> {
+        self.with(|g| {
+            g.meta
+                .scan_prefix(ENCRYPTIONS.as_bytes())
+                .map(|item| {
+                    let (k, v) = item?;
+                    let rest = k.get(ENCRYPTIONS.len()..).ok_or(Malformed)?;
+                    let (project, version) = split_key(rest).ok_or(Malformed)?;
+                    let version = version.parse().map_err(|_| Malformed)?;
+                    let count = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?);
+                    Ok((project, version, count))
+                })
+                .collect()
+        })
+    }
+
     /// Raises a DEK's encryption reservation (see [`Ledger::reserve`]).
     pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
         self.write(|g| {

@@ -124,6 +124,16 @@ codec!(CustomerRecord);
 codec!(TokenRecord);
 codec!(IdempotencyRecord);
 
+/// Bytes as stored (raw scans).
+impl Codec for Vec<u8> {
+    fn encode(&self) -> Vec<u8> {
+        self.clone()
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, Malformed> {
+        Ok(bytes.to_vec())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Space {
     Cards,
@@ -584,6 +594,80 @@ impl Store {
             Store::Sled(s) => s.flush(),
             Store::Postgres(_) => Ok(()),
         }
+    }
+}
+
+/// The keyed spaces, for moving a store between engines as raw bytes (`store copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Cards,
+    Customers,
+    Tokens,
+    Idempotency,
+    Keys,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Keys,
+        Kind::Cards,
+        Kind::Customers,
+        Kind::Tokens,
+        Kind::Idempotency,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Cards => "cards",
+            Kind::Customers => "customers",
+            Kind::Tokens => "customer tokens",
+            Kind::Idempotency => "idempotency keys",
+            Kind::Keys => "wrapped keys",
+        }
+    }
+
+    /// Whether `bytes` decode as a record of this space.
+    pub fn decodes(self, bytes: &[u8]) -> bool {
+        match self {
+            Kind::Cards => CardRecord::decode(bytes).is_ok(),
+            Kind::Customers => CustomerRecord::decode(bytes).is_ok(),
+            Kind::Tokens => TokenRecord::decode(bytes).is_ok(),
+            Kind::Idempotency => IdempotencyRecord::decode(bytes).is_ok(),
+            Kind::Keys => !bytes.is_empty(),
+        }
+    }
+}
+
+/// `(project, id, bytes)` items of a raw scan.
+pub type RawEntries =
+    Box<dyn Iterator<Item = Result<(String, String, Vec<u8>), StoreError>> + Send>;
+
+impl Store {
+    /// Every entry of a space as stored (for `store copy`).
+    pub fn raw_entries(&self, kind: Kind) -> RawEntries {
+        match self {
+            Store::Sled(s) => s.raw_entries(kind),
+            Store::Postgres(pg) => Box::new(pg.raw_entries(pg::Table::of_kind(kind))),
+        }
+    }
+
+    /// Writes an entry as is, replacing any (for `store copy`; durable after [`Store::flush`]).
+    pub fn put_raw(
+        &self,
+        kind: Kind,
+        project: &str,
+        id: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Sled(s) => s.put_raw(kind, project, id, bytes),
+            Store::Postgres(pg) => pg.put_raw(pg::Table::of_kind(kind), project, id, bytes),
+        }
+    }
+
+    /// Every DEK encryption reservation: `(project, version, reserved)`.
+    pub fn reservations(&self) -> Result<Vec<(String, u32, u64)>, StoreError> {
+        engine!(self, s => s.reservations())
     }
 }
 

@@ -232,6 +232,16 @@ impl Table {
         }
     }
 
+    pub fn of_kind(kind: super::Kind) -> Table {
+        match kind {
+            super::Kind::Cards => Table::Cards,
+            super::Kind::Customers => Table::Customers,
+            super::Kind::Tokens => Table::Tokens,
+            super::Kind::Idempotency => Table::Idempotency,
+            super::Kind::Keys => Table::Keys,
+        }
+    }
+
     fn of(space: Space) -> Table {
         match space {
             Space::Cards => Table::Cards,
@@ -857,6 +867,83 @@ impl Postgres {
             done: false,
             record: PhantomData,
         }
+    }
+
+    /// Full scan of a table as stored (blocking).
+    pub fn raw_entries(&self, table: Table) -> Entries<Vec<u8>> {
+        self.entries(table)
+    }
+
+    pub fn put_raw(
+        &self,
+        table: Table,
+        project: &str,
+        id: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.block(self.with(|conn| async move {
+            conn.client
+                .execute(
+                    conn.statements.get(Op::Upsert, table)?,
+                    &[&project, &id, &bytes],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(())
+        }))
+    }
+
+    pub fn reservations(&self) -> Result<Vec<(String, u32, u64)>, StoreError> {
+        self.block(self.with(|conn| async move {
+            let rows = conn
+                .client
+                .query("SELECT project, version, reserved FROM encryptions", &[])
+                .await
+                .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let project: String = row.try_get(0).map_err(classify)?;
+                    let version: i64 = row.try_get(1).map_err(classify)?;
+                    let reserved: i64 = row.try_get(2).map_err(classify)?;
+                    Ok((
+                        project,
+                        u32::try_from(version).map_err(|_| Malformed)?,
+                        u64::try_from(reserved).map_err(|_| Malformed)?,
+                    ))
+                })
+                .collect()
+        }))
+    }
+
+    /// How many other cardvault processes are connected to the database `settings` name.
+    pub fn daemons_connected(settings: &PgSettings) -> Result<i64, StoreError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StoreError::Thread)?;
+        let mut config = settings.client_config()?;
+        config.application_name("cardvault-admin");
+        let manager = Manager {
+            config,
+            tls: settings.tls()?,
+            runtime: runtime.handle().clone(),
+        };
+        let count = runtime.block_on(async {
+            let client = tokio::time::timeout(settings.statement_timeout, manager.connect())
+                .await
+                .map_err(|_| StoreError::Database("no answer".into()))??;
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = 'cardvault' AND datname = current_database()",
+                    &[],
+                )
+                .await
+                .map_err(classify)?;
+            row.try_get::<_, i64>(0).map_err(classify)
+        });
+        runtime.shutdown_background();
+        count
     }
 
     async fn page(

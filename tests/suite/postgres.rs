@@ -253,3 +253,123 @@ fn a_schema_from_a_newer_cardvault_is_refused() {
         "{out}"
     );
 }
+
+/// `store copy` moves a stopped vault from sled to PostgreSQL and back: every card, used
+/// token, customer token and key is there after each move, and opens. A second run only
+/// verifies; a running daemon, or a destination holding another vault, is refused.
+#[test]
+fn store_copy_moves_a_vault_between_engines_and_back() {
+    if !pg::available() {
+        return;
+    }
+    let setup = Setup::new("copy");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let cards: Vec<(String, String)> = (0..12)
+        .map(|i| {
+            let pan = test_pan(7000 + i);
+            let res = router.post("/v1/cards", &card_body(&pan));
+            (res.json()["id"].as_str().unwrap().to_owned(), pan)
+        })
+        .collect();
+    let (used, unused) = cards.split_at(4);
+    for (id, _) in used {
+        assert_eq!(detokenize(&router, id).status, 200);
+    }
+    let customer = router.post("/v1/customers", &json!({"name": "Ada"})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (attached, unused) = unused.split_at(3);
+    let tokens: Vec<(String, String)> = attached
+        .iter()
+        .map(|(card, pan)| {
+            let res = router.post(
+                &format!("/v1/customers/{customer}/tokens"),
+                &json!({"source": card}),
+            );
+            assert_eq!(res.status, 201, "{}", res.body);
+            (res.json()["id"].as_str().unwrap().to_owned(), pan.clone())
+        })
+        .collect();
+    // Card tokens are one-off: the first move's check uses some, the second the rest, and
+    // those the first used must come back used.
+    let (first, second) = unused.split_at(unused.len() / 2);
+    let check = |router: &Client, fresh: &[(String, String)], spent: &[(String, String)]| {
+        for (id, pan) in fresh.iter().chain(&tokens) {
+            let res = detokenize(router, id);
+            assert_eq!(res.status, 200, "{id}: {}", res.body);
+            assert_eq!(res.json()["number"], pan.as_str());
+        }
+        for (id, _) in spent {
+            assert_eq!(detokenize(router, id).code(), "token_used");
+        }
+    };
+
+    let pg = pg::start(setup.root());
+    let sled_config = std::fs::read_to_string(&setup.config).unwrap();
+    let pg_config = sled_config.replace("data_dir = \"data\"\n", "") + &pg.store_config("");
+    let (sled_toml, pg_toml) = (setup.root().join("sled.toml"), setup.root().join("pg.toml"));
+    write(&sled_toml, &sled_config);
+    write(&pg_toml, &pg_config);
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let out = std::process::Command::new(BIN)
+            .args(["store", "copy", "--from"])
+            .arg(from)
+            .arg("--to")
+            .arg(to)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    // Not while the sled daemon runs.
+    let (ok, out) = copy(&sled_toml, &pg_toml);
+    assert!(!ok && out.contains("stop it first"), "{out}");
+    daemon.stop();
+
+    let (ok, out) = copy(&sled_toml, &pg_toml);
+    assert!(
+        ok && out.contains("copied") && out.contains("3 customer tokens"),
+        "{out}"
+    );
+    let (ok, out) = copy(&sled_toml, &pg_toml);
+    assert!(ok && out.contains("already copied"), "{out}");
+
+    // The daemon on PostgreSQL: same keys, same tokens.
+    write(&setup.config, &pg_config);
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    check(&router, first, used);
+    let (ok, out) = copy(&pg_toml, &sled_toml);
+    assert!(!ok && out.contains("stop every daemon"), "{out}");
+    daemon.stop();
+
+    // Another vault's store is never mixed into this one.
+    let other = Setup::new("copy-other");
+    let other_daemon = other.start();
+    other
+        .client(&other_daemon, &other.router())
+        .post("/v1/cards", &card_body(&test_pan(1)));
+    other_daemon.stop();
+    let (ok, out) = copy(&other.config, &pg_toml);
+    assert!(!ok && out.contains("another vault"), "{out}");
+
+    // And back, into a fresh sled folder.
+    let back = sled_config.replace("data_dir = \"data\"", "data_dir = \"data-back\"");
+    write(&setup.config, &back);
+    let (ok, out) = copy(&pg_toml, &setup.config);
+    assert!(ok && out.contains("copied"), "{out}");
+    let daemon = setup.start();
+    check(
+        &setup.client(&daemon, &setup.router()),
+        second,
+        &[used, first].concat(),
+    );
+    daemon.stop();
+}

@@ -223,6 +223,7 @@ impl From<VaultError> for ApiError {
                 | StoreError::Thread(_)
                 | StoreError::Unavailable
                 | StoreError::Database(_)
+                | StoreError::InUse
                 | StoreError::Damaged(_)
                 | StoreError::TooNew { .. }
                 | StoreError::SchemaTooNew { .. },

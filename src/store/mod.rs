@@ -59,6 +59,11 @@ pub enum StoreError {
     Damaged(String),
     #[error("database unavailable: {0}")]
     Database(String),
+    #[error(
+        "another cardvault process holds this database (one daemon per database; stop it, or \
+         point this one at its own database)"
+    )]
+    InUse,
     #[error("database refused a query: {0}")]
     Query(String),
     #[error(

@@ -505,6 +505,9 @@ const MIGRATIONS: &[&str] = &[
 /// Any constant: every daemon and `keys init` migrate under this advisory lock.
 const MIGRATION_LOCK: i64 = 0x6361_7264_7661_756c;
 
+/// Held by the one process that uses a database (see [`hold_lock`]).
+const SERVE_LOCK: i64 = 0x6361_7264_7661_756d;
+
 const KEK_CHECK: &str = "kek_check";
 const KEK_ID: &str = "kek_id";
 const DEK_STATE: &str = "dek_state";
@@ -575,17 +578,26 @@ impl Postgres {
                 .build()
                 .map_err(|e| StoreError::Damaged(e.to_string()))
         };
-        let background = pool(
-            Manager {
-                config: manager.config.clone(),
-                tls: manager.tls.clone(),
-                runtime: handle.clone(),
-            },
-            BACKGROUND_CONNECTIONS,
-        )?;
+        let copy = || Manager {
+            config: manager.config.clone(),
+            tls: manager.tls.clone(),
+            runtime: handle.clone(),
+        };
+        let (background, lock_manager) = (pool(copy(), BACKGROUND_CONNECTIONS)?, copy());
         let pool = pool(manager, settings.pool_size)?;
         let up = Arc::new(AtomicBool::new(true));
-        handle.spawn(probe(pool.clone(), Arc::clone(&up), timeout));
+        let lock = block_on(&handle, async {
+            tokio::time::timeout(timeout, hold_lock(&lock_manager))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Database("timed out taking the lock".into())))
+        })?;
+        handle.spawn(probe(
+            pool.clone(),
+            lock_manager,
+            Some(lock),
+            Arc::clone(&up),
+            timeout,
+        ));
         Ok((pool, background, up))
     }
 
@@ -1252,16 +1264,58 @@ async fn migrate(manager: &Manager) -> Result<(), StoreError> {
 
 /// Asks the database for `SELECT 1` every second, so that health answers 503 while it is
 /// away even when no request comes, and the pool's dead connections are noticed.
-async fn probe(pool: Pool<Manager>, up: Arc<AtomicBool>, timeout: Duration) {
+/// Takes the database's one-daemon lock on a connection of its own: a session-level advisory
+/// lock, held while that session lives (PostgreSQL drops it with the session, when the
+/// daemon dies or the database restarts).
+async fn hold_lock(manager: &Manager) -> Result<Client, StoreError> {
+    let client = manager.connect().await?;
+    let row = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+        .await
+        .map_err(classify)?;
+    if row.try_get::<_, bool>(0).map_err(classify)? {
+        Ok(client)
+    } else {
+        Err(StoreError::InUse)
+    }
+}
+
+/// Asks the database for `SELECT 1` every second on the lock's session (taking the lock again
+/// after the database came back), so that health answers 503 while it is away even when no
+/// request comes. Losing the lock to another daemon keeps this one unavailable.
+async fn probe(
+    pool: Pool<Manager>,
+    manager: Manager,
+    mut lock: Option<Client>,
+    up: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    let mut refused = false;
     loop {
         let reached = tokio::time::timeout(timeout, async {
-            let conn = pool.get().await.ok()?;
-            conn.client.simple_query("SELECT 1").await.ok()
+            if lock.as_ref().is_none_or(Client::is_closed) {
+                match hold_lock(&manager).await {
+                    Ok(client) => lock = Some(client),
+                    Err(StoreError::InUse) => {
+                        if !refused {
+                            tracing::error!("{}", StoreError::InUse);
+                            refused = true;
+                        }
+                        return false;
+                    }
+                    Err(_) => return false,
+                }
+            }
+            match &lock {
+                Some(client) => client.simple_query("SELECT 1").await.is_ok(),
+                None => false,
+            }
         })
         .await
-        .ok()
-        .flatten()
-        .is_some();
+        .unwrap_or(false);
+        if !reached {
+            lock = None;
+        }
         up.store(reached, Ordering::SeqCst);
         if pool.is_closed() {
             return;

@@ -373,3 +373,28 @@ fn store_copy_moves_a_vault_between_engines_and_back() {
     );
     daemon.stop();
 }
+
+/// One daemon per database: a second one on the same database refuses to start, and starts
+/// once the first has stopped.
+#[test]
+fn a_second_daemon_on_the_same_database_is_refused() {
+    let Some(setup) = setup("pg-second") else {
+        return;
+    };
+    let first = setup.start();
+    let out = Daemon::try_start(&setup)
+        .err()
+        .expect("a second daemon started on the same database");
+    assert!(
+        out.contains("another cardvault process holds this database"),
+        "{out}"
+    );
+    first.stop();
+    let second = setup.start();
+    let router = setup.client(&second, &setup.router());
+    assert_eq!(
+        router.post("/v1/cards", &card_body(&test_pan(3))).status,
+        201
+    );
+    second.stop();
+}

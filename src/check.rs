@@ -35,7 +35,42 @@ pub fn run(config: &Config) -> Findings {
     }
     tls(config, &mut found);
     keys_dir(config, &mut found);
+    if let crate::store::StoreConfig::Postgres(settings) = &config.store {
+        database(settings, &mut found);
+    }
     found
+}
+
+/// `[store.postgres]`'s files: the password file exists and only its owner reads it; the CA
+/// (and client certificate and key) load. The database itself is not contacted.
+fn database(settings: &crate::store::PgSettings, found: &mut Findings) {
+    if let Some(path) = &settings.password_file {
+        match std::fs::metadata(path) {
+            Err(e) => found.problem(format!(
+                "[store.postgres] password_file {}: {e}",
+                path.display()
+            )),
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => found.problem(format!(
+                "[store.postgres] password_file {} is open to others (mode {:o}): chmod 600 it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )),
+            Ok(_) => {}
+        }
+    }
+    if let Some(ca) = &settings.ca {
+        if let Err(e) = crate::tls::load_certs(ca) {
+            found.problem(format!("[store.postgres] ca: {e}"));
+        }
+    }
+    if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
+        if let Err(e) = crate::tls::load_certs(cert) {
+            found.problem(format!("[store.postgres] cert: {e}"));
+        }
+        if let Err(e) = crate::tls::load_key(key) {
+            found.problem(format!("[store.postgres] key: {e}"));
+        }
+    }
 }
 
 /// Certificates, key and CRLs load together; none has run out, none runs out within 30 days

@@ -600,18 +600,14 @@ fn no_pan_in_plaintext_at_rest_or_in_logs(engine: Engine) {
 
     // The scan must be able to find something: the daemon did write a store and a key.
     // On PostgreSQL the store is the cluster's folder (tables and WAL) and a `pg_dump`.
-    let (store_dir, dump) = match &setup.pg {
-        Some(pg) => {
-            let dump = pg.dump().unwrap();
-            let text = String::from_utf8_lossy(&dump);
-            assert!(
-                ids.iter().all(|id| text.contains(id.as_str())),
-                "the dump holds no cards"
-            );
-            (setup.root().join("pg"), dump)
-        }
-        None => (setup.data_dir.clone(), Vec::new()),
-    };
+    let (store_dir, dump) = setup.store_at_rest();
+    if setup.pg.is_some() {
+        let text = String::from_utf8_lossy(&dump);
+        assert!(
+            ids.iter().all(|id| text.contains(id.as_str())),
+            "the dump holds no cards"
+        );
+    }
     assert!(!files_below(&store_dir).is_empty() && !files_below(&setup.keys_dir).is_empty());
     let audit = setup.root().join("audit");
     assert!(!files_below(&audit).is_empty(), "no audit file to scan");

@@ -327,14 +327,16 @@ impl Store {
     ) -> Result<Ticket, StoreError> {
         match self {
             Store::Sled(s) => s.insert_card(project, id, rec),
-            Store::Postgres(pg) => pg.insert(pg::Table::Cards, project, id, rec.encode()).await,
+            Store::Postgres(pg) => {
+                Box::pin(pg.insert(pg::Table::Cards, project, id, rec.encode())).await
+            }
         }
     }
 
     pub async fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
         match self {
             Store::Sled(s) => s.card(project, id),
-            Store::Postgres(pg) => pg.get(pg::Table::Cards, project, id).await,
+            Store::Postgres(pg) => Box::pin(pg.get(pg::Table::Cards, project, id)).await,
         }
     }
 
@@ -345,14 +347,14 @@ impl Store {
     ) -> Result<Option<CustomerRecord>, StoreError> {
         match self {
             Store::Sled(s) => s.customer(project, id),
-            Store::Postgres(pg) => pg.get(pg::Table::Customers, project, id).await,
+            Store::Postgres(pg) => Box::pin(pg.get(pg::Table::Customers, project, id)).await,
         }
     }
 
     pub async fn token(&self, project: &str, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         match self {
             Store::Sled(s) => s.token(project, id),
-            Store::Postgres(pg) => pg.get(pg::Table::Tokens, project, id).await,
+            Store::Postgres(pg) => Box::pin(pg.get(pg::Table::Tokens, project, id)).await,
         }
     }
 
@@ -367,7 +369,7 @@ impl Store {
     ) -> Result<Swap<CardRecord, E>, StoreError> {
         match self {
             Store::Sled(s) => s.swap_card(project, id, decide),
-            Store::Postgres(pg) => pg.swap(pg::Table::Cards, project, id, decide).await,
+            Store::Postgres(pg) => Box::pin(pg.swap(pg::Table::Cards, project, id, decide)).await,
         }
     }
 
@@ -380,7 +382,9 @@ impl Store {
     ) -> Result<Swap<CustomerRecord, E>, StoreError> {
         match self {
             Store::Sled(s) => s.swap_customer(project, id, decide),
-            Store::Postgres(pg) => pg.swap(pg::Table::Customers, project, id, decide).await,
+            Store::Postgres(pg) => {
+                Box::pin(pg.swap(pg::Table::Customers, project, id, decide)).await
+            }
         }
     }
 
@@ -393,7 +397,7 @@ impl Store {
     ) -> Result<Swap<TokenRecord, E>, StoreError> {
         match self {
             Store::Sled(s) => s.swap_token(project, id, decide),
-            Store::Postgres(pg) => pg.swap(pg::Table::Tokens, project, id, decide).await,
+            Store::Postgres(pg) => Box::pin(pg.swap(pg::Table::Tokens, project, id, decide)).await,
         }
     }
 
@@ -407,8 +411,7 @@ impl Store {
         match self {
             Store::Sled(s) => s.insert_customer(project, id, rec),
             Store::Postgres(pg) => {
-                pg.insert(pg::Table::Customers, project, id, rec.encode())
-                    .await
+                Box::pin(pg.insert(pg::Table::Customers, project, id, rec.encode())).await
             }
         }
     }
@@ -418,7 +421,7 @@ impl Store {
     pub async fn commit(&self, batch: &Batch) -> Result<Option<Ticket>, StoreError> {
         match self {
             Store::Sled(s) => s.commit(batch),
-            Store::Postgres(pg) => pg.commit(batch).await,
+            Store::Postgres(pg) => Box::pin(pg.commit(batch)).await,
         }
     }
 
@@ -429,7 +432,7 @@ impl Store {
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         match self {
             Store::Sled(s) => s.idempotency(project, scope),
-            Store::Postgres(pg) => pg.get(pg::Table::Idempotency, project, scope).await,
+            Store::Postgres(pg) => Box::pin(pg.get(pg::Table::Idempotency, project, scope)).await,
         }
     }
 
@@ -444,13 +447,13 @@ impl Store {
         match self {
             Store::Sled(s) => s.swap_idempotency(project, scope, old, new),
             Store::Postgres(pg) => {
-                pg.swap_bytes(
+                Box::pin(pg.swap_bytes(
                     pg::Table::Idempotency,
                     project,
                     scope,
                     old.map(IdempotencyRecord::encode),
                     new.map(IdempotencyRecord::encode),
-                )
+                ))
                 .await
             }
         }

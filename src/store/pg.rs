@@ -349,11 +349,13 @@ pub struct Conn {
     statements: Statements,
 }
 
-/// Makes connections on the engine's runtime.
-struct Manager {
+/// Makes connections on the engine's runtime (or, for shared ones, on the caller's).
+pub struct Manager {
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     runtime: tokio::runtime::Handle,
+    /// Connections run by the creating thread's runtime (a request thread's own pool).
+    here: bool,
 }
 
 impl Manager {
@@ -381,11 +383,44 @@ impl Manager {
     }
 }
 
+impl Manager {
+    fn copy(&self) -> Manager {
+        Manager {
+            config: self.config.clone(),
+            tls: self.tls.clone(),
+            runtime: self.runtime.clone(),
+            here: false,
+        }
+    }
+
+    /// A connection run by the calling thread's runtime, its statements prepared.
+    async fn create_here(&self) -> Result<Conn, StoreError> {
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(classify)?;
+                tokio::spawn(async move { drop(connection.await) });
+                client
+            }
+            Some(tls) => {
+                let (client, connection) =
+                    self.config.connect(tls.clone()).await.map_err(classify)?;
+                tokio::spawn(async move { drop(connection.await) });
+                client
+            }
+        };
+        let statements = Statements::prepare(&client).await.map_err(classify)?;
+        Ok(Conn { client, statements })
+    }
+}
+
 impl managed::Manager for Manager {
     type Type = Conn;
     type Error = StoreError;
 
     async fn create(&self) -> Result<Conn, StoreError> {
+        if self.here {
+            return self.create_here().await;
+        }
         let client = self.connect().await?;
         let statements = Statements::prepare(&client).await.map_err(classify)?;
         Ok(Conn { client, statements })
@@ -465,6 +500,55 @@ struct Inner {
     timeout: Duration,
     /// Whether the last probe or call reached the database.
     up: Arc<AtomicBool>,
+    /// Tells this engine's shared connections apart in a thread's [`LOCAL`].
+    id: u64,
+    /// Opens the shared connections.
+    local: Manager,
+    /// Connections for writes per request thread.
+    local_pool_size: usize,
+}
+
+/// Shared (pipelined) connections per request thread.
+const LOCAL_CONNECTIONS: usize = 2;
+
+/// A thread's connections of one engine: shared ones for reads, a pool for writes.
+struct LocalConns {
+    conns: Vec<Option<Arc<Conn>>>,
+    next: usize,
+    pool: Pool<Manager>,
+}
+
+/// Whether the caller is a request handler: on a runtime of its own thread (an actix worker),
+/// not a blocking caller ([`Postgres::block`]) and not the engine's runtime.
+fn on_request_thread() -> bool {
+    !matches!(BLOCKING.try_with(|b| *b), Ok(true))
+        && tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
+thread_local! {
+    /// Per engine (by [`Inner::id`]), the connections this thread's requests share.
+    static LOCAL: std::cell::RefCell<std::collections::HashMap<u64, LocalConns>> =
+        std::cell::RefCell::default();
+}
+
+/// A connection for one statement: pooled (exclusive) or shared by a thread's requests.
+// One lives for one store call; boxing the pooled one would cost an allocation per call.
+#[allow(clippy::large_enum_variant)]
+pub enum ConnRef {
+    Pooled(deadpool::managed::Object<Manager>),
+    Shared(Arc<Conn>),
+}
+
+impl std::ops::Deref for ConnRef {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        match self {
+            ConnRef::Pooled(conn) => conn,
+            ConnRef::Shared(conn) => conn,
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -533,14 +617,20 @@ impl Postgres {
             .enable_all()
             .build()
             .map_err(StoreError::Thread)?;
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         match Postgres::start(settings, runtime.handle()) {
-            Ok((pool, background, up)) => Ok(Postgres(Arc::new(Inner {
+            Ok((pool, background, up, local)) => Ok(Postgres(Arc::new(Inner {
                 pool,
                 background,
                 handle: runtime.handle().clone(),
                 runtime: Mutex::new(Some(runtime)),
                 timeout: settings.statement_timeout,
                 up,
+                id: INSTANCES.fetch_add(1, Ordering::SeqCst),
+                local,
+                local_pool_size: (settings.pool_size
+                    / std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .max(2),
             }))),
             Err(e) => {
                 // `open` may run inside a runtime, where dropping one would panic.
@@ -555,12 +645,13 @@ impl Postgres {
     fn start(
         settings: &PgSettings,
         handle: &tokio::runtime::Handle,
-    ) -> Result<(Pool<Manager>, Pool<Manager>, Arc<AtomicBool>), StoreError> {
+    ) -> Result<(Pool<Manager>, Pool<Manager>, Arc<AtomicBool>, Manager), StoreError> {
         let handle = handle.clone();
         let manager = Manager {
             config: settings.client_config()?,
             tls: settings.tls()?,
             runtime: handle.clone(),
+            here: false,
         };
         let timeout = settings.statement_timeout;
         block_on(&handle, async {
@@ -578,12 +669,11 @@ impl Postgres {
                 .build()
                 .map_err(|e| StoreError::Damaged(e.to_string()))
         };
-        let copy = || Manager {
-            config: manager.config.clone(),
-            tls: manager.tls.clone(),
-            runtime: handle.clone(),
-        };
-        let (background, lock_manager) = (pool(copy(), BACKGROUND_CONNECTIONS)?, copy());
+        let (background, lock_manager) = (
+            pool(manager.copy(), BACKGROUND_CONNECTIONS)?,
+            manager.copy(),
+        );
+        let local = manager.copy();
         let pool = pool(manager, settings.pool_size)?;
         let up = Arc::new(AtomicBool::new(true));
         let lock = block_on(&handle, async {
@@ -598,7 +688,7 @@ impl Postgres {
             Arc::clone(&up),
             timeout,
         ));
-        Ok((pool, background, up))
+        Ok((pool, background, up, local))
     }
 
     pub fn generation(&self) -> u64 {
@@ -638,9 +728,9 @@ impl Postgres {
         }
     }
 
-    /// Runs `f` on a pooled connection, within the statement timeout; notes whether the
-    /// database could be reached.
-    async fn with<'a, T, F, Fut>(&'a self, f: F) -> Result<T, StoreError>
+    /// Runs `f` on a pooled connection of its own (for a transaction), within the statement
+    /// timeout; notes whether the database could be reached.
+    async fn with_pooled<'a, T, F, Fut>(&'a self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(deadpool::managed::Object<Manager>) -> Fut,
         Fut: Future<Output = Result<T, StoreError>> + 'a,
@@ -649,10 +739,107 @@ impl Postgres {
             Ok(true) => &self.0.background,
             _ => &self.0.pool,
         };
-        let work = async {
+        self.bounded(async {
             let conn = pool.get().await.map_err(pool_error)?;
             f(conn).await
-        };
+        })
+        .await
+    }
+
+    /// Runs `f` on a connection for one statement (or a compare-and-swap's read and update):
+    /// in a request handler, one this thread shares with its other requests (pipelined, run by
+    /// this thread: no hand-off to another thread per query); elsewhere a pooled one.
+    async fn with<'a, T, F, Fut>(&'a self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnRef) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + 'a,
+    {
+        if !on_request_thread() {
+            return self.with_pooled(|conn| f(ConnRef::Pooled(conn))).await;
+        }
+        self.bounded(async {
+            let conn = self.local_conn().await?;
+            f(ConnRef::Shared(conn)).await
+        })
+        .await
+    }
+
+    /// Runs a write on a pooled connection: a write waits for its `COMMIT`'s WAL flush, which
+    /// would hold up every statement queued behind it on a shared connection; on connections
+    /// of their own, concurrent commits share flushes (PostgreSQL's group commit).
+    async fn with_write<'a, T, F, Fut>(&'a self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnRef) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + 'a,
+    {
+        if !on_request_thread() {
+            return self.with_pooled(|conn| f(ConnRef::Pooled(conn))).await;
+        }
+        self.bounded(async {
+            let pool = self.local_pool();
+            let conn = pool.get().await.map_err(pool_error)?;
+            f(ConnRef::Pooled(conn)).await
+        })
+        .await
+    }
+
+    /// This thread's pool of connections for writes, run by this thread.
+    fn local_pool(&self) -> Pool<Manager> {
+        let id = self.0.id;
+        LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            local
+                .entry(id)
+                .or_insert_with(|| self.local_conns())
+                .pool
+                .clone()
+        })
+    }
+
+    fn local_conns(&self) -> LocalConns {
+        let mut manager = self.0.local.copy();
+        manager.here = true;
+        let pool = Pool::builder(manager)
+            .max_size(self.0.local_pool_size)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .unwrap_or_else(|_| self.0.pool.clone());
+        LocalConns {
+            conns: vec![None; LOCAL_CONNECTIONS],
+            next: 0,
+            pool,
+        }
+    }
+
+    /// One of this thread's shared connections, opened (on this thread) when missing or closed.
+    async fn local_conn(&self) -> Result<Arc<Conn>, StoreError> {
+        let id = self.0.id;
+        let (slot, current) = LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            let set = local.entry(id).or_insert_with(|| self.local_conns());
+            let slot = set.next;
+            set.next = (slot + 1) % LOCAL_CONNECTIONS;
+            (slot, set.conns.get(slot).cloned().flatten())
+        });
+        if let Some(conn) = current.filter(|c| !c.client.is_closed()) {
+            return Ok(conn);
+        }
+        let conn = Arc::new(self.0.local.create_here().await?);
+        LOCAL.with(|local| {
+            if let Some(set) = local.borrow_mut().get_mut(&id) {
+                if let Some(entry) = set.conns.get_mut(slot) {
+                    *entry = Some(Arc::clone(&conn));
+                }
+            }
+        });
+        Ok(conn)
+    }
+
+    /// `work` within the statement timeout; notes whether the database could be reached.
+    async fn bounded<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let result = match tokio::time::timeout(self.0.timeout, work).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Database(
@@ -698,7 +885,7 @@ impl Postgres {
         id: &str,
         value: Vec<u8>,
     ) -> Result<Ticket, StoreError> {
-        self.with(|conn| async move {
+        self.with_write(|conn| async move {
             let stmt = conn.statements.get(Op::Insert, table)?;
             let n = conn
                 .client
@@ -725,7 +912,7 @@ impl Postgres {
         loop {
             let decide = &mut decide;
             let step = self
-                .with(|conn| async move {
+                .with_write(|conn| async move {
                     let get = conn.statements.get(Op::Get, table)?;
                     let Some(row) = conn
                         .client
@@ -766,7 +953,7 @@ impl Postgres {
         old: Option<Vec<u8>>,
         new: Option<Vec<u8>>,
     ) -> Result<Option<Ticket>, StoreError> {
-        self.with(|conn| async move {
+        self.with_write(|conn| async move {
             let s = &conn.statements;
             let c = &conn.client;
             let changed = match (&old, &new) {
@@ -823,7 +1010,7 @@ impl Postgres {
             };
             writes.push((Table::of(*space), project, id, op, value));
         }
-        self.with(|mut conn| async move {
+        self.with_pooled(|mut conn| async move {
             let conn = &mut *conn;
             let s = &conn.statements;
             let tx = conn.client.transaction().await.map_err(classify)?;
@@ -939,6 +1126,7 @@ impl Postgres {
             config,
             tls: settings.tls()?,
             runtime: runtime.handle().clone(),
+            here: false,
         };
         let count = runtime.block_on(async {
             let client = tokio::time::timeout(settings.statement_timeout, manager.connect())
@@ -1056,7 +1244,7 @@ impl Postgres {
 
     /// Writes store-wide values in one transaction.
     async fn put_meta(&self, values: &[(&'static str, &[u8])]) -> Result<(), StoreError> {
-        self.with(|mut conn| async move {
+        self.with_pooled(|mut conn| async move {
             let conn = &mut *conn;
             let tx = conn.client.transaction().await.map_err(classify)?;
             for (name, value) in values {
@@ -1095,7 +1283,7 @@ impl Postgres {
         check: &[u8],
         kek_id: &str,
     ) -> Result<bool, StoreError> {
-        self.block(self.with(|mut conn| async move {
+        self.block(self.with_pooled(|mut conn| async move {
             let conn = &mut *conn;
             let s = &conn.statements;
             let tx = conn.client.transaction().await.map_err(classify)?;

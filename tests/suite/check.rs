@@ -28,6 +28,38 @@ fn check_lists_every_problem_and_serve_refuses_on_the_same() {
     );
 }
 
+/// With the PostgreSQL engine, `check` also judges its files (without contacting the
+/// database): a password file others can read and a CA that does not load are problems.
+#[test]
+fn check_judges_the_database_files() {
+    let setup = Setup::new("check-pg");
+    let password = setup.root().join("db.password");
+    write(&password, "secret\n");
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("data_dir = \"data\"\n", "")
+        + "[store]\nengine = \"postgres\"\n[store.postgres]\n\
+           url = \"postgresql://cardvault@127.0.0.1:1/cardvault\"\n\
+           password_file = \"db.password\"\nca = \"missing-ca.pem\"\n";
+    write(&setup.config, &config);
+    let (ok, out) = setup.try_cli(&["check"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("db.password is open to others"), "{out}");
+    assert!(out.contains("[store.postgres] ca"), "{out}");
+    assert!(
+        out.contains("2 problem(s) found") && !out.contains("secret"),
+        "{out}"
+    );
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write(
+        &setup.config,
+        &config.replace("ca = \"missing-ca.pem\"\n", ""),
+    );
+    let (ok, out) = setup.try_cli(&["check"]);
+    assert!(ok && out.contains("no problems"), "{out}");
+}
+
 #[test]
 fn policy_explain_names_the_identity_and_what_it_may_do() {
     let setup = Setup::new("explain");
@@ -71,6 +103,7 @@ fn every_flag_has_help_text() {
         &["audit", "verify"],
         &["audit", "rotate-key"],
         &["policy", "explain"],
+        &["store", "copy"],
     ];
     for command in commands {
         let out = std::process::Command::new(BIN)

@@ -392,6 +392,16 @@ impl Setup {
         }
     }
 
+    /// Where the (stopped) daemon's store is, for a leak scan: the folder holding its files
+    /// (sled's `data_dir`, or the PostgreSQL cluster's folder with its tables and WAL), and on
+    /// PostgreSQL a `pg_dump` of the database (empty on sled).
+    pub fn store_at_rest(&self) -> (PathBuf, Vec<u8>) {
+        match &self.pg {
+            Some(pg) => (self.root().join("pg"), pg.dump().unwrap()),
+            None => (self.data_dir.clone(), Vec::new()),
+        }
+    }
+
     /// How many card records the (stopped) daemon's store holds.
     pub fn stored_cards(&self) -> usize {
         match &self.pg {

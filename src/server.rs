@@ -44,7 +44,7 @@ pub enum StartupError {
     #[error("{0} (is another cardvault running on this data_dir?)")]
     Store(#[from] StoreError),
     #[error("{0}")]
-    StoreFormat(StoreError),
+    StoreRefused(StoreError),
     #[error("the config has problems (`cardvault check` lists the same):\n  {}", .0.join("\n  "))]
     Check(Vec<String>),
     #[error("the key-encryption key does not open this store ({0}); wrong keys_dir?")]
@@ -362,9 +362,11 @@ impl Application {
                 })?;
         }
         let store = Store::open(&config.store).map_err(|e| match e {
-            StoreError::TooNew { .. } | StoreError::SchemaTooNew { .. } => {
-                StartupError::StoreFormat(e)
-            }
+            StoreError::TooNew { .. }
+            | StoreError::SchemaTooNew { .. }
+            | StoreError::Database(_)
+            | StoreError::Query(_)
+            | StoreError::InUse => StartupError::StoreRefused(e),
             other => StartupError::Store(other),
         })?;
         tracing::info!(engine = store.engine(), "store open");

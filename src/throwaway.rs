@@ -144,6 +144,44 @@ impl Cluster {
         Ok(())
     }
 
+    /// Turns TLS on with this server certificate and key (PEM) and refuses connections over TCP
+    /// without it, then restarts the cluster.
+    pub fn require_tls(&mut self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.join("data");
+        let write = |name: &str, text: &str, mode: u32| -> Result<(), String> {
+            let path = data.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if as_root() {
+                checked(
+                    "chown",
+                    Command::new("chown")
+                        .args(["postgres:postgres"])
+                        .arg(&path)
+                        .output()
+                        .map_err(|e| format!("chown: {e}"))?,
+                )?;
+            }
+            Ok(())
+        };
+        write("server.crt", cert_pem, 0o644)?;
+        write("server.key", key_pem, 0o600)?;
+        write(
+            "pg_hba.conf",
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            0o600,
+        )?;
+        let conf = data.join("postgresql.conf");
+        let mut text =
+            std::fs::read_to_string(&conf).map_err(|e| format!("{}: {e}", conf.display()))?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+        self.stop();
+        self.start_again()
+    }
+
     /// Stops the cluster at once (`-m immediate`: like a crash of the database server).
     pub fn stop(&mut self) {
         if !self.running {

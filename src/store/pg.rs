@@ -438,8 +438,16 @@ impl managed::Manager for Manager {
 /// caller may retry later) and "the database refused this query" (500).
 fn classify(e: tokio_postgres::Error) -> StoreError {
     let Some(code) = e.code() else {
-        // No SQLSTATE: the connection broke, timed out or never opened.
-        return StoreError::Database(e.to_string());
+        // No SQLSTATE: the connection broke, timed out or never opened; the cause (a refused
+        // certificate, a reset) is in the source chain, which the error's own text leaves out.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        return StoreError::Database(text);
     };
     let class = code.code().get(..2).unwrap_or("");
     if matches!(class, "08" | "53" | "57" | "58")

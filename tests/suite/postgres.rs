@@ -398,3 +398,60 @@ fn a_second_daemon_on_the_same_database_is_refused() {
     );
     second.stop();
 }
+
+/// TLS to the database, verified with rustls: with the database's CA the daemon connects over
+/// TLS (PostgreSQL shows its sessions encrypted), and with another CA it refuses to start.
+#[test]
+fn the_database_connection_is_tls_verified_with_rustls() {
+    let Some(mut setup) = setup("pg-tls") else {
+        return;
+    };
+    let server = setup.ca.server(&["localhost"]).unwrap();
+    setup
+        .pg
+        .as_mut()
+        .unwrap()
+        .require_tls(&server.cert_pem, &server.key_pem)
+        .unwrap();
+    let plain = std::fs::read_to_string(&setup.config).unwrap();
+    let tls = plain.replace("@127.0.0.1:", "@localhost:") + "ca = \"ca.pem\"\n";
+    write(&setup.config, &tls);
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let id = router.post("/v1/cards", &card_body(&test_pan(5))).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(detokenize(&router, &id).json()["number"], test_pan(5));
+    let pg = setup.pg.as_ref().unwrap();
+    let encrypted = pg::query(
+        pg,
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE application_name = 'cardvault' AND ssl",
+    );
+    let clear = pg::query(
+        pg,
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE application_name = 'cardvault' AND NOT ssl",
+    );
+    assert!(
+        encrypted != "0" && clear == "0",
+        "{encrypted} over TLS, {clear} in the clear"
+    );
+    daemon.stop();
+
+    // Another CA: the server's certificate is not trusted, nothing is sent.
+    let other = cardvault::pki::Authority::new("another CA").unwrap();
+    write(&setup.root().join("other-ca.pem"), &other.cert_pem());
+    write(
+        &setup.config,
+        &tls.replace("ca = \"ca.pem\"", "ca = \"other-ca.pem\""),
+    );
+    let out = Daemon::try_start(&setup)
+        .err()
+        .expect("started with an untrusted database");
+    assert!(
+        out.contains("database unavailable") && out.contains("certificate"),
+        "{out}"
+    );
+}

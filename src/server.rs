@@ -41,8 +41,10 @@ pub enum StartupError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{0} (is another cardvault running on this data_dir?)")]
+    #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("{0} (is another cardvault running on this data_dir?)")]
+    SledStore(StoreError),
     #[error("{0}")]
     StoreRefused(StoreError),
     #[error("the config has problems (`cardvault check` lists the same):\n  {}", .0.join("\n  "))]
@@ -367,6 +369,7 @@ impl Application {
             | StoreError::Database(_)
             | StoreError::Query(_)
             | StoreError::InUse => StartupError::StoreRefused(e),
+            e @ StoreError::Sled(_) => StartupError::SledStore(e),
             other => StartupError::Store(other),
         })?;
         tracing::info!(engine = store.engine(), "store open");

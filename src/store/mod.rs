@@ -373,6 +373,24 @@ impl Store {
         }
     }
 
+    /// Uses a one-off card token: [`Store::swap_card`] with `decide`, which must accept exactly
+    /// an unused record that still holds its PAN, expires after `now`, is sealed under one of
+    /// `versions`, and must make it used at `now` without its PAN. On PostgreSQL that change
+    /// is one statement (one round trip), and `decide` only names the refusal.
+    pub async fn use_card<E>(
+        &self,
+        project: &str,
+        id: &str,
+        now: i64,
+        versions: &[u32],
+        decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
+    ) -> Result<Swap<CardRecord, E>, StoreError> {
+        match self {
+            Store::Sled(s) => s.swap_card(project, id, decide),
+            Store::Postgres(pg) => Box::pin(pg.use_card(project, id, now, versions, decide)).await,
+        }
+    }
+
     /// As [`Store::swap_card`], for a customer.
     pub async fn swap_customer<E>(
         &self,

@@ -299,6 +299,31 @@ fn sql(op: Op, table: Table) -> String {
     }
 }
 
+/// The use of a one-off card token (see [`Postgres::use_card`]): `$1` project, `$2` id,
+/// `$3` now, `$4` the key versions the caller can open. Returns the bytes before, and whether
+/// it was used now.
+const USE_CARD: &str = r"
+WITH old AS (
+    SELECT value,
+           ('x' || encode(substring(value FROM 11 FOR 8), 'hex'))::bit(64)::bigint AS expires,
+           ('x' || lpad(encode(substring(value FROM 27 FOR 4), 'hex'), 16, '0'))::bit(64)::bigint
+               AS version,
+           ('x' || lpad(encode(substring(value FROM 31 FOR 4), 'hex'), 16, '0'))::bit(64)::bigint
+               AS meta_len
+    FROM cards WHERE project = $1 AND id = $2 FOR UPDATE
+), used AS (
+    UPDATE cards SET value =
+        substring(old.value FROM 1 FOR 1) || '\x01'::bytea
+        || substring(old.value FROM 3 FOR 16) || int8send($3::bigint)
+        || substring(old.value FROM 27 FOR (8 + old.meta_len)::int) || '\x00000000'::bytea
+    FROM old
+    WHERE cards.project = $1 AND cards.id = $2
+      AND get_byte(old.value, 0) = 1 AND get_byte(old.value, 1) = 2
+      AND old.expires > $3 AND old.version = ANY($4::bigint[])
+    RETURNING 1
+)
+SELECT old.value, EXISTS (SELECT 1 FROM used) FROM old";
+
 const META_GET: &str = "SELECT value FROM meta WHERE name = $1";
 const META_PUT: &str = "INSERT INTO meta (name, value) VALUES ($1, $2) \
                         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value";
@@ -315,6 +340,7 @@ struct Statements {
     meta_put: Statement,
     reserved_get: Statement,
     reserve: Statement,
+    use_card: Statement,
 }
 
 impl Statements {
@@ -332,6 +358,7 @@ impl Statements {
             meta_put: client.prepare(META_PUT).await?,
             reserved_get: client.prepare(RESERVED_GET).await?,
             reserve: client.prepare(RESERVE).await?,
+            use_card: client.prepare(USE_CARD).await?,
         })
     }
 
@@ -951,6 +978,51 @@ impl Postgres {
         }
     }
 
+    /// [`super::Store::use_card`] in one statement: the row is locked, checked and rewritten
+    /// from its own bytes (flags, `used_at`, the PAN cut off) by PostgreSQL, which returns the
+    /// bytes it held. The layout is `CardRecord`'s: format 1, flags, created, expires, used
+    /// (8 bytes each), key version (4), metadata (4-byte length), PAN (4-byte length).
+    pub async fn use_card<E>(
+        &self,
+        project: &str,
+        id: &str,
+        now: i64,
+        versions: &[u32],
+        mut decide: impl FnMut(&super::CardRecord) -> Result<super::CardRecord, E>,
+    ) -> Result<Swap<super::CardRecord, E>, StoreError> {
+        let versions: Vec<i64> = versions.iter().map(|v| i64::from(*v)).collect();
+        let step = self
+            .with_write(|conn| async move {
+                let row = conn
+                    .client
+                    .query_opt(&conn.statements.use_card, &[&project, &id, &now, &versions])
+                    .await
+                    .map_err(classify)?;
+                match row {
+                    None => Ok(None),
+                    Some(row) => {
+                        let old: Vec<u8> = row.try_get(0).map_err(classify)?;
+                        let used: bool = row.try_get(1).map_err(classify)?;
+                        Ok(Some((old, used)))
+                    }
+                }
+            })
+            .await?;
+        let Some((old, used)) = step else {
+            return Ok(Swap::Missing);
+        };
+        let record = super::CardRecord::decode(&old)?;
+        if used {
+            return Ok(Swap::Swapped(record, Ticket::committed()));
+        }
+        match decide(&record) {
+            Err(refused) => Ok(Swap::Refused(refused)),
+            // The statement's test and `decide` disagree (a record it does not read the same
+            // way): the general compare-and-swap decides.
+            Ok(_) => self.swap(Table::Cards, project, id, decide).await,
+        }
+    }
+
     /// Compare-and-swap of raw bytes, `None` meaning absent; `Ok(None)` when `old` is no longer
     /// what is stored.
     pub async fn swap_bytes(
@@ -1555,5 +1627,124 @@ impl<R: Codec> Iterator for Entries<R> {
                 .map(|record| (project, id, record))
                 .map_err(StoreError::from),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CardRecord, Store};
+
+    /// A store on a throwaway cluster in `dir`, or `None` where PostgreSQL is not installed
+    /// (and not required).
+    fn store(dir: &std::path::Path) -> Option<(crate::throwaway::Cluster, Store)> {
+        if crate::throwaway::bin_dir().is_none() {
+            assert!(std::env::var_os("CARDVAULT_REQUIRE_POSTGRES").is_none());
+            return None;
+        }
+        let cluster = crate::throwaway::Cluster::start(dir).unwrap();
+        let settings = PgSettings {
+            url: cluster.url(),
+            password_file: None,
+            pool_size: 4,
+            ca: None,
+            cert: None,
+            key: None,
+            statement_timeout: Duration::from_secs(5),
+        };
+        let store = Store::Postgres(Postgres::open(&settings).unwrap());
+        Some((cluster, store))
+    }
+
+    fn card(expires_at: i64, version: u32) -> CardRecord {
+        CardRecord {
+            created_at: 1_700_000_000,
+            expires_at,
+            used_at: None,
+            key_version: version,
+            meta: vec![7; 300],
+            pan: Some(vec![9; 44]),
+        }
+    }
+
+    /// The one-statement use of a card token writes exactly the bytes the vault's own rule
+    /// makes (used at `now`, PAN gone), and refuses (leaving the record as it was) exactly
+    /// where that rule refuses: used, expired, or sealed under a version the caller cannot
+    /// open; `decide` then only names the refusal.
+    #[test]
+    fn the_one_statement_card_use_matches_the_vault_rule() {
+        let dir = std::env::temp_dir().join(format!("cardvault-pg-use-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let Some((_cluster, store)) = store(&dir) else {
+            return;
+        };
+        let Store::Postgres(pg) = &store else {
+            unreachable!()
+        };
+        let now = 1_800_000_000;
+        let rule = |r: &CardRecord| {
+            if r.used_at.is_some() {
+                return Err("used");
+            }
+            if r.expires_at <= now || r.pan.is_none() {
+                return Err("expired");
+            }
+            if r.key_version != 3 && r.key_version != 70_000 {
+                return Err("version");
+            }
+            Ok(CardRecord {
+                used_at: Some(now),
+                pan: None,
+                ..r.clone()
+            })
+        };
+        let cases = [
+            ("live", card(now + 1, 3), None),
+            ("big-version", card(now + 1, 70_000), None),
+            ("expired", card(now, 3), Some("expired")),
+            ("other-version", card(now + 1, 4), Some("version")),
+        ];
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (id, record, refusal) in cases {
+            let _ = store.wait(store.insert_card("p", id, &record)).unwrap();
+            let mut asked = 0;
+            let outcome = runtime
+                .block_on(pg.use_card("p", id, now, &[3, 70_000], |r| {
+                    asked += 1;
+                    rule(r)
+                }))
+                .unwrap();
+            let stored = store.wait(store.card("p", id)).unwrap().unwrap();
+            match (outcome, refusal) {
+                (Swap::Swapped(old, _), None) => {
+                    assert_eq!(old, record, "{id}");
+                    assert_eq!(stored, rule(&record).unwrap(), "{id}");
+                    assert_eq!(stored.encode(), rule(&record).unwrap().encode(), "{id}");
+                    assert_eq!(asked, 0, "{id}: decided in Rust, not in the statement");
+                }
+                (Swap::Refused(why), Some(expected)) => {
+                    assert_eq!(why, expected, "{id}");
+                    assert_eq!(stored, record, "{id}: a refused use changed the record");
+                }
+                (_, expected) => panic!("{id}: expected {expected:?}"),
+            }
+        }
+        // Used once: the second use is refused as used.
+        let again = runtime
+            .block_on(pg.use_card("p", "live", now, &[3], rule))
+            .unwrap();
+        assert!(matches!(again, Swap::Refused("used")));
+        let missing = runtime
+            .block_on(pg.use_card("p", "none", now, &[3], rule))
+            .unwrap();
+        assert!(matches!(missing, Swap::Missing));
+        store.close().unwrap();
+        drop(store);
+        drop(_cluster);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

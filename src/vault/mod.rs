@@ -318,6 +318,13 @@ struct ProjectKeys {
 }
 
 impl ProjectKeys {
+    /// Every DEK version these keys open.
+    fn versions(&self) -> Vec<u32> {
+        std::iter::once(self.dek_version)
+            .chain(self.older.keys().copied())
+            .collect()
+    }
+
     fn opener(&self, version: u32) -> Option<&SealingKey> {
         if version == self.dek_version {
             Some(&self.active.key)
@@ -734,23 +741,29 @@ impl Vault {
         let now = unix_now();
         let swap = self
             .store
-            .swap_card(project.as_str(), id.as_str(), |current| {
-                if current.used_at.is_some() {
-                    return Err(VaultError::TokenUsed);
-                }
-                // Never use a token up with keys that cannot open it.
-                if keys.opener(current.key_version).is_none() {
-                    return Err(VaultError::Integrity(id.to_string()));
-                }
-                if current.expires_at <= now || current.pan.is_none() {
-                    return Err(VaultError::TokenExpired);
-                }
-                Ok(CardRecord {
-                    used_at: Some(now),
-                    pan: None,
-                    ..current.clone()
-                })
-            })
+            .use_card(
+                project.as_str(),
+                id.as_str(),
+                now,
+                &keys.versions(),
+                |current| {
+                    if current.used_at.is_some() {
+                        return Err(VaultError::TokenUsed);
+                    }
+                    // Never use a token up with keys that cannot open it.
+                    if keys.opener(current.key_version).is_none() {
+                        return Err(VaultError::Integrity(id.to_string()));
+                    }
+                    if current.expires_at <= now || current.pan.is_none() {
+                        return Err(VaultError::TokenExpired);
+                    }
+                    Ok(CardRecord {
+                        used_at: Some(now),
+                        pan: None,
+                        ..current.clone()
+                    })
+                },
+            )
             .await?;
         let (record, ticket) = swap.swapped(VaultError::NotFound)?;
         // The use must be on disk before the card leaves the process: after a crash the token

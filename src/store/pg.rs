@@ -763,16 +763,20 @@ impl Postgres {
         }
     }
 
-    /// Runs `f` on a pooled connection of its own (for a transaction), within the statement
-    /// timeout; notes whether the database could be reached.
+    /// Runs `f` on a pooled connection of its own (for a transaction or a write), within the
+    /// statement timeout; notes whether the database could be reached. A request handler takes
+    /// it from its own thread's pool, run by that thread.
     async fn with_pooled<'a, T, F, Fut>(&'a self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(deadpool::managed::Object<Manager>) -> Fut,
         Fut: Future<Output = Result<T, StoreError>> + 'a,
     {
-        let pool = match BLOCKING.try_with(|b| *b) {
-            Ok(true) => &self.0.background,
-            _ => &self.0.pool,
+        let pool = if on_request_thread() {
+            self.local_pool()
+        } else if matches!(BLOCKING.try_with(|b| *b), Ok(true)) {
+            self.0.background.clone()
+        } else {
+            self.0.pool.clone()
         };
         self.bounded(async {
             let conn = pool.get().await.map_err(pool_error)?;
@@ -807,15 +811,7 @@ impl Postgres {
         F: FnOnce(ConnRef) -> Fut,
         Fut: Future<Output = Result<T, StoreError>> + 'a,
     {
-        if !on_request_thread() {
-            return self.with_pooled(|conn| f(ConnRef::Pooled(conn))).await;
-        }
-        self.bounded(async {
-            let pool = self.local_pool();
-            let conn = pool.get().await.map_err(pool_error)?;
-            f(ConnRef::Pooled(conn)).await
-        })
-        .await
+        self.with_pooled(|conn| f(ConnRef::Pooled(conn))).await
     }
 
     /// This thread's pool of connections for writes, run by this thread.

@@ -553,7 +553,7 @@ struct LocalConns {
     pool: Pool<Manager>,
 }
 
-/// Whether the caller is a request handler: on a runtime of its own thread (an actix worker),
+/// Whether the caller is a request handler: on a runtime of its own thread (an HTTP worker),
 /// not a blocking caller ([`Postgres::block`]) and not the engine's runtime.
 fn on_request_thread() -> bool {
     !matches!(BLOCKING.try_with(|b| *b), Ok(true))

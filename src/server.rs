@@ -230,7 +230,11 @@ fn serve(
 ) -> std::io::Result<actix_web::dev::Server> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
     let failures = Arc::new(tls::HandshakeLog::default());
-    let mut builder = actix_server::Server::build().shutdown_timeout(10);
+    // The daemon's own handlers stop it (`Application::run`): actix's are installed by a task
+    // after the listener is up, so a signal in between would kill the process.
+    let mut builder = actix_server::Server::build()
+        .shutdown_timeout(10)
+        .disable_signals();
     if let Some(workers) = config.workers {
         builder = builder.workers(workers);
     }
@@ -333,16 +337,26 @@ pub struct Application {
     server: actix_web::dev::Server,
     addr: SocketAddr,
     vault: Arc<Vault>,
+    /// SIGTERM and SIGINT, listened for from the start.
+    stop_signals: [tokio::signal::unix::Signal; 2],
 }
 
 impl Application {
     pub fn build(config: &Config) -> Result<Application, StartupError> {
-        // First: a SIGHUP during startup must not kill the daemon (its default action).
-        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(|source| StartupError::Bind {
+        // First: a SIGHUP during startup must not kill the daemon (its default action), and a
+        // SIGTERM or SIGINT from the moment it says it listens must stop it cleanly.
+        let listen = |kind| {
+            tokio::signal::unix::signal(kind).map_err(|source| StartupError::Bind {
                 addr: config.listen,
                 source,
-            })?;
+            })
+        };
+        use tokio::signal::unix::SignalKind;
+        let hangup = listen(SignalKind::hangup())?;
+        let stop_signals = [
+            listen(SignalKind::terminate())?,
+            listen(SignalKind::interrupt())?,
+        ];
         // Everything `cardvault check` finds stops the start, all of it said at once.
         let found = crate::check::run(config);
         for warning in &found.warnings {
@@ -419,6 +433,7 @@ impl Application {
             server,
             addr,
             vault,
+            stop_signals,
         })
     }
 
@@ -428,6 +443,16 @@ impl Application {
 
     /// Serves until a shutdown signal, then flushes and closes the store.
     pub async fn run(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let [mut terminate, mut interrupt] = self.stop_signals;
+        actix_web::rt::spawn(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            tracing::info!("stopping: draining connections");
+            handle.stop(true).await;
+        });
         tracing::info!(address = %self.addr, "listening on https://{}", self.addr);
         let served = self.server.await;
         if let Err(e) =

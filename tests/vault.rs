@@ -1061,3 +1061,14 @@ fn dev_command_prints_curl_lines_that_work() {
         assert!(text.contains(expected), "missing {expected} in:\n{text}");
     }
 }
+
+/// SIGTERM the moment the daemon says it listens: a clean stop (drained, store closed, exit
+/// 0), not death by the signal's default action.
+#[test]
+fn a_sigterm_right_after_start_stops_cleanly() {
+    let setup = Setup::new("early-term");
+    for _ in 0..5 {
+        let output = setup.start().stop();
+        assert!(output.contains("stopped"), "{output}");
+    }
+}

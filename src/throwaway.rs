@@ -215,35 +215,32 @@ impl Cluster {
         )
     }
 
+    /// A client program of this cluster's, pointed at it as `postgres`.
+    fn client(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        cmd
+    }
+
     /// Runs SQL through `psql` on database `db`.
     pub fn psql(&self, db: &str, sql: &str) -> Result<Output, String> {
-        Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-            ])
-            .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+        self.client("psql")
+            .args(["-d", db, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
             .output()
             .map_err(|e| format!("psql: {e}"))
     }
 
     /// A plain-SQL dump of the `cardvault` database.
     pub fn dump(&self) -> Result<Vec<u8>, String> {
-        let out = Command::new(self.bin.join("pg_dump"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+        let out = self
+            .client("pg_dump")
             .args(["--no-owner", "cardvault"])
             .output()
             .map_err(|e| format!("pg_dump: {e}"))?;

@@ -713,11 +713,17 @@ pub fn audit_verify(
 /// `prev` is the old last line's MAC).
 pub fn audit_rotate_key(config_path: &Path) -> Result<(), CommandError> {
     let config = Config::load(config_path)?;
-    // Held to the end: no daemon starts on the log while it is rotated.
+    // Held to the end: no daemon starts on the log (or, on sled, the store) while it is rotated.
     let _stopped = match config.data_dir() {
         Some(dir) => crate::store::Store::lock_stopped(dir)
             .map_err(|why| CommandError::Audit(format!("{why}: stop it first")))?,
         None => None,
+    };
+    let _log = match crate::audit::file::lock(&config.audit_path) {
+        Ok(file) => Some(file),
+        // No folder yet: no daemon has written this log.
+        Err(_) if config.audit_path.parent().is_some_and(|d| !d.exists()) => None,
+        Err(e) => return Err(CommandError::Audit(format!("{}: stop it first", e.0))),
     };
     refuse_root_in_others_folder(&config.keys_dir)?;
     if let Some(audit_dir) = config.audit_path.parent() {

@@ -127,7 +127,8 @@ fn spawn_expiry_warnings(tls: Arc<tls::TlsState>) {
 }
 
 /// The audit file (its folder made 0700 if missing) and its key from `keys_dir`.
-fn open_audit(config: &Config) -> Result<FileAndLog, StartupError> {
+/// The audit trail, and the lock held on its log while the daemon runs.
+fn open_audit(config: &Config) -> Result<(FileAndLog, std::fs::File), StartupError> {
     if let Some(dir) = config.audit_path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -141,7 +142,8 @@ fn open_audit(config: &Config) -> Result<FileAndLog, StartupError> {
             e.0
         ))
     })?;
-    Ok(FileAndLog(FileSink::open(&config.audit_path, key)?))
+    let lock = crate::audit::file::lock(&config.audit_path)?;
+    Ok((FileAndLog(FileSink::open(&config.audit_path, key)?), lock))
 }
 
 /// Where the KEK comes from: custodian shares (the vault starts sealed), or the insecure dev
@@ -339,6 +341,8 @@ pub struct Application {
     vault: Arc<Vault>,
     /// SIGTERM and SIGINT, listened for from the start.
     stop_signals: [tokio::signal::unix::Signal; 2],
+    /// Held while the daemon runs (see `audit::file::lock`).
+    _audit_lock: std::fs::File,
 }
 
 impl Application {
@@ -393,7 +397,7 @@ impl Application {
             cvc_ttl: config.cvc_ttl,
             keys: config.keys.clone(),
         };
-        let audit = open_audit(config)?;
+        let (audit, audit_lock) = open_audit(config)?;
         let vault = Vault::open(store, source, settings, Box::new(audit)).map_err(|e| match e {
             VaultError::Keys(_) | VaultError::WrongKek(_) => StartupError::WrongKek(e),
             other => StartupError::Vault(other),
@@ -434,6 +438,7 @@ impl Application {
             addr,
             vault,
             stop_signals,
+            _audit_lock: audit_lock,
         })
     }
 

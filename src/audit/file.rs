@@ -611,6 +611,31 @@ fn last_line(path: &Path) -> std::io::Result<Option<String>> {
 /// `audit.key_rotated` under the new key, continues the old file's chain: its seq follows the
 /// old last line's and its `prev` is that line's MAC. Verify the old file with the old key,
 /// the new one with `--rotated`. Refused unless the old log verifies to its end.
+/// Takes the lock a daemon holds while it writes `log`: an exclusive `flock` on `<log>.lock`
+/// beside it. `audit rotate-key` takes the same lock, so the two never work on one log at once,
+/// whatever the store engine. The lock goes with the returned file.
+pub fn lock(log: &Path) -> Result<File, AuditError> {
+    let mut name = log.file_name().unwrap_or_default().to_owned();
+    name.push(".lock");
+    let path = log.with_file_name(name);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| AuditError(format!("{}: {e}", path.display())))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| {
+            AuditError(format!(
+                "{} is in use: a daemon is running on this audit log",
+                log.display()
+            ))
+        },
+    )?;
+    Ok(file)
+}
+
 pub fn rotate_key(log: &Path, key_path: &Path, stamp: &str) -> Result<(u64, PathBuf), AuditError> {
     let fail = |what: String| AuditError(format!("{}: {what}", log.display()));
     let old_key = AuditKey::load(key_path)?;

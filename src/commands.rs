@@ -294,6 +294,7 @@ pub fn keys_init(
 }
 
 /// How an operator command reaches the daemon.
+#[derive(Clone)]
 pub struct Connect {
     pub config: PathBuf,
     pub cert: PathBuf,
@@ -358,10 +359,25 @@ fn open_share_file(path: &Path, passphrases: &Passphrases) -> Result<Share, Comm
 /// certificate.
 pub fn unseal(
     connect: &Connect,
+    urls: &[String],
     share_file: &Path,
     passphrase_file: Option<&Path>,
 ) -> Result<(), CommandError> {
-    let (_, client) = connect.open()?;
+    // One node (the config's, or one --url) or every node named.
+    let targets: Vec<Connect> = if urls.len() <= 1 {
+        vec![connect.clone()]
+    } else {
+        urls.iter()
+            .map(|url| Connect {
+                url: Some(url.clone()),
+                ..connect.clone()
+            })
+            .collect()
+    };
+    let clients = targets
+        .iter()
+        .map(|t| t.open().map(|(_, client)| (t.url.clone(), client)))
+        .collect::<Result<Vec<_>, _>>()?;
     let passphrases = Passphrases(Vec::new());
     let share = match passphrase_file {
         Some(path) => {
@@ -380,19 +396,38 @@ pub fn unseal(
     body.push_str(&share.to_hex());
     body.push_str(r#""}"#);
     drop(share);
-    let reply = expect_ok(
-        client
+    let mut failed = Vec::new();
+    for (url, client) in &clients {
+        let node = match (url, clients.len()) {
+            (Some(url), n) if n > 1 => format!("{url}: "),
+            _ => String::new(),
+        };
+        let reply = client
             .send("POST", "/v1/admin/unseal", Some(body.as_bytes()))
-            .map_err(keys_error)?,
-    )?;
-    if at(&reply, "/sealed") == false {
-        println!("unsealed: the vault is serving");
-    } else {
-        println!(
-            "share accepted: {} of {} custodians; still sealed",
-            at(&reply, "/received"),
-            at(&reply, "/threshold")
-        );
+            .map_err(keys_error)
+            .and_then(expect_ok);
+        match reply {
+            Ok(reply) if at(&reply, "/sealed") == false => {
+                println!("{node}unsealed: the vault is serving")
+            }
+            Ok(reply) => println!(
+                "{node}share accepted: {} of {} custodians; still sealed",
+                at(&reply, "/received"),
+                at(&reply, "/threshold")
+            ),
+            // One node's refusal does not keep the share from the others.
+            Err(e) if clients.len() > 1 => {
+                eprintln!("{node}{e}");
+                failed.push(url.clone().unwrap_or_default());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(CommandError::Keys(format!(
+            "the share was not accepted by {}",
+            failed.join(", ")
+        )));
     }
     Ok(())
 }

@@ -123,9 +123,10 @@ struct Connect {
     /// CA of the vault's server certificate; default: the config's tls.client_ca.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// The vault's URL; default: https:// and the config's listen address.
+    /// The vault's URL; default: https:// and the config's listen address. `unseal` takes it
+    /// once per node, and submits the share to each.
     #[arg(long)]
-    url: Option<String>,
+    url: Vec<String>,
 }
 
 impl Connect {
@@ -135,7 +136,7 @@ impl Connect {
             cert: self.cert.clone(),
             key: self.key.clone(),
             ca: self.ca.clone(),
-            url: self.url.clone(),
+            url: self.url.first().cloned(),
         }
     }
 }
@@ -318,7 +319,12 @@ fn main() -> ExitCode {
             connect,
             share,
             passphrase_file,
-        } => cardvault::commands::unseal(&connect.to_lib(), share, passphrase_file.as_deref()),
+        } => cardvault::commands::unseal(
+            &connect.to_lib(),
+            &connect.url,
+            share,
+            passphrase_file.as_deref(),
+        ),
         Command::Bench {
             duration,
             concurrency,

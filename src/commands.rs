@@ -977,21 +977,51 @@ pub fn store_copy(from: &Path, to: &Path) -> Result<(), CommandError> {
             }
         }
         if let Some(state) = source.dek_state().map_err(failed("--from"))? {
-            target.set_dek_state(&state).map_err(failed("--to"))?;
+            let current = target.dek_state().map_err(failed("--to"))?;
+            if current.as_deref() != Some(state.as_slice()) {
+                target
+                    .swap_dek_state(current.as_deref(), &state)
+                    .map_err(failed("--to"))?;
+            }
         }
         for (project, version, reserved) in source.reservations().map_err(failed("--from"))? {
-            target
-                .ledger()
-                .reserve(&project, version, reserved)
+            // A rerun tops a reservation up to the source's, never past it.
+            let held = target
+                .encryptions_reserved(&project, version)
                 .map_err(failed("--to"))?;
+            if reserved > held {
+                target
+                    .ledger()
+                    .reserve(&project, version, reserved - held)
+                    .map_err(failed("--to"))?;
+            }
         }
         target.flush().map_err(failed("--to"))?;
-        // Last: only now can a daemon start on the destination.
-        target
-            .set_kek_check(&check, &kek_id)
-            .map_err(failed("--to"))?;
+        // Last: only now can a daemon start on the destination. The root key goes with the
+        // check value, in the same transaction.
+        match source.root_key().map_err(failed("--from"))? {
+            Some(root) => {
+                let held = target.root_key().map_err(failed("--to"))?;
+                if !target
+                    .rewrap(&[], (held.as_deref(), &root), &check, &kek_id)
+                    .map_err(failed("--to"))?
+                {
+                    return Err(CommandError::Store(
+                        "--to: the destination's root key changed during the copy".into(),
+                    ));
+                }
+            }
+            None => target
+                .set_kek_check(&check, &kek_id)
+                .map_err(failed("--to"))?,
+        }
     }
-    // Verify: the same entries, byte for byte, each a well-formed record.
+    // Verify: the same root key and entries, byte for byte, each a well-formed record.
+    if source.root_key().map_err(failed("--from"))? != target.root_key().map_err(failed("--to"))? {
+        return Err(CommandError::Store(
+            "verification failed: the destination's root key differs from the source's".into(),
+        ));
+    }
     let mut summary = Vec::new();
     for kind in Kind::ALL {
         let mut want = std::collections::HashMap::new();

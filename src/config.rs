@@ -40,6 +40,9 @@ pub struct Config {
     pub audit_path: PathBuf,
     /// The file this was loaded from, read again on `SIGHUP` for the TLS files and policies.
     pub source: Option<PathBuf>,
+    /// This daemon's name among the nodes of one store (`[node] name`; default: the host
+    /// name). It names the node in every audit line and in the store's `nodes` table.
+    pub node: String,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +118,15 @@ struct RawConfig {
     #[serde(default)]
     keys: RawKeys,
     audit: RawAudit,
+    #[serde(default)]
+    node: RawNode,
+}
+
+/// `[node]`: this daemon among several over one PostgreSQL store.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Option<String>,
 }
 
 /// `[store]`: which engine keeps the records, and its settings.
@@ -331,6 +343,7 @@ impl Config {
             keys,
             audit_path: resolve(raw.audit.path),
             source: None,
+            node: node_name(raw.node.name)?,
         };
         config.check_layout()?;
         Ok(config)
@@ -409,6 +422,30 @@ fn normalize(path: &Path) -> PathBuf {
             }
             _ => return clean,
         }
+    }
+}
+
+/// `[node] name`, or this host's name; 1 to 63 letters, digits, `.`, `_` or `-`.
+fn node_name(configured: Option<String>) -> Result<String, String> {
+    let (name, from) = match configured {
+        Some(name) => (name, "[node] name"),
+        None => (
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default(),
+            "the host name (set [node] name)",
+        ),
+    };
+    let valid = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!(
+            "{from} must be 1 to 63 letters, digits, '.', '_' or '-'"
+        ))
     }
 }
 

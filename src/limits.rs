@@ -1,6 +1,12 @@
 //! Per-identity limits on detokenization: a token bucket for the rate the policy allows, and
 //! a per-minute count of lookups of tokens that do not exist (enumeration). Both are kept in
 //! memory only; a restart starts every identity afresh.
+//!
+//! With several nodes over one store, each node enforces its share of the policy's limits
+//! ([`share`]): the rate, the burst and the unknown-token cap divided by the live nodes.
+//! Behind a load balancer that spreads an identity's requests, the cluster then admits the
+//! policy's rate, not a multiple of it; nothing is exchanged per request. A client that sends
+//! everything to one node gets that node's share only.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -81,6 +87,20 @@ impl Limiter {
     }
 }
 
+/// One node's share of `limits` when `nodes` serve together: the rate divided by `nodes`,
+/// the burst and the unknown-token cap too (rounded up, so each stays at least 1).
+pub fn share(limits: Limits, nodes: usize) -> Limits {
+    let n = u32::try_from(nodes.max(1)).unwrap_or(u32::MAX);
+    if n == 1 {
+        return limits;
+    }
+    Limits {
+        detokenize_per_second: limits.detokenize_per_second.map(|r| r / f64::from(n)),
+        detokenize_burst: limits.detokenize_burst.div_ceil(n).max(1),
+        unknown_tokens_per_minute: limits.unknown_tokens_per_minute.div_ceil(n).max(1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +124,22 @@ mod tests {
         assert_eq!(limiter.admit("r", limits, t1), Err(Refusal::Rate));
         // Another identity has its own bucket.
         assert_eq!(limiter.admit("other", limits, t1), Ok(()));
+    }
+
+    #[test]
+    fn each_node_takes_its_share_of_the_limits() {
+        let limits = Limits {
+            detokenize_per_second: Some(30.0),
+            detokenize_burst: 10,
+            unknown_tokens_per_minute: 5,
+        };
+        let third = share(limits, 3);
+        assert_eq!(third.detokenize_per_second, Some(10.0));
+        assert_eq!(third.detokenize_burst, 4);
+        assert_eq!(third.unknown_tokens_per_minute, 2);
+        let one = share(limits, 1);
+        assert_eq!(one.detokenize_per_second, Some(30.0));
+        assert_eq!(one.detokenize_burst, 10);
     }
 
     #[test]

@@ -184,6 +184,9 @@ pub struct Snapshot {
     pub records: Vec<(&'static str, u64)>,
     /// Unix seconds now.
     pub now: i64,
+    /// Nodes serving this store (this one included) and whether this one leads.
+    pub nodes: usize,
+    pub leader: bool,
 }
 
 /// A label value as the text format wants it: backslash, quote and newline escaped.
@@ -311,6 +314,20 @@ pub fn render(snapshot: &Snapshot) -> String {
         "gauge",
         "1 while the store and the audit trail take writes.",
         u8::from(snapshot.ready),
+    );
+    single(
+        &mut out,
+        "cardvault_nodes",
+        "gauge",
+        "Nodes serving this store, this one included, as of the last heartbeat (1 on sled).",
+        snapshot.nodes,
+    );
+    single(
+        &mut out,
+        "cardvault_leader",
+        "gauge",
+        "1 while this node runs the background work (key maintenance, sweeps).",
+        u8::from(snapshot.leader),
     );
 
     for (name, help, value) in [

@@ -143,7 +143,9 @@ fn open_audit(config: &Config) -> Result<(FileAndLog, std::fs::File), StartupErr
         ))
     })?;
     let lock = crate::audit::file::lock(&config.audit_path)?;
-    Ok((FileAndLog(FileSink::open(&config.audit_path, key)?), lock))
+    let sink = FileSink::open(&config.audit_path, key)?;
+    sink.set_node(&config.node);
+    Ok((FileAndLog(sink), lock))
 }
 
 /// Where the KEK comes from: custodian shares (the vault starts sealed), or the insecure dev
@@ -381,7 +383,7 @@ impl Application {
                     source,
                 })?;
         }
-        let store = Store::open(&config.store).map_err(|e| match e {
+        let store = Store::open_node(&config.store, &config.node).map_err(|e| match e {
             StoreError::TooNew { .. }
             | StoreError::SchemaTooNew { .. }
             | StoreError::Database(_)

@@ -196,6 +196,98 @@ impl Cluster {
         self.running = false;
     }
 
+    /// A synchronous standby of this cluster in `parent/NAME` (`pg_basebackup -R`), running
+    /// on a port of its own; this cluster then waits for it at every commit
+    /// (`synchronous_standby_names = '*'`, `synchronous_commit = on`).
+    pub fn standby(&self, name: &str) -> Result<Cluster, String> {
+        let parent = self
+            .dir
+            .parent()
+            .ok_or("the cluster's folder has no parent")?;
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if as_root() {
+            checked(
+                "chown",
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&dir)
+                    .output()
+                    .map_err(|e| format!("chown: {e}"))?,
+            )?;
+        }
+        let port = self.port.to_string();
+        let out = run(
+            &self.bin.join("pg_basebackup"),
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-D",
+                text(&dir.join("data"))?,
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        )?;
+        checked("pg_basebackup", out)?;
+        let mut standby = Cluster {
+            bin: self.bin.clone(),
+            dir,
+            port: 0,
+            running: false,
+        };
+        standby.start_again()?;
+        checked(
+            "synchronous_standby_names",
+            self.psql(
+                "postgres",
+                "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            )?,
+        )?;
+        checked(
+            "pg_reload_conf",
+            self.psql("postgres", "SELECT pg_reload_conf()")?,
+        )?;
+        Ok(standby)
+    }
+
+    /// Promotes this standby to primary and waits until it accepts writes.
+    pub fn promote(&self) -> Result<(), String> {
+        let out = run(
+            &self.bin.join("pg_ctl"),
+            &["-D", text(&self.dir.join("data"))?, "-w", "promote"],
+        )?;
+        checked("pg_ctl promote", out).map(drop)
+    }
+
+    /// SIGKILL to the postmaster and every process it started: a crash of the machine's
+    /// database, with no shutdown of any kind.
+    pub fn kill9(&mut self) -> Result<(), String> {
+        let pid = self.pid().ok_or("the cluster is not running")?.to_string();
+        let signal = |program: &str, args: &[&str]| {
+            Command::new(program)
+                .args(args)
+                .output()
+                .map_err(|e| format!("{program}: {e}"))
+        };
+        // Stopped first, so it neither notices nor restarts the children killed next.
+        let stopped = signal("kill", &["-STOP", &pid])?;
+        let children = signal("pkill", &["-KILL", "-P", &pid])?;
+        let parent = signal("kill", &["-KILL", &pid])?;
+        if !stopped.status.success() || !children.status.success() || !parent.status.success() {
+            return Err(format!(
+                "could not kill the postmaster {pid} and its children"
+            ));
+        }
+        self.running = false;
+        Ok(())
+    }
+
     /// The postmaster's process id, while running.
     pub fn pid(&self) -> Option<u32> {
         let pid = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid")).ok()?;

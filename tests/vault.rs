@@ -60,6 +60,9 @@ mod check;
 #[path = "suite/postgres.rs"]
 mod postgres;
 
+#[path = "suite/cluster.rs"]
+mod cluster;
+
 use std::collections::HashSet;
 use std::time::Duration;
 

@@ -584,10 +584,11 @@ async fn detokenize(
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant(&req, &state)?;
     // Bulk-detokenization monitoring: the policy's rate, and a cap on unknown-token lookups.
-    if let Err(refusal) = state
-        .limits
-        .admit(grant.identity(), grant.limits(), Instant::now())
-    {
+    if let Err(refusal) = state.limits.admit(
+        grant.identity(),
+        crate::limits::share(grant.limits(), state.vault.live_nodes()),
+        Instant::now(),
+    ) {
         state.vault.audit_refusal(
             grant.actor(),
             grant.project(),

@@ -91,6 +91,9 @@ impl AuditKey {
 struct Line<'a> {
     seq: u64,
     time: String,
+    /// The node that wrote the line (`[node] name`), when several serve one store.
+    #[serde(skip_serializing_if = "str::is_empty", default)]
+    node: &'a str,
     event: &'a str,
     outcome: String,
     identity: &'a str,
@@ -152,6 +155,8 @@ struct Inner {
     path: PathBuf,
     head: PathBuf,
     key: AuditKey,
+    /// Written in every line: the daemon's node name.
+    node: std::sync::OnceLock<String>,
     chain: Mutex<Chain>,
     /// The writer sleeps on this (with `chain`) while there is nothing to write.
     wake: Condvar,
@@ -253,6 +258,7 @@ impl FileSink {
             path: path.to_owned(),
             head: head_path(path),
             key,
+            node: std::sync::OnceLock::new(),
             chain: Mutex::new(Chain {
                 head,
                 identity,
@@ -283,6 +289,13 @@ impl FileSink {
             inner,
             writer: Some(writer),
         })
+    }
+}
+
+impl FileSink {
+    /// Names the node in every line from now on (set once; later calls are ignored).
+    pub fn set_node(&self, name: &str) {
+        let _ = self.inner.node.set(name.to_owned());
     }
 }
 
@@ -366,6 +379,7 @@ impl Inner {
         let line = Line {
             seq: chain.seq + 1,
             time: crate::vault::rfc3339_millis(),
+            node: self.node.get().map_or("", String::as_str),
             event: e.action,
             outcome: e.outcome.to_string(),
             identity: e.actor.identity,

@@ -139,6 +139,7 @@ impl Drop for Shared {
 
 const KEK_CHECK: &[u8] = b"kek_check";
 const KEK_ID: &[u8] = b"kek_id";
+const ROOT_KEY: &[u8] = b"root_key";
 const DEK_STATE: &[u8] = b"dek_state";
 const ENCRYPTIONS: &str = "encryptions/";
 
@@ -530,6 +531,11 @@ impl Sled {
         })
     }
 
+    /// The root key, wrapped by the KEK, if this store has one yet.
+    pub fn root_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|g| Ok(g.meta.get(ROOT_KEY)?.map(|v| v.to_vec())))
+    }
+
     /// Records the KEK check value and id of a new store, durably, before anything is sealed.
     pub fn set_kek_check(&self, wrapped: &[u8], kek_id: &str) -> Result<(), StoreError> {
         self.write(|g| {
@@ -565,12 +571,17 @@ impl Sled {
     pub fn rewrap(
         &self,
         rewrapped: &[(String, String, Vec<u8>, Vec<u8>)],
+        root: (Option<&[u8]>, &[u8]),
         check: &[u8],
         kek_id: &str,
     ) -> Result<bool, StoreError> {
         use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
         self.write(|g| {
             let outcome = (&g.keys, &g.meta).transaction(|(keys, meta)| {
+                if meta.get(ROOT_KEY)?.as_deref() != root.0 {
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
+                meta.insert(ROOT_KEY, root.1)?;
                 for (project, name, old, new) in rewrapped {
                     let k = key(project, name);
                     if keys.get(&k)?.as_deref() != Some(old.as_slice()) {
@@ -606,12 +617,14 @@ impl Sled {
         self.with(|g| Ok(g.meta.get(DEK_STATE)?.map(|v| v.to_vec())))
     }
 
-    /// Writes the DEK version states and flushes.
-    pub fn set_dek_state(&self, state: &[u8]) -> Result<(), StoreError> {
+    /// Replaces the DEK version states if they are still `old`, and flushes.
+    pub fn swap_dek_state(&self, old: Option<&[u8]>, new: &[u8]) -> Result<bool, StoreError> {
         self.write(|g| {
-            g.meta.insert(DEK_STATE, state)?;
+            if g.meta.compare_and_swap(DEK_STATE, old, Some(new))?.is_err() {
+                return Ok(false);
+            }
             g.commit.sync(&g.db)?;
-            Ok(())
+            Ok(true)
         })
     }
 
@@ -691,16 +704,19 @@ impl Sled {
     }
 
     /// Raises a DEK's encryption reservation (see [`Ledger::reserve`]).
-    pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
+    pub fn reserve(&self, project: &str, version: u32, block: u64) -> Result<u64, StoreError> {
         self.write(|g| {
-            g.meta
+            let old = g
+                .meta
                 .fetch_and_update(encryptions_key(project, version), |old| {
                     let old = old
                         .and_then(|v| <[u8; 8]>::try_from(v).ok())
                         .map_or(0, u64::from_be_bytes);
-                    Some(old.max(upto).to_be_bytes().to_vec())
-                })?;
-            Ok(())
+                    Some(old.saturating_add(block).to_be_bytes().to_vec())
+                })?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map_or(0, u64::from_be_bytes);
+            Ok(old.saturating_add(block))
         })
     }
 }

@@ -60,8 +60,8 @@ pub enum StoreError {
     #[error("database unavailable: {0}")]
     Database(String),
     #[error(
-        "another cardvault process holds this database (one daemon per database; stop it, or \
-         point this one at its own database)"
+        "another running cardvault daemon uses this node name on this database: give each \
+         node its own `[node] name`"
     )]
     InUse,
     #[error("database refused a query: {0}")]
@@ -225,6 +225,11 @@ pub enum Store {
     Postgres(Postgres),
 }
 
+/// A CVC as a shared store keeps it: the DEK version it is sealed under, and the sealed bytes.
+pub type StoredCvc = (u32, Vec<u8>);
+/// A stored CVC with its key: `(project, id, version, sealed)`.
+pub type CvcRow = (String, String, u32, Vec<u8>);
+
 /// Dispatches a call to the engine: `engine!(self, s => s.method(args))`.
 macro_rules! engine {
     ($store:expr, $s:ident => $call:expr) => {
@@ -240,7 +245,17 @@ impl Store {
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Sled { dir, cache_bytes } => Store::open_sled(dir, *cache_bytes),
-            StoreConfig::Postgres(settings) => Ok(Store::Postgres(Postgres::open(settings)?)),
+            StoreConfig::Postgres(settings) => Ok(Store::Postgres(Postgres::open(settings, None)?)),
+        }
+    }
+
+    /// Opens the store for a daemon: on PostgreSQL it joins the database's nodes as `node`.
+    pub fn open_node(config: &StoreConfig, node: &str) -> Result<Store, StoreError> {
+        match config {
+            StoreConfig::Postgres(settings) => {
+                Ok(Store::Postgres(Postgres::open(settings, Some(node))?))
+            }
+            StoreConfig::Sled { .. } => Store::open(config),
         }
     }
 
@@ -376,18 +391,40 @@ impl Store {
     /// Uses a one-off card token: [`Store::swap_card`] with `decide`, which must accept exactly
     /// an unused record that still holds its PAN, expires after `now`, is sealed under one of
     /// `versions`, and must make it used at `now` without its PAN. On PostgreSQL that change
-    /// is one statement (one round trip), and `decide` only names the refusal.
-    pub async fn use_card<E>(
+    /// is one statement (one round trip), and `decide` only names the refusal. That statement
+    /// also takes the card's stored CVC: `Some(cvc)` when it looked (PostgreSQL, the card used
+    /// by the statement), `None` when the caller must take it itself.
+    #[allow(clippy::type_complexity)]
+    pub async fn use_card_taking_cvc<E>(
         &self,
         project: &str,
         id: &str,
         now: i64,
         versions: &[u32],
         decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
-    ) -> Result<Swap<CardRecord, E>, StoreError> {
+    ) -> Result<(Swap<CardRecord, E>, Option<Option<StoredCvc>>), StoreError> {
         match self {
-            Store::Sled(s) => s.swap_card(project, id, decide),
-            Store::Postgres(pg) => Box::pin(pg.use_card(project, id, now, versions, decide)).await,
+            Store::Sled(s) => Ok((s.swap_card(project, id, decide)?, None)),
+            Store::Postgres(pg) => {
+                Box::pin(pg.use_card_taking_cvc(project, id, now, versions, decide)).await
+            }
+        }
+    }
+
+    /// A new card and its sealed CVC `(version, sealed, ttl)`, written together (PostgreSQL
+    /// only: on sled CVCs stay in memory and this is [`Store::insert_card`]).
+    pub async fn insert_card_with_cvc(
+        &self,
+        project: &str,
+        id: &str,
+        rec: &CardRecord,
+        cvc: (u32, Vec<u8>, std::time::Duration),
+    ) -> Result<Ticket, StoreError> {
+        match self {
+            Store::Sled(s) => s.insert_card(project, id, rec),
+            Store::Postgres(pg) => {
+                Box::pin(pg.insert_card_with_cvc(project, id, rec.encode(), cvc)).await
+            }
         }
     }
 
@@ -576,16 +613,23 @@ impl Store {
         engine!(self, s => s.wrapped_keys())
     }
 
-    /// Replaces every wrapped key and the KEK check value and id in one transaction, durably:
-    /// after a crash the store is wholly under the old KEK or wholly under the new.
-    /// `Ok(false)`: some wrapped key is no longer what `rewrapped` was made from.
+    /// Replaces the wrapped root key (`root.0` by `root.1`, `None`: there is none yet), the
+    /// wrapped keys listed and the KEK check value and id, in one transaction, durably: after a
+    /// crash the store is wholly as before or wholly as after. `Ok(false)`: the root key or some
+    /// wrapped key is no longer what the change was made from (another node changed it).
     pub fn rewrap(
         &self,
         rewrapped: &[(String, String, Vec<u8>, Vec<u8>)],
+        root: (Option<&[u8]>, &[u8]),
         check: &[u8],
         kek_id: &str,
     ) -> Result<bool, StoreError> {
-        engine!(self, s => s.rewrap(rewrapped, check, kek_id))
+        engine!(self, s => s.rewrap(rewrapped, root, check, kek_id))
+    }
+
+    /// The root key as the KEK wraps it, if the store has one yet.
+    pub fn root_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        engine!(self, s => s.root_key())
     }
 
     /// Removes a wrapped key (a destroyed DEK version). Not durable on sled until the next
@@ -599,9 +643,122 @@ impl Store {
         engine!(self, s => s.dek_state())
     }
 
-    /// Writes the DEK version states durably.
-    pub fn set_dek_state(&self, state: &[u8]) -> Result<(), StoreError> {
-        engine!(self, s => s.set_dek_state(state))
+    /// Replaces the DEK version states, durably, if they are still `old` (`None`: never
+    /// written); `Ok(false)` if another writer (another node) changed them first.
+    pub fn swap_dek_state(&self, old: Option<&[u8]>, new: &[u8]) -> Result<bool, StoreError> {
+        engine!(self, s => s.swap_dek_state(old, new))
+    }
+
+    /// The id that marks this process's idempotency claims on a shared database.
+    pub fn node_id(&self) -> Option<u64> {
+        match self {
+            Store::Sled(_) => None,
+            Store::Postgres(pg) => pg.node_id(),
+        }
+    }
+
+    /// Whether background work (key maintenance, sweeps) runs in this process: always on
+    /// sled; on PostgreSQL on the one node that holds the leader lock.
+    pub fn is_leader(&self) -> bool {
+        match self {
+            Store::Sled(_) => true,
+            Store::Postgres(pg) => pg.is_leader(),
+        }
+    }
+
+    /// How many daemons serve this store now (this one included): 1 on sled.
+    pub fn live_nodes(&self) -> usize {
+        match self {
+            Store::Sled(_) => 1,
+            Store::Postgres(pg) => pg.live_nodes(),
+        }
+    }
+
+    /// Whether several daemons may share this store (and so its CVCs and key state).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    /// Tells the other nodes which DEK version this one seals under (`None`: sealed) and
+    /// whether a request here still holds an older one.
+    pub fn report_keys(&self, active_version: Option<u32>, holds_retired: bool) {
+        if let Store::Postgres(pg) = self {
+            pg.report_keys(active_version, holds_retired);
+        }
+    }
+
+    /// Whether the claim owner `id` is a live node (never, on sled: a claim not this
+    /// process's own was left by one that died).
+    pub async fn node_alive(&self, id: u64) -> Result<bool, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(false),
+            Store::Postgres(pg) => Box::pin(pg.node_alive(id)).await,
+        }
+    }
+
+    /// Whether another live node has not yet taken version `active` into use or still holds
+    /// an older DEK.
+    pub fn others_hold_retired(&self, active: u32) -> Result<bool, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(false),
+            Store::Postgres(pg) => pg.others_hold_retired(active),
+        }
+    }
+
+    /// Removes a card's stored CVC, returning it unless it had expired.
+    pub async fn take_cvc(&self, project: &str, id: &str) -> Result<Option<StoredCvc>, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(None),
+            Store::Postgres(pg) => Box::pin(pg.take_cvc(project, id)).await,
+        }
+    }
+
+    /// Deletes expired stored CVCs.
+    pub fn sweep_cvcs(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(0),
+            Store::Postgres(pg) => pg.sweep_cvcs(),
+        }
+    }
+
+    /// The DEK versions stored CVCs are sealed under.
+    pub fn cvc_versions(&self) -> Result<Vec<u32>, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(Vec::new()),
+            Store::Postgres(pg) => pg.cvc_versions(),
+        }
+    }
+
+    /// Stored CVCs sealed under another DEK version than `active` (at most `limit`), for
+    /// re-encryption: `(project, id, version, sealed)`.
+    pub fn cvcs_not_under(&self, active: u32, limit: i64) -> Result<Vec<CvcRow>, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(Vec::new()),
+            Store::Postgres(pg) => pg.cvcs_not_under(active, limit),
+        }
+    }
+
+    /// Replaces a stored CVC's sealing if it is still `old`.
+    pub fn reseal_cvc(
+        &self,
+        project: &str,
+        id: &str,
+        old: &[u8],
+        version: u32,
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(false),
+            Store::Postgres(pg) => pg.reseal_cvc(project, id, old, version, new),
+        }
+    }
+
+    /// Stored CVCs (live or awaiting the sweep).
+    pub fn cvc_count(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(0),
+            Store::Postgres(pg) => pg.cvc_count(),
+        }
     }
 
     /// Encryptions reserved so far under a project's DEK version.
@@ -702,15 +859,16 @@ impl Store {
 pub struct Ledger(Store);
 
 impl Ledger {
-    /// Raises the reservation. On sled it is not awaited: the first record sealed under the
-    /// new reservation is flushed after this insert, so it never reaches disk without it.
-    /// (Across a reopen of the store, requests in flight may seal a few records under a
-    /// reservation the reopen lost: an undercount of a few seals, far inside the 2^24 margin
-    /// below the GCM limit.) On postgres it is committed before it returns. Never lowers a
-    /// reservation: two holders of one DEK (several daemons, or one for an instant after a
-    /// version change) each only raise it.
-    pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
-        engine!(&self.0, s => s.reserve(project, version, upto))
+    /// Takes `block` more encryptions of a DEK version and returns the total taken so far
+    /// (by every holder: several daemons, or one for an instant after a version change; each
+    /// adds its own block, so none counts another's seals as its own). On sled it is not
+    /// awaited: the first record sealed under the new block is flushed after this write, so
+    /// it never reaches disk without it. (Across a reopen of the store, requests in flight
+    /// may seal a few records under a block the reopen lost: an undercount of a few seals,
+    /// far inside the 2^24 margin below the GCM limit.) On postgres it is committed before
+    /// it returns.
+    pub fn reserve(&self, project: &str, version: u32, block: u64) -> Result<u64, StoreError> {
+        engine!(&self.0, s => s.reserve(project, version, block))
     }
 }
 

@@ -299,9 +299,10 @@ fn sql(op: Op, table: Table) -> String {
     }
 }
 
-/// The use of a one-off card token (see [`Postgres::use_card`]): `$1` project, `$2` id,
-/// `$3` now, `$4` the key versions the caller can open. Returns the bytes before, and whether
-/// it was used now.
+/// The use of a one-off card token (see [`Postgres::use_card_taking_cvc`]): `$1` project, `$2` id,
+/// `$3` now, `$4` the key versions the caller can open. Returns the bytes before, whether it
+/// was used now, and, when it was, the card's stored CVC (taken in the same statement: its
+/// version, sealed bytes, and whether it was still live).
 const USE_CARD: &str = r"
 WITH old AS (
     SELECT value,
@@ -321,8 +322,13 @@ WITH old AS (
       AND get_byte(old.value, 0) = 1 AND get_byte(old.value, 1) = 2
       AND old.expires > $3 AND old.version = ANY($4::bigint[])
     RETURNING 1
+), cvc AS (
+    DELETE FROM cvcs WHERE project = $1 AND id = $2 AND EXISTS (SELECT 1 FROM used)
+    RETURNING version, value, expires_at > NOW_MS AS live
 )
-SELECT old.value, EXISTS (SELECT 1 FROM used) FROM old";
+SELECT old.value, EXISTS (SELECT 1 FROM used),
+       (SELECT version FROM cvc), (SELECT value FROM cvc), (SELECT live FROM cvc)
+FROM old";
 
 const META_GET: &str = "SELECT value FROM meta WHERE name = $1";
 const META_PUT: &str = "INSERT INTO meta (name, value) VALUES ($1, $2) \
@@ -330,7 +336,22 @@ const META_PUT: &str = "INSERT INTO meta (name, value) VALUES ($1, $2) \
 const RESERVED_GET: &str = "SELECT reserved FROM encryptions WHERE project = $1 AND version = $2";
 const RESERVE: &str = "INSERT INTO encryptions (project, version, reserved) VALUES ($1, $2, $3) \
                        ON CONFLICT (project, version) \
-                       DO UPDATE SET reserved = GREATEST(encryptions.reserved, EXCLUDED.reserved)";
+                       DO UPDATE SET reserved = encryptions.reserved + EXCLUDED.reserved \
+                       RETURNING reserved";
+
+/// A new card and its CVC, in one statement (one commit): `$1` project, `$2` id, `$3` the card
+/// record, `$4` the CVC's key version, `$5` its time to live (ms), `$6` it sealed.
+const CARD_WITH_CVC: &str = "WITH cvc AS (INSERT INTO cvcs (project, id, version, expires_at, value) \
+                             VALUES ($1, $2, $4, NOW_MS + $5, $6) ON CONFLICT (project, id) DO UPDATE \
+                             SET version = EXCLUDED.version, expires_at = EXCLUDED.expires_at, \
+                                 value = EXCLUDED.value) \
+                             INSERT INTO cards (project, id, value) VALUES ($1, $2, $3) \
+                             ON CONFLICT DO NOTHING";
+/// Taken at most once, by whichever node asks first; an expired one is deleted unread.
+const CVC_TAKE: &str = "DELETE FROM cvcs WHERE project = $1 AND id = $2 \
+                        RETURNING version, value, expires_at > NOW_MS";
+const NODE_ALIVE: &str = "SELECT EXISTS (SELECT 1 FROM nodes WHERE boot_id = $1 \
+                          AND seen_at > now() - make_interval(secs => $2))";
 
 /// Every statement, prepared once per connection.
 struct Statements {
@@ -341,6 +362,9 @@ struct Statements {
     reserved_get: Statement,
     reserve: Statement,
     use_card: Statement,
+    card_with_cvc: Statement,
+    cvc_take: Statement,
+    node_alive: Statement,
 }
 
 impl Statements {
@@ -358,7 +382,16 @@ impl Statements {
             meta_put: client.prepare(META_PUT).await?,
             reserved_get: client.prepare(RESERVED_GET).await?,
             reserve: client.prepare(RESERVE).await?,
-            use_card: client.prepare(USE_CARD).await?,
+            use_card: client
+                .prepare(&USE_CARD.replace("NOW_MS", DB_MILLIS))
+                .await?,
+            card_with_cvc: client
+                .prepare(&CARD_WITH_CVC.replace("NOW_MS", DB_MILLIS))
+                .await?,
+            cvc_take: client
+                .prepare(&CVC_TAKE.replace("NOW_MS", DB_MILLIS))
+                .await?,
+            node_alive: client.prepare(NODE_ALIVE).await?,
         })
     }
 
@@ -541,6 +574,44 @@ struct Inner {
     local: Manager,
     /// Connections for writes per request thread.
     local_pool_size: usize,
+    /// This daemon as a node of the cluster (`None` for the command-line tools).
+    node: Option<Arc<Node>>,
+}
+
+/// This daemon as one of the nodes serving from the database. Its row in `nodes` is refreshed
+/// every second by the probe, with what the key maintenance last reported.
+pub struct Node {
+    name: String,
+    boot_id: i64,
+    /// Whether this node holds the leader lock (background work runs here).
+    leader: AtomicBool,
+    /// Nodes seen alive at the last refresh, this one included.
+    live: std::sync::atomic::AtomicUsize,
+    /// The active DEK version this node seals under, and whether a request still holds an
+    /// older one: the leader destroys a version only when no live node does.
+    /// ([`SEALED`] while sealed; 0 until the first report.)
+    active_version: std::sync::atomic::AtomicI64,
+    holds_retired: AtomicBool,
+}
+
+/// What a sealed node reports as its DEK version: it holds no key, so holds nothing back.
+const SEALED: i64 = -1;
+
+impl Node {
+    fn new(name: &str) -> Result<Node, StoreError> {
+        let mut id = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| StoreError::Damaged("no randomness for the node id".into()))?;
+        Ok(Node {
+            name: name.to_owned(),
+            // Positive, so it reads the same as a PostgreSQL bigint and a claim owner.
+            boot_id: i64::from_be_bytes(id) & i64::MAX,
+            leader: AtomicBool::new(false),
+            live: std::sync::atomic::AtomicUsize::new(1),
+            active_version: std::sync::atomic::AtomicI64::new(0),
+            holds_retired: AtomicBool::new(false),
+        })
+    }
 }
 
 /// Shared (pipelined) connections per request thread.
@@ -619,17 +690,41 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE encryptions (project text COLLATE "C" NOT NULL, version bigint NOT NULL,
                               reserved bigint NOT NULL, PRIMARY KEY (project, version));
     "#,
+    // 2: several daemons over one database. `nodes`: one row per running daemon, refreshed
+    // every second (a row not refreshed for `NODE_LEASE` is a dead node's). `cvcs`: CVCs
+    // sealed under the project's DEK until their first use or `expires_at` (milliseconds,
+    // the database's clock), whichever comes first.
+    r#"
+    CREATE TABLE nodes (boot_id bigint PRIMARY KEY, name text NOT NULL,
+                        started_at timestamptz NOT NULL DEFAULT now(),
+                        seen_at timestamptz NOT NULL DEFAULT now(),
+                        active_version bigint NOT NULL DEFAULT 0,
+                        holds_retired boolean NOT NULL DEFAULT false);
+    CREATE TABLE cvcs (project text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+                       version bigint NOT NULL, expires_at bigint NOT NULL, value bytea NOT NULL,
+                       PRIMARY KEY (project, id));
+    CREATE INDEX cvcs_by_expiry ON cvcs (expires_at);
+    "#,
 ];
 
 /// Any constant: every daemon and `keys init` migrate under this advisory lock.
 const MIGRATION_LOCK: i64 = 0x6361_7264_7661_756c;
 
-/// Held by the one process that uses a database (see [`hold_lock`]).
-const SERVE_LOCK: i64 = 0x6361_7264_7661_756d;
+/// The class of the advisory lock each daemon holds on its node name (see [`hold_name`]),
+/// with the name's hash as the object.
+const NODE_LOCK: i32 = 0x6376_6e64;
+/// Held by the one daemon that runs background work: key maintenance and sweeps.
+const LEADER_LOCK: i64 = 0x6361_7264_7661_756d;
+/// A node whose row was not refreshed for this long is taken for dead: its idempotency
+/// claims can be taken over, and the keys it held no longer hold back a destruction.
+pub const NODE_LEASE: Duration = Duration::from_secs(10);
+/// Milliseconds since the epoch on the database's clock, so every node judges expiry alike.
+const DB_MILLIS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 const KEK_CHECK: &str = "kek_check";
 const KEK_ID: &str = "kek_id";
 const DEK_STATE: &str = "dek_state";
+const ROOT_KEY: &str = "root_key";
 
 /// Connections kept for blocking callers (key maintenance, sweeps, admin actions).
 const BACKGROUND_CONNECTIONS: usize = 4;
@@ -644,8 +739,11 @@ const PAGE: i64 = 1000;
 
 impl Postgres {
     /// Connects, creates or migrates the schema, and starts the pool and its health probe.
-    pub fn open(settings: &PgSettings) -> Result<Postgres, StoreError> {
+    /// A daemon passes its node name: it then takes that name's lock (two running daemons
+    /// never share a name), joins `nodes`, and may become the leader.
+    pub fn open(settings: &PgSettings, node: Option<&str>) -> Result<Postgres, StoreError> {
         settings.validate().map_err(StoreError::Damaged)?;
+        let node = node.map(Node::new).transpose()?.map(Arc::new);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("cardvault-pg")
@@ -653,7 +751,7 @@ impl Postgres {
             .build()
             .map_err(StoreError::Thread)?;
         static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        match Postgres::start(settings, runtime.handle()) {
+        match Postgres::start(settings, runtime.handle(), node.clone()) {
             Ok((pool, background, up, local)) => Ok(Postgres(Arc::new(Inner {
                 pool,
                 background,
@@ -666,6 +764,7 @@ impl Postgres {
                 local_pool_size: (settings.pool_size
                     / std::thread::available_parallelism().map_or(1, |n| n.get()))
                 .max(2),
+                node,
             }))),
             Err(e) => {
                 // `open` may run inside a runtime, where dropping one would panic.
@@ -680,6 +779,7 @@ impl Postgres {
     fn start(
         settings: &PgSettings,
         handle: &tokio::runtime::Handle,
+        node: Option<Arc<Node>>,
     ) -> Result<(Pool<Manager>, Pool<Manager>, Arc<AtomicBool>, Manager), StoreError> {
         let handle = handle.clone();
         let manager = Manager {
@@ -704,24 +804,25 @@ impl Postgres {
                 .build()
                 .map_err(|e| StoreError::Damaged(e.to_string()))
         };
-        let (background, lock_manager) = (
+        let (background, probe_manager) = (
             pool(manager.copy(), BACKGROUND_CONNECTIONS)?,
             manager.copy(),
         );
         let local = manager.copy();
         let pool = pool(manager, settings.pool_size)?;
         let up = Arc::new(AtomicBool::new(true));
-        let lock = block_on(&handle, async {
-            tokio::time::timeout(timeout, hold_lock(&lock_manager))
+        let session = block_on(&handle, async {
+            tokio::time::timeout(timeout, probe_session(&probe_manager, node.as_deref()))
                 .await
-                .unwrap_or_else(|_| Err(StoreError::Database("timed out taking the lock".into())))
+                .unwrap_or_else(|_| Err(StoreError::Database("timed out joining".into())))
         })?;
         handle.spawn(probe(
             pool.clone(),
-            lock_manager,
-            Some(lock),
+            probe_manager,
+            Some(session),
             Arc::clone(&up),
             timeout,
+            node,
         ));
         Ok((pool, background, up, local))
     }
@@ -740,9 +841,217 @@ impl Postgres {
     }
 
     pub fn close(&self) -> Result<(), StoreError> {
+        if let Some(node) = &self.0.node {
+            // A node that stops leaves at once rather than after its lease: its share of the
+            // cluster's limits goes back to the others.
+            let left = self.block(self.with(|conn| async move {
+                conn.client
+                    .execute("DELETE FROM nodes WHERE boot_id = $1", &[&node.boot_id])
+                    .await
+                    .map_err(classify)
+            }));
+            if let Err(e) = left {
+                tracing::warn!(error = %e, "could not remove this node's row; it expires by itself");
+            }
+        }
         self.0.pool.close();
         self.0.background.close();
         Ok(())
+    }
+
+    /// This node's id in `nodes`, which also marks its idempotency claims.
+    pub fn node_id(&self) -> Option<u64> {
+        self.0.node.as_ref().map(|n| n.boot_id as u64)
+    }
+
+    /// Whether background work runs here: this node holds the leader lock (a store opened
+    /// by a tool, with no node, leads nothing).
+    pub fn is_leader(&self) -> bool {
+        self.0
+            .node
+            .as_ref()
+            .is_some_and(|n| n.leader.load(Ordering::SeqCst))
+    }
+
+    /// Live nodes at the last heartbeat, this one included.
+    pub fn live_nodes(&self) -> usize {
+        self.0
+            .node
+            .as_ref()
+            .map_or(1, |n| n.live.load(Ordering::SeqCst))
+    }
+
+    /// What the next heartbeat tells the other nodes about this node's keys: the version it
+    /// seals under (`None`: sealed, holding no key), and whether a request still holds an
+    /// older one.
+    pub fn report_keys(&self, active_version: Option<u32>, holds_retired: bool) {
+        if let Some(node) = &self.0.node {
+            let reported = active_version.map_or(SEALED, i64::from);
+            node.active_version.store(reported, Ordering::SeqCst);
+            node.holds_retired.store(holds_retired, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the node with this id refreshed its row within [`NODE_LEASE`].
+    pub async fn node_alive(&self, id: u64) -> Result<bool, StoreError> {
+        let id = i64::try_from(id).map_err(|_| StoreError::Corrupt(Malformed))?;
+        let lease = NODE_LEASE.as_secs_f64();
+        self.with(|conn| async move {
+            conn.client
+                .query_one(&conn.statements.node_alive, &[&id, &lease])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(classify)
+        })
+        .await
+    }
+
+    /// Whether another live node has not yet taken `active` into use, or still holds an
+    /// older DEK for a request.
+    pub fn others_hold_retired(&self, active: u32) -> Result<bool, StoreError> {
+        let me = self.0.node.as_ref().map_or(-1, |n| n.boot_id);
+        let (active, lease) = (i64::from(active), NODE_LEASE.as_secs_f64());
+        self.block(self.with(|conn| async move {
+            conn.client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM nodes WHERE boot_id <> $1 \
+                     AND seen_at > now() - make_interval(secs => $3) \
+                     AND active_version <> -1 \
+                     AND (active_version <> $2 OR holds_retired))",
+                    &[&me, &active, &lease],
+                )
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(classify)
+        }))
+    }
+
+    /// Removes a card's CVC and returns it (its DEK version and sealed bytes) unless it had
+    /// expired.
+    pub async fn take_cvc(
+        &self,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<super::StoredCvc>, StoreError> {
+        self.with_write(|conn| async move {
+            let row = conn
+                .client
+                .query_opt(&conn.statements.cvc_take, &[&project, &id])
+                .await
+                .map_err(classify)?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let version: i64 = row.try_get(0).map_err(classify)?;
+            let live: bool = row.try_get(2).map_err(classify)?;
+            if !live {
+                return Ok(None);
+            }
+            Ok(Some((
+                u32::try_from(version).map_err(|_| Malformed)?,
+                row.try_get(1).map_err(classify)?,
+            )))
+        })
+        .await
+    }
+
+    /// Deletes expired CVCs; returns how many.
+    pub fn sweep_cvcs(&self) -> Result<u64, StoreError> {
+        self.block(self.with(|conn| async move {
+            conn.client
+                .execute(
+                    &format!("DELETE FROM cvcs WHERE expires_at <= {DB_MILLIS}"),
+                    &[],
+                )
+                .await
+                .map_err(classify)
+        }))
+    }
+
+    /// Stored CVCs sealed under another version than `active`: `(project, id, version,
+    /// sealed)`, at most `limit`.
+    pub fn cvcs_not_under(
+        &self,
+        active: u32,
+        limit: i64,
+    ) -> Result<Vec<super::CvcRow>, StoreError> {
+        let active = i64::from(active);
+        self.block(self.with(|conn| async move {
+            let rows = conn
+                .client
+                .query(
+                    "SELECT project, id, version, value FROM cvcs WHERE version <> $1 LIMIT $2",
+                    &[&active, &limit],
+                )
+                .await
+                .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let version: i64 = row.try_get(2).map_err(classify)?;
+                    Ok((
+                        row.try_get(0).map_err(classify)?,
+                        row.try_get(1).map_err(classify)?,
+                        u32::try_from(version).map_err(|_| Malformed)?,
+                        row.try_get(3).map_err(classify)?,
+                    ))
+                })
+                .collect()
+        }))
+    }
+
+    /// Replaces a stored CVC's sealed bytes if they are still `old` (re-encryption); its
+    /// expiry stays. `Ok(false)`: it was taken or changed meanwhile.
+    pub fn reseal_cvc(
+        &self,
+        project: &str,
+        id: &str,
+        old: &[u8],
+        version: u32,
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let version = i64::from(version);
+        self.block(self.with(|conn| async move {
+            let n = conn
+                .client
+                .execute(
+                    "UPDATE cvcs SET version = $3, value = $4 \
+                     WHERE project = $1 AND id = $2 AND value = $5",
+                    &[&project, &id, &version, &new, &old],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(n == 1)
+        }))
+    }
+
+    /// The DEK versions CVCs are sealed under.
+    pub fn cvc_versions(&self) -> Result<Vec<u32>, StoreError> {
+        self.block(self.with(|conn| async move {
+            let rows = conn
+                .client
+                .query("SELECT DISTINCT version FROM cvcs", &[])
+                .await
+                .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let v: i64 = row.try_get(0).map_err(classify)?;
+                    u32::try_from(v).map_err(|_| StoreError::Corrupt(Malformed))
+                })
+                .collect()
+        }))
+    }
+
+    /// How many CVCs are held (live or not yet swept), for metrics.
+    pub fn cvc_count(&self) -> Result<u64, StoreError> {
+        self.block(self.with(|conn| async move {
+            let n: i64 = conn
+                .client
+                .query_one("SELECT count(*) FROM cvcs", &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(classify)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        }))
     }
 
     /// Runs `call` to completion from blocking code: on the calling thread when it is outside
@@ -974,18 +1283,38 @@ impl Postgres {
         }
     }
 
-    /// [`super::Store::use_card`] in one statement: the row is locked, checked and rewritten
-    /// from its own bytes (flags, `used_at`, the PAN cut off) by PostgreSQL, which returns the
-    /// bytes it held. The layout is `CardRecord`'s: format 1, flags, created, expires, used
-    /// (8 bytes each), key version (4), metadata (4-byte length), PAN (4-byte length).
+    /// [`Postgres::use_card_taking_cvc`] without the CVC (the unit test's view of it).
+    #[cfg(test)]
     pub async fn use_card<E>(
         &self,
         project: &str,
         id: &str,
         now: i64,
         versions: &[u32],
-        mut decide: impl FnMut(&super::CardRecord) -> Result<super::CardRecord, E>,
+        decide: impl FnMut(&super::CardRecord) -> Result<super::CardRecord, E>,
     ) -> Result<Swap<super::CardRecord, E>, StoreError> {
+        Ok(self
+            .use_card_taking_cvc(project, id, now, versions, decide)
+            .await?
+            .0)
+    }
+
+    /// [`super::Store::use_card_taking_cvc`] in one statement: the row is locked, checked and
+    /// rewritten from its own bytes (flags, `used_at`, the PAN cut off) by PostgreSQL, which
+    /// returns the bytes it held. The layout is `CardRecord`'s: format 1, flags, created,
+    /// expires, used (8 bytes each), key version (4), metadata (4-byte length), PAN (4-byte
+    /// length). When it used the card, the same statement takes its stored CVC: `Some(cvc)`
+    /// then (`cvc` being `None` when there was none or it had expired); `None` when the CVC
+    /// was not looked at (ask [`Postgres::take_cvc`]).
+    #[allow(clippy::type_complexity)]
+    pub async fn use_card_taking_cvc<E>(
+        &self,
+        project: &str,
+        id: &str,
+        now: i64,
+        versions: &[u32],
+        mut decide: impl FnMut(&super::CardRecord) -> Result<super::CardRecord, E>,
+    ) -> Result<(Swap<super::CardRecord, E>, Option<Option<super::StoredCvc>>), StoreError> {
         let versions: Vec<i64> = versions.iter().map(|v| i64::from(*v)).collect();
         let step = self
             .with_write(|conn| async move {
@@ -999,24 +1328,61 @@ impl Postgres {
                     Some(row) => {
                         let old: Vec<u8> = row.try_get(0).map_err(classify)?;
                         let used: bool = row.try_get(1).map_err(classify)?;
-                        Ok(Some((old, used)))
+                        let version: Option<i64> = row.try_get(2).map_err(classify)?;
+                        let sealed: Option<Vec<u8>> = row.try_get(3).map_err(classify)?;
+                        let live: Option<bool> = row.try_get(4).map_err(classify)?;
+                        let cvc = match (version, sealed, live) {
+                            (Some(v), Some(sealed), Some(true)) => {
+                                Some((u32::try_from(v).map_err(|_| Malformed)?, sealed))
+                            }
+                            _ => None,
+                        };
+                        Ok(Some((old, used, cvc)))
                     }
                 }
             })
             .await?;
-        let Some((old, used)) = step else {
-            return Ok(Swap::Missing);
+        let Some((old, used, cvc)) = step else {
+            return Ok((Swap::Missing, None));
         };
         let record = super::CardRecord::decode(&old)?;
         if used {
-            return Ok(Swap::Swapped(record, Ticket::committed()));
+            return Ok((Swap::Swapped(record, Ticket::committed()), Some(cvc)));
         }
         match decide(&record) {
-            Err(refused) => Ok(Swap::Refused(refused)),
+            Err(refused) => Ok((Swap::Refused(refused), None)),
             // The statement's test and `decide` disagree (a record it does not read the same
             // way): the general compare-and-swap decides.
-            Ok(_) => self.swap(Table::Cards, project, id, decide).await,
+            Ok(_) => Ok((self.swap(Table::Cards, project, id, decide).await?, None)),
         }
+    }
+
+    /// Inserts a new card and its sealed CVC in one statement (see `CARD_WITH_CVC`).
+    pub async fn insert_card_with_cvc(
+        &self,
+        project: &str,
+        id: &str,
+        value: Vec<u8>,
+        (version, sealed, ttl): (u32, Vec<u8>, Duration),
+    ) -> Result<Ticket, StoreError> {
+        let version = i64::from(version);
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self.with_write(|conn| async move {
+            let n = conn
+                .client
+                .execute(
+                    &conn.statements.card_with_cvc,
+                    &[&project, &id, &value, &version, &ttl, &sealed],
+                )
+                .await
+                .map_err(classify)?;
+            if n == 1 {
+                Ok(Ticket::committed())
+            } else {
+                Err(StoreError::Corrupt(Malformed))
+            }
+        })
+        .await
     }
 
     /// Compare-and-swap of raw bytes, `None` meaning absent; `Ok(None)` when `old` is no longer
@@ -1356,6 +1722,7 @@ impl Postgres {
     pub fn rewrap(
         &self,
         rewrapped: &[(String, String, Vec<u8>, Vec<u8>)],
+        root: (Option<&[u8]>, &[u8]),
         check: &[u8],
         kek_id: &str,
     ) -> Result<bool, StoreError> {
@@ -1363,6 +1730,28 @@ impl Postgres {
             let conn = &mut *conn;
             let s = &conn.statements;
             let tx = conn.client.transaction().await.map_err(classify)?;
+            let swapped = match root.0 {
+                None => {
+                    tx.execute(
+                        "INSERT INTO meta (name, value) VALUES ($1, $2) \
+                         ON CONFLICT (name) DO NOTHING",
+                        &[&ROOT_KEY, &root.1],
+                    )
+                    .await
+                }
+                Some(old) => {
+                    tx.execute(
+                        "UPDATE meta SET value = $2 WHERE name = $1 AND value = $3",
+                        &[&ROOT_KEY, &root.1, &old],
+                    )
+                    .await
+                }
+            }
+            .map_err(classify)?;
+            if swapped != 1 {
+                tx.rollback().await.map_err(classify)?;
+                return Ok(false);
+            }
             let lock = s.get(Op::Lock, Table::Keys)?;
             let update = s.get(Op::Update, Table::Keys)?;
             let mut sorted: Vec<_> = rewrapped.iter().collect();
@@ -1411,8 +1800,35 @@ impl Postgres {
         self.block(self.meta(DEK_STATE))
     }
 
-    pub fn set_dek_state(&self, state: &[u8]) -> Result<(), StoreError> {
-        self.block(self.put_meta(&[(DEK_STATE, state)]))
+    pub fn root_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.block(self.meta(ROOT_KEY))
+    }
+
+    /// Replaces the DEK state if it is still `old` (`None`: not written yet).
+    pub fn swap_dek_state(&self, old: Option<&[u8]>, new: &[u8]) -> Result<bool, StoreError> {
+        self.block(self.with(|conn| async move {
+            let changed = match old {
+                None => {
+                    conn.client
+                        .execute(
+                            "INSERT INTO meta (name, value) VALUES ($1, $2) \
+                             ON CONFLICT (name) DO NOTHING",
+                            &[&DEK_STATE, &new],
+                        )
+                        .await
+                }
+                Some(old) => {
+                    conn.client
+                        .execute(
+                            "UPDATE meta SET value = $2 WHERE name = $1 AND value = $3",
+                            &[&DEK_STATE, &new, &old],
+                        )
+                        .await
+                }
+            }
+            .map_err(classify)?;
+            Ok(changed == 1)
+        }))
     }
 
     pub fn encryptions_reserved(&self, project: &str, version: u32) -> Result<u64, StoreError> {
@@ -1431,15 +1847,20 @@ impl Postgres {
         }))
     }
 
-    pub fn reserve(&self, project: &str, version: u32, upto: u64) -> Result<(), StoreError> {
+    /// Takes `block` more encryptions of a project's DEK version; returns the total taken by
+    /// every node so far.
+    pub fn reserve(&self, project: &str, version: u32, block: u64) -> Result<u64, StoreError> {
         let version = i64::from(version);
-        let upto = i64::try_from(upto).map_err(|_| StoreError::Corrupt(Malformed))?;
+        let block = i64::try_from(block).map_err(|_| StoreError::Corrupt(Malformed))?;
         self.block(self.with(|conn| async move {
-            conn.client
-                .execute(&conn.statements.reserve, &[&project, &version, &upto])
+            let total: i64 = conn
+                .client
+                .query_one(&conn.statements.reserve, &[&project, &version, &block])
                 .await
+                .map_err(classify)?
+                .try_get(0)
                 .map_err(classify)?;
-            Ok(())
+            Ok(u64::try_from(total).unwrap_or(0))
         }))
     }
 }
@@ -1526,40 +1947,98 @@ async fn migrate(manager: &Manager) -> Result<(), StoreError> {
     tx.commit().await.map_err(classify)
 }
 
-/// Asks the database for `SELECT 1` every second, so that health answers 503 while it is
-/// away even when no request comes, and the pool's dead connections are noticed.
-/// Takes the database's one-daemon lock on a connection of its own: a session-level advisory
-/// lock, held while that session lives (PostgreSQL drops it with the session, when the
-/// daemon dies or the database restarts).
-async fn hold_lock(manager: &Manager) -> Result<Client, StoreError> {
+/// Opens the probe's own session. A node takes its name's lock there (a session-level
+/// advisory lock: PostgreSQL drops it with the session, when the daemon dies or the database
+/// restarts) and writes its row in `nodes`.
+async fn probe_session(manager: &Manager, node: Option<&Node>) -> Result<Client, StoreError> {
     let client = manager.connect().await?;
+    let Some(node) = node else {
+        return Ok(client);
+    };
     let row = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))",
+            &[&NODE_LOCK, &node.name],
+        )
         .await
         .map_err(classify)?;
-    if row.try_get::<_, bool>(0).map_err(classify)? {
-        Ok(client)
-    } else {
-        Err(StoreError::InUse)
+    if !row.try_get::<_, bool>(0).map_err(classify)? {
+        return Err(StoreError::InUse);
     }
+    node.leader.store(false, Ordering::SeqCst);
+    heartbeat(&client, node).await?;
+    Ok(client)
 }
 
-/// Asks the database for `SELECT 1` every second on the lock's session (taking the lock again
-/// after the database came back), so that health answers 503 while it is away even when no
-/// request comes. Losing the lock to another daemon keeps this one unavailable.
+/// Refreshes this node's row, counts the live nodes, and takes the leader lock if it is free.
+async fn heartbeat(client: &Client, node: &Node) -> Result<(), StoreError> {
+    let active = node.active_version.load(Ordering::SeqCst);
+    let holds = node.holds_retired.load(Ordering::SeqCst);
+    client
+        .execute(
+            "INSERT INTO nodes (boot_id, name, active_version, holds_retired) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (boot_id) DO UPDATE \
+             SET seen_at = now(), active_version = EXCLUDED.active_version, \
+                 holds_retired = EXCLUDED.holds_retired",
+            &[&node.boot_id, &node.name, &active, &holds],
+        )
+        .await
+        .map_err(classify)?;
+    let lease = NODE_LEASE.as_secs_f64();
+    let live: i64 = client
+        .query_one(
+            "SELECT count(*) FROM nodes WHERE seen_at > now() - make_interval(secs => $1)",
+            &[&lease],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(classify)?;
+    node.live
+        .store(usize::try_from(live).unwrap_or(1).max(1), Ordering::SeqCst);
+    if !node.leader.load(Ordering::SeqCst) {
+        let won: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(classify)?;
+        if won {
+            tracing::info!(node = %node.name, "this node now runs the background work");
+        }
+        node.leader.store(won, Ordering::SeqCst);
+    }
+    // Rows of nodes gone for a day: nothing refers to them any more.
+    client
+        .execute(
+            "DELETE FROM nodes WHERE seen_at < now() - interval '1 day'",
+            &[],
+        )
+        .await
+        .map_err(classify)?;
+    Ok(())
+}
+
+/// Every second, on a session of its own: a node's heartbeat (see [`heartbeat`]), or a plain
+/// `SELECT 1`, so that health answers 503 while the database is away even when no request
+/// comes. After the session is lost it opens another (taking the name's lock again); losing
+/// the session loses the leader lock with it, so the node stops leading at once.
 async fn probe(
     pool: Pool<Manager>,
     manager: Manager,
-    mut lock: Option<Client>,
+    mut session: Option<Client>,
     up: Arc<AtomicBool>,
     timeout: Duration,
+    node: Option<Arc<Node>>,
 ) {
     let mut refused = false;
     loop {
         let reached = tokio::time::timeout(timeout, async {
-            if lock.as_ref().is_none_or(Client::is_closed) {
-                match hold_lock(&manager).await {
-                    Ok(client) => lock = Some(client),
+            if session.as_ref().is_none_or(Client::is_closed) {
+                match probe_session(&manager, node.as_deref()).await {
+                    Ok(client) => {
+                        refused = false;
+                        session = Some(client);
+                        return true;
+                    }
                     Err(StoreError::InUse) => {
                         if !refused {
                             tracing::error!("{}", StoreError::InUse);
@@ -1570,15 +2049,23 @@ async fn probe(
                     Err(_) => return false,
                 }
             }
-            match &lock {
-                Some(client) => client.simple_query("SELECT 1").await.is_ok(),
-                None => false,
+            match (&session, &node) {
+                (Some(client), Some(node)) => heartbeat(client, node).await.is_ok(),
+                (Some(client), None) => client.simple_query("SELECT 1").await.is_ok(),
+                (None, _) => false,
             }
         })
         .await
         .unwrap_or(false);
         if !reached {
-            lock = None;
+            session = None;
+            if let Some(node) = &node {
+                if node.leader.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(
+                        "lost the database session: no longer running the background work"
+                    );
+                }
+            }
         }
         up.store(reached, Ordering::SeqCst);
         if pool.is_closed() {
@@ -1648,7 +2135,7 @@ mod tests {
             key: None,
             statement_timeout: Duration::from_secs(5),
         };
-        let store = Store::Postgres(Postgres::open(&settings).unwrap());
+        let store = Store::Postgres(Postgres::open(&settings, None).unwrap());
         Some((cluster, store))
     }
 

@@ -14,7 +14,8 @@
 //! resurrected by a replay.
 //!
 //! A claim belongs to the process that made it ([`Vault::boot_id`]), in the current opening of
-//! the store (see `Store::generation`). Once a request has claimed its key, the API runs it to
+//! the store (see `Store::generation`); on a shared store, to the node that made it, and
+//! another node takes it over only once that node is gone (its lease ran out). Once a request has claimed its key, the API runs it to
 //! the end in a task of its own, so a client that goes away does not cut it short (a shutdown
 //! still does: a task running when the workers stop is dropped). If it fails
 //! with a server error, or its outcome cannot be written, [`Claim`]'s `Drop` releases the key;
@@ -99,9 +100,13 @@ impl Vault {
                             body: response.body.clone(),
                         })
                     }
+                    None if rec.owner == self.claim_owner() => return Ok(Begin::InProgress),
+                    // Another node's, still running: its request may yet finish.
+                    None if self.store.node_alive(rec.owner).await? => {
+                        return Ok(Begin::InProgress)
+                    }
                     // Left by a process that died before answering.
-                    None if rec.owner != self.claim_owner() => true,
-                    None => return Ok(Begin::InProgress),
+                    None => true,
                 },
             };
             if claimable {
@@ -133,7 +138,12 @@ impl Vault {
     /// left by an earlier opening (the store was reopened after a write failure, and the
     /// request that made it could not release it) is taken over like one left by a crash.
     fn claim_owner(&self) -> u64 {
-        self.boot_id.wrapping_add(self.store.generation())
+        match self.store.node_id() {
+            // Shared store: the node's id in its `nodes` table, so other nodes can tell a
+            // live node's claim from a dead one's.
+            Some(node) => node,
+            None => self.boot_id.wrapping_add(self.store.generation()),
+        }
     }
 
     /// Forgets keys past their retention.

@@ -18,8 +18,16 @@
 //!   record. A crash loses nothing: a record not yet moved still opens under its old version,
 //!   which is destroyed only after a full pass finds no record left under it, after the moved
 //!   records were flushed, and once no request still holds it.
-//! - **Rekey** re-wraps every wrapped key and the check value under a new KEK in one store
-//!   transaction, with new key creation held off meanwhile.
+//! - **The root key.** The KEK wraps one root key, kept in the store; the root key wraps every
+//!   DEK and fingerprint key. A node keeps only the root key in memory once unsealed. A store
+//!   made before the root key gets one at its first unseal, its wrapped keys moved under it in
+//!   one transaction.
+//! - **Rekey** re-wraps the root key and the check value under a new KEK in one store
+//!   transaction. Nothing any node holds changes, so every node keeps serving.
+//! - **Several nodes** (a shared store): each reads the DEK state every second and stops
+//!   using keys when it could not for `STATE_LEASE`; every change to it is a compare-and-swap;
+//!   rotation, re-encryption and destruction run on the leader only, and a version is
+//!   destroyed only once every live node reports it no longer uses it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{open, seal, unix_now, Blob, ProjectKeys, Vault, VaultError, KEK_CHECK_AAD};
+use super::{open, seal, secs, unix_now, Blob, ProjectKeys, Vault, VaultError, KEK_CHECK_AAD};
 use crate::crypto::custody::{Custody, Share};
 use crate::crypto::{FingerprintKey, Kek, KeyMaterial, SealingKey};
 use crate::store::{CardRecord, CustomerRecord, Ledger, StoreError, TokenRecord};
@@ -44,6 +52,13 @@ const HARD_LIMIT: u64 = GCM_NONCE_LIMIT - (1 << 24);
 /// first one), so a half-finished unseal does not linger. Enforced every second by key
 /// maintenance, and on every unseal call.
 const UNSEAL_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// On a shared store, a node that has not read the DEK state for this long stops using keys
+/// (503) until it reads it again. Shorter than the store's node lease, so the leader counts
+/// a node as gone only after it stopped sealing under what it last read.
+const STATE_LEASE: Duration = Duration::from_secs(5);
+/// On a shared store, a DEK version is destroyed no sooner than this after it was retired:
+/// past `STATE_LEASE`, and past a heartbeat of every node that read the state before.
+const NODE_SETTLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct KeySettings {
@@ -81,7 +96,7 @@ pub enum KeyState {
     Destroyed,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct DekVersion {
     pub version: u32,
     pub created_at: i64,
@@ -94,8 +109,9 @@ pub(super) struct DekVersion {
     pub reason: String,
 }
 
-/// Store-wide DEK versions (kept in the store's `meta` tree as JSON).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Store-wide DEK versions (kept in the store's `meta` tree as JSON). Every change is a
+/// compare-and-swap of the stored bytes, so two nodes changing it at once cannot both win.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct DekState {
     pub active: u32,
     pub versions: Vec<DekVersion>,
@@ -137,33 +153,58 @@ pub(super) struct Dek {
     pub key: SealingKey,
     project: Project,
     ledger: Ledger,
+    /// Seals made by this process under this DEK.
     used: AtomicU64,
-    /// Seals up to this count are reserved in the store.
-    reserved: AtomicU64,
+    /// Seals this process took from the store's count, in blocks, ahead of use.
+    granted: AtomicU64,
+    /// The store's count (every process's blocks) when this process last took a block.
+    total: AtomicU64,
     reserving: Mutex<()>,
 }
 
 impl Dek {
-    /// Counts one seal, reserving another block in the store when the last one is used up.
+    fn new(version: u32, key: &KeyMaterial, project: &Project, ledger: Ledger, taken: u64) -> Dek {
+        Dek {
+            version,
+            key: SealingKey::new(key),
+            project: project.clone(),
+            ledger,
+            used: AtomicU64::new(0),
+            granted: AtomicU64::new(0),
+            total: AtomicU64::new(taken),
+            reserving: Mutex::new(()),
+        }
+    }
+
+    /// Counts one seal, taking another block from the store's count when this process's
+    /// blocks are used up. Every process adds its own blocks, so the store's count bounds the
+    /// seals of all of them together.
     pub fn count(&self) -> Result<(), VaultError> {
         let n = self.used.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= HARD_LIMIT {
-            return Err(VaultError::KeyExhausted);
-        }
-        if n > self.reserved.load(Ordering::Acquire) {
+        if n > self.granted.load(Ordering::Acquire) {
             let _one_at_a_time = self.reserving.lock().unwrap_or_else(|p| p.into_inner());
-            if n > self.reserved.load(Ordering::Acquire) {
-                let upto = n + RESERVATION_BLOCK;
-                self.ledger
-                    .reserve(self.project.as_str(), self.version, upto)?;
-                self.reserved.store(upto, Ordering::Release);
+            if n > self.granted.load(Ordering::Acquire) {
+                let total =
+                    self.ledger
+                        .reserve(self.project.as_str(), self.version, RESERVATION_BLOCK)?;
+                self.total.store(total, Ordering::Release);
+                self.granted.fetch_add(RESERVATION_BLOCK, Ordering::AcqRel);
             }
+        }
+        if self.total.load(Ordering::Acquire) >= HARD_LIMIT {
+            return Err(VaultError::KeyExhausted);
         }
         Ok(())
     }
 
+    /// Seals made under this DEK by every process, as far as this one knows: the store's count
+    /// less what is still unused of this process's blocks.
     pub fn encryptions(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
+        let unused = self
+            .granted
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.used.load(Ordering::Relaxed));
+        self.total.load(Ordering::Relaxed).saturating_sub(unused)
     }
 }
 
@@ -216,7 +257,11 @@ impl Unsealing {
 
 /// The key side of the vault's state.
 pub(super) struct KeyRing {
-    pub kek: std::sync::RwLock<Option<Arc<Kek>>>,
+    /// The root key (see the module doc): it wraps every DEK and fingerprint key. The KEK
+    /// itself is dropped once it has opened the root key.
+    pub root: std::sync::RwLock<Option<Arc<Kek>>>,
+    /// The id of the KEK that wraps the root key, as the store last said.
+    pub kek_id: std::sync::RwLock<String>,
     /// Set once the KEK is in place, so the sealed check on every request takes no lock.
     pub unsealed: std::sync::atomic::AtomicBool,
     pub custody: Mutex<Option<Custody>>,
@@ -227,12 +272,16 @@ pub(super) struct KeyRing {
     /// Serializes rotation, destruction and rekey.
     pub admin: Mutex<()>,
     pub settings: KeySettings,
+    /// When `state` was last read from a shared store, in milliseconds since `epoch`.
+    refreshed: AtomicU64,
+    epoch: Instant,
 }
 
 impl KeyRing {
     pub fn new(settings: KeySettings, custody: Option<Custody>) -> KeyRing {
         KeyRing {
-            kek: std::sync::RwLock::new(None),
+            root: std::sync::RwLock::new(None),
+            kek_id: std::sync::RwLock::new(String::new()),
             unsealed: std::sync::atomic::AtomicBool::new(false),
             custody: Mutex::new(custody),
             unsealing: Mutex::new(Unsealing::default()),
@@ -240,11 +289,25 @@ impl KeyRing {
             issued: Mutex::new(Vec::new()),
             admin: Mutex::new(()),
             settings,
+            refreshed: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
-    pub fn kek(&self) -> Option<Arc<Kek>> {
-        self.kek.read().unwrap_or_else(|p| p.into_inner()).clone()
+    fn mark_refreshed(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.refreshed.store(ms.max(1), Ordering::Release);
+    }
+
+    /// Whether the DEK state was read from the store within `within`.
+    fn fresh(&self, within: Duration) -> bool {
+        let at = self.refreshed.load(Ordering::Acquire);
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        at > 0 && now.saturating_sub(at) <= u64::try_from(within.as_millis()).unwrap_or(0)
+    }
+
+    pub fn root(&self) -> Option<Arc<Kek>> {
+        self.root.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn active_version(&self) -> u32 {
@@ -301,72 +364,187 @@ fn kek_check_aad(kek_id: &str) -> Vec<u8> {
     crate::crypto::aad(&[KEK_CHECK_AAD, kek_id.as_bytes()])
 }
 
+/// The root key as wrapped by KEK `kek_id`.
+fn root_aad(kek_id: &str) -> Vec<u8> {
+    crate::crypto::aad(&[b"cardvault/root-key/v1", kek_id.as_bytes()])
+}
+
+/// The id the root key goes by in memory (it wraps keys as a KEK did).
+const ROOT_ID: &str = "root";
+
 fn dek_name(version: u32) -> String {
     format!("dek/{version}")
 }
 
 impl Vault {
+    /// How many nodes serve this store now, this one included (1 on sled).
+    pub fn live_nodes(&self) -> usize {
+        self.store.live_nodes()
+    }
+
     pub fn is_sealed(&self) -> bool {
         !self.keyring.unsealed.load(Ordering::Acquire)
     }
 
     /// The id of the KEK in use; `None` while sealed.
     pub fn kek_id(&self) -> Option<String> {
-        self.keyring.kek().map(|k| k.id().to_owned())
+        if self.is_sealed() {
+            return None;
+        }
+        Some(
+            self.keyring
+                .kek_id
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
     }
 
     /// Takes the KEK into use: checks it against the store (or, for a new store, records its
-    /// check value), loads the DEK versions, and resumes any pending re-encryption.
+    /// check value and makes the root key), opens the root key with it, loads the DEK
+    /// versions, and resumes any pending re-encryption.
     pub(super) fn install_kek(&self, kek: Kek) -> Result<(), VaultError> {
-        match self.store.kek_check()? {
-            Some((check, id)) => {
-                if !id.is_empty() && id != kek.id() {
-                    return Err(VaultError::WrongKek(format!(
-                        "this store is under KEK {id}, not {}",
-                        kek.id()
-                    )));
-                }
-                let aad = if id.is_empty() {
-                    KEK_CHECK_AAD.to_vec()
-                } else {
-                    kek_check_aad(&id)
-                };
-                kek.unwrap(&aad, &check).map_err(|_| {
-                    VaultError::WrongKek("the KEK check value does not open".into())
-                })?;
-            }
-            None => {
-                let probe = KeyMaterial::random().map_err(VaultError::Keys)?;
-                let check = kek
-                    .wrap(&kek_check_aad(kek.id()), &probe)
-                    .map_err(VaultError::Keys)?;
-                self.store.set_kek_check(&check, kek.id())?;
-            }
-        }
-        let state = match self.store.dek_state()? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|_| VaultError::Integrity("dek_state".into()))?,
-            None => {
-                let state = DekState::initial(unix_now());
-                self.write_state(&state)?;
-                state
+        let root = loop {
+            if let Some(root) = self.open_root(&kek)? {
+                break root;
             }
         };
+        let state = match self.stored_state()? {
+            (Some(_), state) => state,
+            (None, _) => {
+                let state = DekState::initial(unix_now());
+                if self.store.swap_dek_state(None, &encode_state(&state)?)? {
+                    state
+                } else {
+                    // Another node wrote it first.
+                    self.stored_state()?.1
+                }
+            }
+        };
+        self.adopt_state(state);
         *self
             .keyring
-            .state
+            .kek_id
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = state;
-        *self.keyring.kek.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(kek));
+            .unwrap_or_else(|p| p.into_inner()) = kek.id().to_owned();
+        *self.keyring.root.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(root));
         self.keyring.unsealed.store(true, Ordering::Release);
         tracing::info!("vault unsealed");
         Ok(())
     }
 
-    fn write_state(&self, state: &DekState) -> Result<(), VaultError> {
-        let bytes =
-            serde_json::to_vec(state).map_err(|_| VaultError::Integrity("dek_state".into()))?;
-        Ok(self.store.set_dek_state(&bytes)?)
+    /// Checks `kek` against the store and opens the root key with it. A new store gets its
+    /// check value and root key here; a store from before the root key gets one, with every
+    /// wrapped key moved under it, in one transaction. `Ok(None)`: another node changed the
+    /// store meanwhile (it made the root key first): try again.
+    fn open_root(&self, kek: &Kek) -> Result<Option<Kek>, VaultError> {
+        let Some((check, id)) = self.store.kek_check()? else {
+            let material = KeyMaterial::random().map_err(VaultError::Keys)?;
+            let wrapped = kek
+                .wrap(&root_aad(kek.id()), &material)
+                .map_err(VaultError::Keys)?;
+            let probe = KeyMaterial::random().map_err(VaultError::Keys)?;
+            let check = kek
+                .wrap(&kek_check_aad(kek.id()), &probe)
+                .map_err(VaultError::Keys)?;
+            let made = self.store.rewrap(&[], (None, &wrapped), &check, kek.id())?;
+            return Ok(made.then(|| Kek::new(&material, ROOT_ID)));
+        };
+        if !id.is_empty() && id != kek.id() {
+            return Err(VaultError::WrongKek(format!(
+                "this store is under KEK {id}, not {}",
+                kek.id()
+            )));
+        }
+        let aad = if id.is_empty() {
+            KEK_CHECK_AAD.to_vec()
+        } else {
+            kek_check_aad(&id)
+        };
+        kek.unwrap(&aad, &check)
+            .map_err(|_| VaultError::WrongKek("the KEK check value does not open".into()))?;
+        if let Some(wrapped) = self.store.root_key()? {
+            let material = kek
+                .unwrap(&root_aad(kek.id()), &wrapped)
+                .map_err(|_| VaultError::Integrity("root key".into()))?;
+            return Ok(Some(Kek::new(&material, ROOT_ID)));
+        }
+        // Keys wrapped by the KEK itself (a store from before the root key) move under a new
+        // root key, which the KEK then wraps: the last change a rekey has to make to them.
+        let material = KeyMaterial::random().map_err(VaultError::Keys)?;
+        let root = Kek::new(&material, ROOT_ID);
+        let mut rewrapped = Vec::new();
+        for (project, name, wrapped) in self.store.wrapped_keys()? {
+            let p = Project::parse(&project).map_err(|_| VaultError::Integrity(project.clone()))?;
+            let aad = super::key_aad(&p, &name);
+            let key = kek
+                .unwrap(&aad, &wrapped)
+                .map_err(|_| VaultError::Integrity(format!("{project}/{name}")))?;
+            let again = root.wrap(&aad, &key).map_err(VaultError::Keys)?;
+            rewrapped.push((project, name, wrapped, again));
+        }
+        let wrapped_root = kek
+            .wrap(&root_aad(kek.id()), &material)
+            .map_err(VaultError::Keys)?;
+        let moved = self
+            .store
+            .rewrap(&rewrapped, (None, &wrapped_root), &check, &id)?;
+        if moved {
+            tracing::info!(
+                keys = rewrapped.len(),
+                "wrapped keys moved under a new root key"
+            );
+        }
+        Ok(moved.then_some(root))
+    }
+
+    /// The DEK state as the store holds it now, with its bytes (for a compare-and-swap).
+    fn stored_state(&self) -> Result<(Option<Vec<u8>>, DekState), VaultError> {
+        match self.store.dek_state()? {
+            Some(bytes) => {
+                let state = serde_json::from_slice(&bytes)
+                    .map_err(|_| VaultError::Integrity("dek_state".into()))?;
+                Ok((Some(bytes), state))
+            }
+            None => Ok((None, DekState::initial(unix_now()))),
+        }
+    }
+
+    /// Takes `state` into use here. Keys cached under another state are dropped: a version
+    /// may have become active, decrypt-only or destroyed.
+    fn adopt_state(&self, state: DekState) {
+        let mut current = self
+            .keyring
+            .state
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if *current != state {
+            *current = state;
+            drop(current);
+            self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        self.keyring.mark_refreshed();
+    }
+
+    /// Reads the DEK state another node may have changed (a rotation, a destruction). Every
+    /// node does this every second on a shared store, so a rotation anywhere reaches it
+    /// within a second or two.
+    pub(super) fn refresh_state(&self) -> Result<(), VaultError> {
+        if self.is_sealed() {
+            return Ok(());
+        }
+        let (stored, state) = self.stored_state()?;
+        if let Some((_, kek_id)) = self.store.kek_check()? {
+            *self
+                .keyring
+                .kek_id
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = kek_id;
+        }
+        if stored.is_some() {
+            self.adopt_state(state);
+        }
+        Ok(())
     }
 
     /// Accepts one custodian's share. `custodian` is the caller's policy identity: a share
@@ -452,6 +630,13 @@ impl Vault {
         project: &Project,
         create: bool,
     ) -> Result<Option<Arc<ProjectKeys>>, VaultError> {
+        // A node that could not read the shared DEK state lately may have missed a rotation
+        // and then a destruction: it seals and opens nothing until it reads it again.
+        if self.store.is_shared() && !self.keyring.fresh(STATE_LEASE) {
+            return Err(
+                StoreError::Database("the DEK state could not be read lately".into()).into(),
+            );
+        }
         let active = self.keyring.active_version();
         // Keys loaded from an earlier opening of the store are loaded again: their encryption
         // counts may have been reserved in writes that reopening lost.
@@ -470,7 +655,7 @@ impl Vault {
         // loads in progress, so every DEK of a retired version is visible to the maintenance
         // thread before it moves or destroys anything.
         let state = self.keyring.state.read().unwrap_or_else(|p| p.into_inner());
-        let kek = self.keyring.kek().ok_or(VaultError::Sealed)?;
+        let kek = self.keyring.root().ok_or(VaultError::Sealed)?;
         let Some(fingerprint) = self.project_key(&kek, project, "fingerprint", create)? else {
             return Ok(None);
         };
@@ -481,15 +666,13 @@ impl Vault {
         let reserved = self
             .store
             .encryptions_reserved(project.as_str(), state.active)?;
-        let active_dek = Arc::new(Dek {
-            version: state.active,
-            key: SealingKey::new(&dek),
-            project: project.clone(),
-            ledger: self.store.ledger(),
-            used: AtomicU64::new(reserved),
-            reserved: AtomicU64::new(reserved),
-            reserving: Mutex::new(()),
-        });
+        let active_dek = Arc::new(Dek::new(
+            state.active,
+            &dek,
+            project,
+            self.store.ledger(),
+            reserved,
+        ));
         let mut older = HashMap::new();
         for version in state.decrypt_only() {
             if let Some(key) = self.project_key(&kek, project, &dek_name(version), false)? {
@@ -539,9 +722,8 @@ impl Vault {
         let wrapped = match self.store.wrapped_key(project.as_str(), name)? {
             Some(w) => w,
             None if create => {
-                // Held so a rekey cannot re-wrap the store between our wrap and our insert.
-                let current = self.keyring.kek.read().unwrap_or_else(|p| p.into_inner());
-                let kek = current.as_deref().ok_or(VaultError::Sealed)?;
+                // The root key never changes, not even at a rekey, so what it wraps here stays
+                // readable whichever node runs the next rekey.
                 let fresh = KeyMaterial::random().map_err(VaultError::Keys)?;
                 let wrapped = kek.wrap(&aad, &fresh).map_err(VaultError::Keys)?;
                 let stored = self
@@ -562,14 +744,11 @@ impl Vault {
     /// Makes a new DEK version active; the old active version becomes decrypt-only and is
     /// re-encrypted away in the background.
     pub fn rotate_deks(&self, reason: &str) -> Result<u32, VaultError> {
-        let kek = self.keyring.kek().ok_or(VaultError::Sealed)?;
+        let kek = self.keyring.root().ok_or(VaultError::Sealed)?;
         let _admin = self.keyring.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let mut state = self
-            .keyring
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        // From the store, not memory: another node may have rotated since the last refresh.
+        let (stored, mut state) = self.stored_state()?;
+        let before = state.active;
         let now = unix_now();
         let next = state.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         for v in &mut state.versions {
@@ -606,12 +785,21 @@ impl Vault {
         if self.store.generation() != generation {
             return Err(StoreError::Unavailable.into());
         }
-        self.write_state(&state)?;
-        *self
-            .keyring
-            .state
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = state;
+        if !self
+            .store
+            .swap_dek_state(stored.as_deref(), &encode_state(&state)?)?
+        {
+            // Another node changed the state meanwhile: if it rotated, its version is the
+            // new one (one rotation, not two).
+            let (_, current) = self.stored_state()?;
+            let active = current.active;
+            self.adopt_state(current);
+            if active != before {
+                return Ok(active);
+            }
+            return Err(VaultError::Contention);
+        }
+        self.adopt_state(state);
         tracing::info!(version = next, reason, "DEK rotated");
         Ok(next)
     }
@@ -645,8 +833,16 @@ impl Vault {
     /// no record uses any more. `now` is the clock for share expiry only.
     pub(super) fn maintain_keys_at(&self, now: Instant) -> Result<(), VaultError> {
         self.expire_unseal_shares(now);
-        // Key operations are audited: none while sealed, none while the audit log is down.
-        if self.is_sealed() || self.audit.ready().is_err() {
+        if self.is_sealed() {
+            self.store.report_keys(None, false);
+            return Ok(());
+        }
+        let holds_retired = self.retired_keys_in_use();
+        self.store
+            .report_keys(Some(self.keyring.active_version()), holds_retired);
+        // Key operations are audited: none while the audit log is down. On a shared store
+        // one node at a time does them (the leader).
+        if self.audit.ready().is_err() || !self.store.is_leader() {
             return Ok(());
         }
         if let Some(reason) = self.rotation_due() {
@@ -662,7 +858,7 @@ impl Vault {
             .unwrap_or_else(|p| p.into_inner())
             .decrypt_only()
             .collect();
-        if pending.is_empty() || self.retired_keys_in_use() {
+        if pending.is_empty() || holds_retired {
             return Ok(());
         }
         let pass = self.reencrypt_pass()?;
@@ -770,6 +966,23 @@ impl Vault {
                 .map(|r| r.map(|(p, i, rec)| (p, i, rec.key_version))),
             Vault::reencrypt_token,
         )?;
+        // CVCs kept in a shared store, a page at a time: each moves by compare-and-swap, and
+        // one taken meanwhile is simply gone.
+        let mut left = self.store.cvcs_not_under(active, 1000)?;
+        while !left.is_empty() {
+            let page = left.len();
+            let mut moved_here = 0;
+            for (project, id, version, sealed) in left {
+                let moved = self.reencrypt_cvc(&project, &id, version, &sealed, active)?;
+                moved_here += usize::from(moved);
+                count(&mut outcome, moved);
+                throttle(moved);
+            }
+            if moved_here == 0 || page < 1000 {
+                break;
+            }
+            left = self.store.cvcs_not_under(active, 1000)?;
+        }
         Ok(outcome)
     }
 
@@ -787,6 +1000,22 @@ impl Vault {
             .project_keys(&project, false)?
             .filter(|k| k.dek_version == active);
         Ok(keys.map(|k| (project, k)))
+    }
+
+    fn reencrypt_cvc(
+        &self,
+        project: &str,
+        id: &str,
+        version: u32,
+        sealed: &[u8],
+        active: u32,
+    ) -> Result<bool, VaultError> {
+        let Some((p, keys)) = self.keys_for(project, active)? else {
+            return Ok(false);
+        };
+        let plain = open(&keys, Blob::Cvc, &p, id, version, sealed)?;
+        let again = seal(&keys, Blob::Cvc, &p, id, &plain)?;
+        Ok(self.store.reseal_cvc(project, id, sealed, active, &again)?)
     }
 
     fn reencrypt_card(&self, project: &str, id: &str, active: u32) -> Result<bool, VaultError> {
@@ -876,7 +1105,12 @@ impl Vault {
     fn destroy_unused(&self, pending: &[u32]) -> Result<(), VaultError> {
         let _admin = self.keyring.admin.lock().unwrap_or_else(|p| p.into_inner());
         let active = self.keyring.active_version();
-        if self.retired_keys_in_use() {
+        if self.retired_keys_in_use() || self.store.others_hold_retired(active)? {
+            return Ok(());
+        }
+        // CVCs kept in a shared store live for `cvc_ttl` under the version they were sealed
+        // with: the version waits for them to be used or to expire.
+        if self.store.cvc_versions()?.iter().any(|v| *v != active) {
             return Ok(());
         }
         // The scan, the flush and the removals must see one opening of the store: a reopen in
@@ -892,13 +1126,23 @@ impl Vault {
         if self.store.generation() != generation {
             return Ok(());
         }
-        let mut state = self
-            .keyring
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let (stored, mut state) = self.stored_state()?;
+        if state.active != active {
+            return Ok(());
+        }
         let now = unix_now();
+        // On a shared store, a node that read the state just before the rotation may seal
+        // under the old version until its next read (at most `STATE_LEASE`) and report it only
+        // at its next heartbeat: a version retired so recently is not destroyed yet.
+        let settled = secs(NODE_SETTLE);
+        if self.store.is_shared()
+            && state.versions.iter().any(|v| {
+                pending.contains(&v.version)
+                    && v.retired_at.unwrap_or(now).saturating_add(settled) > now
+            })
+        {
+            return Ok(());
+        }
         for (project, name, _) in self.store.wrapped_keys()? {
             if pending.iter().any(|v| name == dek_name(*v)) {
                 self.store.remove_wrapped_key(&project, &name)?;
@@ -916,14 +1160,14 @@ impl Vault {
                 tracing::info!(version = v.version, "DEK version destroyed");
             }
         }
-        self.write_state(&state)?;
-        *self
-            .keyring
-            .state
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = state;
-        // Cached keys still hold the destroyed versions for decryption: drop them all.
-        self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
+        if !self
+            .store
+            .swap_dek_state(stored.as_deref(), &encode_state(&state)?)?
+        {
+            return Ok(());
+        }
+        // Cached keys still hold the destroyed versions for decryption: dropped here.
+        self.adopt_state(state);
         for version in destroyed {
             self.audit_system(
                 "keys.destroy",
@@ -982,14 +1226,14 @@ impl Vault {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let kek_id = match (self.keyring.kek(), &custody) {
-            (Some(kek), _) => kek.id().to_owned(),
+        let kek_id = match (self.kek_id(), &custody) {
+            (Some(id), _) => id,
             (None, Some(c)) => c.kek_id.clone(),
             (None, None) => String::new(),
         };
         let mut keys = vec![KeyInfo {
             id: kek_id,
-            purpose: "key-encryption (wraps every DEK and fingerprint key)",
+            purpose: "key-encryption (wraps the root key)",
             algorithm: "AES-256-GCM",
             project: None,
             version: None,
@@ -1011,6 +1255,19 @@ impl Vault {
                 None => "INSECURE single dev key file".into(),
             }),
         }];
+        keys.push(KeyInfo {
+            id: ROOT_ID.into(),
+            purpose:
+                "root (wraps every DEK and fingerprint key; kept in the store, wrapped by the KEK)",
+            algorithm: "AES-256-GCM",
+            project: None,
+            version: None,
+            state: if sealed { "sealed" } else { "active" }.into(),
+            created_at: None,
+            encryptions: None,
+            records: None,
+            custody: None,
+        });
         if sealed {
             return Ok(Inventory {
                 sealed,
@@ -1096,14 +1353,16 @@ impl Vault {
     }
 
     /// KEK rotation: `current` proves custody of the KEK in use; `next` and `next_shares`
-    /// describe and rebuild the new one. Every wrapped key is re-wrapped in one transaction.
+    /// describe and rebuild the new one. Only the root key is re-wrapped (with the check value
+    /// and KEK id, in one transaction): the keys it wraps, and every node's copy of it in
+    /// memory, stay as they are, so every node keeps serving.
     pub fn rekey(
         &self,
         current: &[Share],
         next: Custody,
         next_shares: &[Share],
     ) -> Result<String, VaultError> {
-        let kek = self.keyring.kek().ok_or(VaultError::Sealed)?;
+        self.keyring.root().ok_or(VaultError::Sealed)?;
         let custody = self
             .keyring
             .custody
@@ -1111,14 +1370,21 @@ impl Vault {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or(VaultError::NoCustody)?;
+        let (check, store_kek) = self.store.kek_check()?.ok_or(VaultError::Sealed)?;
+        if !store_kek.is_empty() && store_kek != custody.kek_id {
+            return Err(VaultError::ShareRefused(format!(
+                "the store is now under KEK {store_kek} (rekeyed at another node): restart this \
+                 node to load the new custody, or send the rekey to a node that has it"
+            )));
+        }
         let refs: Vec<&Share> = current.iter().collect();
         let proven = custody
             .combine(&refs)
             .map_err(|e| VaultError::ShareRefused(e.to_string()))?;
+        let proven = Kek::new(&proven, &custody.kek_id);
         // The rebuilt key must open the store's check value, as the KEK in use does.
-        let (check, _) = self.store.kek_check()?.ok_or(VaultError::Sealed)?;
-        if Kek::new(&proven, kek.id())
-            .unwrap(&kek_check_aad(kek.id()), &check)
+        if proven
+            .unwrap(&kek_check_aad(&custody.kek_id), &check)
             .is_err()
         {
             return Err(VaultError::ShareRefused(
@@ -1138,40 +1404,44 @@ impl Vault {
             .map_err(|e| VaultError::ShareRefused(e.to_string()))?;
         let new_kek = Kek::new(&material, &next.kek_id);
         let _admin = self.keyring.admin.lock().unwrap_or_else(|p| p.into_inner());
-        // No key is created or wrapped while the store moves to the new KEK.
-        let mut slot = self.keyring.kek.write().unwrap_or_else(|p| p.into_inner());
-        let old = slot.as_deref().ok_or(VaultError::Sealed)?;
-        // The custody proven above must still be the one in use (no rekey in between).
-        if old.id() != kek.id() {
-            return Err(VaultError::Contention);
-        }
-        let mut rewrapped = Vec::new();
-        for (project, name, wrapped) in self.store.wrapped_keys()? {
-            let p = Project::parse(&project).map_err(|_| VaultError::Integrity(project.clone()))?;
-            let aad = super::key_aad(&p, &name);
-            let key = old
-                .unwrap(&aad, &wrapped)
-                .map_err(|_| VaultError::Integrity(format!("{project}/{name}")))?;
-            let again = new_kek.wrap(&aad, &key).map_err(VaultError::Keys)?;
-            rewrapped.push((project, name, wrapped, again));
-        }
+        let wrapped_root = self
+            .store
+            .root_key()?
+            .ok_or_else(|| VaultError::Integrity("root key".into()))?;
+        let root = proven
+            .unwrap(&root_aad(proven.id()), &wrapped_root)
+            .map_err(|_| VaultError::Integrity("root key".into()))?;
+        let again = new_kek
+            .wrap(&root_aad(new_kek.id()), &root)
+            .map_err(VaultError::Keys)?;
         let probe = KeyMaterial::random().map_err(VaultError::Keys)?;
         let check = new_kek
             .wrap(&kek_check_aad(new_kek.id()), &probe)
             .map_err(VaultError::Keys)?;
-        if !self.store.rewrap(&rewrapped, &check, new_kek.id())? {
+        if !self
+            .store
+            .rewrap(&[], (Some(&wrapped_root), &again), &check, new_kek.id())?
+        {
             return Err(VaultError::Contention);
         }
         let id = new_kek.id().to_owned();
-        *slot = Some(Arc::new(new_kek));
+        *self
+            .keyring
+            .kek_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = id.clone();
         *self
             .keyring
             .custody
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(next);
-        tracing::info!(kek = %id, keys = rewrapped.len(), "KEK rekeyed");
+        tracing::info!(kek = %id, "KEK rekeyed");
         Ok(id)
     }
+}
+
+fn encode_state(state: &DekState) -> Result<Vec<u8>, VaultError> {
+    serde_json::to_vec(state).map_err(|_| VaultError::Integrity("dek_state".into()))
 }
 
 fn count(outcome: &mut PassOutcome, moved: bool) {

@@ -10,7 +10,9 @@
 //! - a card token is used by one atomic compare-and-swap that drops the PAN blob; the swap is
 //!   made durable before the PAN is decrypted and handed out, so a crash can lose a payment's
 //!   card but never hand the same card out twice;
-//! - CVCs live only in process memory ([`CvcCache`]), never in the store.
+//! - CVCs live in process memory ([`CvcCache`]) on sled. On a shared store (PostgreSQL, where
+//!   several nodes serve) they are sealed under the project's DEK in their own table until
+//!   their first use or `cvc_ttl`, whichever comes first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -279,6 +281,8 @@ enum Blob {
     CustomerProfile,
     TokenMeta,
     TokenPan,
+    /// A CVC kept in a shared store until its first use or `cvc_ttl`.
+    Cvc,
 }
 
 fn record_aad(blob: Blob, project: &Project, id: &str, key_version: u32) -> Vec<u8> {
@@ -288,6 +292,7 @@ fn record_aad(blob: Blob, project: &Project, id: &str, key_version: u32) -> Vec<
         Blob::CustomerProfile => b"customer-profile",
         Blob::TokenMeta => b"token-meta",
         Blob::TokenPan => b"token-pan",
+        Blob::Cvc => b"card-cvc",
     };
     aad(&[
         b"cardvault/record/v1",
@@ -568,6 +573,9 @@ impl Vault {
         }
         spawn_sweeper(Arc::downgrade(&vault));
         spawn_key_maintenance(Arc::downgrade(&vault));
+        if vault.store.is_shared() {
+            spawn_state_refresh(Arc::downgrade(&vault));
+        }
         Ok(vault)
     }
 
@@ -639,12 +647,30 @@ impl Vault {
             meta: seal(Blob::Meta, &meta_plain)?,
             pan: Some(seal(Blob::Pan, card.pan.expose_digits().as_bytes())?),
         };
-        let ticket = self
-            .store
-            .insert_card(project.as_str(), id.as_str(), &record)
-            .await?;
+        // On a shared store the CVC is sealed and written with the card, in one statement:
+        // any node may serve the first detokenization. On sled it stays in this process.
+        let shared_cvc = match &card.cvc {
+            Some(cvc) if self.store.is_shared() => Some((
+                keys.dek_version,
+                seal(Blob::Cvc, &cvc.to_bytes()[..])?,
+                self.settings.cvc_ttl,
+            )),
+            _ => None,
+        };
+        let ticket = match shared_cvc {
+            Some(cvc) => {
+                self.store
+                    .insert_card_with_cvc(project.as_str(), id.as_str(), &record, cvc)
+                    .await?
+            }
+            None => {
+                self.store
+                    .insert_card(project.as_str(), id.as_str(), &record)
+                    .await?
+            }
+        };
         self.store.durable(ticket).await?;
-        if let Some(cvc) = card.cvc {
+        if let Some(cvc) = card.cvc.filter(|_| !self.store.is_shared()) {
             self.cvcs
                 .put(project, &id, cvc, Instant::now() + self.settings.cvc_ttl);
         }
@@ -739,9 +765,9 @@ impl Vault {
             .project_keys(project, false)?
             .ok_or(VaultError::NotFound)?;
         let now = unix_now();
-        let swap = self
+        let (swap, stored_cvc) = self
             .store
-            .use_card(
+            .use_card_taking_cvc(
                 project.as_str(),
                 id.as_str(),
                 now,
@@ -769,7 +795,7 @@ impl Vault {
         // The use must be on disk before the card leaves the process: after a crash the token
         // stays used, so the card can never be handed out twice.
         self.store.durable(ticket).await?;
-        let cvc = self.cvcs.take(project, id);
+        let cvc = self.take_cvc(&keys, project, id, stored_cvc).await?;
         let meta = self.open_meta(&keys, project, id, &record)?;
         let sealed_pan = record.pan.as_deref().ok_or(VaultError::TokenExpired)?;
         let digits = open(
@@ -781,6 +807,36 @@ impl Vault {
             sealed_pan,
         )?;
         CardDetails::open(&digits, &meta, cvc, None, id.as_str())
+    }
+
+    /// Takes a card's CVC, if one was given and has not expired: it is gone afterwards,
+    /// whichever node took it.
+    /// `taken`: what the card's use already took from a shared store, if it looked.
+    async fn take_cvc(
+        &self,
+        keys: &ProjectKeys,
+        project: &Project,
+        id: &ObjectId,
+        taken: Option<Option<crate::store::StoredCvc>>,
+    ) -> Result<Option<Cvc>, VaultError> {
+        if !self.store.is_shared() {
+            return Ok(self.cvcs.take(project, id));
+        }
+        let taken = match taken {
+            Some(taken) => taken,
+            None => self.store.take_cvc(project.as_str(), id.as_str()).await?,
+        };
+        let Some((version, sealed)) = taken else {
+            return Ok(None);
+        };
+        let plain = open(keys, Blob::Cvc, project, id.as_str(), version, &sealed)?;
+        let digits: &[u8; 4] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| VaultError::Integrity(id.to_string()))?;
+        Ok(Some(
+            Cvc::from_bytes(digits).ok_or_else(|| VaultError::Integrity(id.to_string()))?,
+        ))
     }
 
     fn open_meta(
@@ -986,13 +1042,22 @@ impl Vault {
         crate::metrics::Snapshot {
             sealed: self.is_sealed(),
             ready: self.ready(),
+            nodes: self.store.live_nodes(),
+            leader: self.store.is_leader(),
             deks,
             records: vec![
                 (
                     "card",
                     self.cards_swept.load(std::sync::atomic::Ordering::Relaxed),
                 ),
-                ("cvc", self.cvcs.len() as u64),
+                (
+                    "cvc",
+                    if self.store.is_shared() {
+                        self.store.cvc_count().unwrap_or(0)
+                    } else {
+                        self.cvcs.len() as u64
+                    },
+                ),
             ],
             ..Default::default()
         }
@@ -1059,6 +1124,23 @@ fn spawn_key_maintenance(vault: Weak<Vault>) {
     }
 }
 
+/// On a shared store: the DEK state read every second, on a thread of its own so that a
+/// long re-encryption pass never holds it up (see `Vault::refresh_state`).
+fn spawn_state_refresh(vault: Weak<Vault>) {
+    let spawned = std::thread::Builder::new()
+        .name("cardvault-keystate".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let Some(vault) = vault.upgrade() else { return };
+            if let Err(e) = vault.refresh_state() {
+                tracing::warn!(error = %e, "could not read the DEK state; retrying");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the DEK state thread");
+    }
+}
+
 /// Background upkeep: CVC expiry every second; card-token expiry and idempotency-key
 /// retention every minute. Holds only a
 /// weak reference, so it ends when the vault is dropped.
@@ -1074,6 +1156,15 @@ fn spawn_sweeper(vault: Weak<Vault>) {
                 let wiped = vault.cvcs.sweep(Instant::now());
                 if wiped > 0 {
                     tracing::debug!(wiped, "expired CVCs wiped");
+                }
+                // On a shared store, the rest is one node's work: the leader's.
+                if !vault.store.is_leader() {
+                    continue;
+                }
+                match vault.store.sweep_cvcs() {
+                    Ok(0) => {}
+                    Ok(wiped) => tracing::debug!(wiped, "expired stored CVCs deleted"),
+                    Err(e) => tracing::warn!(error = %e, "stored CVC sweep failed"),
                 }
                 if last_card_sweep.elapsed() >= Duration::from_secs(60) {
                     last_card_sweep = Instant::now();

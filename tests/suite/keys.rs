@@ -21,7 +21,7 @@ both_engines!(
     a_rekey_that_never_reached_the_vault_runs_again,
 );
 
-fn tokenize_n(client: &Client, n: u32, offset: u32) -> Vec<(String, String)> {
+pub(crate) fn tokenize_n(client: &Client, n: u32, offset: u32) -> Vec<(String, String)> {
     (0..n)
         .map(|i| {
             let pan = test_pan(offset + i);
@@ -32,14 +32,14 @@ fn tokenize_n(client: &Client, n: u32, offset: u32) -> Vec<(String, String)> {
         .collect()
 }
 
-fn detokenize_ok(client: &Client, token: &str, pan: &str) {
+pub(crate) fn detokenize_ok(client: &Client, token: &str, pan: &str) {
     let res = client.post("/v1/detokenize", &json!({"token": token}));
     assert_eq!(res.status, 200, "{token}: {}", res.body);
     assert_eq!(res.json()["number"], pan);
 }
 
 /// A customer with one reusable token per PAN; returns `(tok_id, pan)`.
-fn customer_tokens(client: &Client, pans: &[String]) -> Vec<(String, String)> {
+pub(crate) fn customer_tokens(client: &Client, pans: &[String]) -> Vec<(String, String)> {
     let res = client.post("/v1/customers", &json!({"email": "ada@example.com"}));
     assert_eq!(res.status, 201, "{}", res.body);
     let cust = res.json()["id"].as_str().unwrap().to_owned();
@@ -62,14 +62,14 @@ fn customer_tokens(client: &Client, pans: &[String]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn inventory(setup: &Setup, daemon: &Daemon) -> serde_json::Value {
+pub(crate) fn inventory(setup: &Setup, daemon: &Daemon) -> serde_json::Value {
     let res = setup.client(daemon, &setup.ops()).get("/v1/admin/keys");
     assert_eq!(res.status, 200, "{}", res.body);
     res.json()
 }
 
 /// `(state, records)` of every DEK version in the default project.
-fn dek_versions(inv: &serde_json::Value) -> HashMap<u64, (String, u64)> {
+pub(crate) fn dek_versions(inv: &serde_json::Value) -> HashMap<u64, (String, u64)> {
     inv["keys"]
         .as_array()
         .unwrap()
@@ -87,7 +87,7 @@ fn dek_versions(inv: &serde_json::Value) -> HashMap<u64, (String, u64)> {
         .collect()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -126,11 +126,16 @@ fn secrets(
     let Some(setup) = store else {
         return found;
     };
+    // The KEK opens the root key; the root key opens every DEK and fingerprint key.
     let kek = cardvault::crypto::Kek::new(&kek, &custody.kek_id);
+    let aad = cardvault::crypto::aad(&[b"cardvault/root-key/v1", custody.kek_id.as_bytes()]);
+    let root = kek.unwrap(&aad, &setup.stored_root_key()).unwrap();
+    found.push(root.expose().to_vec());
+    let root = cardvault::crypto::Kek::new(&root, "root");
     let mut keys = 0;
     for (project, name, wrapped) in setup.wrapped_keys() {
         let aad = cardvault::crypto::aad(&[b"cardvault/key/v1", &project, &name]);
-        found.push(kek.unwrap(&aad, &wrapped).unwrap().expose().to_vec());
+        found.push(root.unwrap(&aad, &wrapped).unwrap().expose().to_vec());
         keys += 1;
     }
     assert!(keys >= 2, "no data keys found in the store");
@@ -407,7 +412,12 @@ fn kill_9_during_reencryption_resumes_after_unseal(engine: Engine) {
 
 /// `cardvault keys rekey` as ops at `url`: the `current` custodians prove custody with their
 /// first passphrases; the `next` list gets new shares under their second ones.
-fn rekey_as_ops(setup: &Setup, url: &str, current: &[&str], next: &[&str]) -> (bool, String) {
+pub(crate) fn rekey_as_ops(
+    setup: &Setup,
+    url: &str,
+    current: &[&str],
+    next: &[&str],
+) -> (bool, String) {
     let ops = setup.ops();
     let pass = |n: &str, g: u32| format!("{n}={}", setup.passphrase_file(n, g).display());
     let mut args: Vec<String> = vec!["keys".into(), "rekey".into()];

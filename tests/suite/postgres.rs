@@ -234,7 +234,7 @@ fn a_schema_from_a_newer_cardvault_is_refused() {
     );
     daemon.stop();
     let pg = setup.pg.as_ref().unwrap();
-    assert_eq!(pg::query(pg, "SELECT version FROM cardvault_schema"), "1");
+    assert_eq!(pg::query(pg, "SELECT version FROM cardvault_schema"), "2");
     // A restart on the same schema migrates nothing and serves.
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
@@ -374,26 +374,35 @@ fn store_copy_moves_a_vault_between_engines_and_back() {
     daemon.stop();
 }
 
-/// One daemon per database: a second one on the same database refuses to start, and starts
-/// once the first has stopped.
+/// Two running daemons never share a node name: a second one with the same `[node] name`
+/// refuses to start (and starts once the first has stopped), while one with a name of its own
+/// serves beside the first.
 #[test]
-fn a_second_daemon_on_the_same_database_is_refused() {
+fn a_second_daemon_with_the_same_node_name_is_refused() {
     let Some(setup) = setup("pg-second") else {
         return;
     };
     let first = setup.start();
     let out = Daemon::try_start(&setup)
         .err()
-        .expect("a second daemon started on the same database");
-    assert!(
-        out.contains("another cardvault process holds this database"),
-        "{out}"
-    );
+        .expect("a second daemon with the same node name started");
+    assert!(out.contains("uses this node name"), "{out}");
+    let other = setup.start_node("other");
+    let id = setup
+        .client(&first, &setup.router())
+        .post("/v1/cards", &card_body(&test_pan(3)));
+    assert_eq!(id.status, 201, "{}", id.body);
+    let id = id.json()["id"].as_str().unwrap().to_owned();
+    let res = setup
+        .client(&other, &setup.router())
+        .post("/v1/detokenize", &json!({"token": id}));
+    assert_eq!(res.status, 200, "{}", res.body);
+    other.stop();
     first.stop();
     let second = setup.start();
     let router = setup.client(&second, &setup.router());
     assert_eq!(
-        router.post("/v1/cards", &card_body(&test_pan(3))).status,
+        router.post("/v1/cards", &card_body(&test_pan(4))).status,
         201
     );
     second.stop();

@@ -392,6 +392,26 @@ impl Setup {
         }
     }
 
+    /// The root key as the KEK wraps it, from the (stopped) daemon's store.
+    pub fn stored_root_key(&self) -> Vec<u8> {
+        match &self.pg {
+            Some(pg) => cardvault::crypto::unhex(&pg::query(
+                pg,
+                "SELECT encode(value, 'hex') FROM meta WHERE name = 'root_key'",
+            ))
+            .unwrap()
+            .to_vec(),
+            None => sled::open(&self.data_dir)
+                .unwrap()
+                .open_tree("meta")
+                .unwrap()
+                .get(b"root_key")
+                .unwrap()
+                .expect("no root key in the store")
+                .to_vec(),
+        }
+    }
+
     /// Where the (stopped) daemon's store is, for a leak scan: the folder holding its files
     /// (sled's `data_dir`, or the PostgreSQL cluster's folder with its tables and WAL), and on
     /// PostgreSQL a `pg_dump` of the database (empty on sled).
@@ -439,6 +459,28 @@ impl Setup {
 
     pub fn start(&self) -> Daemon {
         Daemon::start(self)
+    }
+
+    /// A config for node `name` of several over this setup's store: the same store, keys,
+    /// policies and certificates, its own `[node] name` and audit log.
+    pub fn node_config(&self, name: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text.replace(
+            "[audit]\npath = \"audit/audit.log\"",
+            &format!("[audit]\npath = \"audit-{name}/audit.log\""),
+        );
+        assert!(text.contains(&format!("audit-{name}")), "{text}");
+        let path = self.root().join(format!("{name}.toml"));
+        // Before `[tls]`: the last table stays `[store.postgres]`, which tests append to.
+        let text = text.replacen("[tls]", &format!("[node]\nname = \"{name}\"\n[tls]"), 1);
+        write(&path, &text);
+        path
+    }
+
+    /// Starts node `name` (see [`Setup::node_config`]).
+    pub fn start_node(&self, name: &str) -> Daemon {
+        Daemon::start_config(&self.node_config(name))
+            .unwrap_or_else(|out| panic!("node {name} did not start:\n{out}"))
     }
 
     pub fn client(&self, daemon: &Daemon, who: &Identity) -> Client {
@@ -491,9 +533,14 @@ impl Daemon {
 
     /// Starts the daemon; `Err` carries its output when it exits or does not listen in time.
     pub fn try_start(setup: &Setup) -> Result<Daemon, String> {
+        Daemon::start_config(&setup.config)
+    }
+
+    /// Starts `cardvault serve --config CONFIG`, as [`Daemon::try_start`].
+    pub fn start_config(config: &Path) -> Result<Daemon, String> {
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
-            .arg(&setup.config)
+            .arg(config)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -971,4 +1018,73 @@ pub fn card_body(pan: &str) -> serde_json::Value {
         "cvc": "737",
         "holder_name": "Grace Hopper",
     })
+}
+
+/// A TCP relay from a loopback port to `upstream` that can be cut: a network partition
+/// between one daemon and its database. While cut, bytes go nowhere and new connections wait
+/// (a black hole: nothing is refused or reset, so only timeouts tell); once mended, what was
+/// held goes through.
+pub struct Relay {
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn new(upstream: SocketAddr) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accept_cut = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let cut = accept_cut.clone();
+                std::thread::spawn(move || {
+                    hold_while(&cut);
+                    let Ok(server) = TcpStream::connect(upstream) else {
+                        return;
+                    };
+                    let pairs = [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ];
+                    for (from, to) in pairs {
+                        let cut = cut.clone();
+                        std::thread::spawn(move || pump(from, to, &cut));
+                    }
+                });
+            }
+        });
+        Relay { port, cut }
+    }
+
+    /// Cuts the link: nothing goes through until [`Relay::mend`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    pub fn mend(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+fn hold_while(cut: &std::sync::atomic::AtomicBool) {
+    while cut.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, cut: &std::sync::atomic::AtomicBool) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        hold_while(cut);
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }

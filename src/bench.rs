@@ -42,13 +42,16 @@ pub struct BenchOptions {
     pub json: bool,
     /// Start the vault on a throwaway PostgreSQL instead of sled.
     pub postgres: bool,
+    /// How many nodes to start over that PostgreSQL.
+    pub nodes: usize,
     /// An already running vault: base URL, and the client identity and CA to reach it with.
     pub target: Option<Target>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub url: String,
+    /// One base URL per node; connections are spread over them in turn.
+    pub urls: Vec<String>,
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
@@ -100,7 +103,7 @@ pub fn run(options: &BenchOptions) -> Result<Vec<Figures>, BenchError> {
     let (server, client) = match &options.target {
         Some(target) => (None, Client::new(target)?),
         None => {
-            let server = LocalServer::start(options.postgres)?;
+            let server = LocalServer::start(options.postgres, options.nodes)?;
             let client = Client::new(&server.target)?;
             (Some(server), client)
         }
@@ -168,24 +171,30 @@ pub fn table(figures: &[Figures]) -> String {
     out
 }
 
-/// A throwaway vault in a temporary folder, stopped and removed on drop.
+/// A throwaway vault in a temporary folder, stopped and removed on drop: one daemon, or
+/// several nodes over one throwaway PostgreSQL.
 struct LocalServer {
-    child: Child,
-    /// Stopped after the daemon, before the folder is removed.
+    children: Vec<Child>,
+    /// Stopped after the daemons, before the folder is removed.
     postgres: Option<crate::throwaway::Cluster>,
     dir: PathBuf,
     target: Target,
 }
 
 impl LocalServer {
-    fn start(postgres: bool) -> Result<LocalServer, BenchError> {
+    fn start(postgres: bool, nodes: usize) -> Result<LocalServer, BenchError> {
         let dir = std::env::temp_dir().join(format!("cardvault-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        // Pick a free port; the short race with other processes is acceptable for a bench.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let config = crate::dev::prepare(&dir, &format!("127.0.0.1:{port}")).map_err(setup)?;
+        // Pick free ports; the short race with other processes is acceptable for a bench.
+        let ports = (0..nodes.max(1))
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+            })
+            .collect::<Result<Vec<u16>, _>>()?;
+        let first = *ports.first().ok_or_else(|| setup("no node to start"))?;
+        let config = crate::dev::prepare(&dir, &format!("127.0.0.1:{first}")).map_err(setup)?;
         let mut text = std::fs::read_to_string(&config)?;
         text.push_str("\n[log]\nlevel = \"warn\"\n");
         let postgres = if postgres {
@@ -195,20 +204,32 @@ impl LocalServer {
         } else {
             None
         };
-        std::fs::write(&config, text)?;
-        let child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+        let mut children = Vec::new();
+        let mut urls = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            // Node i: its own port, name and audit log; the rest shared.
+            let node = text
+                .replace(&format!("127.0.0.1:{first}"), &format!("127.0.0.1:{port}"))
+                .replace("audit.log", &format!("audit-{i}.log"));
+            let path = dir.join(format!("node-{i}.toml"));
+            std::fs::write(&path, format!("{node}\n[node]\nname = \"bench-{i}\"\n"))?;
+            children.push(
+                Command::new(std::env::current_exe()?)
+                    .args(["serve", "--config"])
+                    .arg(&path)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()?,
+            );
+            urls.push(format!("https://127.0.0.1:{port}"));
+        }
         let pki = dir.join("pki");
         Ok(LocalServer {
-            child,
+            children,
             postgres,
             target: Target {
-                url: format!("https://127.0.0.1:{port}"),
+                urls,
                 cert: pki.join("router.pem"),
                 key: pki.join("router.key"),
                 ca: pki.join("ca.pem"),
@@ -219,37 +240,57 @@ impl LocalServer {
 
     /// User + system CPU seconds the server process has used so far (Linux `/proc`).
     fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = fields.get(11)?.parse().ok()?;
-        let stime: f64 = fields.get(12)?.parse().ok()?;
-        // USER_HZ is 100 on every Linux architecture this runs on.
-        Some((utime + stime) / 100.0)
+        self.children
+            .iter()
+            .map(|c| cpu_seconds(c.id()))
+            .sum::<Option<f64>>()
     }
 
-    /// Resident set size of the server process, MiB.
+    /// Resident set size of the server processes together, MiB.
     fn rss_mib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kib / 1024.0)
+        self.children
+            .iter()
+            .map(|c| rss_mib(c.id()))
+            .sum::<Option<f64>>()
     }
+}
+
+/// User + system CPU seconds process `pid` has used so far (Linux `/proc`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    Some((utime + stime) / 100.0)
+}
+
+/// Resident set size of process `pid`, MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 impl Drop for LocalServer {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for child in &mut self.children {
+            let _ = child.wait();
+        }
         drop(self.postgres.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -257,50 +298,67 @@ impl Drop for LocalServer {
 
 #[derive(Clone)]
 struct Client {
-    addr: SocketAddr,
+    /// Each node: its address and TLS server name.
+    nodes: Vec<(SocketAddr, ServerName<'static>)>,
+    /// The first node's host, for the `host` header (the nodes share a certificate).
     host: String,
     connector: TlsConnector,
-    server_name: ServerName<'static>,
+    /// Connections go to the nodes in turn.
+    next: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Client {
     fn new(target: &Target) -> Result<Client, BenchError> {
-        let (authority, host) = crate::client::authority(&target.url).map_err(setup)?;
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&authority)
-            .map_err(setup)?
-            .next()
-            .ok_or_else(|| setup("--target does not resolve"))?;
-        let server_name = ServerName::try_from(host.clone()).map_err(setup)?;
+        let mut nodes = Vec::new();
+        let mut first_host = None;
+        for url in &target.urls {
+            let (authority, host) = crate::client::authority(url).map_err(setup)?;
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&authority)
+                .map_err(setup)?
+                .next()
+                .ok_or_else(|| setup(format!("--target {url} does not resolve")))?;
+            nodes.push((addr, ServerName::try_from(host.clone()).map_err(setup)?));
+            first_host.get_or_insert(host);
+        }
+        let host = first_host.ok_or_else(|| setup("no --target"))?;
         let config =
             crate::client::tls_config(&target.ca, &target.cert, &target.key).map_err(setup)?;
         Ok(Client {
-            addr,
+            nodes,
             host,
             connector: TlsConnector::from(Arc::new(config)),
-            server_name,
+            next: Arc::default(),
         })
     }
 
     async fn connect(&self) -> io::Result<Conn> {
-        let tcp = TcpStream::connect(self.addr).await?;
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (addr, name) = self
+            .nodes
+            .get(n % self.nodes.len().max(1))
+            .ok_or_else(|| io::Error::other("no node to connect to"))?;
+        let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let stream = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await?;
+        let stream = self.connector.connect(name.clone(), tcp).await?;
         Ok(Conn {
             stream,
             buf: Vec::with_capacity(4096),
         })
     }
 
+    /// Waits until every node answers health with 200.
     async fn wait_ready(&self) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let request = self.request("GET", "/v1/health", None);
+        let mut ready = 0;
         loop {
             if let Ok(mut conn) = self.connect().await {
                 if let Ok((200, _)) = conn.send(&request).await {
-                    return Ok(());
+                    ready += 1;
+                    if ready >= self.nodes.len() {
+                        return Ok(());
+                    }
+                    continue;
                 }
             }
             if Instant::now() > deadline {

@@ -801,7 +801,7 @@ pub fn bench(
     concurrency: usize,
     scenarios: &[String],
     json: bool,
-    store: &str,
+    (store, nodes): (&str, usize),
     target: Option<crate::bench::Target>,
 ) -> Result<(), CommandError> {
     use crate::bench::{BenchError, BenchOptions, SCENARIOS};
@@ -814,6 +814,13 @@ pub fn bench(
             )
         }
     };
+    if nodes == 0 || (nodes > 1 && !postgres) {
+        return Err(BenchError::Setup(
+            "--nodes: at least 1, and more than 1 only with --store postgres (sled serves one process)"
+                .into(),
+        )
+        .into());
+    }
     let duration = crate::config::parse_duration(duration)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| {
@@ -832,6 +839,7 @@ pub fn bench(
         scenarios,
         json,
         postgres,
+        nodes,
         target,
     };
     let figures = crate::bench::run(&options)?;

@@ -55,9 +55,14 @@ enum Command {
         /// PostgreSQL cluster started for the run, as the tests do).
         #[arg(long, default_value = "sled", conflicts_with = "target")]
         store: String,
-        /// A running vault to drive instead, e.g. https://127.0.0.1:8443
+        /// Nodes the bench starts over its throwaway PostgreSQL (with --store postgres); the
+        /// load is spread over them, one connection after another.
+        #[arg(long, default_value_t = 1, conflicts_with = "target")]
+        nodes: usize,
+        /// A running vault to drive instead, e.g. https://127.0.0.1:8443; repeat it for several
+        /// nodes, and the connections are spread over them.
         #[arg(long, requires_all = ["cert", "key", "ca"])]
-        target: Option<String>,
+        target: Vec<String>,
         /// Client certificate for --target (needs tokenize, read, customers, detokenize).
         #[arg(long)]
         cert: Option<PathBuf>,
@@ -331,22 +336,30 @@ fn main() -> ExitCode {
             scenarios,
             json,
             store,
+            nodes,
             target,
             cert,
             key,
             ca,
         } => {
             // clap's `requires_all` makes --cert, --key and --ca present whenever --target is.
-            let target = match (target, cert, key, ca) {
-                (Some(url), Some(cert), Some(key), Some(ca)) => Some(cardvault::bench::Target {
-                    url: url.clone(),
+            let target = match (target.is_empty(), cert, key, ca) {
+                (false, Some(cert), Some(key), Some(ca)) => Some(cardvault::bench::Target {
+                    urls: target.clone(),
                     cert: cert.clone(),
                     key: key.clone(),
                     ca: ca.clone(),
                 }),
                 _ => None,
             };
-            cardvault::commands::bench(duration, *concurrency, scenarios, *json, store, target)
+            cardvault::commands::bench(
+                duration,
+                *concurrency,
+                scenarios,
+                *json,
+                (store, *nodes),
+                target,
+            )
         }
     };
     match result {

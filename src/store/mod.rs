@@ -225,10 +225,11 @@ pub enum Store {
     Postgres(Postgres),
 }
 
-/// A CVC as a shared store keeps it: the DEK version it is sealed under, and the sealed bytes.
-pub type StoredCvc = (u32, Vec<u8>);
-/// A stored CVC with its key: `(project, id, version, sealed)`.
-pub type CvcRow = (String, String, u32, Vec<u8>);
+/// Sealed bytes as a shared store keeps a card's CVC: the DEK version they are sealed under,
+/// and the bytes (the store cannot open them).
+pub type SealedBlob = (u32, Vec<u8>);
+/// A [`SealedBlob`] with its key: `(project, id, version, sealed)`.
+pub type SealedRow = (String, String, u32, Vec<u8>);
 
 /// Dispatches a call to the engine: `engine!(self, s => s.method(args))`.
 macro_rules! engine {
@@ -402,7 +403,7 @@ impl Store {
         now: i64,
         versions: &[u32],
         decide: impl FnMut(&CardRecord) -> Result<CardRecord, E>,
-    ) -> Result<(Swap<CardRecord, E>, Option<Option<StoredCvc>>), StoreError> {
+    ) -> Result<(Swap<CardRecord, E>, Option<Option<SealedBlob>>), StoreError> {
         match self {
             Store::Sled(s) => Ok((s.swap_card(project, id, decide)?, None)),
             Store::Postgres(pg) => {
@@ -706,7 +707,11 @@ impl Store {
     }
 
     /// Removes a card's stored CVC, returning it unless it had expired.
-    pub async fn take_cvc(&self, project: &str, id: &str) -> Result<Option<StoredCvc>, StoreError> {
+    pub async fn take_cvc(
+        &self,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<SealedBlob>, StoreError> {
         match self {
             Store::Sled(_) => Ok(None),
             Store::Postgres(pg) => Box::pin(pg.take_cvc(project, id)).await,
@@ -731,7 +736,7 @@ impl Store {
 
     /// Stored CVCs sealed under another DEK version than `active` (at most `limit`), for
     /// re-encryption: `(project, id, version, sealed)`.
-    pub fn cvcs_not_under(&self, active: u32, limit: i64) -> Result<Vec<CvcRow>, StoreError> {
+    pub fn cvcs_not_under(&self, active: u32, limit: i64) -> Result<Vec<SealedRow>, StoreError> {
         match self {
             Store::Sled(_) => Ok(Vec::new()),
             Store::Postgres(pg) => pg.cvcs_not_under(active, limit),

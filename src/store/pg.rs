@@ -693,14 +693,16 @@ const MIGRATIONS: &[&str] = &[
     // 2: several daemons over one database. `nodes`: one row per running daemon, refreshed
     // every second (a row not refreshed for `NODE_LEASE` is a dead node's). `cvcs`: CVCs
     // sealed under the project's DEK until their first use or `expires_at` (milliseconds,
-    // the database's clock), whichever comes first.
+    // the database's clock), whichever comes first. Unlogged: a CVC never reaches the WAL,
+    // a standby or a WAL archive, and a crash or failover of the database forgets them, as a
+    // restart of a sled vault does (the card stays; its first use has no CVC).
     r#"
     CREATE TABLE nodes (boot_id bigint PRIMARY KEY, name text NOT NULL,
                         started_at timestamptz NOT NULL DEFAULT now(),
                         seen_at timestamptz NOT NULL DEFAULT now(),
                         active_version bigint NOT NULL DEFAULT 0,
                         holds_retired boolean NOT NULL DEFAULT false);
-    CREATE TABLE cvcs (project text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+    CREATE UNLOGGED TABLE cvcs (project text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
                        version bigint NOT NULL, expires_at bigint NOT NULL, value bytea NOT NULL,
                        PRIMARY KEY (project, id));
     CREATE INDEX cvcs_by_expiry ON cvcs (expires_at);
@@ -932,7 +934,7 @@ impl Postgres {
         &self,
         project: &str,
         id: &str,
-    ) -> Result<Option<super::StoredCvc>, StoreError> {
+    ) -> Result<Option<super::SealedBlob>, StoreError> {
         self.with_write(|conn| async move {
             let row = conn
                 .client
@@ -974,7 +976,7 @@ impl Postgres {
         &self,
         active: u32,
         limit: i64,
-    ) -> Result<Vec<super::CvcRow>, StoreError> {
+    ) -> Result<Vec<super::SealedRow>, StoreError> {
         let active = i64::from(active);
         self.block(self.with(|conn| async move {
             let rows = conn
@@ -1314,7 +1316,13 @@ impl Postgres {
         now: i64,
         versions: &[u32],
         mut decide: impl FnMut(&super::CardRecord) -> Result<super::CardRecord, E>,
-    ) -> Result<(Swap<super::CardRecord, E>, Option<Option<super::StoredCvc>>), StoreError> {
+    ) -> Result<
+        (
+            Swap<super::CardRecord, E>,
+            Option<Option<super::SealedBlob>>,
+        ),
+        StoreError,
+    > {
         let versions: Vec<i64> = versions.iter().map(|v| i64::from(*v)).collect();
         let step = self
             .with_write(|conn| async move {

@@ -817,7 +817,7 @@ impl Vault {
         keys: &ProjectKeys,
         project: &Project,
         id: &ObjectId,
-        taken: Option<Option<crate::store::StoredCvc>>,
+        taken: Option<Option<crate::store::SealedBlob>>,
     ) -> Result<Option<Cvc>, VaultError> {
         if !self.store.is_shared() {
             return Ok(self.cvcs.take(project, id));

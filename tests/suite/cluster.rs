@@ -227,8 +227,8 @@ fn three_nodes_serve_one_vault_exactly_once() {
     assert_eq!(setup.stored_cards(), 10);
 }
 
-/// A CVC kept in the shared store: sealed there (never its digits), gone at its first use
-/// whichever node uses it, and past `cvc_ttl` at every node.
+/// A CVC kept in the shared store: sealed there (never its digits) in an unlogged table, gone
+/// at its first use whichever node uses it, and past `cvc_ttl` at every node.
 #[test]
 fn a_cvc_is_shared_by_the_nodes_sealed_and_expires_everywhere() {
     let Some(setup) = cluster_setup("cluster-cvc", "cvc_ttl = \"2s\"") else {
@@ -246,6 +246,14 @@ fn a_cvc_is_shared_by_the_nodes_sealed_and_expires_everywhere() {
         .unwrap()
         .to_owned();
     let pg = setup.pg.as_ref().unwrap();
+    // Unlogged: never in the WAL, on a standby or in a WAL archive.
+    assert_eq!(
+        pg::query(
+            pg,
+            "SELECT relpersistence FROM pg_class WHERE relname = 'cvcs'"
+        ),
+        "u"
+    );
     let stored = pg::query(pg, "SELECT encode(value, 'hex') FROM cvcs");
     // Nonce, one sealed 4-byte code and its tag: never the code's digits.
     assert_eq!(stored.len(), 2 * (12 + 4 + 16), "{stored}");

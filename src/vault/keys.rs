@@ -1547,6 +1547,67 @@ mod tests {
         (vault, shares, cleanup)
     }
 
+    /// A store an earlier build left (keys wrapped by the KEK itself, no root key) gets a
+    /// root key at its first unseal: the same keys stay in use, now wrapped by the root key,
+    /// and the KEK wraps the root key alone.
+    #[test]
+    fn a_store_without_a_root_key_moves_its_keys_under_one_at_unseal() {
+        let dir = std::env::temp_dir().join(format!("cardvault-rootless-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = Cleanup(dir.clone());
+        let material = KeyMaterial::random().unwrap();
+        let kek = Kek::new(&material, "kek_test");
+        let store = crate::store::Store::open_sled(&dir.join("data"), 8 << 20).unwrap();
+        let probe = KeyMaterial::random().unwrap();
+        let check = kek.wrap(&kek_check_aad("kek_test"), &probe).unwrap();
+        store.set_kek_check(&check, "kek_test").unwrap();
+        let project = Project::parse("default").unwrap();
+        let (fingerprint, dek) = (
+            KeyMaterial::random().unwrap(),
+            KeyMaterial::random().unwrap(),
+        );
+        for (name, key) in [("fingerprint", &fingerprint), ("dek/1", &dek)] {
+            let wrapped = kek
+                .wrap(&super::super::key_aad(&project, name), key)
+                .unwrap();
+            store.insert_wrapped_key("default", name, &wrapped).unwrap();
+        }
+        let settings = crate::vault::VaultSettings {
+            card_token_ttl: Duration::from_secs(3600),
+            cvc_ttl: Duration::from_secs(60),
+            keys: KeySettings::default(),
+        };
+        let vault = Vault::open(
+            store,
+            KeySource::Dev(Box::new(Kek::new(&material, "kek_test"))),
+            settings,
+            Box::new(crate::audit::LogSink),
+        )
+        .unwrap();
+
+        // The same keys in use.
+        let keys = vault.project_keys(&project, false).unwrap().unwrap();
+        assert_eq!(
+            keys.fingerprint.fingerprint(b"4111111111111111"),
+            FingerprintKey::new(&fingerprint).fingerprint(b"4111111111111111")
+        );
+        let sealed = SealingKey::new(&dek).seal(b"aad", b"plain").unwrap();
+        let opened = keys.opener(1).unwrap().open(b"aad", &sealed).unwrap();
+        assert_eq!(opened.as_slice(), b"plain");
+        // Wrapped by the root key now; the KEK opens the root key only.
+        let aad = super::super::key_aad(&project, "dek/1");
+        let wrapped = vault
+            .store
+            .wrapped_key("default", "dek/1")
+            .unwrap()
+            .unwrap();
+        assert!(kek.unwrap(&aad, &wrapped).is_err());
+        let stored_root = vault.store.root_key().unwrap().unwrap();
+        let root = kek.unwrap(&root_aad("kek_test"), &stored_root).unwrap();
+        let unwrapped = Kek::new(&root, ROOT_ID).unwrap(&aad, &wrapped).unwrap();
+        assert_eq!(unwrapped.expose(), dek.expose());
+    }
+
     struct Cleanup(std::path::PathBuf);
 
     impl Drop for Cleanup {

@@ -197,9 +197,19 @@ impl LocalServer {
         let config = crate::dev::prepare(&dir, &format!("127.0.0.1:{first}")).map_err(setup)?;
         let mut text = std::fs::read_to_string(&config)?;
         text.push_str("\n[log]\nlevel = \"warn\"\n");
+        // Nodes on one machine share it: each gets its share of the HTTP workers and of the
+        // database connections for requests (a request thread's pool is `pool_size` over the
+        // cores), so the cluster runs about as many of each as one node would.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let nodes = ports.len();
+        let workers = (cores / nodes).max(1);
+        let pool_size = (32 * cores / (nodes * workers)).max(4);
+        if nodes > 1 {
+            text = format!("workers = {workers}\n{text}");
+        }
         let postgres = if postgres {
             let cluster = crate::throwaway::Cluster::start(&dir).map_err(setup)?;
-            text.push_str(&cluster.store_config("pool_size = 32"));
+            text.push_str(&cluster.store_config(&format!("pool_size = {pool_size}")));
             Some(cluster)
         } else {
             None

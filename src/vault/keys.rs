@@ -275,6 +275,8 @@ pub(super) struct KeyRing {
     /// When `state` was last read from a shared store, in milliseconds since `epoch`.
     refreshed: AtomicU64,
     epoch: Instant,
+    /// Held by a request reading the state itself because it was stale.
+    refreshing: Mutex<()>,
 }
 
 impl KeyRing {
@@ -291,6 +293,7 @@ impl KeyRing {
             settings,
             refreshed: AtomicU64::new(0),
             epoch: Instant::now(),
+            refreshing: Mutex::new(()),
         }
     }
 
@@ -631,11 +634,18 @@ impl Vault {
         create: bool,
     ) -> Result<Option<Arc<ProjectKeys>>, VaultError> {
         // A node that could not read the shared DEK state lately may have missed a rotation
-        // and then a destruction: it seals and opens nothing until it reads it again.
+        // and then a destruction: it seals and opens nothing until it reads it again. It
+        // tries once now (the database may just be back), one request at a time.
         if self.store.is_shared() && !self.keyring.fresh(STATE_LEASE) {
-            return Err(
-                StoreError::Database("the DEK state could not be read lately".into()).into(),
-            );
+            let read_now = match self.keyring.refreshing.try_lock() {
+                Ok(_one) => self.refresh_state().is_ok(),
+                Err(_) => false,
+            };
+            if !read_now || !self.keyring.fresh(STATE_LEASE) {
+                return Err(
+                    StoreError::Database("the DEK state could not be read lately".into()).into(),
+                );
+            }
         }
         let active = self.keyring.active_version();
         // Keys loaded from an earlier opening of the store are loaded again: their encryption

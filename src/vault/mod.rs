@@ -1129,11 +1129,20 @@ fn spawn_key_maintenance(vault: Weak<Vault>) {
 fn spawn_state_refresh(vault: Weak<Vault>) {
     let spawned = std::thread::Builder::new()
         .name("cardvault-keystate".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(1));
-            let Some(vault) = vault.upgrade() else { return };
-            if let Err(e) = vault.refresh_state() {
-                tracing::warn!(error = %e, "could not read the DEK state; retrying");
+        .spawn(move || {
+            let mut pause = Duration::from_secs(1);
+            loop {
+                std::thread::sleep(pause);
+                let Some(vault) = vault.upgrade() else { return };
+                // Every second; after a failure sooner, so a database that comes back is
+                // read again before the state counts as stale.
+                pause = match vault.refresh_state() {
+                    Ok(()) => Duration::from_secs(1),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read the DEK state; retrying");
+                        Duration::from_millis(200)
+                    }
+                };
             }
         });
     if let Err(e) = spawned {

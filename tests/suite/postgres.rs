@@ -114,6 +114,8 @@ fn a_database_outage_gets_503_and_the_vault_reconnects_by_itself() {
     };
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
+    let early = router.post("/v1/cards", &card_body(&test_pan(1)));
+    assert_eq!(early.status, 201, "{}", early.body);
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Outcomes::default()));
     let load = writers(&router, 4, &stop, &seen);
@@ -125,8 +127,9 @@ fn a_database_outage_gets_503_and_the_vault_reconnects_by_itself() {
         (503, "unavailable"),
         Duration::from_secs(15),
     );
-    // Down for a while: every request in this time is answered, none hangs.
-    std::thread::sleep(Duration::from_secs(3));
+    // Down for a while (longer than a node may go without reading the DEK state): every
+    // request in this time is answered, none hangs.
+    std::thread::sleep(Duration::from_secs(6));
     let during = seen.lock().unwrap().unavailable.len();
     assert!(
         during > 0,
@@ -134,6 +137,10 @@ fn a_database_outage_gets_503_and_the_vault_reconnects_by_itself() {
     );
     setup.pg.as_mut().unwrap().start_again().unwrap();
     wait_for_health(&setup, &daemon, (200, "ok"), Duration::from_secs(30));
+    // Healthy means serving: the first request reads the DEK state again itself rather than
+    // wait for the next round of the thread that does.
+    let res = detokenize(&router, early.json()["id"].as_str().unwrap());
+    assert_eq!(res.status, 200, "right after the outage: {}", res.body);
     // Writes succeed again on the same process.
     let before = seen.lock().unwrap().acked.len();
     let deadline = Instant::now() + Duration::from_secs(20);

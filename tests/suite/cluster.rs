@@ -493,6 +493,21 @@ fn load(
         .collect()
 }
 
+/// Stops the load and returns what it saw, which held nothing unexpected.
+fn finish<'a>(
+    stop: &AtomicBool,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    seen: &'a Mutex<Seen>,
+) -> std::sync::MutexGuard<'a, Seen> {
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
+    seen
+}
+
 /// kill -9 of one node under load: the others keep answering, every write any node
 /// acknowledged is there, and a retry of an idempotent request at another node gets the
 /// first outcome.
@@ -519,12 +534,7 @@ fn a_node_killed_under_load_loses_nothing_acknowledged() {
     nodes[0].take().unwrap().kill9();
     let at_kill = seen.lock().unwrap().acked.len();
     std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.join().unwrap();
-    }
-    let seen = seen.lock().unwrap();
-    assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
+    let seen = finish(&stop, workers, &seen);
     assert!(
         seen.acked.len() > at_kill + 20,
         "the other nodes stopped answering: {} then {}",
@@ -598,12 +608,7 @@ fn the_primary_dies_and_the_nodes_carry_on_with_the_promoted_standby() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.join().unwrap();
-    }
-    let seen = seen.lock().unwrap();
-    assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
+    let seen = finish(&stop, workers, &seen);
     assert!(
         seen.refused > 0,
         "no request was refused while there was no primary"

@@ -34,7 +34,7 @@ use std::time::Duration;
 use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 
 use super::{
     split_key, Batch, Codec, Malformed, Space, StoreError, Swap, Ticket, FORMAT, FORMAT_KEY,
@@ -712,7 +712,7 @@ const MIGRATIONS: &[&str] = &[
 /// Any constant: every daemon and `keys init` migrate under this advisory lock.
 const MIGRATION_LOCK: i64 = 0x6361_7264_7661_756c;
 
-/// The class of the advisory lock each daemon holds on its node name (see [`hold_name`]),
+/// The class of the advisory lock each daemon holds on its node name (see [`probe_session`]),
 /// with the name's hash as the object.
 const NODE_LOCK: i32 = 0x6376_6e64;
 /// Held by the one daemon that runs background work: key maintenance and sweeps.
@@ -1738,25 +1738,7 @@ impl Postgres {
             let conn = &mut *conn;
             let s = &conn.statements;
             let tx = conn.client.transaction().await.map_err(classify)?;
-            let swapped = match root.0 {
-                None => {
-                    tx.execute(
-                        "INSERT INTO meta (name, value) VALUES ($1, $2) \
-                         ON CONFLICT (name) DO NOTHING",
-                        &[&ROOT_KEY, &root.1],
-                    )
-                    .await
-                }
-                Some(old) => {
-                    tx.execute(
-                        "UPDATE meta SET value = $2 WHERE name = $1 AND value = $3",
-                        &[&ROOT_KEY, &root.1, &old],
-                    )
-                    .await
-                }
-            }
-            .map_err(classify)?;
-            if swapped != 1 {
+            if !swap_meta(&tx, ROOT_KEY, root.0, root.1).await? {
                 tx.rollback().await.map_err(classify)?;
                 return Ok(false);
             }
@@ -1814,29 +1796,9 @@ impl Postgres {
 
     /// Replaces the DEK state if it is still `old` (`None`: not written yet).
     pub fn swap_dek_state(&self, old: Option<&[u8]>, new: &[u8]) -> Result<bool, StoreError> {
-        self.block(self.with(|conn| async move {
-            let changed = match old {
-                None => {
-                    conn.client
-                        .execute(
-                            "INSERT INTO meta (name, value) VALUES ($1, $2) \
-                             ON CONFLICT (name) DO NOTHING",
-                            &[&DEK_STATE, &new],
-                        )
-                        .await
-                }
-                Some(old) => {
-                    conn.client
-                        .execute(
-                            "UPDATE meta SET value = $2 WHERE name = $1 AND value = $3",
-                            &[&DEK_STATE, &new, &old],
-                        )
-                        .await
-                }
-            }
-            .map_err(classify)?;
-            Ok(changed == 1)
-        }))
+        self.block(
+            self.with(|conn| async move { swap_meta(&conn.client, DEK_STATE, old, new).await }),
+        )
     }
 
     pub fn encryptions_reserved(&self, project: &str, version: u32) -> Result<u64, StoreError> {
@@ -1871,6 +1833,35 @@ impl Postgres {
             Ok(u64::try_from(total).unwrap_or(0))
         }))
     }
+}
+
+/// Compare-and-swap of a `meta` row: `new` replaces `old` (`None`: the row must not exist
+/// yet); `Ok(false)` when the row held something else.
+async fn swap_meta(
+    client: &impl GenericClient,
+    name: &str,
+    old: Option<&[u8]>,
+    new: &[u8],
+) -> Result<bool, StoreError> {
+    let changed =
+        match old {
+            None => client
+                .execute(
+                    "INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                    &[&name, &new],
+                )
+                .await,
+            Some(old) => {
+                client
+                    .execute(
+                        "UPDATE meta SET value = $2 WHERE name = $1 AND value = $3",
+                        &[&name, &new, &old],
+                    )
+                    .await
+            }
+        }
+        .map_err(classify)?;
+    Ok(changed == 1)
 }
 
 /// See [`Postgres::block`].

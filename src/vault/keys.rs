@@ -372,6 +372,18 @@ fn root_aad(kek_id: &str) -> Vec<u8> {
     crate::crypto::aad(&[b"cardvault/root-key/v1", kek_id.as_bytes()])
 }
 
+/// The root key wrapped by `kek`, and a new KEK check value: what a store under `kek` holds.
+fn wrap_root(kek: &Kek, root: &KeyMaterial) -> Result<(Vec<u8>, Vec<u8>), VaultError> {
+    let wrapped = kek
+        .wrap(&root_aad(kek.id()), root)
+        .map_err(VaultError::Keys)?;
+    let probe = KeyMaterial::random().map_err(VaultError::Keys)?;
+    let check = kek
+        .wrap(&kek_check_aad(kek.id()), &probe)
+        .map_err(VaultError::Keys)?;
+    Ok((wrapped, check))
+}
+
 /// The id the root key goes by in memory (it wraps keys as a KEK did).
 const ROOT_ID: &str = "root";
 
@@ -443,13 +455,7 @@ impl Vault {
     fn open_root(&self, kek: &Kek) -> Result<Option<Kek>, VaultError> {
         let Some((check, id)) = self.store.kek_check()? else {
             let material = KeyMaterial::random().map_err(VaultError::Keys)?;
-            let wrapped = kek
-                .wrap(&root_aad(kek.id()), &material)
-                .map_err(VaultError::Keys)?;
-            let probe = KeyMaterial::random().map_err(VaultError::Keys)?;
-            let check = kek
-                .wrap(&kek_check_aad(kek.id()), &probe)
-                .map_err(VaultError::Keys)?;
+            let (wrapped, check) = wrap_root(kek, &material)?;
             let made = self.store.rewrap(&[], (None, &wrapped), &check, kek.id())?;
             return Ok(made.then(|| Kek::new(&material, ROOT_ID)));
         };
@@ -1421,13 +1427,7 @@ impl Vault {
         let root = proven
             .unwrap(&root_aad(proven.id()), &wrapped_root)
             .map_err(|_| VaultError::Integrity("root key".into()))?;
-        let again = new_kek
-            .wrap(&root_aad(new_kek.id()), &root)
-            .map_err(VaultError::Keys)?;
-        let probe = KeyMaterial::random().map_err(VaultError::Keys)?;
-        let check = new_kek
-            .wrap(&kek_check_aad(new_kek.id()), &probe)
-            .map_err(VaultError::Keys)?;
+        let (again, check) = wrap_root(&new_kek, &root)?;
         if !self
             .store
             .rewrap(&[], (Some(&wrapped_root), &again), &check, new_kek.id())?

@@ -5,12 +5,14 @@
 //! HMAC-SHA-256 (ring) for card fingerprints. Key bytes live in `KeyMaterial` (wiped on drop,
 //! redacted `Debug`) and in cipher objects whose round keys are wiped on drop.
 //!
-//! The KEK comes from Shamir shares held by custodians ([`custody`]), or in `cardvault dev`
-//! from a local file named insecure ([`DevKey`]). This module knows nothing of HTTP, sled or
-//! card formats.
+//! The KEK comes from Shamir shares held by custodians ([`custody`]), from a PKCS#11 device
+//! ([`pkcs11`]), both behind one seam ([`seal`]), or in `cardvault dev` from a local file named
+//! insecure ([`DevKey`]). This module knows nothing of HTTP, sled or card formats.
 
 pub mod custody;
 mod local;
+pub mod pkcs11;
+pub mod seal;
 
 use std::fmt;
 
@@ -37,6 +39,8 @@ pub enum CryptoError {
     KeyFile(String),
     #[error("{0}")]
     Custody(String),
+    #[error(transparent)]
+    Hsm(#[from] pkcs11::HsmError),
 }
 
 /// 256 bits of key: wiped on drop, never printed.

@@ -35,6 +35,7 @@ pub fn run(config: &Config) -> Findings {
     }
     tls(config, &mut found);
     keys_dir(config, &mut found);
+    hsm(config, &mut found);
     if let crate::store::StoreConfig::Postgres(settings) = &config.store {
         database(settings, &mut found);
     }
@@ -167,6 +168,32 @@ fn keys_dir(config: &Config, found: &mut Findings) {
         found.problem(format!("{}: {}", audit_key.display(), e.0));
     }
     owners(dir, meta.uid(), found);
+}
+
+/// `[kek.pkcs11]`: a PIN file others may read is refused; a module or PIN file that is not
+/// there is a warning (the daemon starts sealed, says why, and tries again).
+fn hsm(config: &Config, found: &mut Findings) {
+    let crate::crypto::seal::Backend::Pkcs11(settings) = &config.kek else {
+        return;
+    };
+    if !settings.module.is_file() {
+        found.warning(format!(
+            "[kek.pkcs11] module {} does not exist: the daemon will stay sealed until it does \
+             (or custodians unseal it with recovery shares)",
+            settings.module.display()
+        ));
+    }
+    match std::fs::metadata(&settings.pin_file) {
+        Err(e) => found.warning(format!(
+            "[kek.pkcs11] pin_file {}: {e}: the daemon will stay sealed until it can read it",
+            settings.pin_file.display()
+        )),
+        Ok(_) => {
+            if let Err(e) = crate::crypto::custody::check_private(&settings.pin_file) {
+                found.problem(format!("[kek.pkcs11] pin_file: {e}"));
+            }
+        }
+    }
 }
 
 /// Anything below `dir` owned by someone else than `uid` (the folder's owner) may be

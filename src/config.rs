@@ -36,6 +36,8 @@ pub struct Config {
     /// Allows the single-file dev KEK (`cardvault dev`, tests). Never in production.
     pub insecure_dev_key: bool,
     pub keys: crate::vault::KeySettings,
+    /// `[kek]`: which backend holds the KEK (custodian shares, or a PKCS#11 device).
+    pub kek: crate::crypto::seal::Backend,
     /// The chained audit log; never inside `data_dir` or `keys_dir`.
     pub audit_path: PathBuf,
     /// The file this was loaded from, read again on `SIGHUP` for the TLS files and policies.
@@ -117,6 +119,8 @@ struct RawConfig {
     insecure_dev_key: bool,
     #[serde(default)]
     keys: RawKeys,
+    #[serde(default)]
+    kek: RawKek,
     audit: RawAudit,
     #[serde(default)]
     node: RawNode,
@@ -166,6 +170,23 @@ struct RawKeys {
     dek_max_age: Option<String>,
     reencrypt_batch: Option<usize>,
     reencrypt_pause: Option<String>,
+}
+
+/// `[kek]` and `[kek.pkcs11]`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKek {
+    backend: Option<String>,
+    pkcs11: Option<RawPkcs11>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPkcs11 {
+    module: PathBuf,
+    token_label: String,
+    key_label: String,
+    pin_file: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -324,6 +345,7 @@ impl Config {
             ))
             }
         };
+        let kek = kek_backend(raw.kek, &resolve)?;
         let config = Config {
             listen,
             store,
@@ -341,6 +363,7 @@ impl Config {
             log: raw.log,
             insecure_dev_key: raw.insecure_dev_key,
             keys,
+            kek,
             audit_path: resolve(raw.audit.path),
             source: None,
             node: node_name(raw.node.name)?,
@@ -426,6 +449,45 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 /// `[node] name`, or this host's name; 1 to 63 letters, digits, `.`, `_` or `-`.
+/// `[kek]`: `backend = "shamir"` (the default) or `"pkcs11"` with its `[kek.pkcs11]`.
+fn kek_backend(
+    raw: RawKek,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<crate::crypto::seal::Backend, String> {
+    use crate::crypto::seal::{Backend, Pkcs11Settings};
+    let settings = match raw.pkcs11 {
+        None => None,
+        Some(p) => {
+            for (name, label) in [("token_label", &p.token_label), ("key_label", &p.key_label)] {
+                // PKCS#11 labels are 32 bytes, blank-padded.
+                if label.is_empty() || label.len() > 32 || label.ends_with(' ') {
+                    return Err(format!(
+                        "[kek.pkcs11] {name}: 1 to 32 bytes, not ending in a space"
+                    ));
+                }
+            }
+            Some(Pkcs11Settings {
+                module: resolve(p.module),
+                token_label: p.token_label,
+                key_label: p.key_label,
+                pin_file: resolve(p.pin_file),
+            })
+        }
+    };
+    match (raw.backend.as_deref().unwrap_or("shamir"), settings) {
+        ("shamir", _) => Ok(Backend::Shamir),
+        ("pkcs11", Some(settings)) => Ok(Backend::Pkcs11(settings)),
+        ("pkcs11", None) => Err(
+            "[kek] backend = \"pkcs11\" needs a [kek.pkcs11] section (module, token_label, \
+             key_label, pin_file)"
+                .into(),
+        ),
+        (other, _) => Err(format!(
+            "[kek] backend {other:?} is not known: use \"shamir\" (the default) or \"pkcs11\""
+        )),
+    }
+}
+
 fn node_name(configured: Option<String>) -> Result<String, String> {
     let (name, from) = match configured {
         Some(name) => (name, "[node] name"),
@@ -587,6 +649,37 @@ mod tests {
         assert_eq!(c.tls.client_ca, Path::new("/etc/cardvault/ca.pem"));
         assert_eq!(c.card_token_ttl, Duration::from_secs(86_400));
         assert_eq!(c.cvc_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn kek_backend_is_read_and_checked() {
+        use crate::crypto::seal::Backend;
+        let c = Config::parse(MINIMAL, Path::new("/etc/cardvault")).unwrap();
+        assert_eq!(c.kek, Backend::Shamir);
+        let hsm = format!(
+            "{MINIMAL}\n[kek]\nbackend = \"pkcs11\"\n[kek.pkcs11]\nmodule = \"/usr/lib/m.so\"\n\
+             token_label = \"cardvault\"\nkey_label = \"cardvault-kek\"\npin_file = \"hsm.pin\"\n"
+        );
+        let Backend::Pkcs11(p) = Config::parse(&hsm, Path::new("/etc/cardvault"))
+            .unwrap()
+            .kek
+        else {
+            panic!("not pkcs11");
+        };
+        assert_eq!(p.pin_file, Path::new("/etc/cardvault/hsm.pin"));
+        assert_eq!(p.key_label, "cardvault-kek");
+        let no_section = format!("{MINIMAL}\n[kek]\nbackend = \"pkcs11\"\n");
+        assert!(Config::parse(&no_section, Path::new("/x"))
+            .unwrap_err()
+            .contains("[kek.pkcs11]"));
+        let unknown = format!("{MINIMAL}\n[kek]\nbackend = \"kms\"\n");
+        assert!(Config::parse(&unknown, Path::new("/x"))
+            .unwrap_err()
+            .contains("not known"));
+        let long = hsm.replace("\"cardvault-kek\"", &format!("\"{}\"", "k".repeat(33)));
+        assert!(Config::parse(&long, Path::new("/x"))
+            .unwrap_err()
+            .contains("key_label"));
     }
 
     #[test]

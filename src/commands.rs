@@ -267,30 +267,167 @@ pub fn keys_init(
         ));
     };
     let names: Vec<String> = custodians.split(',').map(|n| n.trim().to_owned()).collect();
-    let (custody, _shares) = write_custody(
-        &custody_dir,
-        &names,
-        threshold,
-        &Passphrases::parse(passphrase_files)?,
-    )?;
+    let passphrases = Passphrases::parse(passphrase_files)?;
+    if let crate::crypto::seal::Backend::Pkcs11(settings) = &config.kek {
+        return keys_init_pkcs11(&config, settings, &names, threshold, &passphrases);
+    }
+    let (custody, _shares) = write_custody(&custody_dir, &names, threshold, &passphrases)?;
     println!(
         "made KEK {} and split it {}-of-{}; the KEK itself was not written anywhere",
         custody.kek_id,
         custody.threshold,
         custody.custodians.len()
     );
+    print_shares(&custody, &custody_dir);
+    Ok(())
+}
+
+/// Where each custodian's share went.
+fn print_shares(custody: &Custody, custody_dir: &Path) {
     for c in &custody.custodians {
         println!(
             "  {}: {}",
             c.name,
-            custody::share_path(&custody_dir, &c.name).display()
+            custody::share_path(custody_dir, &c.name).display()
         );
     }
     println!(
         "each custodian keeps a copy of their own share file and passphrase; {} of them unseal",
         custody.threshold
     );
+}
+
+/// `keys init` with `[kek] backend = "pkcs11"`: the KEK is made inside the device (or the
+/// device's key with that label is taken, once its attributes pass); a recovery KEK is split
+/// among the custodians as with shamir; and the store gets its root key, wrapped by the
+/// device's KEK and, as the recovery copy, by the custodians' KEK. The store must be new.
+fn keys_init_pkcs11(
+    config: &Config,
+    settings: &crate::crypto::seal::Pkcs11Settings,
+    names: &[String],
+    threshold: u8,
+    passphrases: &Passphrases,
+) -> Result<(), CommandError> {
+    use crate::crypto::pkcs11::{Fault, Hsm};
+    use crate::crypto::seal::KekBackend;
+    store_stopped(config, "the store")?;
+    if let Some(dir) = config.data_dir() {
+        private_dir(dir)?;
+    }
+    let store =
+        crate::store::Store::open(&config.store).map_err(|e| CommandError::Store(e.to_string()))?;
+    if let Some(id) = store
+        .kek_id()
+        .map_err(|e| CommandError::Store(e.to_string()))?
+    {
+        return Err(CommandError::Keys(format!(
+            "the store is sealed under KEK {id} already: `cardvault keys migrate --to pkcs11` \
+             moves an existing store to the HSM"
+        )));
+    }
+    let hsm = Hsm::connect(settings, None).map_err(keys_error)?;
+    let kek = match hsm.open_key() {
+        Ok(kek) => {
+            println!(
+                "the token already holds a key labelled {:?} (KEK {}); its attributes pass, so \
+                 it is used",
+                settings.key_label,
+                kek.id()
+            );
+            kek
+        }
+        Err(e) if e.fault == Fault::KeyMissing => {
+            let id = new_kek_id().map_err(keys_error)?;
+            hsm.generate(&id).map_err(keys_error)?
+        }
+        Err(e) => return Err(keys_error(e)),
+    };
+    let custody_dir = config.keys_dir.join(CUSTODIANS_DIR);
+    let (custody, shares) = write_custody(&custody_dir, names, threshold, passphrases)?;
+    let sealed = (|| {
+        let refs: Vec<&Share> = shares.iter().collect();
+        let recovery = custody.combine(&refs).map_err(keys_error)?;
+        let recovery = crate::crypto::Kek::new(&recovery, &custody.kek_id);
+        crate::vault::seal_new_store(&store, &kek, &recovery).map_err(keys_error)?;
+        store
+            .close()
+            .map_err(|e| CommandError::Store(e.to_string()))
+    })();
+    if let Err(e) = sealed {
+        let _ = std::fs::remove_dir_all(&custody_dir);
+        return Err(e);
+    }
+    println!(
+        "KEK {} is in the HSM (token {:?}, key {:?}): sensitive, never extractable; nobody \
+         ever sees its bytes",
+        kek.id(),
+        settings.token_label,
+        settings.key_label
+    );
+    println!(
+        "made the store's root key, wrapped by the HSM's KEK, with a recovery copy under KEK \
+         {} split {}-of-{} among the custodians (break-glass if the HSM is lost)",
+        custody.kek_id,
+        custody.threshold,
+        custody.custodians.len()
+    );
+    print_shares(&custody, &custody_dir);
     Ok(())
+}
+
+/// `cardvault keys migrate --to pkcs11|shamir`: k custodians open their shares, and the
+/// daemon moves the store's seal while it serves (the root key re-wrapped, nothing else).
+pub fn keys_migrate(
+    connect: &Connect,
+    to: &str,
+    share_files: &[PathBuf],
+    passphrase_files: &[String],
+) -> Result<(), CommandError> {
+    let (config, client) = connect.open()?;
+    if to != config.kek.name() {
+        return Err(CommandError::Keys(format!(
+            "--to {to}, but {} says [kek] backend = {:?}: set the backend (and, for pkcs11, \
+             [kek.pkcs11]) in the config first, so the daemon's next start uses the new seal",
+            connect.config.display(),
+            config.kek.name()
+        )));
+    }
+    let custody = Custody::load(&config.keys_dir.join(CUSTODIANS_DIR)).map_err(keys_error)?;
+    let shares = open_custodians_shares(&custody, share_files, passphrase_files)?;
+    // Built by hand so shares only ever sit in wiping memory (custodian names and `to` are
+    // letters, digits, '-', '_' and '.': nothing to escape).
+    let mut body = wiping(r#"{"to":""#);
+    body.push_str(to);
+    body.push_str(r#"","shares":"#);
+    body.push_str(&share_entries(&shares));
+    body.push('}');
+    let reply = expect_ok(
+        client
+            .send("POST", "/v1/admin/keys/migrate", Some(body.as_bytes()))
+            .map_err(keys_error)?,
+    )?;
+    println!(
+        "the store is sealed by {to} now (KEK {}); no record was re-encrypted",
+        at(&reply, "/kek_id").as_str().unwrap_or("")
+    );
+    Ok(())
+}
+
+/// Shares as the JSON list the key endpoints take, in wiping memory.
+fn share_entries(list: &[Share]) -> Zeroizing<String> {
+    let mut out = wiping("[");
+    for (i, s) in list.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(r#"{"custodian":""#);
+        out.push_str(&s.custodian);
+        out.push_str(r#"","share":""#);
+        out.push_str(&s.to_hex());
+        out.push_str(r#""}"#);
+    }
+    out.push(']');
+    out
 }
 
 /// How an operator command reaches the daemon.
@@ -353,6 +490,24 @@ fn open_share_file(path: &Path, passphrases: &Passphrases) -> Result<Share, Comm
         false,
     )?;
     custody::open_share(&text, passphrase.as_bytes()).map_err(keys_error)
+}
+
+/// Opens each share file with its custodian's passphrase and checks it is a share of
+/// `custody`'s KEK, before anything is sent.
+fn open_custodians_shares(
+    custody: &Custody,
+    share_files: &[PathBuf],
+    passphrase_files: &[String],
+) -> Result<Vec<Share>, CommandError> {
+    let passphrases = Passphrases::parse(passphrase_files)?;
+    let shares = share_files
+        .iter()
+        .map(|f| open_share_file(f, &passphrases))
+        .collect::<Result<Vec<_>, _>>()?;
+    for share in &shares {
+        custody.verify(share).map_err(keys_error)?;
+    }
+    Ok(shares)
 }
 
 /// `cardvault unseal`: opens one share locally and submits it with the custodian's own
@@ -452,6 +607,42 @@ pub fn keys_status(connect: &Connect, json: bool) -> Result<(), CommandError> {
         at(&inventory, "/sealed"),
         at(&inventory, "/active_dek_version")
     );
+    let seal = at(&inventory, "/seal");
+    let text = |p: &str| at(seal, p).as_str().unwrap_or("-").to_owned();
+    print!("seal: {}", text("/backend"));
+    if seal.get("token").is_some() {
+        print!(
+            " (token {:?}, key {:?})",
+            text("/token"),
+            text("/key_label")
+        );
+    }
+    if seal.get("unsealed_by").is_some() {
+        print!("   unsealed by: {}", text("/unsealed_by"));
+    }
+    println!();
+    if let Some(a) = seal.get("attributes") {
+        let flag = |name: &str| at(a, &format!("/{name}")) == true;
+        println!(
+            "  HSM key {}: AES-{}, sensitive={} always_sensitive={} extractable={} \
+             never_extractable={} encrypt={} decrypt={} wrap={} unwrap={} derive={} sign={}",
+            at(a, "/id").as_str().unwrap_or(""),
+            at(a, "/bits"),
+            flag("sensitive"),
+            flag("always_sensitive"),
+            flag("extractable"),
+            flag("never_extractable"),
+            flag("encrypt"),
+            flag("decrypt"),
+            flag("wrap"),
+            flag("unwrap"),
+            flag("derive"),
+            flag("sign"),
+        );
+    }
+    if seal.get("fault").is_some() {
+        println!("  HSM fault: {}", text("/fault"));
+    }
     println!(
         "{:<28} {:<13} {:<13} {:>11} {:>9}  purpose",
         "key", "algorithm", "state", "encryptions", "records"
@@ -563,20 +754,21 @@ fn settle_unfinished_rekey(
             "the vault is sealed: unseal it and run this again",
         ));
     }
+    // The custodians' KEK: the store's KEK, or its recovery KEK while the KEK is in an HSM.
     let in_use = inventory
         .get("keys")
         .and_then(serde_json::Value::as_array)
         .into_iter()
         .flatten()
-        .find(|k| {
+        .filter(|k| {
             k.get("purpose")
                 .and_then(serde_json::Value::as_str)
-                .is_some_and(|p| p.starts_with("key-encryption"))
+                .is_some_and(|p| p.starts_with("key-encryption") || p.starts_with("recovery"))
         })
-        .and_then(|k| k.get("id"))
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+        .filter_map(|k| k.get("id").and_then(serde_json::Value::as_str))
+        .map(str::to_owned)
+        .find(|id| *id == next.kek_id || *id == current.kek_id)
+        .unwrap_or_default();
     if in_use == next.kek_id {
         promote(current_dir, next_dir, &next.kek_id)?;
         println!(
@@ -634,14 +826,7 @@ pub fn keys_rekey(
     if next_dir.exists() && settle_unfinished_rekey(&client, &current_dir, &next_dir)? {
         return Ok(());
     }
-    let passphrases = Passphrases::parse(passphrase_files)?;
-    let shares = share_files
-        .iter()
-        .map(|f| open_share_file(f, &passphrases))
-        .collect::<Result<Vec<_>, _>>()?;
-    for share in &shares {
-        current.verify(share).map_err(keys_error)?;
-    }
+    let shares = open_custodians_shares(&current, share_files, passphrase_files)?;
     let names: Vec<String> = custodians.split(',').map(|n| n.trim().to_owned()).collect();
     let (next, mut next_shares) = write_custody(
         &next_dir,
@@ -654,23 +839,8 @@ pub fn keys_rekey(
     let result = (|| {
         // Built by hand so shares only ever sit in wiping memory (custodian names are
         // letters, digits, '-', '_' and '.': nothing to escape).
-        let entries = |list: &[Share]| -> Zeroizing<String> {
-            let mut out = wiping("[");
-            for (i, s) in list.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(r#"{"custodian":""#);
-                out.push_str(&s.custodian);
-                out.push_str(r#"","share":""#);
-                out.push_str(&s.to_hex());
-                out.push_str(r#""}"#);
-            }
-            out.push(']');
-            out
-        };
         let next_json = serde_json::to_string(&next).map_err(keys_error)?;
-        let (current_entries, next_entries) = (entries(&shares), entries(&next_shares));
+        let (current_entries, next_entries) = (share_entries(&shares), share_entries(&next_shares));
         let mut body = wiping(r#"{"shares":"#);
         body.push_str(&current_entries);
         body.push_str(r#","next":"#);
@@ -1010,8 +1180,16 @@ pub fn store_copy(from: &Path, to: &Path) -> Result<(), CommandError> {
         match source.root_key().map_err(failed("--from"))? {
             Some(root) => {
                 let held = target.root_key().map_err(failed("--to"))?;
+                let recovery = source.recovery_root().map_err(failed("--from"))?;
+                let held_recovery = target.recovery_root().map_err(failed("--to"))?;
                 if !target
-                    .rewrap(&[], (held.as_deref(), &root), &check, &kek_id)
+                    .rewrap(
+                        &[],
+                        (held.as_deref(), &root),
+                        &check,
+                        &kek_id,
+                        Some((held_recovery.as_deref(), recovery.as_deref())),
+                    )
                     .map_err(failed("--to"))?
                 {
                     return Err(CommandError::Store(
@@ -1024,8 +1202,12 @@ pub fn store_copy(from: &Path, to: &Path) -> Result<(), CommandError> {
                 .map_err(failed("--to"))?,
         }
     }
-    // Verify: the same root key and entries, byte for byte, each a well-formed record.
-    if source.root_key().map_err(failed("--from"))? != target.root_key().map_err(failed("--to"))? {
+    // Verify: the same root key (and recovery copy) and entries, byte for byte, each a
+    // well-formed record.
+    if source.root_key().map_err(failed("--from"))? != target.root_key().map_err(failed("--to"))?
+        || source.recovery_root().map_err(failed("--from"))?
+            != target.recovery_root().map_err(failed("--to"))?
+    {
         return Err(CommandError::Store(
             "verification failed: the destination's root key differs from the source's".into(),
         ));

@@ -203,7 +203,9 @@ enum AuditCommand {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Make the KEK and split it among custodians (k of n unseal), or make the insecure dev key.
+    /// Make the KEK and split it among custodians (k of n unseal); with [kek] backend =
+    /// "pkcs11", make the KEK inside the HSM and split a recovery KEK among the custodians;
+    /// or make the insecure dev key.
     Init {
         /// The daemon's config file (TOML).
         #[arg(long)]
@@ -255,6 +257,21 @@ enum KeysCommand {
         #[arg(long = "new-passphrase-file")]
         new_passphrase_files: Vec<String>,
     },
+    /// Move the seal while serving: to pkcs11 (the KEK in the HSM the config names, the
+    /// custodians' KEK kept for recovery) or back to shamir; k custodians' shares.
+    Migrate {
+        #[command(flatten)]
+        connect: Connect,
+        /// The seal to move to: pkcs11 or shamir (the config's [kek] backend must say the same).
+        #[arg(long, value_parser = ["pkcs11", "shamir"])]
+        to: String,
+        /// A custodian's share file; give k of them.
+        #[arg(long = "share", required = true)]
+        shares: Vec<PathBuf>,
+        /// NAME=PATH: a custodian's passphrase file; repeatable.
+        #[arg(long = "passphrase-file")]
+        passphrase_files: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -304,6 +321,12 @@ fn main() -> ExitCode {
                 *threshold,
                 new_passphrase_files,
             ),
+            KeysCommand::Migrate {
+                connect,
+                to,
+                shares,
+                passphrase_files,
+            } => cardvault::commands::keys_migrate(&connect.to_lib(), to, shares, passphrase_files),
         },
         Command::Audit {
             command:

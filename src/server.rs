@@ -148,10 +148,12 @@ fn open_audit(config: &Config) -> Result<(FileAndLog, std::fs::File), StartupErr
     Ok((FileAndLog(sink), lock))
 }
 
-/// Where the KEK comes from: custodian shares (the vault starts sealed), or the insecure dev
-/// key when the config allows it. Of `custodians/` and `custodians.next/` (left by a rekey
-/// that switched the store but not yet the folders), the one for the store's KEK is used.
-fn key_source(config: &Config, store_kek: Option<String>) -> Result<KeySource, StartupError> {
+/// Where the KEK comes from: custodian shares (the vault starts sealed), a PKCS#11 device
+/// (`[kek] backend = "pkcs11"`: the vault unseals itself, the custodians' shares rebuild the
+/// recovery KEK), or the insecure dev key when the config allows it. Of the custodian folders
+/// (`custodians/`, and `custodians.next/` left by a rekey that switched the store but not yet
+/// the folders), the one for a KEK the store is under is used.
+fn key_source(config: &Config, store_keks: &[String]) -> Result<KeySource, StartupError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&config.keys_dir)
         .map_err(|e| StartupError::Keys(format!("{}: {e}", config.keys_dir.display())))?
@@ -175,11 +177,30 @@ fn key_source(config: &Config, store_kek: Option<String>) -> Result<KeySource, S
             config.keys_dir.display()
         )));
     }
-    if let Some(first) = candidates.first() {
-        let chosen = match &store_kek {
-            None => Some(first),
-            Some(id) => candidates.iter().find(|c| &c.kek_id == id),
+    let chosen = match store_keks {
+        [] => candidates.first(),
+        ids => candidates.iter().find(|c| ids.contains(&c.kek_id)),
+    };
+    if let crate::crypto::seal::Backend::Pkcs11(settings) = &config.kek {
+        let Some(recovery) = chosen else {
+            return Err(StartupError::Keys(format!(
+                "{}: the pkcs11 backend needs the custodians' recovery custody \
+                 (custodians/kek.json{}); `cardvault keys init` makes it",
+                config.keys_dir.display(),
+                if candidates.is_empty() {
+                    String::new()
+                } else {
+                    format!(", for one of {}", store_keks.join(" and "))
+                }
+            )));
         };
+        tracing::info!(token = %settings.token_label, key = %settings.key_label, recovery = %recovery.kek_id, "KEK held by an HSM; custodians hold the recovery KEK");
+        return Ok(KeySource::Hsm {
+            settings: settings.clone(),
+            recovery: Some(recovery.clone()),
+        });
+    }
+    if !candidates.is_empty() {
         return match chosen {
             Some(custody) => {
                 tracing::info!(kek = %custody.kek_id, threshold = custody.threshold, custodians = custody.custodians.len(), "KEK held by custodians");
@@ -193,7 +214,7 @@ fn key_source(config: &Config, store_kek: Option<String>) -> Result<KeySource, S
                     .map(|c| c.kek_id.as_str())
                     .collect::<Vec<_>>()
                     .join(" and "),
-                store_kek.unwrap_or_default()
+                store_keks.join(" and ")
             ))),
         };
     }
@@ -393,7 +414,8 @@ impl Application {
             other => StartupError::Store(other),
         })?;
         tracing::info!(engine = store.engine(), "store open");
-        let source = key_source(config, store.kek_id()?)?;
+        let store_keks = crate::vault::store_kek_ids(&store).map_err(StartupError::Vault)?;
+        let source = key_source(config, &store_keks)?;
         let settings = VaultSettings {
             card_token_ttl: config.card_token_ttl,
             cvc_ttl: config.cvc_ttl,
@@ -408,7 +430,16 @@ impl Application {
             .audit_event(Actor::system(), "daemon.start", &Ok::<(), VaultError>(()))
             .map_err(StartupError::Vault)?;
         if vault.is_sealed() {
-            tracing::warn!("the vault is SEALED: k custodians must run `cardvault unseal`");
+            match &config.kek {
+                crate::crypto::seal::Backend::Pkcs11(_) => tracing::warn!(
+                    "the vault is SEALED: the HSM did not unseal it (the log above says why); it \
+                     tries again with backoff, and k custodians can unseal it with their \
+                     recovery shares (`cardvault unseal`)"
+                ),
+                crate::crypto::seal::Backend::Shamir => {
+                    tracing::warn!("the vault is SEALED: k custodians must run `cardvault unseal`")
+                }
+            }
         }
 
         let listener = TcpListener::bind(config.listen).map_err(|source| StartupError::Bind {
@@ -425,6 +456,7 @@ impl Application {
             policy: std::sync::RwLock::new(policy),
             limits: crate::limits::Limiter::default(),
             tls: Arc::clone(&tls_state),
+            config: config.clone(),
         });
         let generation = Arc::clone(&tls_state);
         spawn_expiry_warnings(Arc::clone(&tls_state));

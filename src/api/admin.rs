@@ -36,9 +36,13 @@ pub async fn unseal(
     let result = web::block(move || vault.unseal(&identity, &body.kek_id, body.share.expose()))
         .await
         .map_err(|_| ApiError::INTERNAL)?;
-    state
-        .vault
-        .audit_event(grant.actor(), "keys.unseal", &result)?;
+    // Shares of the recovery KEK while the KEK is in an HSM: the break-glass path, audited
+    // under its own action.
+    let action = match &result {
+        Ok(progress) if progress.recovery => "keys.unseal.recovery",
+        _ => "keys.unseal",
+    };
+    state.vault.audit_event(grant.actor(), action, &result)?;
     Ok(json(StatusCode::OK, &result?))
 }
 
@@ -109,10 +113,13 @@ pub async fn rekey(
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant::<Keys>(&req, &state)?;
     let body = parse_json::<RekeyRequest>(&read_body(&req, payload).await?)?;
+    if state.vault.is_sealed() {
+        return Err(VaultError::Sealed.into());
+    }
     let current_id = state
         .vault
-        .kek_id()
-        .ok_or(ApiError::from(VaultError::Sealed))?;
+        .custody_kek_id()
+        .ok_or(ApiError::from(VaultError::NoCustody))?;
     let current = shares(&current_id, &body.shares)?;
     let next_shares = shares(&body.next.kek_id, &body.next_shares)?;
     let vault = state.vault.clone();
@@ -127,6 +134,71 @@ pub async fn rekey(
         .audit_event(grant.actor(), "keys.rekey", &result)
     {
         tracing::error!(error = %e, "the rekey could not be audited");
+    }
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"kek_id": result?}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    /// `pkcs11` or `shamir`.
+    to: String,
+    /// k shares of the custodians' KEK: proof of custody.
+    shares: Vec<SubmittedShare>,
+}
+
+/// `POST /v1/admin/keys/migrate`: moves the seal to the backend named (with the settings of
+/// the daemon's own config file, read again now), re-wrapping the root key only.
+pub async fn migrate(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Keys>(&req, &state)?;
+    let body = parse_json::<MigrateRequest>(&read_body(&req, payload).await?)?;
+    let custody_id = state
+        .vault
+        .custody_kek_id()
+        .ok_or(ApiError::from(VaultError::NoCustody))?;
+    let shares = shares(&custody_id, &body.shares)?;
+    let vault = state.vault.clone();
+    let config = state.config.clone();
+    let to = body.to;
+    let result = web::block(move || {
+        let backend = match &config.source {
+            Some(path) => {
+                crate::config::Config::load(path)
+                    .map_err(|e| VaultError::Seal(e.to_string()))?
+                    .kek
+            }
+            None => config.kek.clone(),
+        };
+        let target = match (to.as_str(), backend) {
+            ("shamir", _) => crate::crypto::seal::Backend::Shamir,
+            ("pkcs11", b @ crate::crypto::seal::Backend::Pkcs11(_)) => b,
+            ("pkcs11", _) => {
+                return Err(VaultError::Seal(
+                    "the config names no [kek.pkcs11]: set [kek] backend = \"pkcs11\" and its \
+                     section first"
+                        .into(),
+                ))
+            }
+            _ => return Err(VaultError::Seal("`to` is pkcs11 or shamir".into())),
+        };
+        vault.migrate_seal(&target, &shares)
+    })
+    .await
+    .map_err(|_| ApiError::INTERNAL)?;
+    // Like a rekey: a migration that committed is reported as done even if its audit line
+    // failed (logged), or the operator would act on a seal that is not the one in use.
+    if let Err(e) = state
+        .vault
+        .audit_event(grant.actor(), "keys.migrate", &result)
+    {
+        tracing::error!(error = %e, "the seal migration could not be audited");
     }
     Ok(json(
         StatusCode::OK,

@@ -300,6 +300,22 @@ impl From<VaultError> for ApiError {
                     "the shares rebuild a key that does not open this store",
                 )
             }
+            VaultError::Hsm(_) => {
+                tracing::error!(error = %e, "the HSM could not be used");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "hsm_unavailable",
+                    "the HSM holding the KEK could not be used; the daemon's log says why",
+                )
+            }
+            VaultError::Seal(_) => {
+                tracing::warn!(error = %e, "seal change refused");
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "seal_refused",
+                    "the seal cannot be changed as asked; the daemon's log says why",
+                )
+            }
             VaultError::KeyExhausted => {
                 tracing::error!(error = %e, "data key exhausted; rotate now");
                 ApiError::new(

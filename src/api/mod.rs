@@ -40,6 +40,8 @@ pub struct AppState {
     pub limits: crate::limits::Limiter,
     /// For checking connections made before a reload against the current CA and CRLs.
     pub tls: Arc<crate::tls::TlsState>,
+    /// The config the daemon started with; a seal migration reads its file again.
+    pub config: crate::config::Config,
 }
 
 /// Routes, shared by the daemon and anything else that serves the API.
@@ -52,6 +54,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(resource("/admin/keys").route(web::get().to(admin::inventory)))
             .service(resource("/admin/keys/rotate").route(web::post().to(admin::rotate)))
             .service(resource("/admin/keys/rekey").route(web::post().to(admin::rekey)))
+            .service(resource("/admin/keys/migrate").route(web::post().to(admin::migrate)))
             .service(resource("/cards").route(web::post().to(tokenize)))
             .service(resource("/cards/{id}").route(web::get().to(card)))
             .service(resource("/detokenize").route(web::post().to(detokenize)))
@@ -398,10 +401,14 @@ async fn health(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         return Err(ApiError::FORBIDDEN);
     }
     Ok(if state.vault.is_sealed() {
-        json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"status": "sealed", "sealed": true}),
-        )
+        // With an HSM seal, why the device did not unseal it (a stable code, never a path).
+        let body = match state.vault.seal_fault() {
+            Some(reason) => {
+                serde_json::json!({"status": "sealed", "sealed": true, "reason": reason})
+            }
+            None => serde_json::json!({"status": "sealed", "sealed": true}),
+        };
+        json(StatusCode::SERVICE_UNAVAILABLE, &body)
     } else if !state.vault.ready() {
         // "unavailable" mends by itself (a full disk with room again, an audit log that can
         // be written again); "restart_required" does not.

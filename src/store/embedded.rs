@@ -140,6 +140,7 @@ impl Drop for Shared {
 const KEK_CHECK: &[u8] = b"kek_check";
 const KEK_ID: &[u8] = b"kek_id";
 const ROOT_KEY: &[u8] = b"root_key";
+const RECOVERY_ROOT: &[u8] = b"recovery_root";
 const DEK_STATE: &[u8] = b"dek_state";
 const ENCRYPTIONS: &str = "encryptions/";
 
@@ -536,6 +537,11 @@ impl Sled {
         self.with(|g| Ok(g.meta.get(ROOT_KEY)?.map(|v| v.to_vec())))
     }
 
+    /// The root key as the custodians' recovery KEK wraps it, if the store has one.
+    pub fn recovery_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|g| Ok(g.meta.get(RECOVERY_ROOT)?.map(|v| v.to_vec())))
+    }
+
     /// Records the KEK check value and id of a new store, durably, before anything is sealed.
     pub fn set_kek_check(&self, wrapped: &[u8], kek_id: &str) -> Result<(), StoreError> {
         self.write(|g| {
@@ -574,12 +580,22 @@ impl Sled {
         root: (Option<&[u8]>, &[u8]),
         check: &[u8],
         kek_id: &str,
+        recovery: Option<super::MetaSwap<'_>>,
     ) -> Result<bool, StoreError> {
         use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
         self.write(|g| {
             let outcome = (&g.keys, &g.meta).transaction(|(keys, meta)| {
                 if meta.get(ROOT_KEY)?.as_deref() != root.0 {
                     return Err(ConflictableTransactionError::Abort(()));
+                }
+                if let Some((old, new)) = recovery {
+                    if meta.get(RECOVERY_ROOT)?.as_deref() != old {
+                        return Err(ConflictableTransactionError::Abort(()));
+                    }
+                    match new {
+                        Some(new) => meta.insert(RECOVERY_ROOT, new)?,
+                        None => meta.remove(RECOVERY_ROOT)?,
+                    };
                 }
                 meta.insert(ROOT_KEY, root.1)?;
                 for (project, name, old, new) in rewrapped {

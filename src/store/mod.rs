@@ -230,6 +230,9 @@ pub enum Store {
 pub type SealedBlob = (u32, Vec<u8>);
 /// A [`SealedBlob`] with its key: `(project, id, version, sealed)`.
 pub type SealedRow = (String, String, u32, Vec<u8>);
+/// A compare-and-swap of one meta row: what it must hold now, what it then holds (`None`:
+/// absent).
+pub type MetaSwap<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
 
 /// Dispatches a call to the engine: `engine!(self, s => s.method(args))`.
 macro_rules! engine {
@@ -615,22 +618,31 @@ impl Store {
     }
 
     /// Replaces the wrapped root key (`root.0` by `root.1`, `None`: there is none yet), the
-    /// wrapped keys listed and the KEK check value and id, in one transaction, durably: after a
-    /// crash the store is wholly as before or wholly as after. `Ok(false)`: the root key or some
-    /// wrapped key is no longer what the change was made from (another node changed it).
+    /// wrapped keys listed, the KEK check value and id, and (when `recovery` is given) the
+    /// recovery copy of the root key (`None` on either side: absent), in one transaction,
+    /// durably: after a crash the store is wholly as before or wholly as after. `Ok(false)`:
+    /// the root key, its recovery copy or some wrapped key is no longer what the change was
+    /// made from (another node changed it).
     pub fn rewrap(
         &self,
         rewrapped: &[(String, String, Vec<u8>, Vec<u8>)],
         root: (Option<&[u8]>, &[u8]),
         check: &[u8],
         kek_id: &str,
+        recovery: Option<MetaSwap<'_>>,
     ) -> Result<bool, StoreError> {
-        engine!(self, s => s.rewrap(rewrapped, root, check, kek_id))
+        engine!(self, s => s.rewrap(rewrapped, root, check, kek_id, recovery))
     }
 
     /// The root key as the KEK wraps it, if the store has one yet.
     pub fn root_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
         engine!(self, s => s.root_key())
+    }
+
+    /// The recovery copy of the root key (wrapped by the custodians' KEK while the KEK itself
+    /// is in an HSM), if the store has one.
+    pub fn recovery_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        engine!(self, s => s.recovery_root())
     }
 
     /// Removes a wrapped key (a destroyed DEK version). Not durable on sled until the next

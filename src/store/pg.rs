@@ -727,6 +727,7 @@ const KEK_CHECK: &str = "kek_check";
 const KEK_ID: &str = "kek_id";
 const DEK_STATE: &str = "dek_state";
 const ROOT_KEY: &str = "root_key";
+const RECOVERY_ROOT: &str = "recovery_root";
 
 /// Connections kept for blocking callers (key maintenance, sweeps, admin actions).
 const BACKGROUND_CONNECTIONS: usize = 4;
@@ -1733,12 +1734,34 @@ impl Postgres {
         root: (Option<&[u8]>, &[u8]),
         check: &[u8],
         kek_id: &str,
+        recovery: Option<super::MetaSwap<'_>>,
     ) -> Result<bool, StoreError> {
         self.block(self.with_pooled(|mut conn| async move {
             let conn = &mut *conn;
             let s = &conn.statements;
             let tx = conn.client.transaction().await.map_err(classify)?;
-            if !swap_meta(&tx, ROOT_KEY, root.0, root.1).await? {
+            let recovered = match recovery {
+                None => true,
+                Some((old, Some(new))) => swap_meta(&tx, RECOVERY_ROOT, old, new).await?,
+                Some((Some(old), None)) => {
+                    tx.execute(
+                        "DELETE FROM meta WHERE name = $1 AND value = $2",
+                        &[&RECOVERY_ROOT, &old],
+                    )
+                    .await
+                    .map_err(classify)?
+                        == 1
+                }
+                Some((None, None)) => tx
+                    .query_opt(
+                        "SELECT 1 FROM meta WHERE name = $1 FOR UPDATE",
+                        &[&RECOVERY_ROOT],
+                    )
+                    .await
+                    .map_err(classify)?
+                    .is_none(),
+            };
+            if !recovered || !swap_meta(&tx, ROOT_KEY, root.0, root.1).await? {
                 tx.rollback().await.map_err(classify)?;
                 return Ok(false);
             }
@@ -1792,6 +1815,10 @@ impl Postgres {
 
     pub fn root_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.block(self.meta(ROOT_KEY))
+    }
+
+    pub fn recovery_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.block(self.meta(RECOVERY_ROOT))
     }
 
     /// Replaces the DEK state if it is still `old` (`None`: not written yet).

@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{open, seal, secs, unix_now, Blob, ProjectKeys, Vault, VaultError, KEK_CHECK_AAD};
 use crate::crypto::custody::{Custody, Share};
+use crate::crypto::pkcs11::{Hsm, KeyAttributes};
+use crate::crypto::seal::{Backend, KekBackend, Pkcs11Settings};
 use crate::crypto::{FingerprintKey, Kek, KeyMaterial, SealingKey};
 use crate::store::{CardRecord, CustomerRecord, Ledger, StoreError, TokenRecord};
 use crate::tokens::Project;
@@ -84,6 +86,12 @@ impl Default for KeySettings {
 pub enum KeySource {
     /// Custodian shares: the vault starts sealed.
     Custody(Custody),
+    /// A PKCS#11 device: the vault unseals itself through it, and the custodians' shares (the
+    /// recovery KEK's) unseal it when the device cannot.
+    Hsm {
+        settings: Pkcs11Settings,
+        recovery: Option<Custody>,
+    },
     /// The insecure dev key, already loaded.
     Dev(Box<Kek>),
 }
@@ -266,6 +274,8 @@ pub(super) struct KeyRing {
     pub unsealed: std::sync::atomic::AtomicBool,
     pub custody: Mutex<Option<Custody>>,
     pub unsealing: Mutex<Unsealing>,
+    /// The PKCS#11 side of the seal, when the config names one.
+    pub seal: Mutex<SealStatus>,
     pub state: std::sync::RwLock<DekState>,
     /// Every DEK handed out, to know when no request holds a retired version any more.
     pub issued: Mutex<Vec<Weak<Dek>>>,
@@ -287,6 +297,7 @@ impl KeyRing {
             unsealed: std::sync::atomic::AtomicBool::new(false),
             custody: Mutex::new(custody),
             unsealing: Mutex::new(Unsealing::default()),
+            seal: Mutex::new(SealStatus::default()),
             state: std::sync::RwLock::new(DekState::initial(unix_now())),
             issued: Mutex::new(Vec::new()),
             admin: Mutex::new(()),
@@ -318,6 +329,48 @@ impl KeyRing {
     }
 }
 
+/// The device side of the seal, and how the vault was unsealed.
+#[derive(Default)]
+pub struct SealStatus {
+    /// `[kek.pkcs11]`, when the vault unseals itself through a device.
+    pub settings: Option<Pkcs11Settings>,
+    /// The device, once connected (its sessions stay pooled for status and migrations).
+    pub device: Option<Arc<Hsm>>,
+    /// The key's attributes as checked when it was last opened.
+    pub attributes: Option<KeyAttributes>,
+    /// Why the device did not unseal the vault, the last time it was tried: a stable code and
+    /// a line for the log.
+    pub fault: Option<(&'static str, String)>,
+    /// The digest of a PIN the device refused: not sent again until the PIN file changes.
+    refused_pin: Option<String>,
+    /// The last fault written to the audit trail.
+    audited_fault: Option<(&'static str, String)>,
+    /// What unsealed the vault: `shares`, `hsm`, `recovery` (the custodians' break-glass
+    /// shares while the KEK is in a device) or `dev`.
+    pub unsealed_by: Option<&'static str>,
+}
+
+/// The seal as `keys status` shows it.
+#[derive(Debug, Serialize)]
+pub struct SealInfo {
+    /// `shamir` or `pkcs11`: what holds the KEK the store is under now.
+    pub backend: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unsealed_by: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<KeyAttributes>,
+    /// Why the device does not unseal the vault now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+    /// The KEK the custodians' recovery shares rebuild, when the KEK is in a device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_kek: Option<String>,
+}
+
 /// Where an unseal stands after a share was accepted.
 #[derive(Debug, Serialize)]
 pub struct UnsealProgress {
@@ -325,6 +378,9 @@ pub struct UnsealProgress {
     pub received: usize,
     pub threshold: u8,
     pub kek_id: String,
+    /// The shares were the recovery KEK's: the break-glass path while the KEK is in a device.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recovery: bool,
 }
 
 /// One key in the inventory (PCI DSS 3.6.1.1). Never key bytes.
@@ -352,6 +408,7 @@ pub struct KeyInfo {
 pub struct Inventory {
     pub sealed: bool,
     pub active_dek_version: u32,
+    pub seal: SealInfo,
     pub keys: Vec<KeyInfo>,
 }
 
@@ -373,7 +430,7 @@ fn root_aad(kek_id: &str) -> Vec<u8> {
 }
 
 /// The root key wrapped by `kek`, and a new KEK check value: what a store under `kek` holds.
-fn wrap_root(kek: &Kek, root: &KeyMaterial) -> Result<(Vec<u8>, Vec<u8>), VaultError> {
+fn wrap_root(kek: &dyn KekBackend, root: &KeyMaterial) -> Result<(Vec<u8>, Vec<u8>), VaultError> {
     let wrapped = kek
         .wrap(&root_aad(kek.id()), root)
         .map_err(VaultError::Keys)?;
@@ -386,6 +443,98 @@ fn wrap_root(kek: &Kek, root: &KeyMaterial) -> Result<(Vec<u8>, Vec<u8>), VaultE
 
 /// The id the root key goes by in memory (it wraps keys as a KEK did).
 const ROOT_ID: &str = "root";
+
+/// The recovery copy of the root key as the store keeps it: the recovery KEK's id and the
+/// root key it wraps.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoveryCopy {
+    kek_id: String,
+    /// Hex of `nonce || ciphertext || tag`.
+    root: String,
+}
+
+fn encode_recovery(recovery: &Kek, root: &KeyMaterial) -> Result<Vec<u8>, VaultError> {
+    let wrapped = recovery
+        .wrap(&root_aad(recovery.id()), root)
+        .map_err(VaultError::Keys)?;
+    serde_json::to_vec(&RecoveryCopy {
+        kek_id: recovery.id().to_owned(),
+        root: crate::crypto::hex(&wrapped),
+    })
+    .map_err(|_| VaultError::Integrity("recovery_root".into()))
+}
+
+/// The store's recovery copy of the root key, decoded.
+struct StoredRecovery {
+    kek_id: String,
+    wrapped: Vec<u8>,
+    /// The row as stored, for a compare-and-swap.
+    row: Vec<u8>,
+}
+
+fn recovery_copy(store: &crate::store::Store) -> Result<Option<StoredRecovery>, VaultError> {
+    let Some(row) = store.recovery_root()? else {
+        return Ok(None);
+    };
+    let copy: RecoveryCopy =
+        serde_json::from_slice(&row).map_err(|_| VaultError::Integrity("recovery_root".into()))?;
+    let wrapped = crate::crypto::unhex(&copy.root)
+        .ok_or_else(|| VaultError::Integrity("recovery_root".into()))?;
+    Ok(Some(StoredRecovery {
+        kek_id: copy.kek_id,
+        wrapped: wrapped.to_vec(),
+        row,
+    }))
+}
+
+/// The KEK ids a store's root key is sealed under: the KEK's, then the recovery KEK's. For
+/// choosing which custodian folder is this store's.
+pub fn store_kek_ids(store: &crate::store::Store) -> Result<Vec<String>, VaultError> {
+    let mut ids: Vec<String> = store.kek_id()?.into_iter().collect();
+    if let Some(copy) = recovery_copy(store)? {
+        ids.push(copy.kek_id);
+    }
+    Ok(ids)
+}
+
+/// A new store sealed by a device's `kek`, with a recovery copy of its new root key under the
+/// custodians' `recovery` KEK: what `keys init` writes for the pkcs11 backend, since the daemon
+/// alone never holds the recovery KEK. Refused if the store has a KEK already.
+pub fn seal_new_store(
+    store: &crate::store::Store,
+    kek: &dyn KekBackend,
+    recovery: &Kek,
+) -> Result<(), VaultError> {
+    if let Some(id) = store.kek_id()? {
+        return Err(VaultError::Seal(format!(
+            "this store is sealed under KEK {id} already: `cardvault keys migrate` moves a \
+             store's seal"
+        )));
+    }
+    let material = KeyMaterial::random().map_err(VaultError::Keys)?;
+    let (wrapped, check) = wrap_root(kek, &material)?;
+    let copy = encode_recovery(recovery, &material)?;
+    if !store.rewrap(
+        &[],
+        (None, &wrapped),
+        &check,
+        kek.id(),
+        Some((None, Some(&copy))),
+    )? {
+        return Err(VaultError::Contention);
+    }
+    Ok(())
+}
+
+/// Which of the store's copies of the root key a custodian KEK opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RootCopy {
+    /// The KEK's own: the custodians hold the KEK (shamir).
+    Primary,
+    /// The recovery copy: the KEK is in a device.
+    Recovery,
+}
 
 fn dek_name(version: u32) -> String {
     format!("dek/{version}")
@@ -417,11 +566,12 @@ impl Vault {
 
     /// Takes the KEK into use: checks it against the store (or, for a new store, records its
     /// check value and makes the root key), opens the root key with it, loads the DEK
-    /// versions, and resumes any pending re-encryption.
-    pub(super) fn install_kek(&self, kek: Kek) -> Result<(), VaultError> {
-        let root = loop {
-            if let Some(root) = self.open_root(&kek)? {
-                break root;
+    /// versions, and resumes any pending re-encryption. `Ok(true)`: `kek` was the recovery
+    /// KEK (the break-glass path).
+    pub(super) fn install_kek(&self, kek: &dyn KekBackend) -> Result<bool, VaultError> {
+        let (root, copy) = loop {
+            if let Some(opened) = self.open_root(kek)? {
+                break opened;
             }
         };
         let state = match self.stored_state()? {
@@ -437,29 +587,55 @@ impl Vault {
             }
         };
         self.adopt_state(state);
+        let store_kek = self.store.kek_id()?.unwrap_or_default();
         *self
             .keyring
             .kek_id
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = kek.id().to_owned();
+            .unwrap_or_else(|p| p.into_inner()) = store_kek;
         *self.keyring.root.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(root));
         self.keyring.unsealed.store(true, Ordering::Release);
-        tracing::info!("vault unsealed");
-        Ok(())
+        if copy == RootCopy::Recovery {
+            tracing::warn!(kek = %kek.id(), "vault UNSEALED WITH RECOVERY SHARES (break-glass): the HSM seal was not used");
+        } else {
+            tracing::info!("vault unsealed");
+        }
+        Ok(copy == RootCopy::Recovery)
     }
 
-    /// Checks `kek` against the store and opens the root key with it. A new store gets its
-    /// check value and root key here; a store from before the root key gets one, with every
-    /// wrapped key moved under it, in one transaction. `Ok(None)`: another node changed the
-    /// store meanwhile (it made the root key first): try again.
-    fn open_root(&self, kek: &Kek) -> Result<Option<Kek>, VaultError> {
+    /// Checks `kek` against the store and opens the root key with it: the KEK's own copy, or
+    /// the recovery copy when `kek` is the recovery KEK. A new store gets its check value and
+    /// root key here (never from a device's KEK: `keys init` makes that store, with its
+    /// recovery copy); a store from before the root key gets one, with every wrapped key moved
+    /// under it, in one transaction. `Ok(None)`: another node changed the store meanwhile (it
+    /// made the root key first): try again.
+    fn open_root(&self, kek: &dyn KekBackend) -> Result<Option<(Kek, RootCopy)>, VaultError> {
         let Some((check, id)) = self.store.kek_check()? else {
+            if self.seal_settings().is_some() {
+                return Err(VaultError::Seal(
+                    "this store has no root key yet: with the pkcs11 backend, `cardvault keys \
+                     init` makes it, with its recovery copy"
+                        .into(),
+                ));
+            }
             let material = KeyMaterial::random().map_err(VaultError::Keys)?;
             let (wrapped, check) = wrap_root(kek, &material)?;
-            let made = self.store.rewrap(&[], (None, &wrapped), &check, kek.id())?;
-            return Ok(made.then(|| Kek::new(&material, ROOT_ID)));
+            let made = self
+                .store
+                .rewrap(&[], (None, &wrapped), &check, kek.id(), None)?;
+            return Ok(made.then(|| (Kek::new(&material, ROOT_ID), RootCopy::Primary)));
         };
         if !id.is_empty() && id != kek.id() {
+            if let Some(copy) = recovery_copy(&self.store)? {
+                if copy.kek_id == kek.id() {
+                    let material =
+                        kek.unwrap(&root_aad(kek.id()), &copy.wrapped)
+                            .map_err(|_| {
+                                VaultError::WrongKek("the recovery copy does not open".into())
+                            })?;
+                    return Ok(Some((Kek::new(&material, ROOT_ID), RootCopy::Recovery)));
+                }
+            }
             return Err(VaultError::WrongKek(format!(
                 "this store is under KEK {id}, not {}",
                 kek.id()
@@ -476,7 +652,7 @@ impl Vault {
             let material = kek
                 .unwrap(&root_aad(kek.id()), &wrapped)
                 .map_err(|_| VaultError::Integrity("root key".into()))?;
-            return Ok(Some(Kek::new(&material, ROOT_ID)));
+            return Ok(Some((Kek::new(&material, ROOT_ID), RootCopy::Primary)));
         }
         // Keys wrapped by the KEK itself (a store from before the root key) move under a new
         // root key, which the KEK then wraps: the last change a rekey has to make to them.
@@ -497,14 +673,14 @@ impl Vault {
             .map_err(VaultError::Keys)?;
         let moved = self
             .store
-            .rewrap(&rewrapped, (None, &wrapped_root), &check, &id)?;
+            .rewrap(&rewrapped, (None, &wrapped_root), &check, &id, None)?;
         if moved {
             tracing::info!(
                 keys = rewrapped.len(),
                 "wrapped keys moved under a new root key"
             );
         }
-        Ok(moved.then_some(root))
+        Ok(moved.then_some((root, RootCopy::Primary)))
     }
 
     /// The DEK state as the store holds it now, with its bytes (for a compare-and-swap).
@@ -556,6 +732,251 @@ impl Vault {
         Ok(())
     }
 
+    /// The id of the KEK the custodians' shares rebuild (the store's KEK, or its recovery KEK
+    /// while the KEK is in a device).
+    pub fn custody_kek_id(&self) -> Option<String> {
+        self.keyring
+            .custody
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.kek_id.clone())
+    }
+
+    fn seal_status(&self) -> std::sync::MutexGuard<'_, SealStatus> {
+        self.keyring.seal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `[kek.pkcs11]`, when the vault unseals itself through a device.
+    pub(super) fn seal_settings(&self) -> Option<Pkcs11Settings> {
+        self.seal_status().settings.clone()
+    }
+
+    pub(super) fn set_seal_settings(&self, settings: Option<Pkcs11Settings>) {
+        self.seal_status().settings = settings;
+    }
+
+    fn unsealed_by(&self, how: &'static str) {
+        self.seal_status().unsealed_by = Some(how);
+    }
+
+    /// Why the device does not unseal the vault now, as a stable code (`/v1/health`).
+    pub fn seal_fault(&self) -> Option<&'static str> {
+        self.seal_status().fault.as_ref().map(|(code, _)| *code)
+    }
+
+    /// Unseals through the device named by `[kek.pkcs11]`: connects, logs in, opens the key
+    /// (refusing one whose attributes allow extraction) and takes it into use. On failure the
+    /// vault stays sealed and the fault is kept for `/v1/health` and `keys status`; it is
+    /// logged when it differs from the last one. A PIN the device refused is not sent again
+    /// until the PIN file changes.
+    pub fn unseal_with_hsm(&self) -> Result<(), VaultError> {
+        let Some(settings) = self.seal_settings() else {
+            return Err(VaultError::NoCustody);
+        };
+        if !self.is_sealed() {
+            return Ok(());
+        }
+        let refused_pin = self.seal_status().refused_pin.clone();
+        let opened = Hsm::connect(&settings, refused_pin.as_deref()).and_then(|hsm| {
+            let kek = hsm.open_key()?;
+            Ok((hsm, kek))
+        });
+        let outcome = match opened {
+            Ok((hsm, kek)) => {
+                let attributes = kek.attributes.clone();
+                self.install_kek(&kek).map(|_| (hsm, attributes))
+            }
+            Err(e) => Err(VaultError::Hsm(e)),
+        };
+        let mut status = self.seal_status();
+        match outcome {
+            Ok((hsm, attributes)) => {
+                status.device = Some(hsm);
+                status.attributes = Some(attributes);
+                status.fault = None;
+                status.refused_pin = None;
+                status.unsealed_by = Some("hsm");
+                tracing::info!(token = %settings.token_label, key = %settings.key_label, "unsealed through the HSM");
+                Ok(())
+            }
+            Err(e) => {
+                let code = match &e {
+                    VaultError::Hsm(h) => {
+                        if h.refused_pin.is_some() {
+                            status.refused_pin = h.refused_pin.clone();
+                        }
+                        h.fault.code()
+                    }
+                    VaultError::WrongKek(_) => "wrong_kek",
+                    VaultError::Seal(_) => "no_root_key",
+                    other => other.code(),
+                };
+                let line = e.to_string();
+                let changed = status.fault.as_ref() != Some(&(code, line.clone()));
+                if changed {
+                    tracing::error!(fault = code, error = %line, "SEALED: the HSM did not unseal the vault; retrying with backoff (custodians can unseal with recovery shares)");
+                }
+                status.fault = Some((code, line));
+                Err(e)
+            }
+        }
+    }
+
+    /// Audits an unseal through the device: the success, and a failure the first time it
+    /// differs from the last (a retry every few seconds would otherwise fill the trail).
+    pub(super) fn audit_hsm_unseal(&self, outcome: &Result<(), VaultError>) {
+        let record = match outcome {
+            Ok(()) => true,
+            Err(_) => {
+                let mut status = self.seal_status();
+                let fault = status.fault.clone();
+                let new = fault != status.audited_fault;
+                status.audited_fault = fault;
+                new
+            }
+        };
+        if record {
+            if let Err(e) =
+                self.audit_event(crate::audit::Actor::system(), "keys.unseal.hsm", outcome)
+            {
+                tracing::error!(error = %e, "the HSM unseal could not be audited");
+            }
+        }
+    }
+
+    /// The KEK id and check of the store's copy that the custodians' KEK `kek` opens, and the
+    /// root key: the KEK's own copy (shamir), or the recovery copy (pkcs11).
+    fn open_with_custodians(&self, kek: &Kek) -> Result<(RootCopy, KeyMaterial), VaultError> {
+        let (_, primary) = self.store.kek_check()?.ok_or(VaultError::Sealed)?;
+        let (copy, wrapped) = if primary == kek.id() {
+            let wrapped = self
+                .store
+                .root_key()?
+                .ok_or_else(|| VaultError::Integrity("root key".into()))?;
+            (RootCopy::Primary, wrapped)
+        } else {
+            match recovery_copy(&self.store)? {
+                Some(copy) if copy.kek_id == kek.id() => (RootCopy::Recovery, copy.wrapped),
+                _ => {
+                    return Err(VaultError::ShareRefused(format!(
+                        "KEK {} seals neither this store's root key (under {primary}) nor its \
+                         recovery copy: restart this node to load the custody in use",
+                        kek.id()
+                    )))
+                }
+            }
+        };
+        let root = kek.unwrap(&root_aad(kek.id()), &wrapped).map_err(|_| {
+            VaultError::ShareRefused("the shares do not open the store's root key".into())
+        })?;
+        Ok((copy, root))
+    }
+
+    /// The custodians' KEK rebuilt from `shares` (proof of custody for a seal change).
+    fn custodians_kek(&self, shares: &[Share]) -> Result<(Custody, Kek), VaultError> {
+        let custody = self
+            .keyring
+            .custody
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(VaultError::NoCustody)?;
+        let refs: Vec<&Share> = shares.iter().collect();
+        let material = custody
+            .combine(&refs)
+            .map_err(|e| VaultError::ShareRefused(e.to_string()))?;
+        let kek = Kek::new(&material, &custody.kek_id);
+        Ok((custody, kek))
+    }
+
+    /// Moves the store's seal to `to`, under k custodians' `shares`, while serving: only the
+    /// root key's wrapping changes (with the check value and the recovery copy, in one
+    /// transaction), so no record is re-encrypted and every node keeps its root key.
+    ///
+    /// - To **pkcs11**: the device's KEK (made there if the label is free) wraps the root key,
+    ///   and the custodians' KEK keeps a recovery copy. Also moves a store from one device key
+    ///   to another (a new HSM).
+    /// - To **shamir**: the custodians' KEK wraps the root key again, and the recovery copy is
+    ///   removed.
+    ///
+    /// Returns the KEK id the store is under afterwards.
+    pub fn migrate_seal(&self, to: &Backend, shares: &[Share]) -> Result<String, VaultError> {
+        self.keyring.root().ok_or(VaultError::Sealed)?;
+        let (_, custodians) = self.custodians_kek(shares)?;
+        let _admin = self.keyring.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let (copy, root) = self.open_with_custodians(&custodians)?;
+        let (_, primary) = self.store.kek_check()?.ok_or(VaultError::Sealed)?;
+        let held_root = self
+            .store
+            .root_key()?
+            .ok_or_else(|| VaultError::Integrity("root key".into()))?;
+        let held_recovery = recovery_copy(&self.store)?.map(|copy| copy.row);
+        let (committed, kek_id) = match to {
+            Backend::Shamir => {
+                if copy == RootCopy::Primary {
+                    return Ok(primary);
+                }
+                let (wrapped, check) = wrap_root(&custodians, &root)?;
+                let done = self.store.rewrap(
+                    &[],
+                    (Some(&held_root), &wrapped),
+                    &check,
+                    custodians.id(),
+                    Some((held_recovery.as_deref(), None)),
+                )?;
+                if done {
+                    let mut status = self.seal_status();
+                    status.device = None;
+                    status.attributes = None;
+                }
+                (done, custodians.id().to_owned())
+            }
+            Backend::Pkcs11(settings) => {
+                let hsm = Hsm::connect(settings, None).map_err(VaultError::Hsm)?;
+                let kek = match hsm.open_key() {
+                    Ok(kek) => kek,
+                    Err(e) if e.fault == crate::crypto::pkcs11::Fault::KeyMissing => {
+                        let id = crate::crypto::new_kek_id().map_err(VaultError::Keys)?;
+                        let kek = hsm.generate(&id).map_err(VaultError::Hsm)?;
+                        tracing::info!(kek = %id, token = %settings.token_label, key = %settings.key_label, "made a KEK in the HSM");
+                        kek
+                    }
+                    Err(e) => return Err(VaultError::Hsm(e)),
+                };
+                if kek.id() == primary {
+                    return Ok(primary);
+                }
+                let (wrapped, check) = wrap_root(&kek, &root)?;
+                let recovery = encode_recovery(&custodians, &root)?;
+                let done = self.store.rewrap(
+                    &[],
+                    (Some(&held_root), &wrapped),
+                    &check,
+                    kek.id(),
+                    Some((held_recovery.as_deref(), Some(&recovery))),
+                )?;
+                if done {
+                    let mut status = self.seal_status();
+                    status.attributes = Some(kek.attributes.clone());
+                    status.device = Some(Arc::clone(kek.hsm()));
+                    status.settings = Some(settings.clone());
+                }
+                (done, kek.id().to_owned())
+            }
+        };
+        if !committed {
+            return Err(VaultError::Contention);
+        }
+        *self
+            .keyring
+            .kek_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = kek_id.clone();
+        tracing::info!(kek = %kek_id, backend = to.name(), "seal migrated");
+        Ok(kek_id)
+    }
+
     /// Accepts one custodian's share. `custodian` is the caller's policy identity: a share
     /// counts only as its own custodian's, and the same custodian twice counts once.
     pub fn unseal(
@@ -588,6 +1009,7 @@ impl Vault {
                 received: 0,
                 threshold: custody.threshold,
                 kek_id: custody.kek_id,
+                recovery: false,
             });
         }
         let share = Share::from_hex(kek_id, custodian, share_hex)
@@ -607,6 +1029,7 @@ impl Vault {
                 received: 0,
                 threshold: custody.threshold,
                 kek_id: custody.kek_id,
+                recovery: false,
             });
         }
         let received = unsealing.add(share, now);
@@ -616,6 +1039,7 @@ impl Vault {
                 received,
                 threshold: custody.threshold,
                 kek_id: custody.kek_id,
+                recovery: false,
             });
         }
         let refs: Vec<&Share> = unsealing.shares.iter().map(|p| &p.share).collect();
@@ -623,12 +1047,14 @@ impl Vault {
         // The shares are wiped here whatever the outcome.
         unsealing.clear();
         let material = combined.map_err(|e| VaultError::ShareRefused(e.to_string()))?;
-        self.install_kek(Kek::new(&material, &custody.kek_id))?;
+        let recovery = self.install_kek(&Kek::new(&material, &custody.kek_id))?;
+        self.unsealed_by(if recovery { "recovery" } else { "shares" });
         Ok(UnsealProgress {
             sealed: false,
             received,
             threshold: custody.threshold,
             kek_id: custody.kek_id,
+            recovery,
         })
     }
 
@@ -1227,6 +1653,37 @@ impl Vault {
             .collect()
     }
 
+    /// The seal as the store says now. With `live` (`keys status`, never a metrics scrape),
+    /// the device's key attributes are read again when it is connected, so a key changed or
+    /// deleted since the unseal shows.
+    fn seal_info(&self, custody: Option<&Custody>, live: bool) -> Result<SealInfo, VaultError> {
+        let recovery = recovery_copy(&self.store)?.map(|copy| copy.kek_id);
+        let primary = self.store.kek_id()?;
+        let in_device = recovery.is_some()
+            && primary.as_deref() != custody.map(|c| c.kek_id.as_str())
+            && primary.is_some();
+        let status = self.seal_status();
+        let device = status.device.clone();
+        let settings = status.settings.clone();
+        let mut info = SealInfo {
+            backend: if in_device { "pkcs11" } else { "shamir" },
+            unsealed_by: status.unsealed_by,
+            token: settings.as_ref().map(|s| s.token_label.clone()),
+            key_label: settings.as_ref().map(|s| s.key_label.clone()),
+            attributes: status.attributes.clone(),
+            fault: status.fault.as_ref().map(|(_, line)| line.clone()),
+            recovery_kek: if in_device { recovery } else { None },
+        };
+        drop(status);
+        if let Some(hsm) = device.filter(|_| live) {
+            match hsm.attributes() {
+                Ok(now) => info.attributes = Some(now),
+                Err(e) => info.fault = Some(e.to_string()),
+            }
+        }
+        Ok(info)
+    }
+
     /// The key inventory: the KEK, and per project its fingerprint key and DEK versions.
     pub fn key_inventory(&self) -> Result<Inventory, VaultError> {
         self.inventory(true)
@@ -1242,10 +1699,37 @@ impl Vault {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let kek_id = match (self.kek_id(), &custody) {
-            (Some(id), _) => id,
-            (None, Some(c)) => c.kek_id.clone(),
-            (None, None) => String::new(),
+        let seal = self.seal_info(custody.as_ref(), count_records)?;
+        let kek_id = match (self.kek_id(), &custody, &seal.recovery_kek) {
+            (Some(id), _, _) => id,
+            (None, _, Some(_)) | (None, None, None) => self.store.kek_id()?.unwrap_or_default(),
+            (None, Some(c), None) => c.kek_id.clone(),
+        };
+        let shamir = |c: &Custody| {
+            format!(
+                "shamir {}-of-{}: {}",
+                c.threshold,
+                c.custodians.len(),
+                c.custodians
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let held_by = match (&seal, &custody) {
+            (
+                SealInfo {
+                    backend: "pkcs11", ..
+                },
+                _,
+            ) => format!(
+                "pkcs11: token {:?}, key {:?} (never extractable)",
+                seal.token.as_deref().unwrap_or_default(),
+                seal.key_label.as_deref().unwrap_or_default()
+            ),
+            (_, Some(c)) => shamir(c),
+            (_, None) => "INSECURE single dev key file".into(),
         };
         let mut keys = vec![KeyInfo {
             id: kek_id,
@@ -1254,23 +1738,28 @@ impl Vault {
             project: None,
             version: None,
             state: if sealed { "sealed" } else { "active" }.into(),
-            created_at: custody.as_ref().map(|c| c.created_at.clone()),
+            created_at: custody
+                .as_ref()
+                .filter(|_| seal.recovery_kek.is_none())
+                .map(|c| c.created_at.clone()),
             encryptions: None,
             records: None,
-            custody: Some(match &custody {
-                Some(c) => format!(
-                    "shamir {}-of-{}: {}",
-                    c.threshold,
-                    c.custodians.len(),
-                    c.custodians
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                None => "INSECURE single dev key file".into(),
-            }),
+            custody: Some(held_by),
         }];
+        if let (Some(recovery), Some(c)) = (&seal.recovery_kek, &custody) {
+            keys.push(KeyInfo {
+                id: recovery.clone(),
+                purpose: "recovery key-encryption (wraps a copy of the root key: break-glass)",
+                algorithm: "AES-256-GCM",
+                project: None,
+                version: None,
+                state: "active".into(),
+                created_at: Some(c.created_at.clone()),
+                encryptions: None,
+                records: None,
+                custody: Some(shamir(c)),
+            });
+        }
         keys.push(KeyInfo {
             id: ROOT_ID.into(),
             purpose:
@@ -1288,6 +1777,7 @@ impl Vault {
             return Ok(Inventory {
                 sealed,
                 active_dek_version: 0,
+                seal,
                 keys,
             });
         }
@@ -1364,14 +1854,17 @@ impl Vault {
         Ok(Inventory {
             sealed,
             active_dek_version: state.active,
+            seal,
             keys,
         })
     }
 
-    /// KEK rotation: `current` proves custody of the KEK in use; `next` and `next_shares`
-    /// describe and rebuild the new one. Only the root key is re-wrapped (with the check value
-    /// and KEK id, in one transaction): the keys it wraps, and every node's copy of it in
-    /// memory, stay as they are, so every node keeps serving.
+    /// Custodian KEK rotation: `current` proves custody of the custodians' KEK in use; `next`
+    /// and `next_shares` describe and rebuild the new one. Only the copy of the root key that
+    /// the custodians' KEK wraps is re-wrapped (with the check value and KEK id when it is the
+    /// store's KEK, in one transaction; the recovery copy when the KEK is in a device): the keys
+    /// the root key wraps, and every node's copy of it in memory, stay as they are, so every
+    /// node keeps serving.
     pub fn rekey(
         &self,
         current: &[Share],
@@ -1379,34 +1872,7 @@ impl Vault {
         next_shares: &[Share],
     ) -> Result<String, VaultError> {
         self.keyring.root().ok_or(VaultError::Sealed)?;
-        let custody = self
-            .keyring
-            .custody
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(VaultError::NoCustody)?;
-        let (check, store_kek) = self.store.kek_check()?.ok_or(VaultError::Sealed)?;
-        if !store_kek.is_empty() && store_kek != custody.kek_id {
-            return Err(VaultError::ShareRefused(format!(
-                "the store is now under KEK {store_kek} (rekeyed at another node): restart this \
-                 node to load the new custody, or send the rekey to a node that has it"
-            )));
-        }
-        let refs: Vec<&Share> = current.iter().collect();
-        let proven = custody
-            .combine(&refs)
-            .map_err(|e| VaultError::ShareRefused(e.to_string()))?;
-        let proven = Kek::new(&proven, &custody.kek_id);
-        // The rebuilt key must open the store's check value, as the KEK in use does.
-        if proven
-            .unwrap(&kek_check_aad(&custody.kek_id), &check)
-            .is_err()
-        {
-            return Err(VaultError::ShareRefused(
-                "the current shares do not rebuild the KEK in use".into(),
-            ));
-        }
+        let (custody, proven) = self.custodians_kek(current)?;
         if next.kek_id == custody.kek_id {
             return Err(VaultError::ShareRefused(
                 "the new custody must be for a new KEK".into(),
@@ -1420,33 +1886,76 @@ impl Vault {
             .map_err(|e| VaultError::ShareRefused(e.to_string()))?;
         let new_kek = Kek::new(&material, &next.kek_id);
         let _admin = self.keyring.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let wrapped_root = self
+        let (copy, root) = self.open_with_custodians(&proven)?;
+        let held_root = self
             .store
             .root_key()?
             .ok_or_else(|| VaultError::Integrity("root key".into()))?;
-        let root = proven
-            .unwrap(&root_aad(proven.id()), &wrapped_root)
-            .map_err(|_| VaultError::Integrity("root key".into()))?;
-        let (again, check) = wrap_root(&new_kek, &root)?;
-        if !self
-            .store
-            .rewrap(&[], (Some(&wrapped_root), &again), &check, new_kek.id())?
-        {
+        let done = match copy {
+            RootCopy::Primary => {
+                let (again, check) = wrap_root(&new_kek, &root)?;
+                self.store
+                    .rewrap(&[], (Some(&held_root), &again), &check, new_kek.id(), None)?
+            }
+            RootCopy::Recovery => {
+                let held = recovery_copy(&self.store)?.map(|copy| copy.row);
+                let again = encode_recovery(&new_kek, &root)?;
+                let (check, id) = self.store.kek_check()?.ok_or(VaultError::Sealed)?;
+                self.store.rewrap(
+                    &[],
+                    (Some(&held_root), &held_root),
+                    &check,
+                    &id,
+                    Some((held.as_deref(), Some(&again))),
+                )?
+            }
+        };
+        if !done {
             return Err(VaultError::Contention);
         }
         let id = new_kek.id().to_owned();
-        *self
-            .keyring
-            .kek_id
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = id.clone();
+        if copy == RootCopy::Primary {
+            *self
+                .keyring
+                .kek_id
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = id.clone();
+        }
         *self
             .keyring
             .custody
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(next);
-        tracing::info!(kek = %id, "KEK rekeyed");
+        tracing::info!(kek = %id, recovery = copy == RootCopy::Recovery, "custodians' KEK rekeyed");
         Ok(id)
+    }
+}
+
+/// While the vault is sealed, tries the device again with backoff (1 s doubling to 30 s),
+/// until it or the custodians unseal the vault.
+pub(super) fn spawn_hsm_unseal(vault: Weak<Vault>) {
+    let spawned = std::thread::Builder::new()
+        .name("cardvault-hsm".into())
+        .spawn(move || {
+            let mut wait = Duration::from_secs(1);
+            loop {
+                std::thread::sleep(wait);
+                let Some(vault) = vault.upgrade() else {
+                    return;
+                };
+                if !vault.is_sealed() {
+                    return;
+                }
+                let outcome = vault.unseal_with_hsm();
+                vault.audit_hsm_unseal(&outcome);
+                if outcome.is_ok() {
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the HSM unseal thread: the vault stays sealed until custodians unseal it");
     }
 }
 

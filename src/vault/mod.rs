@@ -28,7 +28,7 @@ mod meta;
 
 pub use customers::{TokenPatch, TokenView};
 pub use idempotency::Begin;
-pub use keys::{KeySettings, KeySource, GCM_NONCE_LIMIT};
+pub use keys::{seal_new_store, store_kek_ids, KeySettings, KeySource, GCM_NONCE_LIMIT};
 
 use crate::audit::{Actor, AuditEvent, AuditSink, AuditTicket, Outcome};
 use crate::card::{Cvc, Expiry, HolderName, Pan};
@@ -83,6 +83,12 @@ pub enum VaultError {
     ShareRefused(String),
     #[error("wrong key-encryption key: {0}")]
     WrongKek(String),
+    /// The PKCS#11 device could not be used (unreachable, PIN, key missing or refused).
+    #[error(transparent)]
+    Hsm(crate::crypto::pkcs11::HsmError),
+    /// A seal migration that cannot be done as asked (the detail is logged).
+    #[error("seal: {0}")]
+    Seal(String),
     #[error("a data key reached its encryption limit")]
     KeyExhausted,
     /// Only for audit records of policy denials; the API answers those itself.
@@ -114,6 +120,8 @@ impl VaultError {
             VaultError::NoCustody => "no_custody",
             VaultError::ShareRefused(_) => "share_refused",
             VaultError::WrongKek(_) => "wrong_kek",
+            VaultError::Hsm(_) => "hsm_unavailable",
+            VaultError::Seal(_) => "seal_refused",
             VaultError::KeyExhausted => "key_exhausted",
             VaultError::Forbidden => "forbidden",
             VaultError::RateLimited => "rate_limited",
@@ -552,9 +560,10 @@ impl Vault {
         settings: VaultSettings,
         audit: Box<dyn AuditSink>,
     ) -> Result<Arc<Vault>, VaultError> {
-        let (custody, dev_kek) = match source {
-            KeySource::Custody(custody) => (Some(custody), None),
-            KeySource::Dev(kek) => (None, Some(kek)),
+        let (custody, dev_kek, device) = match source {
+            KeySource::Custody(custody) => (Some(custody), None, None),
+            KeySource::Hsm { settings, recovery } => (recovery, None, Some(settings)),
+            KeySource::Dev(kek) => (None, Some(kek), None),
         };
         let mut boot_id = [0u8; 8];
         crate::crypto::fill_random(&mut boot_id).map_err(VaultError::Keys)?;
@@ -569,7 +578,23 @@ impl Vault {
             cards_swept: std::sync::atomic::AtomicU64::new(0),
         });
         if let Some(kek) = dev_kek {
-            vault.install_kek(*kek)?;
+            vault.install_kek(kek.as_ref())?;
+            vault
+                .keyring
+                .seal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unsealed_by = Some("dev");
+        }
+        if device.is_some() {
+            vault.set_seal_settings(device);
+            // The first try here, so a healthy start is serving when it listens; then again
+            // with backoff until the device or the custodians unseal it.
+            let first = vault.unseal_with_hsm();
+            vault.audit_hsm_unseal(&first);
+            if first.is_err() {
+                keys::spawn_hsm_unseal(Arc::downgrade(&vault));
+            }
         }
         spawn_sweeper(Arc::downgrade(&vault));
         spawn_key_maintenance(Arc::downgrade(&vault));

@@ -57,6 +57,9 @@ mod metrics;
 #[path = "suite/check.rs"]
 mod check;
 
+#[path = "suite/hsm.rs"]
+mod hsm;
+
 #[path = "suite/postgres.rs"]
 mod postgres;
 

@@ -95,15 +95,16 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> 
     }
 }
 
-fn health(setup: &Setup, daemon: &Daemon) -> Response {
+pub(crate) fn health(setup: &Setup, daemon: &Daemon) -> Response {
     setup.client(daemon, &setup.router()).get("/v1/health")
 }
 
-/// The KEK, the shares and every data and fingerprint key, rebuilt here from the share files,
-/// the passphrases and the (stopped) daemon's store, so the test can look for their bytes
-/// where they must not be. The key AAD is restated here as a test oracle: a change to it
-/// makes the unwrap below fail loudly.
-fn secrets(
+/// The custodians' KEK, the shares and every data and fingerprint key, rebuilt here from the
+/// share files, the passphrases and the (stopped) daemon's store, so the test can look for
+/// their bytes where they must not be. With an HSM seal the custodians' KEK opens the recovery
+/// copy of the root key. The key AAD is restated here as a test oracle: a change to it makes
+/// the unwrap below fail loudly.
+pub(crate) fn secrets(
     custody_dir: &Path,
     passphrases: &[(&str, PathBuf)],
     store: Option<&Setup>,
@@ -129,7 +130,17 @@ fn secrets(
     // The KEK opens the root key; the root key opens every DEK and fingerprint key.
     let kek = cardvault::crypto::Kek::new(&kek, &custody.kek_id);
     let aad = cardvault::crypto::aad(&[b"cardvault/root-key/v1", custody.kek_id.as_bytes()]);
-    let root = kek.unwrap(&aad, &setup.stored_root_key()).unwrap();
+    let wrapped_root = match setup.stored_meta("recovery_root") {
+        Some(copy) => {
+            let copy: serde_json::Value = serde_json::from_slice(&copy).unwrap();
+            assert_eq!(copy["kek_id"], custody.kek_id.as_str());
+            cardvault::crypto::unhex(copy["root"].as_str().unwrap())
+                .unwrap()
+                .to_vec()
+        }
+        None => setup.stored_root_key(),
+    };
+    let root = kek.unwrap(&aad, &wrapped_root).unwrap();
     found.push(root.expose().to_vec());
     let root = cardvault::crypto::Kek::new(&root, "root");
     let mut keys = 0;
@@ -144,7 +155,7 @@ fn secrets(
 
 /// No file outside the sealed share files, and no log line, holds any of `secrets`, raw or
 /// as hex.
-fn assert_nowhere(root: &Path, logs: &str, secrets: &[Vec<u8>]) {
+pub(crate) fn assert_nowhere(root: &Path, logs: &str, secrets: &[Vec<u8>]) {
     for secret in secrets {
         let text = hex(secret);
         assert!(!logs.contains(&text), "key material in the log");

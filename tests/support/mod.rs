@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod hsm;
 pub mod pg;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -138,6 +139,8 @@ pub struct Setup {
     pub data_dir: PathBuf,
     pub keys_dir: PathBuf,
     pub policy: PathBuf,
+    /// The test's own SoftHSM2, named to every daemon and CLI run by `SOFTHSM2_CONF`.
+    pub softhsm: Option<hsm::SoftHsm>,
 }
 
 impl Setup {
@@ -230,6 +233,53 @@ impl Setup {
         Some(setup)
     }
 
+    /// A vault whose KEK is made in a SoftHSM2 token (`[kek] backend = "pkcs11"`), with a
+    /// recovery KEK split among `custodians`; `None` (skipped) as for [`Setup::on`], or when
+    /// SoftHSM2 is not installed and not required.
+    pub fn hsm_on(
+        engine: Engine,
+        label: &str,
+        custodians: &[&str],
+        threshold: u8,
+    ) -> Option<Setup> {
+        if !hsm::available() || (engine == Engine::Postgres && !pg::available()) {
+            return None;
+        }
+        let setup = Setup::hsm_on_token_only(engine, label)?;
+        setup.init_custodians(custodians, threshold);
+        Some(setup)
+    }
+
+    /// [`Setup::hsm_on`] up to `keys init`, not run.
+    pub fn hsm_on_token_only(engine: Engine, label: &str) -> Option<Setup> {
+        if !hsm::available() || (engine == Engine::Postgres && !pg::available()) {
+            return None;
+        }
+        let mut setup = Setup::files_on(engine, label, "", "debug");
+        setup.add_softhsm();
+        setup.set_kek(&hsm::kek_section());
+        Some(setup)
+    }
+
+    /// This setup's SoftHSM2 with an initialized token, and the PIN file the `[kek]` section
+    /// of [`hsm::kek_section`] names.
+    pub fn add_softhsm(&mut self) -> &hsm::SoftHsm {
+        let softhsm = hsm::SoftHsm::new(self.root());
+        softhsm.init_token(hsm::TOKEN);
+        write_private(&self.root().join("hsm.pin"), &format!("{}\n", hsm::PIN));
+        self.softhsm.insert(softhsm)
+    }
+
+    /// Replaces the config's `[kek]` section (kept before `[tls]`) with `section`.
+    pub fn set_kek(&self, section: &str) {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        if let (Some(start), Some(end)) = (text.find("[kek]\n"), text.find("[tls]")) {
+            text.replace_range(start..end, "");
+        }
+        let text = text.replacen("[tls]", &format!("{section}[tls]"), 1);
+        write(&self.config, &text);
+    }
+
     /// The passphrase file of `name`'s share of the `generation`-th KEK (written on demand).
     pub fn passphrase_file(&self, name: &str, generation: u32) -> PathBuf {
         let path = self.root().join(format!("pass-{name}-{generation}"));
@@ -251,13 +301,16 @@ impl Setup {
 
     /// Runs `cardvault ARGS --config CONFIG`: (success, stdout and stderr).
     pub fn try_cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(args)
             .arg("--config")
             .arg(&self.config)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+            .stdin(Stdio::null());
+        if let Some(softhsm) = &self.softhsm {
+            command.env("SOFTHSM2_CONF", &softhsm.conf);
+        }
+        let out = command.output().unwrap();
         (
             out.status.success(),
             format!(
@@ -351,6 +404,7 @@ impl Setup {
             ca,
             config,
             policy,
+            softhsm: None,
         }
     }
 
@@ -394,21 +448,28 @@ impl Setup {
 
     /// The root key as the KEK wraps it, from the (stopped) daemon's store.
     pub fn stored_root_key(&self) -> Vec<u8> {
+        self.stored_meta("root_key")
+            .expect("no root key in the store")
+    }
+
+    /// A store-wide value (`root_key`, `recovery_root`, `kek_id`...) from the (stopped)
+    /// daemon's store.
+    pub fn stored_meta(&self, name: &str) -> Option<Vec<u8>> {
         match &self.pg {
-            Some(pg) => cardvault::crypto::unhex(&pg::query(
-                pg,
-                "SELECT encode(value, 'hex') FROM meta WHERE name = 'root_key'",
-            ))
-            .unwrap()
-            .to_vec(),
+            Some(pg) => {
+                let hex = pg::query(
+                    pg,
+                    &format!("SELECT encode(value, 'hex') FROM meta WHERE name = '{name}'"),
+                );
+                (!hex.is_empty()).then(|| cardvault::crypto::unhex(&hex).unwrap().to_vec())
+            }
             None => sled::open(&self.data_dir)
                 .unwrap()
                 .open_tree("meta")
                 .unwrap()
-                .get(b"root_key")
+                .get(name.as_bytes())
                 .unwrap()
-                .expect("no root key in the store")
-                .to_vec(),
+                .map(|v| v.to_vec()),
         }
     }
 
@@ -461,6 +522,14 @@ impl Setup {
         Daemon::start(self)
     }
 
+    /// The environment every daemon of this setup runs with.
+    pub fn env(&self) -> Vec<(&'static str, PathBuf)> {
+        self.softhsm
+            .iter()
+            .map(|h| ("SOFTHSM2_CONF", h.conf.clone()))
+            .collect()
+    }
+
     /// A config for node `name` of several over this setup's store: the same store, keys,
     /// policies and certificates, its own `[node] name` and audit log.
     pub fn node_config(&self, name: &str) -> PathBuf {
@@ -479,7 +548,7 @@ impl Setup {
 
     /// Starts node `name` (see [`Setup::node_config`]).
     pub fn start_node(&self, name: &str) -> Daemon {
-        Daemon::start_config(&self.node_config(name))
+        Daemon::start_with(&self.node_config(name), &self.env())
             .unwrap_or_else(|out| panic!("node {name} did not start:\n{out}"))
     }
 
@@ -533,14 +602,20 @@ impl Daemon {
 
     /// Starts the daemon; `Err` carries its output when it exits or does not listen in time.
     pub fn try_start(setup: &Setup) -> Result<Daemon, String> {
-        Daemon::start_config(&setup.config)
+        Daemon::start_with(&setup.config, &setup.env())
     }
 
     /// Starts `cardvault serve --config CONFIG`, as [`Daemon::try_start`].
     pub fn start_config(config: &Path) -> Result<Daemon, String> {
+        Daemon::start_with(config, &[])
+    }
+
+    /// [`Daemon::start_config`] with `env` added to its environment.
+    pub fn start_with(config: &Path, env: &[(&str, PathBuf)]) -> Result<Daemon, String> {
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -67,8 +67,16 @@ impl AdminClient {
         })
     }
 
-    /// One request on its own connection; the body is wiped after sending.
-    pub fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Reply, String> {
+    /// A TLS connection to the vault.
+    fn connect(
+        &self,
+    ) -> Result<
+        (
+            rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+            String,
+        ),
+        String,
+    > {
         let addr = self
             .authority
             .to_socket_addrs()
@@ -82,16 +90,21 @@ impl AdminClient {
         let conn =
             rustls::ClientConnection::new(Arc::clone(&self.config), self.server_name.clone())
                 .map_err(|e| e.to_string())?;
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        Ok((rustls::StreamOwned::new(conn, tcp), addr.to_string()))
+    }
+
+    fn request_head(&self, method: &str, path: &str, length: usize) -> String {
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n",
+            self.authority
+        )
+    }
+
+    /// One request on its own connection; the body is wiped after sending.
+    pub fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Reply, String> {
+        let (mut tls, addr) = self.connect()?;
         let body = body.unwrap_or_default();
-        let mut request = Zeroizing::new(
-            format!(
-                "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                self.authority,
-                body.len()
-            )
-            .into_bytes(),
-        );
+        let mut request = Zeroizing::new(self.request_head(method, path, body.len()).into_bytes());
         request.extend_from_slice(body);
         tls.write_all(&request)
             .and_then(|()| tls.flush())
@@ -104,6 +117,67 @@ impl AdminClient {
             Err(e) => return Err(format!("reading from {addr}: {e}")),
         }
         parse(&raw).ok_or_else(|| "the vault sent a malformed response".into())
+    }
+
+    /// `POST path` with no body: a 200 reply's body is streamed into `out` (`Ok(None)`);
+    /// any other reply comes back whole. A body cut short is an error.
+    pub fn download(&self, path: &str, out: &mut dyn Write) -> Result<Option<Reply>, String> {
+        use std::io::BufRead;
+        let (mut tls, addr) = self.connect()?;
+        tls.write_all(self.request_head("POST", path, 0).as_bytes())
+            .and_then(|()| tls.flush())
+            .map_err(|e| format!("sending to {addr}: {e}"))?;
+        let mut reader = std::io::BufReader::new(tls);
+        let cut = |e: std::io::Error| format!("the reply from {addr} was cut short: {e}");
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).map_err(cut)? == 0 {
+                return Err(format!("{addr} closed the connection before replying"));
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("the vault sent a malformed response")?;
+        let chunked = head.lines().any(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("transfer-encoding: chunked")
+        });
+        if status != 200 {
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+            let mut raw = head.into_bytes();
+            raw.extend_from_slice(b"\r\n");
+            raw.extend_from_slice(&rest);
+            return parse(&raw)
+                .map(Some)
+                .ok_or_else(|| "the vault sent a malformed response".into());
+        }
+        if !chunked {
+            std::io::copy(&mut reader, out).map_err(cut)?;
+            return Ok(None);
+        }
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).map_err(cut)?;
+            let size = size.trim().split(';').next().unwrap_or_default();
+            let size = u64::from_str_radix(size, 16)
+                .map_err(|_| format!("the reply from {addr} was cut short"))?;
+            if size == 0 {
+                return Ok(None);
+            }
+            let copied = std::io::copy(&mut (&mut reader).take(size), out).map_err(cut)?;
+            let mut crlf = [0u8; 2];
+            if copied != size || reader.read_exact(&mut crlf).is_err() || &crlf != b"\r\n" {
+                return Err(format!("the reply from {addr} was cut short"));
+            }
+        }
     }
 }
 

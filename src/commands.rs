@@ -413,6 +413,187 @@ pub fn keys_migrate(
     Ok(())
 }
 
+/// `cardvault backup --out FILE`: the running daemon streams a backup of its store (permission
+/// `backup`); it is written to `FILE.partial` (0600), its digest checked, then renamed.
+pub fn backup(connect: &Connect, out: &Path) -> Result<(), CommandError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (_, client) = connect.open()?;
+    let failed = |e: String| CommandError::Store(format!("backup: {e}"));
+    if out.exists() {
+        return Err(failed(format!(
+            "{} exists: refusing to overwrite it",
+            out.display()
+        )));
+    }
+    let partial = PathBuf::from(format!("{}.partial", out.display()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| failed(format!("{}: {e}", partial.display())))?;
+    let received = (|| {
+        let mut writer = std::io::BufWriter::with_capacity(crate::vault::backup::CHUNK, file);
+        if let Some(reply) = client.download("/v1/admin/backup", &mut writer)? {
+            return Err(expect_ok(reply).err().map_or_else(
+                || "the vault answered without a backup".to_owned(),
+                |e| e.to_string(),
+            ));
+        }
+        let file = writer.into_inner().map_err(|e| e.to_string())?;
+        file.sync_all().map_err(|e| e.to_string())?;
+        crate::vault::backup::check_digest(&partial).map_err(|e| e.to_string())
+    })();
+    let counts = match received {
+        Ok(counts) => counts,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(failed(e));
+        }
+    };
+    std::fs::rename(&partial, out).map_err(|e| failed(format!("{}: {e}", out.display())))?;
+    let head = crate::vault::backup::BackupHead::read(out).map_err(|e| failed(e.to_string()))?;
+    println!(
+        "wrote {} (backup {}, KEK {}): {}; ciphertext and wrapped keys only",
+        out.display(),
+        head.header.backup_id,
+        head.header.kek_id,
+        described(&head, &counts)
+    );
+    println!(
+        "keep it with keys_dir (the custodians' kek.json and shares of this KEK) and the audit \
+         files; restore it with `cardvault restore`"
+    );
+    Ok(())
+}
+
+/// `cardvault restore --from FILE` into an empty store, every daemon stopped. Before anything
+/// is written: the file's digest (a damaged file), its KEK id against the custodians' (or the
+/// HSM's), and its MAC under the root key that KEK opens. Then every entry, and the root key
+/// last. The daemon then starts sealed as after any restart (or unseals through the HSM).
+pub fn restore(
+    config_path: &Path,
+    from: &Path,
+    share_files: &[PathBuf],
+    passphrase_files: &[String],
+) -> Result<(), CommandError> {
+    use crate::crypto::seal::KekBackend;
+    use crate::vault::backup::{self, BackupHead};
+    let config = Config::load(config_path)?;
+    let failed = |e: &dyn std::fmt::Display| CommandError::Store(format!("restore: {e}"));
+    store_stopped(&config, "the store")?;
+    if let Some(dir) = config.data_dir() {
+        new_data_dir(dir)?;
+    }
+    let head = BackupHead::read(from).map_err(|e| failed(&e))?;
+    let ids = head.kek_ids().map_err(|e| failed(&e))?;
+    let another = |held: &str| {
+        failed(&format!(
+            "the backup is under KEK {}; {held}: it is another vault's backup, or one from \
+             before a rekey or a seal move (use that time's shares or key)",
+            ids.join(" (recovery: ") + if ids.len() > 1 { ")" } else { "" }
+        ))
+    };
+    let kek: Box<dyn KekBackend> = if !share_files.is_empty() {
+        let custody = Custody::load(&config.keys_dir.join(CUSTODIANS_DIR)).map_err(keys_error)?;
+        if !ids.contains(&custody.kek_id) {
+            return Err(another(&format!(
+                "keys_dir's custodians hold {}",
+                custody.kek_id
+            )));
+        }
+        backup::check_digest(from).map_err(|e| failed(&e))?;
+        let shares = open_custodians_shares(&custody, share_files, passphrase_files)?;
+        let refs: Vec<&Share> = shares.iter().collect();
+        let material = custody.combine(&refs).map_err(keys_error)?;
+        Box::new(crate::crypto::Kek::new(&material, &custody.kek_id))
+    } else if let crate::crypto::seal::Backend::Pkcs11(settings) = &config.kek {
+        let hsm = crate::crypto::pkcs11::Hsm::connect(settings, None).map_err(keys_error)?;
+        let kek = hsm.open_key().map_err(keys_error)?;
+        if !ids.iter().any(|id| id == kek.id()) {
+            return Err(another(&format!("the HSM's KEK is {}", kek.id())));
+        }
+        backup::check_digest(from).map_err(|e| failed(&e))?;
+        Box::new(kek)
+    } else if config.insecure_dev_key && config.keys_dir.join(DEV_KEY_FILE).exists() {
+        let kek = DevKey::load(&config.keys_dir.join(DEV_KEY_FILE)).map_err(keys_error)?;
+        if !ids.iter().any(|id| id == kek.id()) {
+            return Err(another(&format!("the dev key is {}", kek.id())));
+        }
+        backup::check_digest(from).map_err(|e| failed(&e))?;
+        Box::new(kek)
+    } else {
+        backup::check_digest(from).map_err(|e| failed(&e))?;
+        return Err(failed(
+            &"give k custodians' shares (--share NAME.share, one per custodian): their KEK \
+              opens the backup's root key, which checks its MAC before anything is written",
+        ));
+    };
+    backup::check_mac(from, &head, kek.as_ref()).map_err(|e| failed(&e))?;
+    let store = crate::store::Store::open(&config.store).map_err(|e| failed(&e))?;
+    let counts = backup::restore(&store, from, &head, kek.as_ref()).map_err(|e| failed(&e))?;
+    store.close().map_err(|e| failed(&e))?;
+    println!(
+        "restored backup {}: {}; digest and MAC checked",
+        head.header.backup_id,
+        described(&head, &counts)
+    );
+    println!(
+        "start the daemon: it unseals as after any restart (k custodians, or the HSM; \
+         keys/README.md runbook 2)"
+    );
+    Ok(())
+}
+
+/// When a backup was taken and what it holds, for a person.
+fn described(
+    head: &crate::vault::backup::BackupHead,
+    counts: &crate::vault::backup::Counts,
+) -> String {
+    format!(
+        "taken {} at commit {}: {} cards, {} customers, {} customer tokens, {} idempotency \
+         keys, {} wrapped keys",
+        head.header.created_at,
+        head.header
+            .commit
+            .map_or_else(|| "-".to_owned(), |c| c.to_string()),
+        counts.cards,
+        counts.customers,
+        counts.tokens,
+        counts.idempotency,
+        counts.keys
+    )
+}
+
+/// A `data_dir` to restore into: absent (made 0700), or empty but for a commit witness left
+/// by an earlier store, which is removed (it would refuse the restored store's lower number).
+fn new_data_dir(dir: &Path) -> Result<(), CommandError> {
+    let witness = crate::store::WITNESS_FILE;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let others: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name != witness)
+            .collect();
+        if !others.is_empty() {
+            return Err(CommandError::Store(format!(
+                "restore: {} is not empty ({}): restore into a new or emptied data_dir",
+                dir.display(),
+                others.join(", ")
+            )));
+        }
+        if dir.join(witness).exists() {
+            std::fs::remove_file(dir.join(witness))
+                .map_err(|e| CommandError::Store(format!("restore: {witness}: {e}")))?;
+            println!(
+                "removed the commit witness an earlier store left in {}",
+                dir.display()
+            );
+        }
+    }
+    private_dir(dir)
+}
+
 /// Shares as the JSON list the key endpoints take, in wiping memory.
 fn share_entries(list: &[Share]) -> Zeroizing<String> {
     let mut out = wiping("[");

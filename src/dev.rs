@@ -35,7 +35,7 @@ projects = ["*"]
 [[identity]]
 name = "ops"
 uri_san = "spiffe://cardvault.dev/ops"
-permissions = ["keys", "metrics"]
+permissions = ["keys", "metrics", "backup"]
 projects = ["*"]
 "#;
 

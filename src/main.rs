@@ -100,6 +100,32 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// An online backup of the running vault's store (permission `backup`): ciphertext and
+    /// wrapped keys, with a digest and a MAC under the root key. sled only.
+    Backup {
+        #[command(flatten)]
+        connect: Connect,
+        /// Where to write it (must not exist; written as FILE.partial, then renamed).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into an empty store, every daemon stopped; the digest, the KEK and
+    /// the MAC are checked before anything is written.
+    Restore {
+        /// The daemon's config file (TOML): the store to restore into, and keys_dir.
+        #[arg(long)]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// A custodian's share file of the backup's KEK (or its recovery KEK); give k of them.
+        /// Not needed with [kek] backend = "pkcs11" when the HSM holds the backup's KEK.
+        #[arg(long = "share")]
+        shares: Vec<PathBuf>,
+        /// NAME=PATH: a custodian's passphrase file; repeatable.
+        #[arg(long = "passphrase-file")]
+        passphrase_files: Vec<String>,
+    },
     /// Submit one custodian's share to a sealed vault (with the custodian's own certificate).
     Unseal {
         #[command(flatten)]
@@ -343,6 +369,13 @@ fn main() -> ExitCode {
         Command::Store {
             command: StoreCommand::Copy { from, to },
         } => cardvault::commands::store_copy(from, to),
+        Command::Backup { connect, out } => cardvault::commands::backup(&connect.to_lib(), out),
+        Command::Restore {
+            config,
+            from,
+            shares,
+            passphrase_files,
+        } => cardvault::commands::restore(config, from, shares, passphrase_files),
         Command::Unseal {
             connect,
             share,

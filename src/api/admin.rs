@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::{grant, json, parse_json, read_body, ApiError, AppState};
 use crate::card::SecretInput;
 use crate::crypto::custody::{Custody, Share};
-use crate::policy::{Keys, Metrics, Unseal};
+use crate::policy::{Backup, Keys, Metrics, Unseal};
 use crate::vault::VaultError;
 
 #[derive(Deserialize)]
@@ -204,6 +204,61 @@ pub async fn migrate(
         StatusCode::OK,
         &serde_json::json!({"kek_id": result?}),
     ))
+}
+
+/// `POST /v1/admin/backup`: a backup of the store, streamed as it is written (see
+/// `vault::backup`): ciphertext and wrapped keys only. Taken on a thread of its own while
+/// requests go on; the bytes go out as the client reads them. A failure after the first
+/// byte ends the stream without its trailer, which the client refuses; the outcome is
+/// audited (`store.backup`) either way.
+pub async fn backup(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Backup>(&req, &state)?;
+    if state.vault.is_sealed() {
+        return Err(ApiError::SEALED);
+    }
+    state.vault.backup_supported()?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(8);
+    let vault = state.vault.clone();
+    std::thread::Builder::new()
+        .name("cardvault-backup".into())
+        .spawn(move || {
+            let sender = tx.clone();
+            let out = crate::vault::backup::Chunks::new(move |chunk| {
+                sender
+                    .blocking_send(Ok(web::Bytes::from(chunk)))
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left")
+                    })
+            });
+            let result = vault.backup(out);
+            match &result {
+                Ok(counts) => tracing::info!(
+                    cards = counts.cards,
+                    customers = counts.customers,
+                    tokens = counts.tokens,
+                    keys = counts.keys,
+                    "backup taken"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "backup failed");
+                    let _ = tx.blocking_send(Err(std::io::Error::other("the backup stopped")));
+                }
+            }
+            if let Err(e) = vault.audit_event(grant.actor(), "store.backup", &result) {
+                tracing::error!(error = %e, "the backup could not be audited");
+            }
+        })
+        .map_err(|_| ApiError::INTERNAL)?;
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok(HttpResponse::build(StatusCode::OK)
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .content_type("application/octet-stream")
+        .streaming(body))
 }
 
 /// `GET /v1/metrics`: the Prometheus text exposition. Answers while sealed and while the audit

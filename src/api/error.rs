@@ -316,6 +316,15 @@ impl From<VaultError> for ApiError {
                     "the seal cannot be changed as asked; the daemon's log says why",
                 )
             }
+            VaultError::BackupRefused(_) => {
+                tracing::warn!(error = %e, "backup refused");
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "backup_refused",
+                    "no backup is taken here: a PostgreSQL store is backed up with the \
+                     database's own tools",
+                )
+            }
             VaultError::KeyExhausted => {
                 tracing::error!(error = %e, "data key exhausted; rotate now");
                 ApiError::new(

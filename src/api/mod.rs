@@ -55,6 +55,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(resource("/admin/keys/rotate").route(web::post().to(admin::rotate)))
             .service(resource("/admin/keys/rekey").route(web::post().to(admin::rekey)))
             .service(resource("/admin/keys/migrate").route(web::post().to(admin::migrate)))
+            .service(resource("/admin/backup").route(web::post().to(admin::backup)))
             .service(resource("/cards").route(web::post().to(tokenize)))
             .service(resource("/cards/{id}").route(web::get().to(card)))
             .service(resource("/detokenize").route(web::post().to(detokenize)))

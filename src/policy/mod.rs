@@ -66,10 +66,12 @@ pub enum Permission {
     Fingerprint,
     /// Scrape `GET /v1/metrics`, vault-wide.
     Metrics,
+    /// Take an online backup of the store (ciphertext and wrapped keys), vault-wide.
+    Backup,
 }
 
 impl Permission {
-    const ALL: [Permission; 8] = [
+    const ALL: [Permission; 9] = [
         Permission::Tokenize,
         Permission::Read,
         Permission::Customers,
@@ -78,6 +80,7 @@ impl Permission {
         Permission::Keys,
         Permission::Fingerprint,
         Permission::Metrics,
+        Permission::Backup,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +93,7 @@ impl Permission {
             Permission::Keys => "keys",
             Permission::Fingerprint => "fingerprint",
             Permission::Metrics => "metrics",
+            Permission::Backup => "backup",
         }
     }
 
@@ -98,7 +102,7 @@ impl Permission {
     pub fn is_vault_wide(self) -> bool {
         matches!(
             self,
-            Permission::Unseal | Permission::Keys | Permission::Metrics
+            Permission::Unseal | Permission::Keys | Permission::Metrics | Permission::Backup
         )
     }
 
@@ -134,6 +138,7 @@ permission_marker!(Customers, Permission::Customers);
 permission_marker!(Unseal, Permission::Unseal);
 permission_marker!(Keys, Permission::Keys);
 permission_marker!(Metrics, Permission::Metrics);
+permission_marker!(Backup, Permission::Backup);
 
 /// What an identity may see of a card beyond scheme, BIN-6, last 4, expiry and holder name.
 ///
@@ -668,7 +673,7 @@ mod tests {
     #[test]
     fn shipped_policies_parse() {
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        assert_eq!(Policy::load(&example).unwrap().identities.len(), 7);
+        assert_eq!(Policy::load(&example).unwrap().identities.len(), 8);
         assert_eq!(parse(crate::dev::DEV_POLICY).unwrap().identities.len(), 3);
     }
 

@@ -537,6 +537,11 @@ impl Sled {
         self.with(|g| Ok(g.meta.get(ROOT_KEY)?.map(|v| v.to_vec())))
     }
 
+    /// The commit number the last flush made durable.
+    pub fn durable_commit(&self) -> Result<u64, StoreError> {
+        self.with(|g| Ok(g.commit.durable_commit()))
+    }
+
     /// The root key as the custodians' recovery KEK wraps it, if the store has one.
     pub fn recovery_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.with(|g| Ok(g.meta.get(RECOVERY_ROOT)?.map(|v| v.to_vec())))

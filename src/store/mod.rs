@@ -31,6 +31,7 @@ pub mod embedded;
 pub mod pg;
 mod record;
 mod recovery;
+pub use recovery::WITNESS_FILE;
 
 use std::future::Future;
 use std::path::Path;
@@ -786,6 +787,14 @@ impl Store {
     /// Where DEK encryption counts are reserved.
     pub fn ledger(&self) -> Ledger {
         Ledger(self.clone())
+    }
+
+    /// The commit number the last flush made durable (sled); `None` on PostgreSQL.
+    pub fn durable_commit(&self) -> Result<Option<u64>, StoreError> {
+        match self {
+            Store::Sled(s) => s.durable_commit().map(Some),
+            Store::Postgres(_) => Ok(None),
+        }
     }
 
     /// Makes everything written so far durable (for rare, blocking callers: key operations).

@@ -425,7 +425,7 @@ fn kek_check_aad(kek_id: &str) -> Vec<u8> {
 }
 
 /// The root key as wrapped by KEK `kek_id`.
-fn root_aad(kek_id: &str) -> Vec<u8> {
+pub(super) fn root_aad(kek_id: &str) -> Vec<u8> {
     crate::crypto::aad(&[b"cardvault/root-key/v1", kek_id.as_bytes()])
 }
 
@@ -477,15 +477,21 @@ fn recovery_copy(store: &crate::store::Store) -> Result<Option<StoredRecovery>, 
     let Some(row) = store.recovery_root()? else {
         return Ok(None);
     };
-    let copy: RecoveryCopy =
-        serde_json::from_slice(&row).map_err(|_| VaultError::Integrity("recovery_root".into()))?;
-    let wrapped = crate::crypto::unhex(&copy.root)
-        .ok_or_else(|| VaultError::Integrity("recovery_root".into()))?;
+    let (kek_id, wrapped) = decode_recovery(&row)?;
     Ok(Some(StoredRecovery {
-        kek_id: copy.kek_id,
-        wrapped: wrapped.to_vec(),
+        kek_id,
+        wrapped,
         row,
     }))
+}
+
+/// A recovery copy row as `(recovery KEK id, wrapped root key)`.
+pub(super) fn decode_recovery(row: &[u8]) -> Result<(String, Vec<u8>), VaultError> {
+    let copy: RecoveryCopy =
+        serde_json::from_slice(row).map_err(|_| VaultError::Integrity("recovery_root".into()))?;
+    let wrapped = crate::crypto::unhex(&copy.root)
+        .ok_or_else(|| VaultError::Integrity("recovery_root".into()))?;
+    Ok((copy.kek_id, wrapped.to_vec()))
 }
 
 /// The KEK ids a store's root key is sealed under: the KEK's, then the recovery KEK's. For

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
+pub mod backup;
 mod customers;
 mod idempotency;
 mod keys;
@@ -89,6 +90,9 @@ pub enum VaultError {
     /// A seal migration that cannot be done as asked (the detail is logged).
     #[error("seal: {0}")]
     Seal(String),
+    /// A backup that cannot be taken here, or stopped.
+    #[error("backup: {0}")]
+    BackupRefused(String),
     #[error("a data key reached its encryption limit")]
     KeyExhausted,
     /// Only for audit records of policy denials; the API answers those itself.
@@ -122,6 +126,7 @@ impl VaultError {
             VaultError::WrongKek(_) => "wrong_kek",
             VaultError::Hsm(_) => "hsm_unavailable",
             VaultError::Seal(_) => "seal_refused",
+            VaultError::BackupRefused(_) => "backup_refused",
             VaultError::KeyExhausted => "key_exhausted",
             VaultError::Forbidden => "forbidden",
             VaultError::RateLimited => "rate_limited",

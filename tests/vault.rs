@@ -57,6 +57,9 @@ mod metrics;
 #[path = "suite/check.rs"]
 mod check;
 
+#[path = "suite/backup.rs"]
+mod backup;
+
 #[path = "suite/hsm.rs"]
 mod hsm;
 

@@ -419,7 +419,7 @@ fn the_seal_moves_shamir_to_pkcs11_and_back_under_load(engine: Engine) {
 
 /// Runs `during` while two threads tokenize and detokenize; returns the customer tokens the
 /// load made and how many requests failed.
-fn under_load(
+pub(crate) fn under_load(
     setup: &Setup,
     daemon: &Daemon,
     during: impl FnOnce(),

@@ -111,6 +111,12 @@ permissions = ["unseal"]
 name = "dave"
 uri_san = "spiffe://cardvault.test/dave"
 permissions = ["unseal"]
+
+# Takes online backups and nothing else.
+[[identity]]
+name = "backup"
+uri_san = "spiffe://cardvault.test/backup"
+permissions = ["backup"]
 "#;
 
 /// A client identity: certificate and key files.

@@ -30,6 +30,8 @@ pub struct Config {
     pub tls: TlsFiles,
     pub card_token_ttl: Duration,
     pub cvc_ttl: Duration,
+    /// sled: the most CVCs held in memory at once, waiting for their first use.
+    pub cvc_max: usize,
     /// HTTP worker threads; default: one per core.
     pub workers: Option<usize>,
     pub log: LogConfig,
@@ -108,6 +110,7 @@ struct RawConfig {
     tls: RawTls,
     card_token_ttl: Option<String>,
     cvc_ttl: Option<String>,
+    cvc_max: Option<usize>,
     workers: Option<usize>,
     /// The old place of `[store] cache_mb`, still read.
     cache_mb: Option<u64>,
@@ -256,6 +259,10 @@ impl Config {
         if cvc_ttl > Duration::from_secs(86_400) {
             return Err("cvc_ttl must be at most 24h".into());
         }
+        let cvc_max = raw.cvc_max.unwrap_or(DEFAULT_CVC_MAX);
+        if cvc_max == 0 || cvc_max > 100_000_000 {
+            return Err("cvc_max must be between 1 and 100000000".into());
+        }
         let defaults = crate::vault::KeySettings::default();
         let keys = crate::vault::KeySettings {
             dek_max_encryptions: raw
@@ -359,6 +366,7 @@ impl Config {
             },
             card_token_ttl,
             cvc_ttl,
+            cvc_max,
             workers: raw.workers,
             log: raw.log,
             insecure_dev_key: raw.insecure_dev_key,
@@ -449,6 +457,9 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 /// `[node] name`, or this host's name; 1 to 63 letters, digits, `.`, `_` or `-`.
+/// CVCs held in memory at once by default (sled): a table of about 54 MiB.
+pub const DEFAULT_CVC_MAX: usize = 1_000_000;
+
 /// `[kek]`: `backend = "shamir"` (the default) or `"pkcs11"` with its `[kek.pkcs11]`.
 fn kek_backend(
     raw: RawKek,
@@ -649,6 +660,7 @@ mod tests {
         assert_eq!(c.tls.client_ca, Path::new("/etc/cardvault/ca.pem"));
         assert_eq!(c.card_token_ttl, Duration::from_secs(86_400));
         assert_eq!(c.cvc_ttl, Duration::from_secs(3600));
+        assert_eq!(c.cvc_max, DEFAULT_CVC_MAX);
     }
 
     #[test]

@@ -419,6 +419,7 @@ impl Application {
         let settings = VaultSettings {
             card_token_ttl: config.card_token_ttl,
             cvc_ttl: config.cvc_ttl,
+            cvc_max: config.cvc_max,
             keys: config.keys.clone(),
         };
         let (audit, audit_lock) = open_audit(config)?;

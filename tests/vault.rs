@@ -844,6 +844,38 @@ fn card_tokens_and_cvcs_expire(engine: Engine) {
     assert_eq!((res.status, res.code()), (410, "token_expired".into()));
 }
 
+/// The in-memory CVC cache holds at most `cvc_max` codes: past it, a tokenization that
+/// brings a CVC is refused (503 `cvc_capacity`) before anything is stored, one without a CVC
+/// goes through, and a code taken by its detokenization makes room again.
+#[test]
+fn the_cvc_cache_is_bounded_and_refuses_rather_than_grows() {
+    let setup = Setup::with_settings("cvc-cap", "cvc_max = 2");
+    let daemon = setup.start();
+    let router = setup.client(&daemon, &setup.router());
+    let first = tokenize(&router, &test_pan(1))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokenize(&router, &test_pan(2));
+    let res = router.post("/v1/cards", &card_body(&test_pan(3)));
+    assert_eq!(
+        (res.status, res.code()),
+        (503, "cvc_capacity".into()),
+        "{}",
+        res.body
+    );
+    assert!(!res.body.contains(&test_pan(3)) && !res.body.contains("737"));
+    let mut without = card_body(&test_pan(4));
+    without.as_object_mut().unwrap().remove("cvc");
+    assert_eq!(router.post("/v1/cards", &without).status, 201);
+    let res = detokenize(&router, &first);
+    assert_eq!(res.json()["cvc"], "737", "{}", res.body);
+    tokenize(&router, &test_pan(5));
+    daemon.stop();
+    // Four cards stored: the refused one is not among them.
+    assert_eq!(setup.stored_cards(), 4);
+}
+
 #[test]
 fn startup_is_refused_on_unsafe_or_broken_setups() {
     type Breakage = Box<dyn Fn(&Setup)>;

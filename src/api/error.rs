@@ -316,6 +316,15 @@ impl From<VaultError> for ApiError {
                     "the seal cannot be changed as asked; the daemon's log says why",
                 )
             }
+            VaultError::CvcCapacity => {
+                tracing::warn!("CVC cache full: a tokenization with a CVC was refused");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cvc_capacity",
+                    "too many CVCs are waiting for their first use; retry later, or tokenize \
+                     without the CVC",
+                )
+            }
             VaultError::BackupRefused(_) => {
                 tracing::warn!(error = %e, "backup refused");
                 ApiError::new(

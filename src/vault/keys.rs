@@ -2059,6 +2059,7 @@ mod tests {
         let settings = crate::vault::VaultSettings {
             card_token_ttl: Duration::from_secs(3600),
             cvc_ttl: Duration::from_secs(60),
+            cvc_max: 1000,
             keys: KeySettings::default(),
         };
         let vault = Vault::open(
@@ -2100,6 +2101,7 @@ mod tests {
         let settings = crate::vault::VaultSettings {
             card_token_ttl: Duration::from_secs(3600),
             cvc_ttl: Duration::from_secs(60),
+            cvc_max: 1000,
             keys: KeySettings::default(),
         };
         let vault = Vault::open(

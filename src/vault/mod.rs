@@ -90,6 +90,9 @@ pub enum VaultError {
     /// A seal migration that cannot be done as asked (the detail is logged).
     #[error("seal: {0}")]
     Seal(String),
+    /// The in-memory CVC cache is full of codes not yet used or expired.
+    #[error("too many CVCs are waiting for their first use")]
+    CvcCapacity,
     /// A backup that cannot be taken here, or stopped.
     #[error("backup: {0}")]
     BackupRefused(String),
@@ -127,6 +130,7 @@ impl VaultError {
             VaultError::Hsm(_) => "hsm_unavailable",
             VaultError::Seal(_) => "seal_refused",
             VaultError::BackupRefused(_) => "backup_refused",
+            VaultError::CvcCapacity => "cvc_capacity",
             VaultError::KeyExhausted => "key_exhausted",
             VaultError::Forbidden => "forbidden",
             VaultError::RateLimited => "rate_limited",
@@ -161,6 +165,8 @@ impl VaultError {
 pub struct VaultSettings {
     pub card_token_ttl: Duration,
     pub cvc_ttl: Duration,
+    /// sled: the most CVCs held in memory at once (see [`CvcCache`]).
+    pub cvc_max: usize,
     pub keys: KeySettings,
 }
 
@@ -365,11 +371,21 @@ impl ProjectKeys {
 /// The key is in the same memory, so the masked digits are still wiped: in place before an
 /// entry is removed, and the whole old table before the map is moved to a bigger one (the map
 /// is grown here, never by the standard library, which would free the old table as it is).
+///
+/// **Bounded.** It holds at most `cvc_max` codes (default 1,000,000: a table of 2^21 slots,
+/// about 54 MiB, never grown past what that needs; twice that for the moment a growing table
+/// is copied). When it is full, expired codes are
+/// wiped at once, and if it is still full a tokenization that brings a CVC is refused with 503
+/// `cvc_capacity` before anything is stored: a caller flooding it cannot grow the process
+/// without bound, nor push out a code another caller's payment still needs. A tokenization
+/// without a CVC is unaffected. Concurrent tokenizations may overshoot the cap by the
+/// requests in flight.
 struct CvcCache {
     key: ring::hmac::Key,
     /// Expiry times are milliseconds since this instant.
     epoch: Instant,
     entries: Mutex<HashMap<[u8; 16], CvcEntry>>,
+    max: usize,
 }
 
 #[derive(Clone, Zeroize)]
@@ -414,14 +430,24 @@ impl CvcCache {
         self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    fn new() -> Result<CvcCache, CryptoError> {
+    fn new(max: usize) -> Result<CvcCache, CryptoError> {
         let rng = ring::rand::SystemRandom::new();
         Ok(CvcCache {
             key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
                 .map_err(|_| CryptoError::Rng)?,
             epoch: Instant::now(),
             entries: Mutex::new(HashMap::new()),
+            max: max.max(1),
         })
+    }
+
+    /// Whether one more code fits, after wiping the expired ones if the cache is full.
+    fn room(&self, now: Instant) -> bool {
+        if self.len() < self.max {
+            return true;
+        }
+        self.sweep(now);
+        self.len() < self.max
     }
 
     /// The entry's map key and mask.
@@ -450,7 +476,10 @@ impl CvcCache {
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= map.capacity() {
             // Full (or its free slots used up by removals): the next insert would reallocate.
-            let mut fresh = HashMap::with_capacity((map.len() * 2).max(Self::MIN_CAPACITY));
+            // Never past what the cap needs: a table sized for twice the cap would double
+            // the memory a full cache takes.
+            let wanted = (map.len() * 2).min(self.max.max(map.len() + 1));
+            let mut fresh = HashMap::with_capacity(wanted.max(Self::MIN_CAPACITY));
             for (k, e) in map.iter_mut() {
                 fresh.insert(*k, e.clone());
                 e.zeroize();
@@ -576,7 +605,7 @@ impl Vault {
             store,
             keyring: keys::KeyRing::new(settings.keys.clone(), custody),
             keys: RwLock::new(HashMap::new()),
-            cvcs: CvcCache::new().map_err(VaultError::Keys)?,
+            cvcs: CvcCache::new(settings.cvc_max).map_err(VaultError::Keys)?,
             settings,
             audit,
             boot_id: u64::from_be_bytes(boot_id),
@@ -648,6 +677,10 @@ impl Vault {
         card: NewCard,
     ) -> Result<CardView, VaultError> {
         let project = grant.project();
+        // Before anything is stored: a card must not be stored without the CVC it came with.
+        if card.cvc.is_some() && !self.store.is_shared() && !self.cvcs.room(Instant::now()) {
+            return Err(VaultError::CvcCapacity);
+        }
         let keys = self
             .project_keys(project, true)?
             .ok_or(VaultError::NotFound)?;
@@ -1242,6 +1275,7 @@ pub(crate) mod tests {
         let settings = VaultSettings {
             card_token_ttl: Duration::from_secs(3600),
             cvc_ttl: Duration::from_secs(60),
+            cvc_max: 1000,
             keys: KeySettings::default(),
         };
         let vault = Vault::open(
@@ -1262,9 +1296,33 @@ pub(crate) mod tests {
         }
     }
 
+    /// A full cache refuses the next code until one expires; the expired one is wiped to
+    /// make room, and the table is never grown past the cap.
+    #[test]
+    fn the_cvc_cache_holds_at_most_its_cap() {
+        let cache = CvcCache::new(3).unwrap();
+        let project = Project::parse("default").unwrap();
+        let now = Instant::now();
+        let ids: Vec<ObjectId> = (0..3)
+            .map(|_| ObjectId::generate(IdKind::Card).unwrap())
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert!(cache.room(now));
+            let until = now + Duration::from_secs(if i == 0 { 1 } else { 3600 });
+            cache.put(&project, id, Cvc::parse("123").unwrap(), until);
+        }
+        assert!(!cache.room(now), "a fourth code fitted under a cap of 3");
+        assert_eq!(cache.len(), 3);
+        // Once the first expires, the check wipes it and there is room again.
+        assert!(cache.room(now + Duration::from_secs(2)));
+        assert_eq!(cache.len(), 2);
+        let capacity = cache.entries.lock().unwrap().capacity();
+        assert!(capacity <= CvcCache::MIN_CAPACITY * 2, "{capacity}");
+    }
+
     #[test]
     fn cvc_cache_takes_once_and_expires() {
-        let cache = CvcCache::new().unwrap();
+        let cache = CvcCache::new(1 << 20).unwrap();
         let project = Project::default_project();
         let id = ObjectId::generate(IdKind::Card).unwrap();
         cache.put(
@@ -1288,7 +1346,7 @@ pub(crate) mod tests {
 
     #[test]
     fn cvc_cache_expires_a_code_at_its_ttl_to_the_millisecond() {
-        let cache = CvcCache::new().unwrap();
+        let cache = CvcCache::new(1 << 20).unwrap();
         let project = Project::default_project();
         let id = ObjectId::generate(IdKind::Card).unwrap();
         let until = cache.epoch + Duration::from_micros(1_900_500);
@@ -1310,7 +1368,7 @@ pub(crate) mod tests {
 
     #[test]
     fn cvc_cache_survives_growth_and_reuse_of_removed_slots() {
-        let cache = CvcCache::new().unwrap();
+        let cache = CvcCache::new(1 << 20).unwrap();
         let project = Project::default_project();
         let until = Instant::now() + Duration::from_secs(60);
         let ids: Vec<ObjectId> = (0..5000)
@@ -1336,7 +1394,7 @@ pub(crate) mod tests {
 
     #[test]
     fn cvc_cache_holds_no_code_in_the_clear_and_keeps_projects_apart() {
-        let cache = CvcCache::new().unwrap();
+        let cache = CvcCache::new(1 << 20).unwrap();
         let (p1, p2) = (Project::parse("a").unwrap(), Project::parse("b").unwrap());
         let until = Instant::now() + Duration::from_secs(60);
         let ids: Vec<ObjectId> = (0..64)

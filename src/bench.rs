@@ -195,7 +195,9 @@ impl LocalServer {
             .collect::<Result<Vec<u16>, _>>()?;
         let first = *ports.first().ok_or_else(|| setup("no node to start"))?;
         let config = crate::dev::prepare(&dir, &format!("127.0.0.1:{first}")).map_err(setup)?;
-        let mut text = std::fs::read_to_string(&config)?;
+        // Every tokenization carries a CVC, none is used by a tokenize-only run: kept 30 s,
+        // they stay well under `cvc_max` however long the run.
+        let mut text = format!("cvc_ttl = \"30s\"\n{}", std::fs::read_to_string(&config)?);
         text.push_str("\n[log]\nlevel = \"warn\"\n");
         // Nodes on one machine share it: each gets its share of the HTTP workers and of the
         // database connections for requests (a request thread's pool is `pool_size` over the

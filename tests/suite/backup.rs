@@ -15,18 +15,7 @@ const CUSTODIANS: [&str; 3] = ["alice", "bob", "carol"];
 
 /// `cardvault backup --out OUT` as `who`.
 fn backup(setup: &Setup, daemon: &Daemon, who: &Identity, out: &Path) -> (bool, String) {
-    let url = format!("https://{}", daemon.addr);
-    setup.try_cli(&[
-        "backup",
-        "--out",
-        out.to_str().unwrap(),
-        "--cert",
-        who.cert.to_str().unwrap(),
-        "--key",
-        who.key.to_str().unwrap(),
-        "--url",
-        &url,
-    ])
+    setup.cli_as(daemon, who, &["backup", "--out", out.to_str().unwrap()])
 }
 
 /// `cardvault restore --config CONFIG --from FILE` with `custodians`' shares of `setup`.

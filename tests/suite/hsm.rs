@@ -43,18 +43,7 @@ fn sealed_because(setup: &Setup, daemon: &Daemon) -> (u16, String) {
 }
 
 fn keys_cli(setup: &Setup, daemon: &Daemon, args: &[&str]) -> (bool, String) {
-    let ops = setup.ops();
-    let url = format!("https://{}", daemon.addr);
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend([
-        "--cert",
-        ops.cert.to_str().unwrap(),
-        "--key",
-        ops.key.to_str().unwrap(),
-        "--url",
-        &url,
-    ]);
-    setup.try_cli(&all)
+    setup.cli_as(daemon, &setup.ops(), args)
 }
 
 /// `keys migrate --to TO` with `custodians`' shares and passphrase files.

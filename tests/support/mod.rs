@@ -335,20 +335,32 @@ impl Setup {
         share: &Path,
         passphrase: &Path,
     ) -> (bool, String) {
+        self.cli_as(
+            daemon,
+            who,
+            &[
+                "unseal",
+                "--share",
+                share.to_str().unwrap(),
+                "--passphrase-file",
+                passphrase.to_str().unwrap(),
+            ],
+        )
+    }
+
+    /// `cardvault ARGS` sent to `daemon` with `who`'s certificate: (success, output).
+    pub fn cli_as(&self, daemon: &Daemon, who: &Identity, args: &[&str]) -> (bool, String) {
         let url = format!("https://{}", daemon.addr);
-        self.try_cli(&[
-            "unseal",
-            "--share",
-            share.to_str().unwrap(),
-            "--passphrase-file",
-            passphrase.to_str().unwrap(),
+        let mut all = args.to_vec();
+        all.extend([
             "--cert",
             who.cert.to_str().unwrap(),
             "--key",
             who.key.to_str().unwrap(),
             "--url",
             &url,
-        ])
+        ]);
+        self.try_cli(&all)
     }
 
     /// Custodian `name` unseals with their own certificate, share and passphrase.

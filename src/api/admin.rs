@@ -216,10 +216,19 @@ pub async fn backup(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant::<Backup>(&req, &state)?;
-    if state.vault.is_sealed() {
-        return Err(ApiError::SEALED);
+    // A refusal before the stream starts is audited as the outcome, as a finished backup is.
+    let ready = if state.vault.is_sealed() {
+        Err(VaultError::Sealed)
+    } else {
+        state.vault.backup_supported()
+    };
+    if let Err(e) = ready {
+        let refused: Result<(), VaultError> = Err(e);
+        state
+            .vault
+            .audit_event(grant.actor(), "store.backup", &refused)?;
+        refused?;
     }
-    state.vault.backup_supported()?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(8);
     let vault = state.vault.clone();
     std::thread::Builder::new()

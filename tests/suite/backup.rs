@@ -176,6 +176,11 @@ fn a_postgres_store_is_sent_to_the_databases_tools() {
     assert!(!ok && out.contains("backup_refused"), "{out}");
     assert!(!file.exists() && !setup.root().join("vault.backup.partial").exists());
     daemon.stop();
+    let audit = std::fs::read_to_string(setup.root().join("audit/audit.log")).unwrap();
+    assert!(
+        audit.contains("\"event\":\"store.backup\",\"outcome\":\"failure\""),
+        "the refusal was not audited: {audit}"
+    );
 }
 
 /// With the HSM seal, a restore needs no custodian: the HSM's KEK opens the backup's root

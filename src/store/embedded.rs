@@ -1,7 +1,14 @@
 //! The embedded engine: sled, in one folder that one process holds.
 //!
 //! Trees: `cards`, `customers`, `customer_tokens`, `idempotency` and `keys`, each keyed by
-//! `project \0 id`; `meta` for store-wide values. Compare-and-swap is sled's own; a
+//! `project \0 id`; `meta` for store-wide values. Two sweep indexes, keyed by a time (8 bytes,
+//! big-endian, sign bit flipped, so keys sort by time) then `project \0 id`, with empty values:
+//! `card_sweep` (when the sweeper next has work on a card, [`CardRecord::sweep_at`]) and
+//! `idempotency_sweep` (when a record was created). An entry is written before its record, so
+//! a crash leaves at worst an entry without a record, which the sweeper drops. A card's entry
+//! is moved only by the sweeper. A use never makes the PAN's erasure due earlier than the
+//! entry (the PAN goes with the use); it may make the tombstone's removal due earlier (a
+//! `card_token_ttl` over the 7-day retention), which then waits for the entry at expiry. Compare-and-swap is sled's own; a
 //! [`Batch`] is one sled transaction over the trees it touches.
 //!
 //! sled holds an exclusive lock on its folder: one process per store, so admin actions go
@@ -45,6 +52,8 @@ pub(super) struct Generation {
     idempotency: sled::Tree,
     keys: sled::Tree,
     meta: sled::Tree,
+    card_sweep: sled::Tree,
+    idempotency_sweep: sled::Tree,
     pub(super) commit: GroupCommit,
 }
 
@@ -63,12 +72,23 @@ impl Generation {
         recovery::check(dir, commit)?;
         let found = match meta.get(FORMAT_KEY)? {
             Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
+            // A new store is written in this format from its first record.
+            None if db.open_tree("cards")?.is_empty()
+                && db.open_tree("idempotency")?.is_empty() =>
+            {
+                FORMAT
+            }
             None => 1,
         };
         if found > FORMAT {
             return Err(StoreError::TooNew { found });
         }
-        if found < FORMAT {
+        if found < FORMAT || meta.get(FORMAT_KEY)?.is_none() {
+            if found < SWEEP_INDEX_FORMAT {
+                // Written before the format: sled recovers writes in order, so a store that
+                // records the new format also records that its indexes are still to build.
+                meta.insert(SWEEP_INDEX_PENDING, &[1])?;
+            }
             // Made durable by the first flush, with whatever this build writes first.
             meta.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
         }
@@ -79,6 +99,8 @@ impl Generation {
             tokens: db.open_tree("customer_tokens")?,
             idempotency: db.open_tree("idempotency")?,
             keys: db.open_tree("keys")?,
+            card_sweep: db.open_tree("card_sweep")?,
+            idempotency_sweep: db.open_tree("idempotency_sweep")?,
             commit: GroupCommit::start(db.clone(), meta.clone(), log, id, commit)
                 .map_err(StoreError::Thread)?,
             meta,
@@ -143,6 +165,24 @@ const ROOT_KEY: &[u8] = b"root_key";
 const RECOVERY_ROOT: &[u8] = b"recovery_root";
 const DEK_STATE: &[u8] = b"dek_state";
 const ENCRYPTIONS: &str = "encryptions/";
+/// Present while the sweep indexes of a store written by an earlier format are not built.
+const SWEEP_INDEX_PENDING: &[u8] = b"sweep_index_pending";
+/// The store format that brought the sweep indexes.
+const SWEEP_INDEX_FORMAT: u32 = 3;
+
+/// An index entry: `at` so that keys sort by time, then the record's key.
+fn sweep_key(at: i64, record_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + record_key.len());
+    k.extend_from_slice(&((at as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(record_key);
+    k
+}
+
+/// The time and record key of an index entry.
+fn split_sweep_key(k: &[u8]) -> Option<(i64, &[u8])> {
+    let (at, rest) = k.split_first_chunk::<8>()?;
+    Some(((u64::from_be_bytes(*at) ^ (1 << 63)) as i64, rest))
+}
 
 fn get<R: Codec>(tree: &sled::Tree, k: &[u8]) -> Result<Option<R>, StoreError> {
     match tree.get(k)? {
@@ -309,7 +349,11 @@ impl Sled {
         id: &str,
         rec: &CardRecord,
     ) -> Result<Ticket, StoreError> {
-        self.write(|g| insert_new(g, &g.cards, &key(project, id), rec))
+        self.write(|g| {
+            let k = key(project, id);
+            g.card_sweep.insert(sweep_key(rec.sweep_at(), &k), &[])?;
+            insert_new(g, &g.cards, &k, rec)
+        })
     }
 
     pub fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
@@ -421,8 +465,13 @@ impl Sled {
         new: Option<&IdempotencyRecord>,
     ) -> Result<Option<Ticket>, StoreError> {
         self.write(|g| {
+            let k = key(project, scope);
+            if let (None, Some(new)) = (old, new) {
+                g.idempotency_sweep
+                    .insert(sweep_key(new.created_at, &k), &[])?;
+            }
             let swapped = g.idempotency.compare_and_swap(
-                key(project, scope),
+                k,
                 old.map(IdempotencyRecord::encode),
                 new.map(IdempotencyRecord::encode),
             )?;
@@ -431,21 +480,116 @@ impl Sled {
     }
 
     /// Removes idempotency records created before `cutoff` (unix seconds); returns how many.
+    /// Reads only the index entries before `cutoff`.
     pub fn remove_idempotency_before(&self, cutoff: i64) -> Result<usize, StoreError> {
         self.write(|g| {
             let mut removed = 0;
-            for item in g.idempotency.iter() {
-                let (k, v) = item?;
-                let stale = IdempotencyRecord::decode(&v).map_or(true, |r| r.created_at < cutoff);
-                if stale
-                    && g.idempotency
-                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
-                        .is_ok()
-                {
-                    removed += 1;
+            for item in g.idempotency_sweep.range(..sweep_key(cutoff, &[])) {
+                let (entry, _) = item?;
+                let (_, k) = split_sweep_key(&entry).ok_or(Malformed)?;
+                if let Some(v) = g.idempotency.get(k)? {
+                    // An entry of a released claim may meet a later claim of the same key,
+                    // which has its own entry: only a record that is itself old goes.
+                    let stale =
+                        IdempotencyRecord::decode(&v).map_or(true, |r| r.created_at < cutoff);
+                    if stale
+                        && g.idempotency
+                            .compare_and_swap(k, Some(&v), None as Option<&[u8]>)?
+                            .is_ok()
+                    {
+                        removed += 1;
+                    }
                 }
+                g.idempotency_sweep.remove(&entry)?;
             }
             Ok(removed)
+        })
+    }
+
+    /// See [`super::Store::cards_due`].
+    pub fn cards_due(
+        &self,
+        now: i64,
+        after: Option<&super::SweepCursor>,
+        limit: usize,
+    ) -> Result<Vec<super::DueCard>, StoreError> {
+        use std::ops::Bound;
+        self.with(|g| {
+            let start = match after {
+                Some((at, project, id)) => Bound::Excluded(sweep_key(*at, &key(project, id))),
+                None => Bound::Unbounded,
+            };
+            // Every key of `now` sorts before the first of `now + 1`.
+            let end = Bound::Excluded(sweep_key(now.saturating_add(1), &[]));
+            let mut due = Vec::new();
+            for item in g.card_sweep.range::<Vec<u8>, _>((start, end)).take(limit) {
+                let (entry, _) = item?;
+                let (at, k) = split_sweep_key(&entry).ok_or(Malformed)?;
+                let (project, id) = split_key(k).ok_or(Malformed)?;
+                let record = match g.cards.get(k)? {
+                    Some(v) => CardRecord::decode(&v).ok(),
+                    None => None,
+                };
+                due.push(super::DueCard {
+                    at,
+                    project,
+                    id,
+                    record,
+                });
+            }
+            Ok(due)
+        })
+    }
+
+    /// See [`super::Store::card_swept`]: the new entry first, so a crash between the two
+    /// leaves the card indexed (twice, which the sweeper tidies), never not at all.
+    pub fn card_swept(&self, card: &super::DueCard, next: Option<i64>) -> Result<(), StoreError> {
+        if next == Some(card.at) {
+            return Ok(());
+        }
+        self.write(|g| {
+            let k = key(&card.project, &card.id);
+            if let Some(next) = next {
+                g.card_sweep.insert(sweep_key(next, &k), &[])?;
+            }
+            g.card_sweep.remove(sweep_key(card.at, &k))?;
+            Ok(())
+        })
+    }
+
+    /// See [`super::Store::build_sweep_indexes`]. Entries are a set, so one written by a
+    /// request meanwhile is simply written again.
+    pub fn build_sweep_indexes(&self) -> Result<bool, StoreError> {
+        self.write(|g| {
+            if g.meta.get(SWEEP_INDEX_PENDING)?.is_none() {
+                return Ok(false);
+            }
+            for item in g.cards.iter() {
+                let (k, v) = item?;
+                if let Ok(record) = CardRecord::decode(&v) {
+                    g.card_sweep.insert(sweep_key(record.sweep_at(), &k), &[])?;
+                }
+            }
+            for item in g.idempotency.iter() {
+                let (k, v) = item?;
+                // An unreadable one is due at once, and removed as before.
+                let at = IdempotencyRecord::decode(&v).map_or(i64::MIN, |r| r.created_at);
+                g.idempotency_sweep.insert(sweep_key(at, &k), &[])?;
+            }
+            g.meta.remove(SWEEP_INDEX_PENDING)?;
+            Ok(true)
+        })
+    }
+
+    /// Card records, counted by their keys (a full scan: at start, not per request).
+    pub fn count_cards(&self) -> Result<u64, StoreError> {
+        self.with(|g| {
+            let mut n = 0u64;
+            for item in g.cards.iter().keys() {
+                item?;
+                n += 1;
+            }
+            Ok(n)
         })
     }
 
@@ -703,7 +847,20 @@ impl Sled {
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         self.write(|g| {
-            Sled::tree(g, kind).insert(key(project, id), bytes)?;
+            let k = key(project, id);
+            match kind {
+                super::Kind::Cards => {
+                    if let Ok(record) = CardRecord::decode(bytes) {
+                        g.card_sweep.insert(sweep_key(record.sweep_at(), &k), &[])?;
+                    }
+                }
+                super::Kind::Idempotency => {
+                    let at = IdempotencyRecord::decode(bytes).map_or(i64::MIN, |r| r.created_at);
+                    g.idempotency_sweep.insert(sweep_key(at, &k), &[])?;
+                }
+                _ => {}
+            }
+            Sled::tree(g, kind).insert(k, bytes)?;
             Ok(())
         })
     }
@@ -752,6 +909,7 @@ fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::TOMBSTONE_RETENTION_SECS;
     use std::sync::{Arc, Barrier};
 
     fn temp_store(label: &str) -> (Sled, std::path::PathBuf) {
@@ -790,6 +948,157 @@ mod tests {
         drop((meta, db));
         let refused = Sled::open(&dir, 8 << 20).err().unwrap();
         assert!(matches!(refused, StoreError::TooNew { found } if found == FORMAT + 1));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn card(expires_at: i64, used_at: Option<i64>) -> CardRecord {
+        CardRecord {
+            expires_at,
+            used_at,
+            pan: used_at.is_none().then(|| vec![2; 28]),
+            ..record()
+        }
+    }
+
+    fn due_ids(store: &Sled, now: i64) -> Vec<String> {
+        let mut ids: Vec<String> = store
+            .cards_due(now, None, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The index names the cards due and no others, in pages, and follows a card moved by
+    /// the sweeper; an entry whose card is gone comes back as such.
+    #[test]
+    fn cards_due_reads_only_the_indexed_due_cards() {
+        let (store, dir) = temp_store("due");
+        for i in 0..300 {
+            let _ = store
+                .insert_card("p", &format!("live{i:03}"), &card(5_000, None))
+                .unwrap();
+        }
+        let _ = store
+            .insert_card("p", "expired", &card(1_000, None))
+            .unwrap();
+        let used = card(9_000, Some(-TOMBSTONE_RETENTION_SECS + 500));
+        let _ = store.insert_card("q", "tombstone", &used).unwrap();
+        assert_eq!(due_ids(&store, 499), Vec::<String>::new());
+        assert_eq!(due_ids(&store, 999), ["tombstone"]);
+        assert_eq!(due_ids(&store, 1_000), ["expired", "tombstone"]);
+        // Paged: a cursor resumes after the last card read.
+        let first = store.cards_due(1_000, None, 1).unwrap();
+        assert_eq!(
+            (first.len(), first[0].at, first[0].id.as_str()),
+            (1, 500, "tombstone")
+        );
+        let cursor = (first[0].at, first[0].project.clone(), first[0].id.clone());
+        let rest = store.cards_due(1_000, Some(&cursor), 10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].at, rest[0].id.as_str()), (1_000, "expired"));
+        assert!(rest[0].record.as_ref().is_some_and(|r| r.pan.is_some()));
+        // The sweeper moves it; once removed, its entry goes with it.
+        store
+            .card_swept(&rest[0], Some(1_000 + TOMBSTONE_RETENTION_SECS))
+            .unwrap();
+        assert_eq!(due_ids(&store, 4_999), ["tombstone"]);
+        assert!(store.remove_card_if("q", "tombstone", &used).unwrap());
+        let gone = store.cards_due(1_000, None, 10).unwrap();
+        assert!(gone[0].record.is_none(), "a removed card read as present");
+        store.card_swept(&gone[0], None).unwrap();
+        assert_eq!(due_ids(&store, 4_999).len(), 0);
+        assert_eq!(due_ids(&store, 5_000).len(), 300);
+        assert_eq!(store.count_cards().unwrap(), 301);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A store written before the sweep indexes (format 2: no index trees) gets them built by
+    /// its first sweep, once; until then nothing is due.
+    #[test]
+    fn a_store_of_an_earlier_format_has_its_sweep_indexes_built_once() {
+        let (store, dir) = temp_store("upgrade");
+        let _ = store
+            .insert_card("p", "expired", &card(1_000, None))
+            .unwrap();
+        let _ = store.insert_card("p", "live", &card(5_000, None)).unwrap();
+        let old = IdempotencyRecord {
+            created_at: 10,
+            request_digest: vec![1; 32],
+            owner: 1,
+            response: None,
+        };
+        store
+            .swap_idempotency("p", "old", None, Some(&old))
+            .unwrap();
+        assert!(
+            !store.build_sweep_indexes().unwrap(),
+            "a new store has nothing to build"
+        );
+        store.close().unwrap();
+        drop(store);
+        // As the previous format left it: no index trees, format 2.
+        let db = sled::open(&dir).unwrap();
+        db.drop_tree("card_sweep").unwrap();
+        db.drop_tree("idempotency_sweep").unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(FORMAT_KEY, &2u32.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+        drop(db);
+        let store = Sled::open(&dir, 8 << 20).unwrap();
+        assert_eq!(due_ids(&store, 1_000), Vec::<String>::new());
+        assert_eq!(store.remove_idempotency_before(11).unwrap(), 0);
+        assert!(store.build_sweep_indexes().unwrap());
+        assert!(!store.build_sweep_indexes().unwrap(), "built twice");
+        assert_eq!(due_ids(&store, 1_000), ["expired"]);
+        assert_eq!(store.remove_idempotency_before(11).unwrap(), 1);
+        store.close().unwrap();
+        drop(store);
+        // Recorded: a restart does not build them again.
+        let store = Sled::open(&dir, 8 << 20).unwrap();
+        assert!(!store.build_sweep_indexes().unwrap());
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Idempotency retention reads the index: old records go, newer ones stay, and a key
+    /// released and claimed again is kept under its new claim.
+    #[test]
+    fn idempotency_retention_removes_only_old_records() {
+        let (store, dir) = temp_store("idem");
+        let at = |created_at| IdempotencyRecord {
+            created_at,
+            request_digest: vec![1; 32],
+            owner: 1,
+            response: None,
+        };
+        for (scope, created) in [("a", 100), ("b", 200), ("c", 300)] {
+            store
+                .swap_idempotency("p", scope, None, Some(&at(created)))
+                .unwrap();
+        }
+        // "a" released, then claimed again later.
+        store
+            .swap_idempotency("p", "a", Some(&at(100)), None)
+            .unwrap();
+        store
+            .swap_idempotency("p", "a", None, Some(&at(400)))
+            .unwrap();
+        assert_eq!(store.remove_idempotency_before(250).unwrap(), 1);
+        assert!(store.idempotency("p", "a").unwrap().is_some());
+        assert!(store.idempotency("p", "b").unwrap().is_none());
+        assert!(store.idempotency("p", "c").unwrap().is_some());
+        assert_eq!(store.remove_idempotency_before(250).unwrap(), 0);
+        assert_eq!(store.remove_idempotency_before(401).unwrap(), 2);
+        let g = store.0.current().unwrap();
+        assert_eq!(g.idempotency_sweep.len(), 0, "entries left behind");
+        drop(g);
+        drop(store);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -16,6 +16,10 @@
 //! - store-wide values: the KEK check value and id, the DEK versions and their states, and the
 //!   encryption count reserved for each project's DEK version.
 //!
+//! Sweeps read only what is due: cards by [`CardRecord::sweep_at`] (the PAN's erasure at expiry,
+//! then the tombstone's removal), idempotency records by `created_at`. sled keeps an index tree
+//! for each ([`embedded`]); PostgreSQL a generated column with an index ([`pg`]).
+//!
 //! Every single-record change is a compare-and-swap against the exact bytes read. Changes that
 //! span records (a card token becoming a customer token, a customer deleted with its tokens) go
 //! through [`Store::commit`]: one transaction that first checks every record it depends on is
@@ -41,7 +45,8 @@ pub use embedded::Sled;
 pub use pg::{PgSettings, Postgres};
 pub(crate) use record::{put_bytes, put_short, Reader};
 pub use record::{
-    CardRecord, CustomerRecord, IdempotencyRecord, Malformed, StoredResponse, TokenRecord, TokenRef,
+    CardRecord, CustomerRecord, IdempotencyRecord, Malformed, StoredResponse, TokenRecord,
+    TokenRef, TOMBSTONE_RETENTION_SECS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +87,9 @@ pub enum StoreError {
 /// The layout of what this build writes. A store records the highest format that ever wrote
 /// to it; this build reads every format up to its own and refuses a store from a newer one
 /// (whose records it might misread or half-rewrite). 2: card metadata in the binary layout
-/// (`vault::meta`); 1 (unrecorded): before it.
-pub const FORMAT: u32 = 2;
+/// (`vault::meta`); 1 (unrecorded): before it. 3: sweep indexes (on sled, a store of an
+/// earlier format has its indexes built by its first sweep after the upgrade).
+pub const FORMAT: u32 = 3;
 const FORMAT_KEY: &[u8] = b"format";
 
 /// The outcome of a compare-and-swap loop ([`Store::swap_card`], [`Store::swap_token`], ...).
@@ -231,6 +237,19 @@ pub enum Store {
 pub type SealedBlob = (u32, Vec<u8>);
 /// A [`SealedBlob`] with its key: `(project, id, version, sealed)`.
 pub type SealedRow = (String, String, u32, Vec<u8>);
+/// A card the sweeper has work on: its place in the sweep order (`at`, unix seconds, then
+/// project and id) and the record as stored now (`None`: gone, or unreadable).
+#[derive(Debug)]
+pub struct DueCard {
+    pub at: i64,
+    pub project: String,
+    pub id: String,
+    pub record: Option<CardRecord>,
+}
+
+/// Where a sweep pass has got to: `(at, project, id)` of the last card it read.
+pub type SweepCursor = (i64, String, String);
+
 /// A compare-and-swap of one meta row: what it must hold now, what it then holds (`None`:
 /// absent).
 pub type MetaSwap<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
@@ -525,6 +544,42 @@ impl Store {
             Store::Sled(s) => s.remove_idempotency_before(cutoff),
             Store::Postgres(pg) => pg.remove_idempotency_before(cutoff),
         }
+    }
+
+    /// Cards due for the sweeper at `now` (their [`CardRecord::sweep_at`] at most `now`, as
+    /// indexed), in sweep order after `after`, at most `limit`.
+    pub fn cards_due(
+        &self,
+        now: i64,
+        after: Option<&SweepCursor>,
+        limit: usize,
+    ) -> Result<Vec<DueCard>, StoreError> {
+        engine!(self, s => s.cards_due(now, after, limit))
+    }
+
+    /// Records that the sweeper dealt with `card`: it is next due at `next` (`None`: the
+    /// record is gone). On sled this moves its index entry; PostgreSQL's index follows the
+    /// record by itself.
+    pub fn card_swept(&self, card: &DueCard, next: Option<i64>) -> Result<(), StoreError> {
+        match self {
+            Store::Sled(s) => s.card_swept(card, next),
+            Store::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Builds the sweep indexes of a store written before they existed: a full scan, once
+    /// (sled; PostgreSQL's migration did it). Returns whether there was anything to build.
+    pub fn build_sweep_indexes(&self) -> Result<bool, StoreError> {
+        match self {
+            Store::Sled(s) => s.build_sweep_indexes(),
+            Store::Postgres(_) => Ok(false),
+        }
+    }
+
+    /// How many card records the store holds: exact on sled (a scan of the keys), the
+    /// planner's estimate on PostgreSQL (refreshed by its autovacuum).
+    pub fn count_cards(&self) -> Result<u64, StoreError> {
+        engine!(self, s => s.count_cards())
     }
 
     /// Removes a card record if it still holds exactly `expected` (used by the sweeper).

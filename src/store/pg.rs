@@ -707,7 +707,39 @@ const MIGRATIONS: &[&str] = &[
                        PRIMARY KEY (project, id));
     CREATE INDEX cvcs_by_expiry ON cvcs (expires_at);
     "#,
+    // 3: sweeps read only what is due. `cards.sweep_at` is `CardRecord::sweep_at` read from
+    // the record's header (flags at byte 1, expiry at bytes 10..18, use at 18..26): the expiry
+    // while the PAN is held, then the use (or expiry) plus the tombstone retention; NULL for
+    // a record it cannot read. `idempotency.created_at` is read from bytes 1..9. Generated, so
+    // every write keeps them current; adding them rewrites both tables once.
+    r#"
+    ALTER TABLE cards ADD COLUMN sweep_at bigint GENERATED ALWAYS AS (
+        CASE WHEN length(value) >= 26 AND get_byte(value, 0) = 1 THEN
+            CASE WHEN get_byte(value, 1) & 2 <> 0
+                THEN ('x' || encode(substring(value FROM 11 FOR 8), 'hex'))::bit(64)::bigint
+            WHEN get_byte(value, 1) & 1 <> 0
+                THEN ('x' || encode(substring(value FROM 19 FOR 8), 'hex'))::bit(64)::bigint
+                     + TOMBSTONE_SECS
+            ELSE ('x' || encode(substring(value FROM 11 FOR 8), 'hex'))::bit(64)::bigint
+                 + TOMBSTONE_SECS
+            END
+        END) STORED;
+    CREATE INDEX cards_by_sweep ON cards (sweep_at, project, id);
+    ALTER TABLE idempotency ADD COLUMN created_at bigint GENERATED ALWAYS AS (
+        CASE WHEN length(value) >= 9 AND get_byte(value, 0) = 1
+            THEN ('x' || encode(substring(value FROM 2 FOR 8), 'hex'))::bit(64)::bigint
+        END) STORED;
+    CREATE INDEX idempotency_by_age ON idempotency (created_at);
+    "#,
 ];
+
+/// `sql` with the constants the migrations name filled in.
+fn with_constants(sql: &str) -> String {
+    sql.replace(
+        "TOMBSTONE_SECS",
+        &super::TOMBSTONE_RETENTION_SECS.to_string(),
+    )
+}
 
 /// Any constant: every daemon and `keys init` migrate under this advisory lock.
 const MIGRATION_LOCK: i64 = 0x6361_7264_7661_756c;
@@ -968,6 +1000,59 @@ impl Postgres {
                 )
                 .await
                 .map_err(classify)
+        }))
+    }
+
+    /// See [`super::Store::cards_due`]: read through `cards_by_sweep`.
+    pub fn cards_due(
+        &self,
+        now: i64,
+        after: Option<&super::SweepCursor>,
+        limit: usize,
+    ) -> Result<Vec<super::DueCard>, StoreError> {
+        let (at, project, id) = after
+            .cloned()
+            .unwrap_or((i64::MIN, String::new(), String::new()));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.block(self.with(|conn| async move {
+            let rows = conn
+                .client
+                .query(
+                    "SELECT sweep_at, project, id, value FROM cards WHERE sweep_at <= $1 \
+                     AND (sweep_at, project, id) > ($2, $3, $4) \
+                     ORDER BY sweep_at, project, id LIMIT $5",
+                    &[&now, &at, &project, &id, &limit],
+                )
+                .await
+                .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let value: Vec<u8> = row.try_get(3).map_err(classify)?;
+                    Ok(super::DueCard {
+                        at: row.try_get(0).map_err(classify)?,
+                        project: row.try_get(1).map_err(classify)?,
+                        id: row.try_get(2).map_err(classify)?,
+                        record: super::CardRecord::decode(&value).ok(),
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    /// The planner's estimate of the rows in `cards` (no scan); 0 before the first
+    /// autovacuum or ANALYZE of the table.
+    pub fn count_cards(&self) -> Result<u64, StoreError> {
+        self.block(self.with(|conn| async move {
+            let row = conn
+                .client
+                .query_one(
+                    "SELECT reltuples::bigint FROM pg_class WHERE oid = 'cards'::regclass",
+                    &[],
+                )
+                .await
+                .map_err(classify)?;
+            let n: i64 = row.try_get(0).map_err(classify)?;
+            Ok(u64::try_from(n).unwrap_or(0))
         }))
     }
 
@@ -1620,27 +1705,23 @@ impl Postgres {
     /// Removes idempotency records created before `cutoff` (unix seconds).
     pub fn remove_idempotency_before(&self, cutoff: i64) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for item in self.entries::<super::IdempotencyRecord>(Table::Idempotency) {
-            let (project, scope, record) = match item {
-                Ok(item) => item,
-                Err(StoreError::Corrupt(_)) => continue,
-                Err(e) => return Err(e),
-            };
-            if record.created_at < cutoff
-                && self
-                    .block(self.swap_bytes(
-                        Table::Idempotency,
-                        &project,
-                        &scope,
-                        Some(record.encode()),
-                        None,
-                    ))?
-                    .is_some()
-            {
-                removed += 1;
+        loop {
+            // In slices, so no one transaction holds a day of keys' row locks.
+            let n = self.block(self.with(|conn| async move {
+                conn.client
+                    .execute(
+                        "DELETE FROM idempotency WHERE (project, id) IN \
+                         (SELECT project, id FROM idempotency WHERE created_at < $1 LIMIT 5000)",
+                        &[&cutoff],
+                    )
+                    .await
+                    .map_err(classify)
+            }))?;
+            removed += usize::try_from(n).unwrap_or(usize::MAX);
+            if n < 5000 {
+                return Ok(removed);
             }
         }
-        Ok(removed)
     }
 
     async fn meta(&self, name: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1938,7 +2019,9 @@ async fn migrate(manager: &Manager) -> Result<(), StoreError> {
         return Err(StoreError::SchemaTooNew { found, known });
     }
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        tx.batch_execute(migration).await.map_err(classify)?;
+        tx.batch_execute(&with_constants(migration))
+            .await
+            .map_err(classify)?;
         let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
         tx.execute("DELETE FROM cardvault_schema", &[])
             .await
@@ -2142,7 +2225,7 @@ impl<R: Codec> Iterator for Entries<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{CardRecord, Store};
+    use crate::store::{CardRecord, IdempotencyRecord, Store};
 
     /// A store on a throwaway cluster in `dir`, or `None` where PostgreSQL is not installed
     /// (and not required).
@@ -2174,6 +2257,98 @@ mod tests {
             meta: vec![7; 300],
             pan: Some(vec![9; 44]),
         }
+    }
+
+    /// The generated `sweep_at` column reads every kind of card record as
+    /// `CardRecord::sweep_at` does; `cards_due` pages through the due ones in order; the
+    /// idempotency sweep deletes by the generated `created_at`, old records only.
+    #[test]
+    fn sweeps_read_the_generated_columns_as_the_records_say() {
+        let dir = std::env::temp_dir().join(format!("cardvault-pg-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let Some((_cluster, store)) = store(&dir) else {
+            return;
+        };
+        let now = 1_800_000_000;
+        let used = |used_at| CardRecord {
+            used_at: Some(used_at),
+            pan: None,
+            ..card(now + 50, 3)
+        };
+        let cases = [
+            ("a-live", card(now + 100, 3)),
+            ("b-expired", card(now - 100, 3)),
+            ("c-used", used(now - 10)),
+            (
+                "d-expired-tombstone",
+                CardRecord {
+                    pan: None,
+                    ..card(now - 200, 3)
+                },
+            ),
+            (
+                "e-old-tombstone",
+                used(now - super::super::TOMBSTONE_RETENTION_SECS - 1),
+            ),
+        ];
+        for (id, record) in &cases {
+            let _ = store.wait(store.insert_card("p", id, record)).unwrap();
+        }
+        for i in 0..50 {
+            let _ = store
+                .wait(store.insert_card("q", &format!("x{i}"), &card(now + 1, 3)))
+                .unwrap();
+        }
+        let all = store.cards_due(i64::MAX, None, 100).unwrap();
+        assert_eq!(all.len(), cases.len() + 50);
+        for (id, record) in &cases {
+            let due = all.iter().find(|d| d.id == *id).unwrap();
+            assert_eq!(due.at, record.sweep_at(), "{id}");
+            assert_eq!(due.record.as_ref(), Some(record), "{id}");
+        }
+        // Due now: the expired one and the old tombstone, in order, one page at a time.
+        let first = store.cards_due(now, None, 1).unwrap();
+        assert_eq!(first[0].id, "b-expired");
+        let cursor = (first[0].at, first[0].project.clone(), first[0].id.clone());
+        let rest = store.cards_due(now, Some(&cursor), 10).unwrap();
+        let ids: Vec<_> = rest.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["e-old-tombstone"]);
+        // A change of the record moves its column with it.
+        let _ = store
+            .wait(store.swap_card("p", "b-expired", |c| {
+                Ok::<_, ()>(CardRecord {
+                    pan: None,
+                    ..c.clone()
+                })
+            }))
+            .unwrap();
+        let ids: Vec<_> = store
+            .cards_due(now, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids, ["e-old-tombstone"]);
+
+        let claim = |created_at| IdempotencyRecord {
+            created_at,
+            request_digest: vec![1; 32],
+            owner: 1,
+            response: None,
+        };
+        for (scope, created) in [("a", 100), ("b", 200), ("c", 300)] {
+            let _ = store
+                .wait(store.swap_idempotency("p", scope, None, Some(&claim(created))))
+                .unwrap();
+        }
+        assert_eq!(store.remove_idempotency_before(250).unwrap(), 2);
+        assert!(store.wait(store.idempotency("p", "c")).unwrap().is_some());
+        assert_eq!(store.remove_idempotency_before(250).unwrap(), 0);
+        store.close().unwrap();
+        drop(store);
+        drop(_cluster);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// The one-statement use of a card token writes exactly the bytes the vault's own rule

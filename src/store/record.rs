@@ -9,6 +9,11 @@ const CARD_FORMAT_V1: u8 = 1;
 const FLAG_USED: u8 = 0b01;
 const FLAG_HAS_PAN: u8 = 0b10;
 
+/// How long a used or expired card token's record (its metadata, no PAN) is kept after its
+/// use or expiry, so a late use is still told `used` or `expired`; seconds. The PostgreSQL
+/// schema's `cards.sweep_at` column repeats this rule.
+pub const TOMBSTONE_RETENTION_SECS: i64 = 7 * 24 * 3600;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("stored record is malformed")]
 pub struct Malformed;
@@ -61,6 +66,19 @@ impl CardRecord {
         put_bytes(&mut out, &self.meta);
         put_bytes(&mut out, pan);
         out
+    }
+
+    /// When the sweeper next has work on this record (unix seconds): while it holds a PAN,
+    /// its expiry (the PAN is then erased); after that, the end of its retention as a
+    /// tombstone (the record is then removed).
+    pub fn sweep_at(&self) -> i64 {
+        if self.pan.is_some() {
+            self.expires_at
+        } else {
+            self.used_at
+                .unwrap_or(self.expires_at)
+                .saturating_add(TOMBSTONE_RETENTION_SECS)
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<CardRecord, Malformed> {

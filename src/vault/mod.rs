@@ -15,6 +15,7 @@
 //!   their first use or `cvc_ttl`, whichever comes first.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,10 +38,6 @@ use crate::crypto::{aad, CryptoError, FingerprintKey, SealingKey};
 use crate::policy::{Detokenize, Disclosure, Grant, Read, Tokenize};
 use crate::store::{CardRecord, Store, StoreError, Swap};
 use crate::tokens::{IdError, IdKind, ObjectId, Project};
-
-/// How long a used or expired card token is remembered (as `used` / `token_expired`) after it
-/// stopped being usable; its PAN is gone from the store from that moment on.
-const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -538,9 +535,12 @@ pub struct Vault {
     audit: Box<dyn AuditSink>,
     /// Random per process: marks the idempotency claims this process owns.
     boot_id: u64,
-    /// Card records the last sweep went through (live tokens and tombstones), for metrics:
-    /// the sweep reads every card anyway, a count on request would read them again.
-    cards_swept: std::sync::atomic::AtomicU64,
+    /// Card records (live tokens and tombstones), for metrics: on sled, a count of the store
+    /// at the first sweep plus `cards_added`; on PostgreSQL the planner's estimate, read by
+    /// each sweep.
+    cards_counted: std::sync::atomic::AtomicU64,
+    /// On sled, cards this process added less those its sweeps removed.
+    cards_added: std::sync::atomic::AtomicI64,
 }
 
 pub fn unix_now() -> i64 {
@@ -609,7 +609,8 @@ impl Vault {
             settings,
             audit,
             boot_id: u64::from_be_bytes(boot_id),
-            cards_swept: std::sync::atomic::AtomicU64::new(0),
+            cards_counted: std::sync::atomic::AtomicU64::new(0),
+            cards_added: std::sync::atomic::AtomicI64::new(0),
         });
         if let Some(kek) = dev_kek {
             vault.install_kek(kek.as_ref())?;
@@ -733,6 +734,9 @@ impl Vault {
             }
         };
         self.store.durable(ticket).await?;
+        if !self.store.is_shared() {
+            self.cards_added.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(cvc) = card.cvc.filter(|_| !self.store.is_shared()) {
             self.cvcs
                 .put(project, &id, cvc, Instant::now() + self.settings.cvc_ttl);
@@ -1032,50 +1036,88 @@ impl Vault {
         Ok(self.audit.record(&event)?)
     }
 
-    /// Wipes expired CVCs; drops the PAN of expired card tokens; forgets tombstones after
-    /// their retention. Safe to run while serving: every change is a compare-and-swap.
-    fn sweep_cards(&self, now: i64) -> Result<(usize, usize), StoreError> {
-        let (mut expired, mut forgotten, mut seen) = (0, 0, 0u64);
-        for item in self.store.cards() {
-            seen += 1;
-            let (project, id, record) = match item {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "sweeper skipped an unreadable card record");
-                    continue;
-                }
-            };
-            if record.pan.is_some() && record.expires_at <= now {
-                let swap = self
-                    .store
-                    .wait(self.store.swap_card(&project, &id, |current| {
-                        if current.pan.is_none() || current.expires_at > now {
-                            return Err(());
-                        }
-                        Ok(CardRecord {
-                            pan: None,
-                            ..current.clone()
-                        })
-                    }))?;
-                // Not awaited: an expired token's PAN is unusable whether or not this
-                // erasure reaches disk before the next flush.
-                if let Swap::Swapped(_, _ticket) = swap {
-                    expired += 1;
-                }
-            } else if record.pan.is_none() {
-                let dead_since = record.used_at.unwrap_or(record.expires_at);
-                if dead_since.saturating_add(secs(TOMBSTONE_RETENTION)) <= now
-                    && self.store.remove_card_if(&project, &id, &record)?
-                {
-                    forgotten += 1;
-                }
+    /// Drops the PAN of expired card tokens and forgets tombstones after their retention,
+    /// reading only the cards due (the store's sweep index). Safe to run while serving:
+    /// every change is a compare-and-swap, and a card changed meanwhile is read again.
+    fn sweep_cards(&self, now: i64) -> Result<CardSweep, StoreError> {
+        let mut sweep = CardSweep::default();
+        let mut after = None;
+        loop {
+            let due = self.store.cards_due(now, after.as_ref(), SWEEP_BATCH)?;
+            let Some(last) = due.last() else { break };
+            after = Some((last.at, last.project.clone(), last.id.clone()));
+            for card in &due {
+                sweep.read += 1;
+                let next = self.sweep_card(card, now, &mut sweep)?;
+                self.store.card_swept(card, next)?;
             }
         }
-        self.cards_swept.store(
-            seen.saturating_sub(forgotten as u64),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        Ok((expired, forgotten))
+        if sweep.forgotten > 0 && !self.store.is_shared() {
+            self.cards_added
+                .fetch_sub(sweep.forgotten as i64, Ordering::Relaxed);
+        }
+        Ok(sweep)
+    }
+
+    /// The sweeper's work on one due card; returns when the card is next due (`None`: gone).
+    fn sweep_card(
+        &self,
+        card: &crate::store::DueCard,
+        now: i64,
+        sweep: &mut CardSweep,
+    ) -> Result<Option<i64>, StoreError> {
+        let Some(record) = &card.record else {
+            return Ok(None);
+        };
+        let (project, id) = (&card.project, &card.id);
+        if record.sweep_at() > now {
+            // Used since it was indexed: due later.
+            return Ok(Some(record.sweep_at()));
+        }
+        if record.pan.is_some() {
+            let swap = self
+                .store
+                .wait(self.store.swap_card(project, id, |current| {
+                    if current.pan.is_none() || current.expires_at > now {
+                        return Err(());
+                    }
+                    Ok(CardRecord {
+                        pan: None,
+                        ..current.clone()
+                    })
+                }))?;
+            // Not awaited: an expired token's PAN is unusable whether or not this erasure
+            // reaches disk before the next flush.
+            if let Swap::Swapped(_, _ticket) = swap {
+                sweep.expired += 1;
+            }
+        } else if self.store.remove_card_if(project, id, record)? {
+            sweep.forgotten += 1;
+            return Ok(None);
+        }
+        // Changed by the sweep or by a request meanwhile: due as it now reads.
+        let current = self.store.wait(self.store.card(project, id))?;
+        Ok(current.map(|r| r.sweep_at()))
+    }
+
+    /// Counts the store's cards for metrics: once on sled (then kept by `cards_added`), at
+    /// every sweep on PostgreSQL (an estimate that costs no scan).
+    fn count_cards(&self, first: bool) {
+        if !first && !self.store.is_shared() {
+            return;
+        }
+        let before = self.cards_added.load(Ordering::Relaxed);
+        match self.store.count_cards() {
+            Ok(n) => {
+                let base = if self.store.is_shared() {
+                    n
+                } else {
+                    n.saturating_sub(u64::try_from(before).unwrap_or(0))
+                };
+                self.cards_counted.store(base, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not count card records"),
+        }
     }
 
     /// What `GET /v1/metrics` shows of the vault: sealed and ready states, each project's
@@ -1111,7 +1153,9 @@ impl Vault {
             records: vec![
                 (
                     "card",
-                    self.cards_swept.load(std::sync::atomic::Ordering::Relaxed),
+                    self.cards_counted
+                        .load(Ordering::Relaxed)
+                        .saturating_add_signed(self.cards_added.load(Ordering::Relaxed)),
                 ),
                 (
                     "cvc",
@@ -1213,14 +1257,27 @@ fn spawn_state_refresh(vault: Weak<Vault>) {
     }
 }
 
+/// What one card sweep did: cards it read, PANs it erased, tombstones it removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct CardSweep {
+    pub read: usize,
+    pub expired: usize,
+    pub forgotten: usize,
+}
+
+/// Cards a sweep reads at a time.
+const SWEEP_BATCH: usize = 512;
+
 /// Background upkeep: CVC expiry every second; card-token expiry and idempotency-key
-/// retention every minute. Holds only a
+/// retention at the first tick (with, on a store of an earlier format, the one-time build of
+/// the sweep indexes) and then every minute. Holds only a
 /// weak reference, so it ends when the vault is dropped.
 fn spawn_sweeper(vault: Weak<Vault>) {
     let spawned = std::thread::Builder::new()
         .name("cardvault-sweep".into())
         .spawn(move || {
             let mut last_card_sweep = Instant::now();
+            let mut first = true;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let Some(vault) = vault.upgrade() else { return };
@@ -1238,12 +1295,27 @@ fn spawn_sweeper(vault: Weak<Vault>) {
                     Ok(wiped) => tracing::debug!(wiped, "expired stored CVCs deleted"),
                     Err(e) => tracing::warn!(error = %e, "stored CVC sweep failed"),
                 }
-                if last_card_sweep.elapsed() >= Duration::from_secs(60) {
+                if first || last_card_sweep.elapsed() >= Duration::from_secs(60) {
                     last_card_sweep = Instant::now();
-                    match vault.sweep_cards(unix_now()) {
-                        Ok((expired, forgotten)) => {
-                            tracing::debug!(expired, forgotten, "card tokens swept")
+                    if first {
+                        match vault.store.build_sweep_indexes() {
+                            Ok(true) => tracing::info!("sweep indexes built for this store"),
+                            Ok(false) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not build the sweep indexes; retrying");
+                                continue;
+                            }
                         }
+                    }
+                    vault.count_cards(first);
+                    first = false;
+                    match vault.sweep_cards(unix_now()) {
+                        Ok(sweep) => tracing::debug!(
+                            read = sweep.read,
+                            expired = sweep.expired,
+                            forgotten = sweep.forgotten,
+                            "card tokens swept"
+                        ),
                         Err(e) => tracing::warn!(error = %e, "card token sweep failed"),
                     }
                     match vault.sweep_idempotency(unix_now()) {
@@ -1261,6 +1333,7 @@ fn spawn_sweeper(vault: Weak<Vault>) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::store::TOMBSTONE_RETENTION_SECS;
 
     /// A vault over a fresh store and KEK in temporary folders (removed when the guard drops).
     pub(crate) fn test_vault(label: &str) -> (Arc<Vault>, TempDirs) {
@@ -1294,6 +1367,79 @@ pub(crate) mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// A sweep reads the cards due and no others: with 200 live cards beside them, it erases
+    /// the expired PANs and removes the tombstones past retention, reading only those; a card
+    /// used after it was indexed is kept until its own retention ends.
+    #[test]
+    fn a_sweep_reads_only_the_cards_due() {
+        let (vault, _dirs) = test_vault("sweep");
+        let now = 2_000_000_000;
+        let r = TOMBSTONE_RETENTION_SECS;
+        let card = |expires_at: i64, used_at: Option<i64>| CardRecord {
+            created_at: now - 10,
+            expires_at,
+            used_at,
+            key_version: 1,
+            meta: vec![1; 40],
+            pan: used_at.is_none().then(|| vec![2; 44]),
+        };
+        let insert = |id: &str, record: &CardRecord| {
+            let _ = vault
+                .store
+                .wait(vault.store.insert_card("default", id, record))
+                .unwrap();
+        };
+        for i in 0..200 {
+            insert(&format!("live{i}"), &card(now + 3600, None));
+        }
+        for i in 0..5 {
+            insert(&format!("expired{i}"), &card(now - 10, None));
+        }
+        for i in 0..3 {
+            insert(&format!("old{i}"), &card(now - r, Some(now - r - 1)));
+        }
+        insert("recent", &card(now - 3600, Some(now - 60)));
+        // Indexed at its expiry, then used: due later than its entry says.
+        insert("used-later", &card(now - 1, None));
+        let _ = vault
+            .store
+            .wait(vault.store.swap_card("default", "used-later", |c| {
+                Ok::<_, ()>(CardRecord {
+                    used_at: Some(now - 5),
+                    pan: None,
+                    ..c.clone()
+                })
+            }))
+            .unwrap();
+
+        let sweep = vault.sweep_cards(now).unwrap();
+        assert_eq!(
+            sweep,
+            CardSweep {
+                read: 5 + 3 + 1,
+                expired: 5,
+                forgotten: 3
+            }
+        );
+        let stored = |id: &str| vault.store.wait(vault.store.card("default", id)).unwrap();
+        assert!(stored("expired0").is_some_and(|c| c.pan.is_none()));
+        assert!(stored("old0").is_none());
+        assert!(stored("used-later").is_some());
+        assert!(stored("live0").is_some_and(|c| c.pan.is_some()));
+        // Nothing is due again until the next expiry.
+        assert_eq!(vault.sweep_cards(now).unwrap(), CardSweep::default());
+        // A week on: every tombstone of the first sweep goes; the live cards lose their PAN.
+        let later = vault.sweep_cards(now - 5 + r).unwrap();
+        assert_eq!(
+            later,
+            CardSweep {
+                read: 200 + 5 + 1 + 1,
+                expired: 200,
+                forgotten: 5 + 1 + 1
+            }
+        );
     }
 
     /// A full cache refuses the next code until one expires; the expired one is wiped to

@@ -228,6 +228,8 @@ fn a_stalled_database_never_hangs_a_request() {
 }
 
 /// A schema written by a newer cardvault is refused at start, with a message that says so.
+/// A schema of the previous version is migrated: the sweep columns are computed for the
+/// cards already there.
 #[test]
 fn a_schema_from_a_newer_cardvault_is_refused() {
     let Some(setup) = setup("pg-schema") else {
@@ -241,8 +243,14 @@ fn a_schema_from_a_newer_cardvault_is_refused() {
     );
     daemon.stop();
     let pg = setup.pg.as_ref().unwrap();
-    assert_eq!(pg::query(pg, "SELECT version FROM cardvault_schema"), "2");
-    // A restart on the same schema migrates nothing and serves.
+    assert_eq!(pg::query(pg, "SELECT version FROM cardvault_schema"), "3");
+    // As schema 2 left it: no sweep columns.
+    pg::query(
+        pg,
+        "ALTER TABLE cards DROP COLUMN sweep_at; ALTER TABLE idempotency DROP COLUMN created_at; \
+         UPDATE cardvault_schema SET version = 2",
+    );
+    // A restart migrates it, and serves.
     let daemon = setup.start();
     let router = setup.client(&daemon, &setup.router());
     assert_eq!(
@@ -251,6 +259,16 @@ fn a_schema_from_a_newer_cardvault_is_refused() {
     );
     daemon.stop();
     assert_eq!(pg::query(pg, "SELECT count(*) FROM cards"), "2");
+    assert_eq!(pg::query(pg, "SELECT version FROM cardvault_schema"), "3");
+    // Both cards hold their PAN: due at their expiry, a day from now.
+    assert_eq!(
+        pg::query(
+            pg,
+            "SELECT count(*) FROM cards WHERE sweep_at BETWEEN \
+             extract(epoch FROM now())::bigint + 86000 AND extract(epoch FROM now())::bigint + 86500"
+        ),
+        "2"
+    );
     pg::query(pg, "UPDATE cardvault_schema SET version = 99");
     let out = Daemon::try_start(&setup)
         .err()

@@ -46,6 +46,12 @@ pub struct BenchOptions {
     pub nodes: usize,
     /// An already running vault: base URL, and the client identity and CA to reach it with.
     pub target: Option<Target>,
+    /// Card tokens written into the bench's own vault before it starts (outside the measured
+    /// time; the records tokenization writes, without requests or audit lines).
+    pub fill: u64,
+    /// Store sizes to measure at, in order: the store is filled to each (the daemon stopped),
+    /// the daemon started (its startup timed), then every scenario run.
+    pub growth: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +69,16 @@ pub enum BenchError {
     Setup(String),
     #[error("bench: {0}")]
     Io(#[from] io::Error),
+}
+
+/// A count written `10000`, `250k` or `10M`.
+pub fn parse_count(text: &str) -> Option<u64> {
+    let (digits, unit) = match text.char_indices().last()? {
+        (i, 'k' | 'K') => (&text[..i], 1_000),
+        (i, 'm' | 'M') => (&text[..i], 1_000_000),
+        _ => (text, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 fn setup(e: impl std::fmt::Display) -> BenchError {
@@ -103,7 +119,9 @@ pub fn run(options: &BenchOptions) -> Result<Vec<Figures>, BenchError> {
     let (server, client) = match &options.target {
         Some(target) => (None, Client::new(target)?),
         None => {
-            let server = LocalServer::start(options.postgres, options.nodes)?;
+            let mut server = LocalServer::prepare(options.postgres, options.nodes)?;
+            server.fill(options.fill)?;
+            server.spawn()?;
             let client = Client::new(&server.target)?;
             (Some(server), client)
         }
@@ -122,6 +140,120 @@ pub fn run(options: &BenchOptions) -> Result<Vec<Figures>, BenchError> {
         all.push(figures);
     }
     Ok(all)
+}
+
+/// One store size of a growth run.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrowthStep {
+    /// Card tokens in the store when the step's daemon started (filled plus those the earlier
+    /// steps' requests made).
+    pub tokens: u64,
+    /// From the daemon's spawn to its first 200 on `/v1/health`.
+    pub startup_seconds: f64,
+    pub figures: Vec<Figures>,
+    /// The daemon's resident memory after the step's scenarios.
+    pub rss_mib: Option<f64>,
+    /// The sled folder after the step's scenarios, per card token in it then.
+    pub store_bytes_per_token: Option<f64>,
+    /// Audit log growth during the step per request made (fills write no audit lines).
+    pub audit_bytes_per_request: Option<f64>,
+}
+
+/// `--growth`: for each size, stop the daemon, fill the store up to it, start the daemon (its
+/// startup timed) and run every scenario.
+pub fn growth(options: &BenchOptions) -> Result<Vec<GrowthStep>, BenchError> {
+    if options.target.is_some() {
+        return Err(setup(
+            "--growth starts its own vault; it cannot drive --target",
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .enable_all()
+        .build()?;
+    let mut server = LocalServer::prepare(options.postgres, options.nodes)?;
+    let client = Client::new(&server.target)?;
+    // Card tokens made by the requests of earlier steps.
+    let mut made = 0u64;
+    let mut steps = Vec::new();
+    for &size in &options.growth {
+        server.stop();
+        let tokens = server.filled + made;
+        server.fill(size.saturating_sub(tokens))?;
+        let tokens = server.filled + made;
+        let (_, audit_before) = server.disk();
+        let started = Instant::now();
+        server.spawn()?;
+        runtime.block_on(client.wait_ready())?;
+        let startup_seconds = started.elapsed().as_secs_f64();
+        let mut figures = Vec::new();
+        for scenario in &options.scenarios {
+            let f = runtime.block_on(run_scenario(&client, scenario, options, Some(&server)))?;
+            if matches!(
+                scenario.as_str(),
+                "tokenize" | "detokenize-card" | "mixed" | "customer-token"
+            ) {
+                // Each of these makes card tokens: the prepared pools, or the measured calls.
+                made += (f.requests - f.errors) as u64;
+            }
+            figures.push(f);
+        }
+        let rss_mib = server.rss_mib();
+        let (store_bytes, audit_after) = server.disk();
+        let requests: usize = figures.iter().map(|f| f.requests).sum();
+        let tokens_after = server.filled + made;
+        let step = GrowthStep {
+            tokens,
+            startup_seconds,
+            rss_mib,
+            store_bytes_per_token: (!options.postgres && tokens_after > 0)
+                .then(|| store_bytes as f64 / tokens_after as f64),
+            audit_bytes_per_request: (requests > 0)
+                .then(|| audit_after.saturating_sub(audit_before) as f64 / requests as f64),
+            figures,
+        };
+        if !options.json {
+            eprintln!("  {} tokens done", step.tokens);
+        }
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+/// A growth run as a table: one row per store size, each scenario's throughput and p99.
+pub fn growth_table(steps: &[GrowthStep]) -> String {
+    let scenarios: Vec<&str> = steps
+        .first()
+        .map(|s| s.figures.iter().map(|f| f.scenario.as_str()).collect())
+        .unwrap_or_default();
+    let mut out = format!("{:>12} {:>9}", "tokens", "start s");
+    for s in &scenarios {
+        out.push_str(&format!(" {:>22} {:>8}", format!("{s} req/s"), "p99 ms"));
+    }
+    out.push_str(&format!(
+        " {:>8} {:>11} {:>13}\n",
+        "rss MiB", "store B/tok", "audit B/req"
+    ));
+    for step in steps {
+        out.push_str(&format!(
+            "{:>12} {:>9.2}",
+            step.tokens, step.startup_seconds
+        ));
+        for f in &step.figures {
+            out.push_str(&format!(
+                " {:>22.0} {:>8.2}",
+                f.requests_per_second, f.p99_ms
+            ));
+        }
+        let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+        out.push_str(&format!(
+            " {:>8} {:>11} {:>13}\n",
+            opt(step.rss_mib),
+            opt(step.store_bytes_per_token),
+            opt(step.audit_bytes_per_request)
+        ));
+    }
+    out
 }
 
 /// The figures as a table, with each scenario's throughput relative to `health`.
@@ -175,14 +307,18 @@ pub fn table(figures: &[Figures]) -> String {
 /// several nodes over one throwaway PostgreSQL.
 struct LocalServer {
     children: Vec<Child>,
+    /// One config per node.
+    configs: Vec<PathBuf>,
     /// Stopped after the daemons, before the folder is removed.
     postgres: Option<crate::throwaway::Cluster>,
     dir: PathBuf,
     target: Target,
+    /// Card tokens written by [`LocalServer::fill`] so far.
+    filled: u64,
 }
 
 impl LocalServer {
-    fn start(postgres: bool, nodes: usize) -> Result<LocalServer, BenchError> {
+    fn prepare(postgres: bool, nodes: usize) -> Result<LocalServer, BenchError> {
         let dir = std::env::temp_dir().join(format!("cardvault-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         // Pick free ports; the short race with other processes is acceptable for a bench.
@@ -216,7 +352,7 @@ impl LocalServer {
         } else {
             None
         };
-        let mut children = Vec::new();
+        let mut configs = Vec::new();
         let mut urls = Vec::new();
         for (i, port) in ports.iter().enumerate() {
             // Node i: its own port, name and audit log; the rest shared.
@@ -225,20 +361,13 @@ impl LocalServer {
                 .replace("audit.log", &format!("audit-{i}.log"));
             let path = dir.join(format!("node-{i}.toml"));
             std::fs::write(&path, format!("{node}\n[node]\nname = \"bench-{i}\"\n"))?;
-            children.push(
-                Command::new(std::env::current_exe()?)
-                    .args(["serve", "--config"])
-                    .arg(&path)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .spawn()?,
-            );
+            configs.push(path);
             urls.push(format!("https://127.0.0.1:{port}"));
         }
         let pki = dir.join("pki");
         Ok(LocalServer {
-            children,
+            children: Vec::new(),
+            configs,
             postgres,
             target: Target {
                 urls,
@@ -247,7 +376,94 @@ impl LocalServer {
                 ca: pki.join("ca.pem"),
             },
             dir,
+            filled: 0,
         })
+    }
+
+    /// Starts the daemons.
+    fn spawn(&mut self) -> Result<(), BenchError> {
+        for path in &self.configs {
+            self.children.push(
+                Command::new(std::env::current_exe()?)
+                    .args(["serve", "--config"])
+                    .arg(path)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the daemons (SIGTERM, as an operator would) and waits for them.
+    fn stop(&mut self) {
+        for child in &mut self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for mut child in self.children.drain(..) {
+            let _ = child.wait();
+        }
+    }
+
+    /// Writes `count` more card tokens into the store while the daemons are stopped.
+    fn fill(&mut self, count: u64) -> Result<(), BenchError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let first = self.configs.first().ok_or_else(|| setup("no node to fill"))?;
+        let config = crate::config::Config::load(first).map_err(setup)?;
+        if let Some(data_dir) = config.data_dir() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data_dir)?;
+        }
+        let store = crate::store::Store::open(&config.store).map_err(setup)?;
+        let kek = crate::crypto::DevKey::load(&config.keys_dir.join(crate::crypto::DEV_KEY_FILE))
+            .map_err(setup)?;
+        let settings = crate::vault::VaultSettings {
+            card_token_ttl: config.card_token_ttl,
+            cvc_ttl: config.cvc_ttl,
+            cvc_max: config.cvc_max,
+            keys: config.keys.clone(),
+        };
+        let vault = crate::vault::Vault::open(
+            store,
+            crate::vault::KeySource::Dev(Box::new(kek)),
+            settings,
+            Box::new(crate::audit::LogSink),
+        )
+        .map_err(setup)?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
+        let started = Instant::now();
+        vault
+            .bench_fill(
+                &crate::tokens::Project::default_project(),
+                self.filled,
+                count,
+                threads,
+            )
+            .map_err(setup)?;
+        vault.close().map_err(setup)?;
+        self.filled += count;
+        eprintln!(
+            "  filled {count} card tokens in {:.1} s ({:.0}/s)",
+            started.elapsed().as_secs_f64(),
+            count as f64 / started.elapsed().as_secs_f64().max(1e-3)
+        );
+        Ok(())
+    }
+
+    /// Bytes under the sled store's folder (0 on PostgreSQL), and under the audit folder.
+    fn disk(&self) -> (u64, u64) {
+        (
+            dir_bytes(&self.dir.join("data")),
+            dir_bytes(&self.dir.join("audit")),
+        )
     }
 
     /// User + system CPU seconds the server process has used so far (Linux `/proc`).
@@ -293,16 +509,22 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Bytes of the files under `dir`, recursively.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
+
 impl Drop for LocalServer {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        for child in &mut self.children {
-            let _ = child.wait();
-        }
+        self.stop();
         drop(self.postgres.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -792,6 +1014,16 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_counts() {
+        assert_eq!(parse_count("0"), Some(0));
+        assert_eq!(parse_count("250k"), Some(250_000));
+        assert_eq!(parse_count("10M"), Some(10_000_000));
+        assert_eq!(parse_count("1.5M"), None);
+        assert_eq!(parse_count("M"), None);
+        assert_eq!(parse_count(""), None);
+    }
 
     #[test]
     fn parses_response_heads() {

@@ -1154,8 +1154,26 @@ pub fn bench(
     json: bool,
     (store, nodes): (&str, usize),
     target: Option<crate::bench::Target>,
+    (fill, growth): (&str, Option<&str>),
 ) -> Result<(), CommandError> {
     use crate::bench::{BenchError, BenchOptions, SCENARIOS};
+    let count = |text: &str| {
+        crate::bench::parse_count(text).ok_or_else(|| {
+            BenchError::Setup(format!("{text:?} is not a count like 500000, 250k or 10M"))
+        })
+    };
+    let fill = count(fill)?;
+    let growth = growth
+        .map(|list| {
+            list.split(',')
+                .map(|n| count(n.trim()))
+                .collect::<Result<Vec<u64>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    if growth.iter().zip(growth.iter().skip(1)).any(|(a, b)| b < a) {
+        return Err(BenchError::Setup("--growth: sizes in increasing order".into()).into());
+    }
     let postgres = match store {
         "sled" => false,
         "postgres" => true,
@@ -1192,7 +1210,21 @@ pub fn bench(
         postgres,
         nodes,
         target,
+        fill,
+        growth,
     };
+    if !options.growth.is_empty() {
+        let steps = crate::bench::growth(&options)?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&steps).unwrap_or_default()
+            );
+        } else {
+            print!("{}", crate::bench::growth_table(&steps));
+        }
+        return Ok(());
+    }
     let figures = crate::bench::run(&options)?;
     if json {
         println!(

@@ -72,6 +72,14 @@ enum Command {
         /// CA that signed the vault's server certificate.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// Card tokens written into the bench's own vault before it starts, outside the
+        /// measured time (e.g. 1M): the records tokenization writes, without requests.
+        #[arg(long, default_value = "0", conflicts_with = "target")]
+        fill: String,
+        /// Store sizes to measure at, e.g. 0,1M,5M,10M: the store is filled to each in turn,
+        /// the daemon restarted (startup timed), every scenario run; one table row per size.
+        #[arg(long, conflicts_with_all = ["target", "fill"])]
+        growth: Option<String>,
     },
     /// Check a config without starting: policies, TLS files and their deadlines, keys_dir;
     /// lists every problem serve would refuse to start on, exits non-zero if any.
@@ -397,6 +405,8 @@ fn main() -> ExitCode {
             cert,
             key,
             ca,
+            fill,
+            growth,
         } => {
             // clap's `requires_all` makes --cert, --key and --ca present whenever --target is.
             let target = match (target.is_empty(), cert, key, ca) {
@@ -415,6 +425,7 @@ fn main() -> ExitCode {
                 *json,
                 (store, *nodes),
                 target,
+                (fill, growth.as_deref()),
             )
         }
     };

@@ -1041,6 +1041,57 @@ fn bench_command_drives_every_scenario_without_errors() {
     }
 }
 
+/// A growth run fills the store to each size, restarts the daemon over it and measures: one
+/// step per size, with the tokens counted, the startup timed and the disk per token given.
+#[test]
+fn bench_growth_measures_each_store_size() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "bench",
+            "--growth",
+            "0,3k",
+            "--scenario",
+            "tokenize",
+            "--scenario",
+            "detokenize-card",
+            "--duration",
+            "1s",
+            "--concurrency",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("filled "), "{stderr}");
+    let steps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = steps.as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0]["tokens"], 0);
+    // Filled up to 3,000 less what the first step's requests made, so exactly 3,000 or,
+    // when those requests made more, all of them.
+    let second = steps[1]["tokens"].as_u64().unwrap();
+    assert!(second >= 3_000, "{}", steps[1]);
+    for step in steps {
+        assert!(step["startup_seconds"].as_f64().unwrap() > 0.0, "{step}");
+        assert!(
+            step["store_bytes_per_token"].as_f64().unwrap() > 0.0,
+            "{step}"
+        );
+        assert!(
+            step["audit_bytes_per_request"].as_f64().unwrap() > 0.0,
+            "{step}"
+        );
+        let figures = step["figures"].as_array().unwrap();
+        assert_eq!(figures.len(), 2, "{step}");
+        for f in figures {
+            assert!(f["requests"].as_u64().unwrap() > 0, "{f}");
+            assert_eq!(f["errors"], 0, "{f}");
+        }
+    }
+}
+
 /// `cardvault dev` prints curl lines that work exactly as printed: run them with bash + curl.
 #[test]
 fn dev_command_prints_curl_lines_that_work() {

@@ -645,6 +645,66 @@ impl Vault {
         Ok(self.store.close()?)
     }
 
+    /// Stores `count` test cards (numbers `first..first + count`) in `project` as a
+    /// tokenization stores them, without requests, CVCs or audit lines, on `threads` threads;
+    /// flushed before it returns. For `cardvault bench --fill`, which builds a large store this
+    /// way outside its measured time: the records are exactly what the API would write.
+    pub fn bench_fill(
+        &self,
+        project: &Project,
+        first: u64,
+        count: u64,
+        threads: u64,
+    ) -> Result<(), VaultError> {
+        let keys = self
+            .project_keys(project, true)?
+            .ok_or(VaultError::NotFound)?;
+        let now = time::OffsetDateTime::now_utc();
+        let today = (
+            u16::try_from(now.year()).unwrap_or(2026),
+            u8::from(now.month()),
+        );
+        let threads = threads.max(1);
+        let one = |n: u64| -> Result<(), VaultError> {
+            let digits = format!("5{:014}", n % 100_000_000_000_000);
+            let card = NewCard {
+                pan: Pan::parse(&crate::card::luhn_complete(&digits, 16))
+                    .map_err(|_| VaultError::Integrity("bench card".into()))?,
+                expiry: Expiry::parse(12, u64::from(today.0) + 3, today)
+                    .map_err(|_| VaultError::Integrity("bench card".into()))?,
+                cvc: None,
+                holder_name: None,
+            };
+            let id = ObjectId::generate(IdKind::Card)?;
+            let (record, _) =
+                card_record(&keys, project, &id, &card, self.settings.card_token_ttl)?;
+            // Not awaited one by one: the flush at the end makes them all durable.
+            let _ticket = self.store.wait(self.store.insert_card(
+                project.as_str(),
+                id.as_str(),
+                &record,
+            ))?;
+            Ok(())
+        };
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    scope.spawn(move || {
+                        (first + t..first + count)
+                            .step_by(threads as usize)
+                            .try_for_each(one)
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or(Err(VaultError::Integrity("bench fill".into())))
+            })
+        })?;
+        self.store.flush()?;
+        Ok(())
+    }
+
     pub async fn tokenize(
         &self,
         grant: &Grant<Tokenize>,
@@ -686,37 +746,13 @@ impl Vault {
             .project_keys(project, true)?
             .ok_or(VaultError::NotFound)?;
         let id = ObjectId::generate(IdKind::Card)?;
-        let meta = CardMeta {
-            scheme: card.pan.scheme().as_str().to_owned(),
-            iin: card.pan.iin().to_owned(),
-            iin8: card.pan.iin8().map(str::to_owned),
-            last4: card.pan.last4().to_owned(),
-            exp_month: card.expiry.month(),
-            exp_year: card.expiry.year(),
-            holder_name: card.holder_name.as_ref().map(|h| h.as_str().to_owned()),
-            fingerprint: keys
-                .fingerprint
-                .fingerprint(card.pan.expose_digits().as_bytes()),
-        };
-        let meta_plain = meta
-            .encode()
-            .map_err(|_| VaultError::Integrity(id.to_string()))?;
-        let seal = |blob, plain: &[u8]| seal(&keys, blob, project, id.as_str(), plain);
-        let now = unix_now();
-        let record = CardRecord {
-            created_at: now,
-            expires_at: now.saturating_add(secs(self.settings.card_token_ttl)),
-            used_at: None,
-            key_version: keys.dek_version,
-            meta: seal(Blob::Meta, &meta_plain)?,
-            pan: Some(seal(Blob::Pan, card.pan.expose_digits().as_bytes())?),
-        };
+        let (record, meta) = card_record(&keys, project, &id, &card, self.settings.card_token_ttl)?;
         // On a shared store the CVC is sealed and written with the card, in one statement:
         // any node may serve the first detokenization. On sled it stays in this process.
         let shared_cvc = match &card.cvc {
             Some(cvc) if self.store.is_shared() => Some((
                 keys.dek_version,
-                seal(Blob::Cvc, &cvc.to_bytes()[..])?,
+                seal(&keys, Blob::Cvc, project, id.as_str(), &cvc.to_bytes()[..])?,
                 self.settings.cvc_ttl,
             )),
             _ => None,
@@ -1171,6 +1207,43 @@ impl Vault {
     }
 }
 
+/// A new card token's record as the store keeps it, and its metadata: both blobs sealed under
+/// the project's active DEK.
+fn card_record(
+    keys: &ProjectKeys,
+    project: &Project,
+    id: &ObjectId,
+    card: &NewCard,
+    ttl: Duration,
+) -> Result<(CardRecord, CardMeta), VaultError> {
+    let meta = CardMeta {
+        scheme: card.pan.scheme().as_str().to_owned(),
+        iin: card.pan.iin().to_owned(),
+        iin8: card.pan.iin8().map(str::to_owned),
+        last4: card.pan.last4().to_owned(),
+        exp_month: card.expiry.month(),
+        exp_year: card.expiry.year(),
+        holder_name: card.holder_name.as_ref().map(|h| h.as_str().to_owned()),
+        fingerprint: keys
+            .fingerprint
+            .fingerprint(card.pan.expose_digits().as_bytes()),
+    };
+    let meta_plain = meta
+        .encode()
+        .map_err(|_| VaultError::Integrity(id.to_string()))?;
+    let seal = |blob, plain: &[u8]| seal(keys, blob, project, id.as_str(), plain);
+    let now = unix_now();
+    let record = CardRecord {
+        created_at: now,
+        expires_at: now.saturating_add(secs(ttl)),
+        used_at: None,
+        key_version: keys.dek_version,
+        meta: seal(Blob::Meta, &meta_plain)?,
+        pan: Some(seal(Blob::Pan, card.pan.expose_digits().as_bytes())?),
+    };
+    Ok((record, meta))
+}
+
 /// Seals `plain` under the project's active DEK, bound to `blob`, `project` and `id`, and
 /// counts the seal against the DEK's limit.
 fn seal(
@@ -1367,6 +1440,47 @@ pub(crate) mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// The bench's fill writes the records tokenization writes: each one detokenizes, under
+    /// the API's own rules, to a distinct valid card number.
+    #[test]
+    fn a_bench_fill_writes_cards_that_detokenize() {
+        use crate::policy::{Peer, Policy};
+        let (vault, _dirs) = test_vault("fill");
+        let project = Project::default_project();
+        vault.bench_fill(&project, 1_000, 40, 3).unwrap();
+        let ids: Vec<String> = vault.store.cards().map(|c| c.unwrap().1).collect();
+        assert_eq!(ids.len(), 40);
+        let policy = Policy::parse(&[(
+            "t.toml".into(),
+            "[[identity]]\nname='r'\nuri_san='u'\npermissions=['detokenize']\nprojects=['*']"
+                .into(),
+        )])
+        .unwrap();
+        let peer = Arc::new(Peer {
+            uri_sans: vec!["u".into()],
+            ..Peer::default()
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut pans = std::collections::HashSet::new();
+        for id in &ids {
+            let grant: Grant<Detokenize> = policy.authorize(&peer, &project).unwrap();
+            let card = rt
+                .block_on(vault.detokenize(
+                    &grant,
+                    &ObjectId::parse(id).unwrap(),
+                    &Purpose::default(),
+                ))
+                .unwrap();
+            let digits = card.pan.expose_digits().to_owned();
+            assert!(Pan::parse(&digits).is_ok() && digits.starts_with('5'));
+            pans.insert(digits);
+        }
+        assert_eq!(pans.len(), 40);
     }
 
     /// A sweep reads the cards due and no others: with 200 live cards beside them, it erases

@@ -237,8 +237,9 @@ pub enum Store {
 pub type SealedBlob = (u32, Vec<u8>);
 /// A [`SealedBlob`] with its key: `(project, id, version, sealed)`.
 pub type SealedRow = (String, String, u32, Vec<u8>);
-/// A card the sweeper has work on: its place in the sweep order (`at`, unix seconds, then
-/// project and id) and the record as stored now (`None`: gone, or unreadable).
+/// A card the sweeper has work on: its place in the sweep order (`at`, unix seconds: on sled
+/// the start of its index bucket, on PostgreSQL the exact time; then project and id) and the
+/// record as stored now (`None`: gone, or unreadable).
 #[derive(Debug)]
 pub struct DueCard {
     pub at: i64,
@@ -547,7 +548,9 @@ impl Store {
     }
 
     /// Cards due for the sweeper at `now` (their [`CardRecord::sweep_at`] at most `now`, as
-    /// indexed), in sweep order after `after`, at most `limit`.
+    /// indexed), in sweep order after `after`, at most `limit`. On sled the index is by
+    /// 64-second bucket, so cards due up to a minute after `now` may come too: the caller
+    /// checks each record.
     pub fn cards_due(
         &self,
         now: i64,

@@ -413,7 +413,10 @@ impl LocalServer {
         if count == 0 {
             return Ok(());
         }
-        let first = self.configs.first().ok_or_else(|| setup("no node to fill"))?;
+        let first = self
+            .configs
+            .first()
+            .ok_or_else(|| setup("no node to fill"))?;
         let config = crate::config::Config::load(first).map_err(setup)?;
         if let Some(data_dir) = config.data_dir() {
             use std::os::unix::fs::DirBuilderExt;

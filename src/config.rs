@@ -42,6 +42,8 @@ pub struct Config {
     pub kek: crate::crypto::seal::Backend,
     /// The chained audit log; never inside `data_dir` or `keys_dir`.
     pub audit_path: PathBuf,
+    /// The audit log is rotated past this size (`[audit] rotate_mb`; 0: never).
+    pub audit_rotate_bytes: u64,
     /// The file this was loaded from, read again on `SIGHUP` for the TLS files and policies.
     pub source: Option<PathBuf>,
     /// This daemon's name among the nodes of one store (`[node] name`; default: the host
@@ -164,6 +166,7 @@ struct RawPostgres {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     path: PathBuf,
+    rotate_mb: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -373,6 +376,7 @@ impl Config {
             keys,
             kek,
             audit_path: resolve(raw.audit.path),
+            audit_rotate_bytes: raw.audit.rotate_mb.unwrap_or(DEFAULT_AUDIT_ROTATE_MB) << 20,
             source: None,
             node: node_name(raw.node.name)?,
         };
@@ -459,6 +463,9 @@ fn normalize(path: &Path) -> PathBuf {
 /// `[node] name`, or this host's name; 1 to 63 letters, digits, `.`, `_` or `-`.
 /// CVCs held in memory at once by default (sled): a table of about 54 MiB.
 pub const DEFAULT_CVC_MAX: usize = 1_000_000;
+
+/// `[audit] rotate_mb` when unset: parts of 256 MiB (about 550,000 lines).
+pub const DEFAULT_AUDIT_ROTATE_MB: u64 = 256;
 
 /// `[kek]`: `backend = "shamir"` (the default) or `"pkcs11"` with its `[kek.pkcs11]`.
 fn kek_backend(

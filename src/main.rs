@@ -212,8 +212,8 @@ enum StoreCommand {
 enum AuditCommand {
     /// Check every line's HMAC and chain link; exits non-zero naming the first bad line.
     Verify {
-        /// The audit log, or its rotated parts oldest first and the live log last.
-        #[arg(required = true)]
+        /// The audit log, or its rotated parts oldest first and the live log last; default:
+        /// the config's audit log with every part `[audit] rotate_mb` left beside it.
         files: Vec<PathBuf>,
         /// For the audit key in keys_dir.
         #[arg(long)]

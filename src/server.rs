@@ -145,6 +145,7 @@ fn open_audit(config: &Config) -> Result<(FileAndLog, std::fs::File), StartupErr
     let lock = crate::audit::file::lock(&config.audit_path)?;
     let sink = FileSink::open(&config.audit_path, key)?;
     sink.set_node(&config.node);
+    sink.set_rotation(config.audit_rotate_bytes);
     Ok((FileAndLog(sink), lock))
 }
 

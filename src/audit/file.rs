@@ -16,6 +16,11 @@
 //!   requests share one `write` instead of taking turns at one each (measured: the syscall
 //!   was ~7 of the ~12 µs an audited read paid for its line). Synced to disk every second
 //!   and at shutdown.
+//! - Rotation by size (`[audit] rotate_mb`): once a second, a log past the size is renamed
+//!   `PATH.<seq of its last line, 20 digits>` and a new `PATH` begun; the chain goes on in it
+//!   (its first line's `prev` is the part's last MAC). A daemon that starts on an empty live
+//!   log continues from the newest part. `audit verify` with no file takes the parts, oldest
+//!   first, then the live log. Parts are never deleted: archiving them is the operator's.
 //! - Fail closed: a write that fails marks the sink failed, and a failed sink refuses every
 //!   event until the path is writable again (checked every second; a rotated or replaced
 //!   file is reopened and the chain continues in it).
@@ -157,6 +162,8 @@ struct Inner {
     key: AuditKey,
     /// Written in every line: the daemon's node name.
     node: std::sync::OnceLock<String>,
+    /// Size past which the log is rotated (0: never).
+    rotate_bytes: std::sync::atomic::AtomicU64,
     chain: Mutex<Chain>,
     /// The writer sleeps on this (with `chain`) while there is nothing to write.
     wake: Condvar,
@@ -208,6 +215,40 @@ fn open_head(path: &Path) -> Option<File> {
         .ok()
 }
 
+/// The name a size rotation gives the log when its last line is `seq`.
+fn part_path(path: &Path, seq: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{seq:020}"));
+    PathBuf::from(name)
+}
+
+/// The parts a size rotation left beside `path`, oldest first.
+pub fn parts(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut found: Vec<PathBuf> = fs::read_dir(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })
+    .into_iter()
+    .flatten()
+    .flatten()
+    .filter(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.strip_prefix(&prefix)
+            .is_some_and(|seq| seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit()))
+    })
+    .map(|e| path.with_file_name(e.file_name()))
+    .collect();
+    // Zero-padded: the names sort as the sequence numbers do.
+    found.sort();
+    found
+}
+
 fn head_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".head");
@@ -229,8 +270,28 @@ impl FileSink {
         after: Option<(u64, String)>,
     ) -> Result<FileSink, AuditError> {
         let fail = |what: String| AuditError(format!("audit log {}: {what}", path.display()));
+        let newest_part = || -> Result<Option<(u64, String)>, AuditError> {
+            let Some(part) = parts(path).pop() else {
+                return Ok(None);
+            };
+            let line = last_line(&part)
+                .map_err(|e| fail(e.to_string()))?
+                .ok_or_else(|| fail(format!("{} is empty", part.display())))?;
+            let (seq, mac, _) = check_line(&key, &line).ok_or_else(|| {
+                fail(format!(
+                    "the last line of {} does not verify; run `cardvault audit verify`",
+                    part.display()
+                ))
+            })?;
+            Ok(Some((seq, mac)))
+        };
         let (seq, prev) = match last_line(path).map_err(|e| fail(e.to_string()))? {
-            None => after.unwrap_or((0, GENESIS.to_owned())),
+            // An empty live log: a key rotation's new file, one begun by a size rotation, or
+            // the very first.
+            None => match after {
+                Some(after) => after,
+                None => newest_part()?.unwrap_or((0, GENESIS.to_owned())),
+            },
             Some(line) => {
                 let checked = check_line(&key, &line).ok_or_else(|| {
                     fail("the last line does not verify; run `cardvault audit verify` and move the file aside".into())
@@ -259,6 +320,7 @@ impl FileSink {
             head: head_path(path),
             key,
             node: std::sync::OnceLock::new(),
+            rotate_bytes: std::sync::atomic::AtomicU64::new(0),
             chain: Mutex::new(Chain {
                 head,
                 identity,
@@ -296,6 +358,11 @@ impl FileSink {
     /// Names the node in every line from now on (set once; later calls are ignored).
     pub fn set_node(&self, name: &str) {
         let _ = self.inner.node.set(name.to_owned());
+    }
+
+    /// Rotates the log once it holds `bytes` or more (checked every second; 0: never).
+    pub fn set_rotation(&self, bytes: u64) {
+        self.inner.rotate_bytes.store(bytes, Ordering::Relaxed);
     }
 }
 
@@ -516,7 +583,20 @@ impl Inner {
             .ok()
             .filter(|m| m.is_file())
             .map(|m| (m.dev(), m.ino()));
-        if chain.writer_gone || (current == Some(chain.identity) && chain.failed.is_none()) {
+        let limit = self.rotate_bytes.load(Ordering::Relaxed);
+        let full = fs::metadata(&self.path).is_ok_and(|m| limit > 0 && m.len() >= limit);
+        if !chain.writer_gone && chain.failed.is_none() && current == Some(chain.identity) && full {
+            // Just synced, and no write runs while the file lock is held: the part is whole.
+            match self.rotate() {
+                Ok(part) => {
+                    tracing::info!(part = %part.display(), "audit log rotated");
+                }
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "audit log not rotated; retrying");
+                    return head;
+                }
+            }
+        } else if chain.writer_gone || (current == Some(chain.identity) && chain.failed.is_none()) {
             return head;
         }
         // Rotated, replaced, removed or failed: reopen; the chain continues in the new file.
@@ -544,6 +624,27 @@ impl Inner {
 }
 
 impl Inner {
+    /// Renames the log to its part name (`PATH.<last seq>`), and syncs the folder so the
+    /// rename is durable. The caller holds the file lock and opens the new log.
+    fn rotate(&self) -> std::io::Result<PathBuf> {
+        let seq = last_line(&self.path)?
+            .and_then(|line| check_line(&self.key, &line))
+            .map(|(seq, _, _)| seq)
+            .ok_or_else(|| std::io::Error::other("the last line does not verify"))?;
+        let part = part_path(&self.path, seq);
+        if part.exists() {
+            return Err(std::io::Error::other(format!(
+                "{} exists already",
+                part.display()
+            )));
+        }
+        fs::rename(&self.path, &part)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(part)
+    }
+
     /// fdatasyncs the open log (the caller holds the file lock, so no write is in progress).
     fn sync_log(&self, file: &File) -> std::io::Result<()> {
         #[cfg(test)]
@@ -846,6 +947,23 @@ pub fn verify_files(
         let log = fs::read_to_string(path)
             .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?;
         let continues = rotated || i > 0;
+        // A live log begun by a rotation and still empty: the head names the part's last line.
+        if last && log.is_empty() {
+            if let (Some((prev_seq, prev_mac)), Some((head_seq, head_mac))) =
+                (&previous, head.as_deref().and_then(parse_head))
+            {
+                if head_seq > *prev_seq || (head_seq == *prev_seq && head_mac != *prev_mac) {
+                    return Ok((
+                        path.clone(),
+                        Verdict::Broken(
+                            1,
+                            format!("truncated: the log ends at seq {prev_seq}, but seq {head_seq} was written"),
+                        ),
+                    ));
+                }
+                break;
+            }
+        }
         match verify(&log, key, head.as_deref(), continues) {
             Verdict::Broken(n, why) => return Ok((path.clone(), Verdict::Broken(n, why))),
             Verdict::Intact(n, first, end) => {
@@ -1198,5 +1316,106 @@ mod tests {
             AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap()
         )
         .is_err());
+    }
+
+    /// Past its size the log is rotated into a part named by its last seq, and the chain goes
+    /// on in a new file: the set verifies as one chain, a restart on an empty live log
+    /// continues from the newest part, and a part taken away breaks the set where it was.
+    #[test]
+    fn a_rotated_log_continues_its_chain_across_parts() {
+        let (sink, path, key) = sink("rotate");
+        sink.set_rotation(1);
+        let reopen = || {
+            let sink = FileSink::open(
+                &path,
+                AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap(),
+            )
+            .unwrap();
+            sink.set_rotation(1);
+            sink
+        };
+        for _ in 0..10 {
+            written(&sink, &event("card.tokenize"));
+        }
+        sink.maintain();
+        assert_eq!(parts(&path), [part_path(&path, 10)]);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            0,
+            "a new live log is begun"
+        );
+        for _ in 0..5 {
+            written(&sink, &event("card.tokenize"));
+        }
+        sink.maintain();
+        // Stopped with an empty live log; the next start continues from the newest part.
+        drop(sink);
+        let sink = reopen();
+        for _ in 0..3 {
+            written(&sink, &event("card.tokenize"));
+        }
+        sink.maintain();
+        drop(sink);
+        let all = |parts: Vec<PathBuf>| {
+            let mut files = parts;
+            files.push(path.clone());
+            files
+        };
+        assert_eq!(
+            parts(&path),
+            [
+                part_path(&path, 10),
+                part_path(&path, 15),
+                part_path(&path, 18)
+            ]
+        );
+        assert_eq!(
+            verify_files(&all(parts(&path)), &key, false).unwrap().1,
+            Verdict::Intact(18, 1, 18)
+        );
+        // The head names seq 18, in the last part: the empty live log is not a cut.
+        let sink = reopen();
+        written(&sink, &event("card.tokenize"));
+        drop(sink);
+        assert_eq!(
+            verify_files(&all(parts(&path)), &key, false).unwrap().1,
+            Verdict::Intact(19, 1, 19)
+        );
+        let mut gap = all(parts(&path));
+        gap.remove(1);
+        let (file, verdict) = verify_files(&gap, &key, false).unwrap();
+        assert_eq!(file, part_path(&path, 18));
+        assert!(
+            matches!(&verdict, Verdict::Broken(1, why) if why.contains("does not continue")),
+            "{verdict:?}"
+        );
+        // The newest part emptied or removed while stopped: the next start refuses (an empty
+        // part has no line to continue from; without it, the head names a later line).
+        let sink = reopen();
+        sink.maintain();
+        drop(sink);
+        assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+        let newest = part_path(&path, 19);
+        let text = fs::read_to_string(&newest).unwrap();
+        fs::write(&newest, "").unwrap();
+        assert!(
+            reopen_fails(&path),
+            "a part emptied while stopped was accepted"
+        );
+        fs::remove_file(&newest).unwrap();
+        assert!(
+            reopen_fails(&path),
+            "a part removed while stopped was accepted"
+        );
+        fs::write(&newest, text).unwrap();
+        assert!(!reopen_fails(&path));
+    }
+
+    fn reopen_fails(path: &Path) -> bool {
+        FileSink::open(
+            path,
+            AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap(),
+        )
+        .is_err()
     }
 }

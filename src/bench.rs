@@ -155,8 +155,8 @@ pub struct GrowthStep {
     pub rss_mib: Option<f64>,
     /// The sled folder after the step's scenarios, per card token in it then.
     pub store_bytes_per_token: Option<f64>,
-    /// Audit log growth during the step per request made (fills write no audit lines).
-    pub audit_bytes_per_request: Option<f64>,
+    /// Audit log growth during the step per line written (fills write no audit lines).
+    pub audit_bytes_per_line: Option<f64>,
 }
 
 /// `--growth`: for each size, stop the daemon, fill the store up to it, start the daemon (its
@@ -182,6 +182,7 @@ pub fn growth(options: &BenchOptions) -> Result<Vec<GrowthStep>, BenchError> {
         server.fill(size.saturating_sub(tokens))?;
         let tokens = server.filled + made;
         let (_, audit_before) = server.disk();
+        let lines_before = server.audit_lines();
         let started = Instant::now();
         server.spawn()?;
         runtime.block_on(client.wait_ready())?;
@@ -200,7 +201,7 @@ pub fn growth(options: &BenchOptions) -> Result<Vec<GrowthStep>, BenchError> {
         }
         let rss_mib = server.rss_mib();
         let (store_bytes, audit_after) = server.disk();
-        let requests: usize = figures.iter().map(|f| f.requests).sum();
+        let lines = server.audit_lines().saturating_sub(lines_before);
         let tokens_after = server.filled + made;
         let step = GrowthStep {
             tokens,
@@ -208,8 +209,8 @@ pub fn growth(options: &BenchOptions) -> Result<Vec<GrowthStep>, BenchError> {
             rss_mib,
             store_bytes_per_token: (!options.postgres && tokens_after > 0)
                 .then(|| store_bytes as f64 / tokens_after as f64),
-            audit_bytes_per_request: (requests > 0)
-                .then(|| audit_after.saturating_sub(audit_before) as f64 / requests as f64),
+            audit_bytes_per_line: (lines > 0)
+                .then(|| audit_after.saturating_sub(audit_before) as f64 / lines as f64),
             figures,
         };
         if !options.json {
@@ -232,7 +233,7 @@ pub fn growth_table(steps: &[GrowthStep]) -> String {
     }
     out.push_str(&format!(
         " {:>8} {:>11} {:>13}\n",
-        "rss MiB", "store B/tok", "audit B/req"
+        "rss MiB", "store B/tok", "audit B/line"
     ));
     for step in steps {
         out.push_str(&format!(
@@ -250,7 +251,7 @@ pub fn growth_table(steps: &[GrowthStep]) -> String {
             " {:>8} {:>11} {:>13}\n",
             opt(step.rss_mib),
             opt(step.store_bytes_per_token),
-            opt(step.audit_bytes_per_request)
+            opt(step.audit_bytes_per_line)
         ));
     }
     out
@@ -459,6 +460,22 @@ impl LocalServer {
             count as f64 / started.elapsed().as_secs_f64().max(1e-3)
         );
         Ok(())
+    }
+
+    /// Lines in the audit logs and their rotated parts.
+    fn audit_lines(&self) -> u64 {
+        std::fs::read_dir(self.dir.join("audit"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                !name.ends_with(".head") && !name.ends_with(".lock")
+            })
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .map(|bytes| bytes.iter().filter(|b| **b == b'\n').count() as u64)
+            .sum()
     }
 
     /// Bytes under the sled store's folder (0 on PostgreSQL), and under the audit folder.

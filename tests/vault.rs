@@ -1080,7 +1080,7 @@ fn bench_growth_measures_each_store_size() {
             "{step}"
         );
         assert!(
-            step["audit_bytes_per_request"].as_f64().unwrap() > 0.0,
+            step["audit_bytes_per_line"].as_f64().unwrap() > 0.0,
             "{step}"
         );
         let figures = step["figures"].as_array().unwrap();

@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(super) signal: Arc<recovery::Signal>,
     /// The commit number in the witness file; held while the file is written.
     pub(super) witnessed: Mutex<u64>,
+    /// Cards added less cards removed since the count in `meta` was last written.
+    card_delta: std::sync::atomic::AtomicI64,
 }
 
 /// One opening of the sled store.
@@ -147,9 +149,31 @@ impl Shared {
     fn close(&self) -> Result<(), StoreError> {
         self.signal.wake(true);
         let generation = self.current()?;
+        self.persist_count(&generation)?;
         generation.commit.shutdown();
         generation.commit.sync(&generation.db)?;
         recovery::witness(self);
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Adds the cards added and removed since the last call to the count in `meta`.
+    fn persist_count(&self, g: &Generation) -> Result<(), StoreError> {
+        let delta = self.card_delta.swap(0, Ordering::SeqCst);
+        if delta != 0 {
+            let added = g.meta.fetch_and_update(CARD_COUNT, |old| {
+                let old = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map_or(0, i64::from_be_bytes);
+                Some(old.saturating_add(delta).max(0).to_be_bytes().to_vec())
+            });
+            if let Err(e) = added {
+                // Counted again next time.
+                self.card_delta.fetch_add(delta, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        }
         Ok(())
     }
 }
@@ -166,6 +190,9 @@ const ROOT_KEY: &[u8] = b"root_key";
 const RECOVERY_ROOT: &[u8] = b"recovery_root";
 const DEK_STATE: &[u8] = b"dek_state";
 const ENCRYPTIONS: &str = "encryptions/";
+/// How many card records the store holds, as of the last `persist_count` (i64 BE): exact
+/// but for the changes of the last second before a crash.
+const CARD_COUNT: &[u8] = b"card_count";
 /// Present while the sweep indexes of a store written by an earlier format are not built.
 const SWEEP_INDEX_PENDING: &[u8] = b"sweep_index_pending";
 /// The store format that brought the sweep indexes.
@@ -272,6 +299,7 @@ impl Sled {
             generation: AtomicU64::new(1),
             signal: Arc::default(),
             witnessed: Mutex::new(0),
+            card_delta: std::sync::atomic::AtomicI64::new(0),
         });
         recovery::spawn_watcher(Arc::downgrade(&shared), Arc::clone(&shared.signal))
             .map_err(StoreError::Thread)?;
@@ -361,11 +389,13 @@ impl Sled {
         id: &str,
         rec: &CardRecord,
     ) -> Result<Ticket, StoreError> {
-        self.write(|g| {
+        let ticket = self.write(|g| {
             let k = key(project, id);
             g.card_sweep.insert(sweep_key(rec.sweep_at(), &k), &[])?;
             insert_new(g, &g.cards, &k, rec)
-        })
+        })?;
+        self.0.card_delta.fetch_add(1, Ordering::Relaxed);
+        Ok(ticket)
     }
 
     pub fn card(&self, project: &str, id: &str) -> Result<Option<CardRecord>, StoreError> {
@@ -582,12 +612,19 @@ impl Sled {
             if g.meta.get(SWEEP_INDEX_PENDING)?.is_none() {
                 return Ok(false);
             }
+            // The count starts here too: the scan's, less what requests changed meanwhile
+            // (those are in the pending changes, written on top of it).
+            let before = self.0.card_delta.load(Ordering::SeqCst);
+            let mut cards = 0i64;
             for item in g.cards.iter() {
                 let (k, v) = item?;
+                cards += 1;
                 if let Ok(record) = CardRecord::decode(&v) {
                     g.card_sweep.insert(sweep_key(record.sweep_at(), &k), &[])?;
                 }
             }
+            g.meta
+                .insert(CARD_COUNT, &cards.saturating_sub(before).to_be_bytes())?;
             for item in g.idempotency.iter() {
                 let (k, v) = item?;
                 // An unreadable one is due at once, and removed as before.
@@ -599,16 +636,23 @@ impl Sled {
         })
     }
 
-    /// Card records, counted by their keys (a full scan: at start, not per request).
+    /// Card records: the count kept in `meta` plus the changes not yet written to it (no
+    /// scan).
     pub fn count_cards(&self) -> Result<u64, StoreError> {
         self.with(|g| {
-            let mut n = 0u64;
-            for item in g.cards.iter().keys() {
-                item?;
-                n += 1;
-            }
-            Ok(n)
+            let stored = g
+                .meta
+                .get(CARD_COUNT)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map_or(0, i64::from_be_bytes);
+            let delta = self.0.card_delta.load(Ordering::Relaxed);
+            Ok(u64::try_from(stored.saturating_add(delta)).unwrap_or(0))
         })
+    }
+
+    /// Writes the card count's pending changes to `meta` (every second, and at close).
+    pub fn persist_count(&self) -> Result<(), StoreError> {
+        self.write(|g| self.0.persist_count(g))
     }
 
     /// Removes a card record if it still holds exactly `expected` (used by the sweeper).
@@ -618,14 +662,18 @@ impl Sled {
         id: &str,
         expected: &CardRecord,
     ) -> Result<bool, StoreError> {
-        self.write(|g| {
+        let removed = self.write(|g| {
             let swapped = g.cards.compare_and_swap(
                 key(project, id),
                 Some(expected.encode()),
                 None as Option<&[u8]>,
             )?;
             Ok(swapped.is_ok())
-        })
+        })?;
+        if removed {
+            self.0.card_delta.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(removed)
     }
 
     /// Every card record, as `(project, id, record)`; records that fail to decode are skipped
@@ -878,7 +926,10 @@ impl Sled {
                 }
                 _ => {}
             }
-            Sled::tree(g, kind).insert(k, bytes)?;
+            let previous = Sled::tree(g, kind).insert(k, bytes)?;
+            if matches!(kind, super::Kind::Cards) && previous.is_none() {
+                self.0.card_delta.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(())
         })
     }
@@ -1075,13 +1126,27 @@ mod tests {
         assert_eq!(store.remove_idempotency_before(11).unwrap(), 0);
         assert!(store.build_sweep_indexes().unwrap());
         assert!(!store.build_sweep_indexes().unwrap(), "built twice");
+        // The build counted the cards the earlier format never counted.
+        assert_eq!(store.count_cards().unwrap(), 2);
         assert_eq!(due_ids(&store, 1_280), ["expired"]);
         assert_eq!(store.remove_idempotency_before(11).unwrap(), 1);
         store.close().unwrap();
         drop(store);
-        // Recorded: a restart does not build them again.
+        // Recorded: a restart does not build them again, and the count stays.
         let store = Sled::open(&dir, 8 << 20).unwrap();
         assert!(!store.build_sweep_indexes().unwrap());
+        assert_eq!(store.count_cards().unwrap(), 2);
+        let _ = store.insert_card("p", "third", &card(6_400, None)).unwrap();
+        store.persist_count().unwrap();
+        let _ = store
+            .insert_card("p", "fourth", &card(6_400, None))
+            .unwrap();
+        assert_eq!(store.count_cards().unwrap(), 4);
+        store.close().unwrap();
+        drop(store);
+        // Written at close too.
+        let store = Sled::open(&dir, 8 << 20).unwrap();
+        assert_eq!(store.count_cards().unwrap(), 4);
         drop(store);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -579,10 +579,19 @@ impl Store {
         }
     }
 
-    /// How many card records the store holds: exact on sled (a scan of the keys), the
-    /// planner's estimate on PostgreSQL (refreshed by its autovacuum).
+    /// How many card records the store holds, without a scan: on sled a count kept in the
+    /// store (exact but for the changes of the last second before a crash), on PostgreSQL the
+    /// planner's estimate (refreshed by its autovacuum).
     pub fn count_cards(&self) -> Result<u64, StoreError> {
         engine!(self, s => s.count_cards())
+    }
+
+    /// Writes sled's card count (every second, from the sweeper); nothing on PostgreSQL.
+    pub fn persist_count(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sled(s) => s.persist_count(),
+            Store::Postgres(_) => Ok(()),
+        }
     }
 
     /// Removes a card record if it still holds exactly `expected` (used by the sweeper).

@@ -535,12 +535,9 @@ pub struct Vault {
     audit: Box<dyn AuditSink>,
     /// Random per process: marks the idempotency claims this process owns.
     boot_id: u64,
-    /// Card records (live tokens and tombstones), for metrics: on sled, a count of the store
-    /// at the first sweep plus `cards_added`; on PostgreSQL the planner's estimate, read by
-    /// each sweep.
+    /// Card records (live tokens and tombstones), for metrics, as the store counts them:
+    /// read every second on sled, every minute on PostgreSQL.
     cards_counted: std::sync::atomic::AtomicU64,
-    /// On sled, cards this process added less those its sweeps removed.
-    cards_added: std::sync::atomic::AtomicI64,
 }
 
 pub fn unix_now() -> i64 {
@@ -610,7 +607,6 @@ impl Vault {
             audit,
             boot_id: u64::from_be_bytes(boot_id),
             cards_counted: std::sync::atomic::AtomicU64::new(0),
-            cards_added: std::sync::atomic::AtomicI64::new(0),
         });
         if let Some(kek) = dev_kek {
             vault.install_kek(kek.as_ref())?;
@@ -770,9 +766,6 @@ impl Vault {
             }
         };
         self.store.durable(ticket).await?;
-        if !self.store.is_shared() {
-            self.cards_added.fetch_add(1, Ordering::Relaxed);
-        }
         if let Some(cvc) = card.cvc.filter(|_| !self.store.is_shared()) {
             self.cvcs
                 .put(project, &id, cvc, Instant::now() + self.settings.cvc_ttl);
@@ -1088,10 +1081,6 @@ impl Vault {
                 self.store.card_swept(card, next)?;
             }
         }
-        if sweep.forgotten > 0 && !self.store.is_shared() {
-            self.cards_added
-                .fetch_sub(sweep.forgotten as i64, Ordering::Relaxed);
-        }
         Ok(sweep)
     }
 
@@ -1136,22 +1125,13 @@ impl Vault {
         Ok(current.map(|r| r.sweep_at()))
     }
 
-    /// Counts the store's cards for metrics: once on sled (then kept by `cards_added`), at
-    /// every sweep on PostgreSQL (an estimate that costs no scan).
-    fn count_cards(&self, first: bool) {
-        if !first && !self.store.is_shared() {
-            return;
+    /// Reads the store's card count for metrics (on sled, writing its pending changes first).
+    fn count_cards(&self) {
+        if let Err(e) = self.store.persist_count() {
+            tracing::warn!(error = %e, "could not write the card count");
         }
-        let before = self.cards_added.load(Ordering::Relaxed);
         match self.store.count_cards() {
-            Ok(n) => {
-                let base = if self.store.is_shared() {
-                    n
-                } else {
-                    n.saturating_sub(u64::try_from(before).unwrap_or(0))
-                };
-                self.cards_counted.store(base, Ordering::Relaxed);
-            }
+            Ok(n) => self.cards_counted.store(n, Ordering::Relaxed),
             Err(e) => tracing::warn!(error = %e, "could not count card records"),
         }
     }
@@ -1187,12 +1167,7 @@ impl Vault {
             leader: self.store.is_leader(),
             deks,
             records: vec![
-                (
-                    "card",
-                    self.cards_counted
-                        .load(Ordering::Relaxed)
-                        .saturating_add_signed(self.cards_added.load(Ordering::Relaxed)),
-                ),
+                ("card", self.cards_counted.load(Ordering::Relaxed)),
                 (
                     "cvc",
                     if self.store.is_shared() {
@@ -1351,6 +1326,7 @@ fn spawn_sweeper(vault: Weak<Vault>) {
         .spawn(move || {
             let mut last_card_sweep = Instant::now();
             let mut first = true;
+            let mut last_count = None;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let Some(vault) = vault.upgrade() else { return };
@@ -1358,6 +1334,13 @@ fn spawn_sweeper(vault: Weak<Vault>) {
                 let wiped = vault.cvcs.sweep(Instant::now());
                 if wiped > 0 {
                     tracing::debug!(wiped, "expired CVCs wiped");
+                }
+                // O(1) on sled; on PostgreSQL a catalog read, once a minute.
+                if !vault.store.is_shared()
+                    || last_count.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(60))
+                {
+                    vault.count_cards();
+                    last_count = Some(Instant::now());
                 }
                 // On a shared store, the rest is one node's work: the leader's.
                 if !vault.store.is_leader() {
@@ -1380,7 +1363,6 @@ fn spawn_sweeper(vault: Weak<Vault>) {
                             }
                         }
                     }
-                    vault.count_cards(first);
                     first = false;
                     match vault.sweep_cards(unix_now()) {
                         Ok(sweep) => tracing::debug!(

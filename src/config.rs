@@ -376,7 +376,11 @@ impl Config {
             keys,
             kek,
             audit_path: resolve(raw.audit.path),
-            audit_rotate_bytes: raw.audit.rotate_mb.unwrap_or(DEFAULT_AUDIT_ROTATE_MB) << 20,
+            audit_rotate_bytes: raw
+                .audit
+                .rotate_mb
+                .unwrap_or(DEFAULT_AUDIT_ROTATE_MB)
+                .saturating_mul(1 << 20),
             source: None,
             node: node_name(raw.node.name)?,
         };
@@ -641,6 +645,24 @@ mod tests {
             16
         );
         assert_eq!(mib(&MINIMAL.replace("listen", "cache_mb = 32\nlisten")), 32);
+    }
+
+    /// `[audit] rotate_mb`: 256 MiB unless set, 0 for never, and a huge value saturates
+    /// instead of wrapping to a small size.
+    #[test]
+    fn audit_rotation_size() {
+        let bytes = |extra: &str| {
+            Config::parse(
+                &MINIMAL.replace("[audit]\n", &format!("[audit]\n{extra}")),
+                Path::new("/tmp"),
+            )
+            .unwrap()
+            .audit_rotate_bytes
+        };
+        assert_eq!(bytes(""), 256 << 20);
+        assert_eq!(bytes("rotate_mb = 0\n"), 0);
+        assert_eq!(bytes("rotate_mb = 1\n"), 1 << 20);
+        assert_eq!(bytes("rotate_mb = 9223372036854775807\n"), u64::MAX);
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! a crash leaves at worst an entry without a record, which the sweeper drops. A card's entry
 //! is moved only by the sweeper. A use never makes the PAN's erasure due earlier than the
 //! entry (the PAN goes with the use); it may make the tombstone's removal due earlier (a
-//! `card_token_ttl` over the 7-day retention), which then waits for the entry at expiry. Compare-and-swap is sled's own; a
-//! [`Batch`] is one sled transaction over the trees it touches.
+//! `card_token_ttl` over the 7-day retention), which then waits for the entry at expiry.
+//! Compare-and-swap is sled's own; a [`Batch`] is one sled transaction over the trees it
+//! touches.
 //!
 //! sled holds an exclusive lock on its folder: one process per store, so admin actions go
 //! through the daemon. Compression stays off so a byte scan of the folder for test PANs means
@@ -73,7 +74,8 @@ impl Generation {
             None => 0,
         };
         recovery::check(dir, commit)?;
-        let found = match meta.get(FORMAT_KEY)? {
+        let recorded = meta.get(FORMAT_KEY)?;
+        let found = match &recorded {
             Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Malformed)?),
             // A new store is written in this format from its first record.
             None if db.open_tree("cards")?.is_empty()
@@ -86,7 +88,7 @@ impl Generation {
         if found > FORMAT {
             return Err(StoreError::TooNew { found });
         }
-        if found < FORMAT || meta.get(FORMAT_KEY)?.is_none() {
+        if found < FORMAT || recorded.is_none() {
             if found < SWEEP_INDEX_FORMAT {
                 // Written before the format: sled recovers writes in order, so a store that
                 // records the new format also records that its indexes are still to build.
@@ -109,6 +111,19 @@ impl Generation {
             meta,
             db,
         })
+    }
+
+    /// Indexes a card at its [`CardRecord::sweep_at`]; written before the record.
+    fn index_card(&self, k: &[u8], rec: &CardRecord) -> Result<(), StoreError> {
+        self.card_sweep.insert(sweep_key(rec.sweep_at(), k), &[])?;
+        Ok(())
+    }
+
+    /// Indexes an idempotency record at its creation; written before the record.
+    fn index_idempotency(&self, k: &[u8], created_at: i64) -> Result<(), StoreError> {
+        self.idempotency_sweep
+            .insert(sweep_key(created_at, k), &[])?;
+        Ok(())
     }
 
     /// Whether this sled instance can no longer write.
@@ -391,7 +406,7 @@ impl Sled {
     ) -> Result<Ticket, StoreError> {
         let ticket = self.write(|g| {
             let k = key(project, id);
-            g.card_sweep.insert(sweep_key(rec.sweep_at(), &k), &[])?;
+            g.index_card(&k, rec)?;
             insert_new(g, &g.cards, &k, rec)
         })?;
         self.0.card_delta.fetch_add(1, Ordering::Relaxed);
@@ -509,8 +524,7 @@ impl Sled {
         self.write(|g| {
             let k = key(project, scope);
             if let (None, Some(new)) = (old, new) {
-                g.idempotency_sweep
-                    .insert(sweep_key(new.created_at, &k), &[])?;
+                g.index_idempotency(&k, new.created_at)?;
             }
             let swapped = g.idempotency.compare_and_swap(
                 k,
@@ -530,11 +544,8 @@ impl Sled {
             for item in g.idempotency_sweep.range(..end) {
                 let (entry, _) = item?;
                 let (at, k) = split_sweep_key(&entry).ok_or(Malformed)?;
-                let current = g.idempotency.get(k)?;
-                let created = current
-                    .as_deref()
-                    .map(|v| IdempotencyRecord::decode(v).map_or(i64::MIN, |r| r.created_at));
-                if let (Some(v), Some(created)) = (current, created) {
+                if let Some(v) = g.idempotency.get(k)? {
+                    let created = IdempotencyRecord::decode(&v).map_or(i64::MIN, |r| r.created_at);
                     // Not old yet, and this is its entry: kept for a later sweep.
                     if created >= cutoff && bucket(created) == at {
                         continue;
@@ -620,7 +631,7 @@ impl Sled {
                 let (k, v) = item?;
                 cards += 1;
                 if let Ok(record) = CardRecord::decode(&v) {
-                    g.card_sweep.insert(sweep_key(record.sweep_at(), &k), &[])?;
+                    g.index_card(&k, &record)?;
                 }
             }
             g.meta
@@ -629,7 +640,7 @@ impl Sled {
                 let (k, v) = item?;
                 // An unreadable one is due at once, and removed as before.
                 let at = IdempotencyRecord::decode(&v).map_or(i64::MIN, |r| r.created_at);
-                g.idempotency_sweep.insert(sweep_key(at, &k), &[])?;
+                g.index_idempotency(&k, at)?;
             }
             g.meta.remove(SWEEP_INDEX_PENDING)?;
             Ok(true)
@@ -917,12 +928,12 @@ impl Sled {
             match kind {
                 super::Kind::Cards => {
                     if let Ok(record) = CardRecord::decode(bytes) {
-                        g.card_sweep.insert(sweep_key(record.sweep_at(), &k), &[])?;
+                        g.index_card(&k, &record)?;
                     }
                 }
                 super::Kind::Idempotency => {
                     let at = IdempotencyRecord::decode(bytes).map_or(i64::MIN, |r| r.created_at);
-                    g.idempotency_sweep.insert(sweep_key(at, &k), &[])?;
+                    g.index_idempotency(&k, at)?;
                 }
                 _ => {}
             }

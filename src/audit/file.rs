@@ -579,12 +579,10 @@ impl Inner {
                     .map(|h| (h, seq, mac));
             }
         }
-        let current = fs::metadata(&self.path)
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| (m.dev(), m.ino()));
+        let meta = fs::metadata(&self.path).ok().filter(|m| m.is_file());
+        let current = meta.as_ref().map(|m| (m.dev(), m.ino()));
         let limit = self.rotate_bytes.load(Ordering::Relaxed);
-        let full = fs::metadata(&self.path).is_ok_and(|m| limit > 0 && m.len() >= limit);
+        let full = meta.is_some_and(|m| limit > 0 && m.len() >= limit);
         if !chain.writer_gone && chain.failed.is_none() && current == Some(chain.identity) && full {
             // Just synced, and no write runs while the file lock is held: the part is whole.
             match self.rotate() {
@@ -908,17 +906,22 @@ pub fn verify(log: &str, key: &AuditKey, head: Option<&str>, rotated: bool) -> V
         count += 1;
     }
     let last = prev.as_ref().map_or(0, |(s, _)| *s);
-    if let Some((head_seq, head_mac)) = head.and_then(parse_head) {
-        let reaches = last >= head_seq;
-        let matches = last != head_seq || prev.as_ref().is_some_and(|(_, m)| *m == head_mac);
-        if !reaches || !matches {
-            return Verdict::Broken(
-                count + 1,
-                format!("truncated: the log ends at seq {last}, but seq {head_seq} was written"),
-            );
-        }
+    if let Some(why) = head.and_then(|h| cut_before_head(prev.as_ref(), h)) {
+        return Verdict::Broken(count + 1, why);
     }
     Verdict::Intact(count, first, last)
+}
+
+/// Why a chain whose last line is `last` (`(seq, mac)`, `None` for no line) falls short of
+/// the head file's text, if it does: it ends before the line the head names, or at its seq
+/// with another MAC.
+fn cut_before_head(last: Option<&(u64, String)>, head: &str) -> Option<String> {
+    let (head_seq, head_mac) = parse_head(head)?;
+    let seq = last.map_or(0, |(s, _)| *s);
+    let reaches = seq >= head_seq;
+    let matches = seq != head_seq || last.is_some_and(|(_, m)| *m == head_mac);
+    (!reaches || !matches)
+        .then(|| format!("truncated: the log ends at seq {seq}, but seq {head_seq} was written"))
 }
 
 /// `(seq, mac)` from a head file's text.
@@ -948,21 +951,14 @@ pub fn verify_files(
             .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?;
         let continues = rotated || i > 0;
         // A live log begun by a rotation and still empty: the head names the part's last line.
-        if last && log.is_empty() {
-            if let (Some((prev_seq, prev_mac)), Some((head_seq, head_mac))) =
-                (&previous, head.as_deref().and_then(parse_head))
+        if last && log.is_empty() && previous.is_some() {
+            if let Some(why) = head
+                .as_deref()
+                .and_then(|h| cut_before_head(previous.as_ref(), h))
             {
-                if head_seq > *prev_seq || (head_seq == *prev_seq && head_mac != *prev_mac) {
-                    return Ok((
-                        path.clone(),
-                        Verdict::Broken(
-                            1,
-                            format!("truncated: the log ends at seq {prev_seq}, but seq {head_seq} was written"),
-                        ),
-                    ));
-                }
-                break;
+                return Ok((path.clone(), Verdict::Broken(1, why)));
             }
+            break;
         }
         match verify(&log, key, head.as_deref(), continues) {
             Verdict::Broken(n, why) => return Ok((path.clone(), Verdict::Broken(n, why))),

@@ -429,12 +429,7 @@ impl LocalServer {
         let store = crate::store::Store::open(&config.store).map_err(setup)?;
         let kek = crate::crypto::DevKey::load(&config.keys_dir.join(crate::crypto::DEV_KEY_FILE))
             .map_err(setup)?;
-        let settings = crate::vault::VaultSettings {
-            card_token_ttl: config.card_token_ttl,
-            cvc_ttl: config.cvc_ttl,
-            cvc_max: config.cvc_max,
-            keys: config.keys.clone(),
-        };
+        let settings = crate::vault::VaultSettings::from(&config);
         let vault = crate::vault::Vault::open(
             store,
             crate::vault::KeySource::Dev(Box::new(kek)),

@@ -1079,16 +1079,14 @@ pub fn audit_verify(
     let config = Config::load(config_path)?;
     let key_path = key.map_or_else(|| config.keys_dir.join(KEY_FILE), Path::to_owned);
     let key = AuditKey::load(&key_path).map_err(keys_error)?;
-    let all;
     let logs = if logs.is_empty() {
         let mut files = crate::audit::file::parts(&config.audit_path);
         files.push(config.audit_path.clone());
-        all = files;
-        &all[..]
+        files
     } else {
-        logs
+        logs.to_vec()
     };
-    match verify_files(logs, &key, rotated).map_err(keys_error)? {
+    match verify_files(&logs, &key, rotated).map_err(keys_error)? {
         (_, Verdict::Intact(lines, first, last)) => {
             println!(
                 "intact: {} file(s), {lines} lines, seq {first} to {last}",

@@ -417,12 +417,7 @@ impl Application {
         tracing::info!(engine = store.engine(), "store open");
         let store_keks = crate::vault::store_kek_ids(&store).map_err(StartupError::Vault)?;
         let source = key_source(config, &store_keks)?;
-        let settings = VaultSettings {
-            card_token_ttl: config.card_token_ttl,
-            cvc_ttl: config.cvc_ttl,
-            cvc_max: config.cvc_max,
-            keys: config.keys.clone(),
-        };
+        let settings = VaultSettings::from(config);
         let (audit, audit_lock) = open_audit(config)?;
         let vault = Vault::open(store, source, settings, Box::new(audit)).map_err(|e| match e {
             VaultError::Keys(_) | VaultError::WrongKek(_) => StartupError::WrongKek(e),

@@ -167,6 +167,17 @@ pub struct VaultSettings {
     pub keys: KeySettings,
 }
 
+impl From<&crate::config::Config> for VaultSettings {
+    fn from(config: &crate::config::Config) -> VaultSettings {
+        VaultSettings {
+            card_token_ttl: config.card_token_ttl,
+            cvc_ttl: config.cvc_ttl,
+            cvc_max: config.cvc_max,
+            keys: config.keys.clone(),
+        }
+    }
+}
+
 /// A card as accepted at tokenization.
 #[derive(Debug)]
 pub struct NewCard {

@@ -33,6 +33,11 @@ pub fn run(config: &Config) -> Findings {
     if let Err(e) = crate::policy::Policy::load(&config.policies) {
         found.problem(e.to_string());
     }
+    if let Some(path) = &config.receivers {
+        if let Err(e) = crate::forward::Receivers::load(path) {
+            found.problem(e.to_string());
+        }
+    }
     tls(config, &mut found);
     keys_dir(config, &mut found);
     hsm(config, &mut found);

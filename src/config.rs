@@ -27,6 +27,8 @@ pub struct Config {
     pub store: crate::store::StoreConfig,
     pub keys_dir: PathBuf,
     pub policies: PathBuf,
+    /// The PSPs forwards may go to (a file, or a folder of `*.toml`); none when unset.
+    pub receivers: Option<PathBuf>,
     pub tls: TlsFiles,
     pub card_token_ttl: Duration,
     pub cvc_ttl: Duration,
@@ -109,6 +111,7 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     keys_dir: PathBuf,
     policies: PathBuf,
+    receivers: Option<PathBuf>,
     tls: RawTls,
     card_token_ttl: Option<String>,
     cvc_ttl: Option<String>,
@@ -361,6 +364,7 @@ impl Config {
             store,
             keys_dir: resolve(raw.keys_dir),
             policies: resolve(raw.policies),
+            receivers: raw.receivers.map(&resolve),
             tls: TlsFiles {
                 cert: resolve(raw.tls.cert),
                 key: resolve(raw.tls.key),

@@ -14,6 +14,7 @@
 //!   rotation, re-encryption, rekey);
 //! - `audit`: audit events;
 //! - `api`: HTTP handlers and the one error mapping;
+//! - [`forward`]: forwarding to PSPs (receivers, placeholders, egress checks, masking);
 //! - `tls`, [`server`]: rustls configuration and the assembled daemon;
 //! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs;
 //! - [`bench`]: the load generator behind `cardvault bench`;
@@ -39,10 +40,12 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod dev;
+pub mod forward;
 pub mod hardening;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod stub_psp;
 pub mod throwaway;
 
 mod api;

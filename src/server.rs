@@ -23,6 +23,8 @@ use crate::audit::{Actor, AuditError, FileAndLog};
 use crate::config::Config;
 use crate::crypto::custody::Custody;
 use crate::crypto::{CryptoError, DevKey, DEV_KEY_FILE};
+use crate::forward::receivers::ReceiversError;
+use crate::forward::Receivers;
 use crate::policy::{Policy, PolicyError};
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
@@ -32,6 +34,8 @@ use crate::vault::{KeySource, Vault, VaultError, VaultSettings};
 pub enum StartupError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Receivers(#[from] ReceiversError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("key-encryption key: {0}")]
@@ -64,7 +68,7 @@ pub enum StartupError {
     },
 }
 
-/// On `SIGHUP`: the server certificate, client CA, CRLs and policies are loaded again from
+/// On `SIGHUP`: the server certificate, client CA, CRLs, policies and receivers are loaded again from
 /// the paths the config names, and swapped in together, or not at all (the log says why).
 /// Established connections keep their session; new handshakes use the new files.
 fn spawn_reloader(
@@ -77,7 +81,7 @@ fn spawn_reloader(
         while hangup.recv().await.is_some() {
             let outcome = reload(&config, &tls, &state);
             match &outcome {
-                Ok(()) => tracing::info!("reloaded certificates, CRLs and policies"),
+                Ok(()) => tracing::info!("reloaded certificates, CRLs, policies and receivers"),
                 Err(why) => {
                     tracing::error!(error = %why, "reload refused; the previous configuration stays in force")
                 }
@@ -101,10 +105,20 @@ fn reload(config: &Config, tls: &tls::TlsState, state: &AppState) -> Result<(), 
         None => config.clone(),
     };
     let policy = Policy::load(&current.policies).map_err(|e| e.to_string())?;
+    let receivers = load_receivers(&current).map_err(|e| e.to_string())?;
     tls.reload(&current.tls.paths())
         .map_err(|e| e.to_string())?;
     *state.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    *state.receivers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(receivers);
     Ok(())
+}
+
+/// The receivers the config names, or none.
+fn load_receivers(config: &Config) -> Result<Receivers, ReceiversError> {
+    match &config.receivers {
+        Some(path) => Receivers::load(path),
+        None => Ok(Receivers::none()),
+    }
 }
 
 /// At start and then once a day: a warning for each certificate (server, client CA) or CRL
@@ -394,6 +408,10 @@ impl Application {
             return Err(StartupError::Check(found.problems));
         }
         let policy = Arc::new(Policy::load(&config.policies)?);
+        let receivers = Arc::new(load_receivers(config)?);
+        if !receivers.is_empty() {
+            tracing::info!(receivers = receivers.len(), "receivers loaded");
+        }
         let tls_config = tls::server_config(&config.tls.paths())?;
         if let Some(data_dir) = config.data_dir() {
             std::fs::DirBuilder::new()
@@ -454,6 +472,7 @@ impl Application {
             limits: crate::limits::Limiter::default(),
             tls: Arc::clone(&tls_state),
             config: config.clone(),
+            receivers: std::sync::RwLock::new(receivers),
         });
         let generation = Arc::clone(&tls_state);
         spawn_expiry_warnings(Arc::clone(&tls_state));

@@ -48,6 +48,9 @@ mod tls_scan;
 #[path = "suite/reload.rs"]
 mod reload;
 
+#[path = "suite/forward.rs"]
+mod forward;
+
 #[path = "suite/oracle.rs"]
 mod oracle;
 

@@ -349,3 +349,110 @@ impl From<VaultError> for ApiError {
         }
     }
 }
+
+impl From<crate::forward::Failure> for ApiError {
+    fn from(f: crate::forward::Failure) -> ApiError {
+        use crate::forward::Failure;
+        let (status, code, message) = match f {
+            Failure::ReceiverNotFound => (
+                StatusCode::NOT_FOUND,
+                "receiver_not_found",
+                "no receiver of that name is registered",
+            ),
+            Failure::ProjectNotAllowed => (
+                StatusCode::FORBIDDEN,
+                "receiver_project_not_allowed",
+                "this receiver does not take requests for this project",
+            ),
+            Failure::MethodNotAllowed => (
+                StatusCode::FORBIDDEN,
+                "receiver_method_not_allowed",
+                "this receiver does not take this method",
+            ),
+            Failure::PathNotAllowed => (
+                StatusCode::FORBIDDEN,
+                "receiver_path_not_allowed",
+                "this receiver does not take this path",
+            ),
+            Failure::InvalidPath => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_path",
+                "path must be an absolute path without dot segments, encoded separators, \
+                 fragment or card numbers",
+            ),
+            Failure::InvalidHeader => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_header",
+                "a header is malformed, reserved to the vault, too long, or holds a card number",
+            ),
+            Failure::InvalidPlaceholder => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_placeholder",
+                "a {{...}} placeholder is not one of card.number, card.exp_month, \
+                 card.exp_year, card.exp_year2, card.cvc, card.holder_name",
+            ),
+            Failure::InvalidBody => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                "a form body must be an object of text, number or boolean values",
+            ),
+            Failure::UnsupportedContentType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_type",
+                "a body is sent as application/json (or +json) or \
+                 application/x-www-form-urlencoded",
+            ),
+            Failure::AddressRefused => (
+                StatusCode::BAD_GATEWAY,
+                "receiver_address_refused",
+                "the receiver's host resolves to an address the vault may not connect to",
+            ),
+            Failure::Unreachable => (
+                StatusCode::BAD_GATEWAY,
+                "receiver_unreachable",
+                "the receiver could not be reached; nothing was sent",
+            ),
+            Failure::Tls => (
+                StatusCode::BAD_GATEWAY,
+                "receiver_tls_failed",
+                "the receiver's TLS certificate or handshake was refused; nothing was sent",
+            ),
+            Failure::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "receiver_timeout",
+                "the receiver did not answer in time",
+            ),
+            Failure::ConnectionLost => (
+                StatusCode::BAD_GATEWAY,
+                "receiver_failed",
+                "the connection to the receiver failed after the request was sent",
+            ),
+            Failure::ResponseTooLarge => (
+                StatusCode::BAD_GATEWAY,
+                "receiver_response_too_large",
+                "the receiver's answer is larger than 1 MiB",
+            ),
+            Failure::ResponseInvalid => (
+                StatusCode::BAD_GATEWAY,
+                "receiver_response_invalid",
+                "the receiver's answer is compressed or not text, so it cannot be masked",
+            ),
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl ApiError {
+    /// A forward's error: the body says whether the forward used its card token up (the
+    /// card may have reached the PSP), so the caller knows whether it can try again.
+    pub fn forward_response(&self, token_used: bool) -> HttpResponse {
+        let body = serde_json::json!({"error": {
+            "code": self.code,
+            "message": self.message,
+            "token_used": token_used,
+        }});
+        HttpResponse::build(self.status)
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(body)
+    }
+}

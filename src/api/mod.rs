@@ -24,7 +24,7 @@ pub use error::ApiError;
 
 use crate::card::{contains_pan, CardError, Cvc, Expiry, HolderName, Pan, SecretInput};
 use crate::customer::{NewProfile, ProfilePatch, Recurring};
-use crate::policy::{Customers, Grant, Peer, Policy, Requires};
+use crate::policy::{Customers, Forward, Grant, Peer, Policy, Requires};
 use crate::tokens::{IdKind, ObjectId, Project};
 use crate::vault::{this_month, Begin, NewCard, Purpose, TokenPatch, TokenView, Vault};
 
@@ -42,6 +42,8 @@ pub struct AppState {
     pub tls: Arc<crate::tls::TlsState>,
     /// The config the daemon started with; a seal migration reads its file again.
     pub config: crate::config::Config,
+    /// The PSPs forwards may go to; replaced whole by a `SIGHUP` reload.
+    pub receivers: std::sync::RwLock<Arc<crate::forward::Receivers>>,
 }
 
 /// Routes, shared by the daemon and anything else that serves the API.
@@ -59,6 +61,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(resource("/cards").route(web::post().to(tokenize)))
             .service(resource("/cards/{id}").route(web::get().to(card)))
             .service(resource("/detokenize").route(web::post().to(detokenize)))
+            .service(resource("/forward").route(web::post().to(forward)))
             .service(resource("/customers").route(web::post().to(create_customer)))
             .service(
                 resource("/customers/{customer}")
@@ -170,27 +173,36 @@ fn grant<P: Requires>(req: &HttpRequest, state: &AppState) -> Result<Grant<P>, A
 /// Reads at most [`BODY_LIMIT`] bytes into wiping memory.
 async fn read_body(
     req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    read_body_up_to(req, payload, BODY_LIMIT).await
+}
+
+/// Reads at most `limit` bytes into wiping memory.
+async fn read_body_up_to(
+    req: &HttpRequest,
     mut payload: web::Payload,
+    limit: usize,
 ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > BODY_LIMIT) {
+    if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::BODY_TOO_LARGE);
     }
     // Sized by Content-Length when there is one: the buffer is wiped whole on drop, so a
     // 16 KiB buffer for a 100-byte card would cost a 16 KiB memset per request.
-    let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(BODY_LIMIT)));
+    let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(limit)));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| ApiError::INVALID_REQUEST)?;
         let len = body.len() + chunk.len();
-        if len > BODY_LIMIT {
+        if len > limit {
             return Err(ApiError::BODY_TOO_LARGE);
         }
         if len > body.capacity() {
-            body = regrown(&body, BODY_LIMIT);
+            body = regrown(&body, limit);
         }
         body.extend_from_slice(&chunk);
     }
@@ -591,21 +603,7 @@ async fn detokenize(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let grant = grant(&req, &state)?;
-    // Bulk-detokenization monitoring: the policy's rate, and a cap on unknown-token lookups.
-    if let Err(refusal) = state.limits.admit(
-        grant.identity(),
-        crate::limits::share(grant.limits(), state.vault.live_nodes()),
-        Instant::now(),
-    ) {
-        state.vault.audit_refusal(
-            grant.actor(),
-            grant.project(),
-            "limit.detokenize",
-            crate::vault::VaultError::RateLimited,
-            refusal.reason(),
-        )?;
-        return Err(ApiError::RATE_LIMITED);
-    }
+    admit_detokenization(&state, &grant)?;
     let body = parse_json::<DetokenizeRequest>(&read_body(&req, payload).await?)?;
     let purpose = Purpose {
         reason: label(body.reason, 64)?,
@@ -630,6 +628,157 @@ async fn detokenize(
             recurring: details.recurring.as_ref(),
         },
     ))
+}
+
+/// Bulk-detokenization monitoring, for detokenize and forward alike: the policy's rate, and
+/// a cap on unknown-token lookups. A refusal is audited.
+fn admit_detokenization<P: Requires>(state: &AppState, grant: &Grant<P>) -> Result<(), ApiError> {
+    if let Err(refusal) = state.limits.admit(
+        grant.identity(),
+        crate::limits::share(grant.limits(), state.vault.live_nodes()),
+        Instant::now(),
+    ) {
+        state.vault.audit_refusal(
+            grant.actor(),
+            grant.project(),
+            "limit.detokenize",
+            crate::vault::VaultError::RateLimited,
+            refusal.reason(),
+        )?;
+        return Err(ApiError::RATE_LIMITED);
+    }
+    Ok(())
+}
+
+/// `POST /v1/forward`: the caller's request goes to a registered PSP with the token's card put
+/// in; the caller gets the PSP's answer with every card number masked. One audit line per
+/// forward, refused or not, once the caller's permission is known.
+async fn forward(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::forward::{receivers, ForwardRequest};
+    let grant = grant::<Forward>(&req, &state)?;
+    admit_detokenization(&state, &grant)?;
+    let request = parse_json::<ForwardRequest>(
+        &read_body_up_to(&req, payload, crate::forward::REQUEST_LIMIT).await?,
+    )?;
+    let purpose = Purpose {
+        reason: label(request.reason.clone(), 64)?,
+        reference: label(request.reference.clone(), 128)?,
+    };
+    let started = Instant::now();
+    let method = request.method.to_ascii_uppercase();
+    let mut forwarded = crate::audit::Forwarded {
+        receiver: Some(request.receiver.clone())
+            .filter(|r| receivers::valid_name(r))
+            .unwrap_or_default(),
+        method: Some(method)
+            .filter(|m| receivers::METHODS.contains(&m.as_str()))
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    let token = ObjectId::parse(request.token.expose()).ok();
+    let outcome = run_forward(&state, &grant, &request, token.as_ref(), &mut forwarded).await;
+    forwarded.ms = crate::forward::millis(started);
+    if let Err((e, _)) = &outcome {
+        if e.code == ApiError::NOT_FOUND.code {
+            state.limits.missed(grant.identity(), Instant::now());
+        }
+    }
+    let code = outcome.as_ref().err().map(|(e, _)| e.code);
+    state
+        .vault
+        .audit_forward(
+            &grant,
+            token.as_ref().map(ObjectId::as_str),
+            &purpose,
+            &forwarded,
+            code,
+        )
+        .await?;
+    Ok(match outcome {
+        Ok(answer) => json(StatusCode::OK, &answer),
+        Err((error, token_used)) => error.forward_response(token_used),
+    })
+}
+
+/// A forward's steps (see `forward`): the error, and whether the card token was used up.
+async fn run_forward(
+    state: &AppState,
+    grant: &Grant<Forward>,
+    request: &crate::forward::ForwardRequest,
+    token: Option<&ObjectId>,
+    forwarded: &mut crate::audit::Forwarded,
+) -> Result<serde_json::Value, (ApiError, bool)> {
+    use crate::forward::{template, Plan};
+    let before = |e: ApiError| (e, false);
+    let started = Instant::now();
+    if crate::forward::check_path(&request.path).is_ok() {
+        forwarded.path = request
+            .path
+            .split_once('?')
+            .map_or(request.path.as_str(), |(p, _)| p)
+            .to_owned();
+    }
+    let receivers = Arc::clone(&state.receivers.read().unwrap_or_else(|p| p.into_inner()));
+    let plan = Plan::new(&receivers, grant.project(), request).map_err(|f| before(f.into()))?;
+    let token = token.ok_or(before(ApiError::NOT_FOUND))?;
+    let ready = state
+        .vault
+        .forward_check(grant, token)
+        .await
+        .map_err(|e| before(e.into()))?;
+    let stream = crate::forward::connect(&plan.receiver)
+        .await
+        .map_err(|f| before(f.into()))?;
+    // The connection is open: only now is a card token used up.
+    let details = match ready {
+        crate::vault::Ready::Card(details) => *details,
+        crate::vault::Ready::CardToken => {
+            let details = state
+                .vault
+                .forward_use(grant, token)
+                .await
+                .map_err(|e| before(e.into()))?;
+            forwarded.token_used = true;
+            details
+        }
+    };
+    let card = template::Card {
+        number: details.pan.expose_digits(),
+        exp_month: details.expiry.month(),
+        exp_year: details.expiry.year(),
+        cvc: details.cvc.as_ref().map(Cvc::expose),
+        holder_name: details.holder_name.as_ref().map(HolderName::as_str),
+    };
+    let body = plan.render(&card);
+    forwarded.sent = body.len() as u64;
+    let used = forwarded.token_used;
+    let answer = crate::forward::exchange(stream, &plan, body, started)
+        .await
+        .map_err(|f| (ApiError::from(f), used))?;
+    forwarded.status = Some(answer.status);
+    forwarded.received = answer.body.len() as u64;
+    let masker = template::Masker {
+        pan: card.number,
+        // A credential whole, and without its scheme (`Bearer`, `Basic`): a PSP may echo
+        // either.
+        secrets: plan
+            .receiver
+            .headers
+            .iter()
+            .filter(|h| h.secret)
+            .flat_map(|h| {
+                let bare = h.value.rsplit_once(' ').map(|(_, v)| v);
+                [Some(h.value.as_str()), bare.filter(|v| v.len() >= 8)]
+            })
+            .flatten()
+            .collect(),
+        unmasked_fields: &plan.receiver.unmasked_fields,
+    };
+    crate::forward::masked_answer(&answer, &masker).map_err(|f| (ApiError::from(f), used))
 }
 
 fn path_id(kind: IdKind, raw: &str) -> Result<ObjectId, ApiError> {

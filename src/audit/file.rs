@@ -118,6 +118,8 @@ struct Line<'a> {
     reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reference: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    forward: Option<super::Forwarded>,
     prev: String,
 }
 
@@ -458,6 +460,7 @@ impl Inner {
             code: e.code,
             reason: e.reason,
             reference: e.reference,
+            forward: e.forward.cloned(),
             prev: chain.prev.clone(),
         };
         let mut text = serde_json::to_string(&line).map_err(|e| AuditError(e.to_string()))?;
@@ -802,6 +805,7 @@ pub fn rotate_key(log: &Path, key_path: &Path, stamp: &str) -> Result<(u64, Path
             code: None,
             reason: Some(&continues),
             reference: None,
+            forward: None,
         })?
         .wait_blocking()?;
         sink.maintain();
@@ -1027,6 +1031,7 @@ mod tests {
             code: None,
             reason: None,
             reference: None,
+            forward: None,
         }
     }
 

@@ -73,6 +73,26 @@ pub struct AuditEvent<'a> {
     pub code: Option<&'static str>,
     pub reason: Option<&'a str>,
     pub reference: Option<&'a str>,
+    /// What a forward to a PSP did.
+    pub forward: Option<&'a Forwarded>,
+}
+
+/// A forward's line: where it went and what came back; never a body or a header's value.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Forwarded {
+    pub receiver: String,
+    pub method: String,
+    /// Without the query.
+    pub path: String,
+    /// The PSP's status, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Request body bytes sent, response body bytes received.
+    pub sent: u64,
+    pub received: u64,
+    pub ms: u64,
+    /// Whether this forward used a card token up.
+    pub token_used: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +189,8 @@ impl AuditSink for LogSink {
             code = e.code,
             reason = e.reason,
             reference = e.reference,
+            receiver = e.forward.map(|f| f.receiver.as_str()),
+            psp_status = e.forward.and_then(|f| f.status),
             "audit"
         );
         Ok(AuditTicket::written())

@@ -57,6 +57,9 @@ pub enum Permission {
     Read,
     Customers,
     Detokenize,
+    /// Send a request to a registered PSP (a receiver) with a token's card put in by the
+    /// vault: `POST /v1/forward`. The caller never sees the card.
+    Forward,
     /// Submit one's own custodian share to unseal, vault-wide.
     Unseal,
     /// Key management: rotation, rekey, inventory, vault-wide.
@@ -71,11 +74,12 @@ pub enum Permission {
 }
 
 impl Permission {
-    const ALL: [Permission; 9] = [
+    const ALL: [Permission; 10] = [
         Permission::Tokenize,
         Permission::Read,
         Permission::Customers,
         Permission::Detokenize,
+        Permission::Forward,
         Permission::Unseal,
         Permission::Keys,
         Permission::Fingerprint,
@@ -89,6 +93,7 @@ impl Permission {
             Permission::Read => "read",
             Permission::Customers => "customers",
             Permission::Detokenize => "detokenize",
+            Permission::Forward => "forward",
             Permission::Unseal => "unseal",
             Permission::Keys => "keys",
             Permission::Fingerprint => "fingerprint",
@@ -134,6 +139,7 @@ macro_rules! permission_marker {
 permission_marker!(Tokenize, Permission::Tokenize);
 permission_marker!(Read, Permission::Read);
 permission_marker!(Detokenize, Permission::Detokenize);
+permission_marker!(Forward, Permission::Forward);
 permission_marker!(Customers, Permission::Customers);
 permission_marker!(Unseal, Permission::Unseal);
 permission_marker!(Keys, Permission::Keys);

@@ -24,11 +24,13 @@ use zeroize::{Zeroize, Zeroizing};
 
 pub mod backup;
 mod customers;
+mod forward;
 mod idempotency;
 mod keys;
 mod meta;
 
 pub use customers::{TokenPatch, TokenView};
+pub use forward::Ready;
 pub use idempotency::Begin;
 pub use keys::{seal_new_store, store_kek_ids, KeySettings, KeySource, GCM_NONCE_LIMIT};
 
@@ -1072,6 +1074,7 @@ impl Vault {
             code: result.as_ref().err().map(VaultError::code),
             reason: purpose.reason.as_deref(),
             reference: purpose.reference.as_deref(),
+            forward: None,
         };
         Ok(self.audit.record(&event)?)
     }

@@ -57,7 +57,7 @@ pub const POLICY: &str = r#"
 [[identity]]
 name = "router"
 uri_san = "spiffe://cardvault.test/router"
-permissions = ["tokenize", "read", "customers", "detokenize", "fingerprint"]
+permissions = ["tokenize", "read", "customers", "detokenize", "forward", "fingerprint"]
 projects = ["*"]
 show_iin8 = true
 

@@ -32,7 +32,18 @@ pub const SCENARIOS: &[&str] = &[
     "customer-token",
     "mixed",
     "handshake",
+    "forward",
+    "direct",
 ];
+
+/// Scenarios that need the stand-in PSP: `forward` sends each payment through
+/// `POST /v1/forward`; `direct` is what a router does without it (detokenize, then call the
+/// PSP itself over a kept-alive connection).
+const PSP_SCENARIOS: &[&str] = &["forward", "direct"];
+
+/// The receiver the bench's vault forwards to, and the path it takes.
+const PSP_RECEIVER: &str = "bench-psp";
+const PSP_PATH: &str = "/v1/payments";
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -101,6 +112,9 @@ pub struct Figures {
     pub server_cpu_seconds_per_1k: Option<f64>,
     /// Server resident memory after the run; only when the bench started the server.
     pub server_rss_mib: Option<f64>,
+    /// This process's CPU per 1,000 requests: the load generator, and the stand-in PSP when
+    /// the scenario uses it (the router's side of `direct`).
+    pub client_cpu_seconds_per_1k: Option<f64>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<Vec<Figures>, BenchError> {
@@ -116,16 +130,29 @@ pub fn run(options: &BenchOptions) -> Result<Vec<Figures>, BenchError> {
         .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
         .enable_all()
         .build()?;
-    let (server, client) = match &options.target {
+    let psp = options
+        .scenarios
+        .iter()
+        .any(|s| PSP_SCENARIOS.contains(&s.as_str()));
+    let (server, mut client) = match &options.target {
+        Some(_) if psp => return Err(setup(
+            "forward and direct start their own vault and stand-in PSP; they cannot drive --target",
+        )),
         Some(target) => (None, Client::new(target)?),
         None => {
             let mut server = LocalServer::prepare(options.postgres, options.nodes)?;
             server.fill(options.fill)?;
+            if psp {
+                server.add_psp()?;
+            }
             server.spawn()?;
             let client = Client::new(&server.target)?;
             (Some(server), client)
         }
     };
+    if let Some(psp) = server.as_ref().and_then(|s| s.psp.as_ref()) {
+        client.psp = Some(Arc::new(PspClient::new(psp.0.port(), &psp.1)?));
+    }
     runtime.block_on(client.wait_ready())?;
     let mut all = Vec::new();
     for scenario in &options.scenarios {
@@ -172,7 +199,17 @@ pub fn growth(options: &BenchOptions) -> Result<Vec<GrowthStep>, BenchError> {
         .enable_all()
         .build()?;
     let mut server = LocalServer::prepare(options.postgres, options.nodes)?;
-    let client = Client::new(&server.target)?;
+    let mut client = Client::new(&server.target)?;
+    if options
+        .scenarios
+        .iter()
+        .any(|s| PSP_SCENARIOS.contains(&s.as_str()))
+    {
+        server.add_psp()?;
+        if let Some((psp, ca)) = &server.psp {
+            client.psp = Some(Arc::new(PspClient::new(psp.port(), ca)?));
+        }
+    }
     // Card tokens made by the requests of earlier steps.
     let mut made = 0u64;
     let mut steps = Vec::new();
@@ -264,7 +301,7 @@ pub fn table(figures: &[Figures]) -> String {
         .find(|f| f.scenario == "health")
         .map(|f| f.requests_per_second);
     let mut out = format!(
-        "{:<20} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9} {:>8}\n",
+        "{:<20} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9} {:>8}\n",
         "scenario",
         "req/s",
         "p50 ms",
@@ -273,6 +310,7 @@ pub fn table(figures: &[Figures]) -> String {
         "max ms",
         "errors",
         "cpu-s/1k",
+        "bench cpu",
         "x health",
         "rss MiB"
     );
@@ -288,7 +326,7 @@ pub fn table(figures: &[Figures]) -> String {
             .server_rss_mib
             .map_or("-".to_owned(), |r| format!("{r:.0}"));
         out.push_str(&format!(
-            "{:<20} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>9} {:>9} {:>8}\n",
+            "{:<20} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>9} {:>9} {:>9} {:>8}\n",
             f.scenario,
             f.requests_per_second,
             f.p50_ms,
@@ -297,6 +335,8 @@ pub fn table(figures: &[Figures]) -> String {
             f.max_ms,
             f.errors,
             cpu,
+            f.client_cpu_seconds_per_1k
+                .map_or("-".to_owned(), |c| format!("{c:.3}")),
             ratio,
             rss
         ));
@@ -316,6 +356,8 @@ struct LocalServer {
     target: Target,
     /// Card tokens written by [`LocalServer::fill`] so far.
     filled: u64,
+    /// The stand-in PSP and its CA certificate file, once [`LocalServer::add_psp`] ran.
+    psp: Option<(crate::stub_psp::StubPsp, PathBuf)>,
 }
 
 impl LocalServer {
@@ -378,7 +420,33 @@ impl LocalServer {
             },
             dir,
             filled: 0,
+            psp: None,
         })
+    }
+
+    /// Starts the stand-in PSP (one thread: it shares the machine) and registers it as the
+    /// receiver `bench-psp` of every node, before they start.
+    fn add_psp(&mut self) -> Result<(), BenchError> {
+        let ca = crate::pki::Authority::new("cardvault bench PSP CA").map_err(setup)?;
+        let cert = ca.server(&["localhost"]).map_err(setup)?;
+        let psp = crate::stub_psp::StubPsp::start(&cert.cert_pem, &cert.key_pem, 1)?;
+        let ca_path = self.dir.join("psp-ca.pem");
+        std::fs::write(&ca_path, ca.cert_pem())?;
+        std::fs::write(
+            self.dir.join("receivers.toml"),
+            format!(
+                "[[receiver]]\nname = \"{PSP_RECEIVER}\"\nurl = \"https://localhost:{}\"\n\
+                 paths = [\"{PSP_PATH}\"]\nmethods = [\"POST\"]\nprojects = [\"*\"]\n\
+                 ca = \"psp-ca.pem\"\nallow_private_network = true\n",
+                psp.port()
+            ),
+        )?;
+        for config in &self.configs {
+            let text = std::fs::read_to_string(config)?;
+            std::fs::write(config, format!("receivers = \"receivers.toml\"\n{text}"))?;
+        }
+        self.psp = Some((psp, ca_path));
+        Ok(())
     }
 
     /// Starts the daemons.
@@ -554,6 +622,62 @@ struct Client {
     connector: TlsConnector,
     /// Connections go to the nodes in turn.
     next: Arc<std::sync::atomic::AtomicUsize>,
+    /// The stand-in PSP, for `direct`.
+    psp: Option<Arc<PspClient>>,
+}
+
+/// The router's own connection to the stand-in PSP (`direct`): TLS to its CA, no client
+/// certificate, kept alive.
+struct PspClient {
+    addr: SocketAddr,
+    connector: TlsConnector,
+    port: u16,
+}
+
+impl PspClient {
+    fn new(port: u16, ca: &std::path::Path) -> Result<PspClient, BenchError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in crate::tls::load_certs(ca).map_err(setup)? {
+            roots.add(cert).map_err(setup)?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(setup)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(PspClient {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            connector: TlsConnector::from(Arc::new(config)),
+            port,
+        })
+    }
+
+    async fn connect(&self) -> io::Result<Conn> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from("localhost").map_err(io::Error::other)?;
+        Ok(Conn {
+            stream: self.connector.connect(name, tcp).await?,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// The payment a router would send the PSP itself, with the card it detokenized.
+    fn payment(&self, detokenized: &[u8]) -> Option<Vec<u8>> {
+        let card: serde_json::Value = serde_json::from_slice(detokenized).ok()?;
+        let body = serde_json::json!({"amount": 1000, "currency": "EUR", "card": {
+            "number": card.get("number")?, "exp_month": card.get("exp_month")?,
+            "exp_year": card.get("exp_year")?.to_string(), "name": card.get("holder_name")?}})
+        .to_string();
+        Some(
+            format!(
+                "POST {PSP_PATH} HTTP/1.1\r\nhost: localhost:{}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                self.port,
+                body.len()
+            )
+            .into_bytes(),
+        )
+    }
 }
 
 impl Client {
@@ -577,6 +701,7 @@ impl Client {
             host,
             connector: TlsConnector::from(Arc::new(config)),
             next: Arc::default(),
+            psp: None,
         })
     }
 
@@ -707,6 +832,10 @@ enum Work {
     Attach(Arc<Pool>, Arc<Vec<String>>),
     Mixed(Arc<Pool>, Arc<Vec<String>>),
     Handshake,
+    /// Payments through `POST /v1/forward` with customer tokens.
+    Forward(Arc<Vec<String>>),
+    /// Detokenize a customer token, then send the payment to the PSP directly.
+    Direct(Arc<Vec<String>>, Arc<PspClient>),
 }
 
 /// Card tokens prepared before a run, handed out once each.
@@ -731,6 +860,7 @@ async fn run_scenario(
 ) -> Result<Figures, BenchError> {
     let work = prepare(client, scenario, options).await?;
     let cpu_before = server.and_then(LocalServer::cpu_seconds);
+    let own_before = cpu_seconds(std::process::id());
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -759,6 +889,12 @@ async fn run_scenario(
         }
         _ => None,
     };
+    let client_cpu = match (own_before, cpu_seconds(std::process::id())) {
+        (Some(a), Some(b)) if !latencies.is_empty() => {
+            Some((b - a) / latencies.len() as f64 * 1000.0)
+        }
+        _ => None,
+    };
     latencies.sort_unstable();
     let pct = |p: f64| {
         let i = ((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1);
@@ -776,6 +912,7 @@ async fn run_scenario(
         max_ms: pct(1.0),
         server_cpu_seconds_per_1k: cpu,
         server_rss_mib: server.and_then(LocalServer::rss_mib),
+        client_cpu_seconds_per_1k: client_cpu,
     })
 }
 
@@ -794,26 +931,19 @@ async fn prepare(
             Some(&card_json(1)),
         ))),
         "detokenize-card" => Work::DetokenizeCards(Arc::new(card_pool(client, options).await?)),
-        "detokenize-customer" => {
-            let owners = customers(1).await?;
-            let mut tokens = Vec::new();
-            let mut conn = client.connect().await?;
-            for i in 0..100 {
-                let card = tokenize_one(client, &mut conn, i).await?;
-                let owner = owners.first().map(String::as_str).unwrap_or("");
-                let req = client.request(
-                    "POST",
-                    &format!("/v1/customers/{owner}/tokens"),
-                    Some(&format!(r#"{{"source":"{card}"}}"#)),
-                );
-                let (status, body) = conn.send(&req).await?;
-                let id = json_field(&body, "id")
-                    .filter(|_| status < 300)
-                    .ok_or_else(|| setup("could not make a customer token"))?;
-                tokens.push(id);
-            }
-            Work::DetokenizeCustomer(Arc::new(tokens))
-        }
+        "detokenize-customer" => Work::DetokenizeCustomer(Arc::new(
+            customer_tokens(client, customers(1).await?).await?,
+        )),
+        "forward" => Work::Forward(Arc::new(
+            customer_tokens(client, customers(1).await?).await?,
+        )),
+        "direct" => Work::Direct(
+            Arc::new(customer_tokens(client, customers(1).await?).await?),
+            client
+                .psp
+                .clone()
+                .ok_or_else(|| setup("direct needs the stand-in PSP"))?,
+        ),
         "customer-token" => {
             let pool = card_pool(client, options).await?;
             let owners = customers(pool.ids.len() / 10 + 1).await?;
@@ -840,6 +970,27 @@ async fn prepare(
         "handshake" => Work::Handshake,
         other => return Err(setup(format!("unknown scenario {other}"))),
     })
+}
+
+/// 100 customer tokens of the first of `owners`.
+async fn customer_tokens(client: &Client, owners: Vec<String>) -> Result<Vec<String>, BenchError> {
+    let mut tokens = Vec::new();
+    let mut conn = client.connect().await?;
+    let owner = owners.first().map(String::as_str).unwrap_or("");
+    for i in 0..100 {
+        let card = tokenize_one(client, &mut conn, i).await?;
+        let req = client.request(
+            "POST",
+            &format!("/v1/customers/{owner}/tokens"),
+            Some(&format!(r#"{{"source":"{card}"}}"#)),
+        );
+        let (status, body) = conn.send(&req).await?;
+        let id = json_field(&body, "id")
+            .filter(|_| status < 300)
+            .ok_or_else(|| setup("could not make a customer token"))?;
+        tokens.push(id);
+    }
+    Ok(tokens)
 }
 
 async fn tokenize_one(client: &Client, conn: &mut Conn, n: usize) -> Result<String, BenchError> {
@@ -930,6 +1081,35 @@ async fn card_pool(client: &Client, options: &BenchOptions) -> Result<Pool, Benc
     })
 }
 
+/// A forward of customer token `id` to the stand-in PSP.
+fn forward_json(id: &str) -> String {
+    serde_json::json!({
+        "receiver": PSP_RECEIVER, "token": id, "method": "POST", "path": PSP_PATH,
+        "body": {"amount": 1000, "currency": "EUR", "card": {
+            "number": "{{card.number}}", "exp_month": "{{card.exp_month | number}}",
+            "exp_year": "{{card.exp_year}}", "name": "{{card.holder_name}}"}},
+        "reason": "mit",
+    })
+    .to_string()
+}
+
+/// The second half of `direct`: the router sends the card it detokenized to the PSP over its
+/// own kept-alive connection.
+async fn ok_direct(psp: &PspClient, conn: &mut Option<Conn>, detokenized: &[u8]) -> bool {
+    let Some(request) = psp.payment(detokenized) else {
+        return false;
+    };
+    if conn.is_none() {
+        *conn = psp.connect().await.ok();
+    }
+    let Some(c) = conn.as_mut() else { return false };
+    let ok = matches!(c.send(&request).await, Ok((200..=299, _)));
+    if !ok {
+        *conn = None;
+    }
+    ok
+}
+
 /// One worker: requests back to back until told to stop; returns latencies (µs), errors, and
 /// when it stopped.
 async fn drive(
@@ -941,6 +1121,7 @@ async fn drive(
     let mut latencies = Vec::with_capacity(1 << 16);
     let mut errors = 0;
     let mut conn = None;
+    let mut psp_conn = None;
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
@@ -1007,13 +1188,40 @@ async fn drive(
                 }
             },
             Work::Handshake => client.request("GET", "/v1/health", None),
+            Work::Forward(tokens) => {
+                let id = tokens
+                    .get((worker + i) % tokens.len().max(1))
+                    .map_or("", String::as_str);
+                client.request("POST", "/v1/forward", Some(&forward_json(id)))
+            }
+            Work::Direct(tokens, _) => {
+                let id = tokens
+                    .get((worker + i) % tokens.len().max(1))
+                    .map_or("", String::as_str);
+                client.request(
+                    "POST",
+                    "/v1/detokenize",
+                    Some(&format!(r#"{{"token":"{id}","reason":"mit"}}"#)),
+                )
+            }
         };
         let started = Instant::now();
         if conn.is_none() || matches!(work, Work::Handshake) {
             conn = client.connect().await.ok();
         }
         let ok = match conn.as_mut() {
-            Some(c) => matches!(c.send(&request).await, Ok((200..=299, _))),
+            Some(c) => match c.send(&request).await {
+                Ok((200..=299, body)) => match work {
+                    Work::Direct(_, psp) => ok_direct(psp, &mut psp_conn, &body).await,
+                    // The vault answers 200 with the PSP's status inside.
+                    Work::Forward(_) => serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v.get("status").and_then(serde_json::Value::as_u64))
+                        .is_some_and(|s| (200..300).contains(&s)),
+                    _ => true,
+                },
+                _ => false,
+            },
             None => false,
         };
         latencies.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));

@@ -22,7 +22,7 @@ pub const DEV_POLICY: &str = r#"# Dev policy: one table per caller, matched on t
 [[identity]]
 name = "router"
 uri_san = "spiffe://cardvault.dev/router"
-permissions = ["tokenize", "read", "customers", "detokenize", "fingerprint"]
+permissions = ["tokenize", "read", "customers", "detokenize", "forward", "fingerprint"]
 projects = ["*"]
 show_iin8 = true
 

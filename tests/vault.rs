@@ -1036,7 +1036,16 @@ fn bench_command_drives_every_scenario_without_errors() {
     );
     let figures: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let figures = figures.as_array().unwrap();
-    assert_eq!(figures.len(), 7);
+    let names: Vec<&str> = figures
+        .iter()
+        .map(|f| f["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 9, "{names:?}");
+    // Payments through the vault to the stand-in PSP, and by the router itself.
+    assert!(
+        names.contains(&"forward") && names.contains(&"direct"),
+        "{names:?}"
+    );
     for f in figures {
         assert!(f["requests"].as_u64().unwrap() > 0, "{f}");
         assert_eq!(f["errors"], 0, "{f}");

@@ -6,7 +6,8 @@
 //! request body in an `x-echo-number` header: the answer a careless PSP could give, and that
 //! the vault must mask. Request headers steer it: `x-stub-status` (the status to answer),
 //! `x-stub-delay-ms` (wait after reading the request), `x-stub-size` (answer that many bytes
-//! of text instead), `x-stub-location` (a `location` header, for redirects).
+//! of text instead), `x-stub-location` (a `location` header, for redirects), `x-stub-close`
+//! (close the connection after the answer).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,7 @@ impl Received {
 pub struct StubPsp {
     port: u16,
     received: Arc<Mutex<Vec<Received>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -77,6 +79,8 @@ impl StubPsp {
             .enable_all()
             .build()?;
         let kept = Arc::clone(&received);
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
         let thread = std::thread::spawn(move || {
             runtime.block_on(async move {
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
@@ -92,10 +96,12 @@ impl StubPsp {
                     };
                     let _ = tcp.set_nodelay(true);
                     let (acceptor, kept) = (acceptor.clone(), Arc::clone(&kept));
+                    let counted = Arc::clone(&counted);
                     tokio::spawn(async move {
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
                         };
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let service =
                             hyper::service::service_fn(move |req| answer(req, Arc::clone(&kept)));
                         let _ = hyper::server::conn::http1::Builder::new()
@@ -108,6 +114,7 @@ impl StubPsp {
         Ok(StubPsp {
             port,
             received,
+            connections,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -123,6 +130,11 @@ impl StubPsp {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// How many TLS connections were accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many requests were received.
@@ -198,6 +210,9 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
     {
         response = response.header("location", location);
+    }
+    if parts.headers.contains_key("x-stub-close") {
+        response = response.header("connection", "close");
     }
     let text = String::from_utf8_lossy(&body);
     if let Some(run) = text

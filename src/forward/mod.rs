@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -287,11 +287,71 @@ fn v4_allowed(ip: Ipv4Addr, private_ok: bool) -> bool {
         || a >= 240) // reserved
 }
 
-/// Resolves the receiver's host once, keeps the addresses it may reach, and opens TLS to the
-/// first that answers. Nothing of the card is known yet.
-pub async fn connect(
-    receiver: &Receiver,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Failure> {
+/// How long an idle connection to a PSP is kept for reuse, and how many per receiver.
+const IDLE_FOR: Duration = Duration::from_secs(30);
+const IDLE_MAX: usize = 64;
+
+/// Idle connections to one receiver, reused by later forwards: a TLS handshake per payment
+/// would cost the vault and the PSP more than the payment's own work. Each forward still
+/// resolves the host and checks the addresses; an idle connection is taken only when its
+/// address is among those this forward may reach. A reload makes new receivers, with new
+/// pools: connections of a removed receiver close with its old pool.
+#[derive(Default)]
+pub struct Pool {
+    idle: std::sync::Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    addr: SocketAddr,
+    sender: SendRequest,
+    since: Instant,
+}
+
+type SendRequest = hyper::client::conn::http1::SendRequest<WipedBody>;
+
+impl Pool {
+    fn take(&self, allowed: &[SocketAddr]) -> Option<(SocketAddr, SendRequest)> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_FOR);
+        let at = idle.iter().rposition(|c| allowed.contains(&c.addr))?;
+        let taken = idle.swap_remove(at);
+        Some((taken.addr, taken.sender))
+    }
+
+    fn put(&self, addr: SocketAddr, sender: SendRequest) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_MAX {
+            idle.push(Idle {
+                addr,
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Idle connections now (for tests and metrics).
+    pub fn idle(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// A connection to a receiver, open before the card is known.
+pub struct Connection {
+    addr: SocketAddr,
+    sender: SendRequest,
+    /// Taken from the pool (it may have been closed by the PSP meanwhile).
+    reused: bool,
+    /// The addresses this forward may reach, for a second connection.
+    allowed: Vec<SocketAddr>,
+}
+
+/// Resolves the receiver's host once, keeps the addresses it may reach, and takes an idle
+/// connection to one of them or opens TLS to the first that answers. Nothing of the card is
+/// known yet.
+pub async fn connect(receiver: &Receiver) -> Result<Connection, Failure> {
     let deadline = tokio::time::Instant::now() + receiver.connect_timeout;
     let resolved: Vec<SocketAddr> = tokio::time::timeout_at(
         deadline,
@@ -320,11 +380,35 @@ pub async fn connect(
         }
         return Err(Failure::Unreachable);
     }
+    if let Some((addr, sender)) = receiver.pool.take(&allowed) {
+        return Ok(Connection {
+            addr,
+            sender,
+            reused: true,
+            allowed,
+        });
+    }
+    let (addr, sender) = open(receiver, &allowed, deadline).await?;
+    Ok(Connection {
+        addr,
+        sender,
+        reused: false,
+        allowed,
+    })
+}
+
+/// Opens TLS to the first of `allowed` that answers, and HTTP/1.1 over it; the connection is
+/// driven by a task of its own until it closes.
+async fn open(
+    receiver: &Receiver,
+    allowed: &[SocketAddr],
+    deadline: tokio::time::Instant,
+) -> Result<(SocketAddr, SendRequest), Failure> {
     let name = rustls::pki_types::ServerName::try_from(receiver.host.clone())
         .map_err(|_| Failure::Unreachable)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::clone(&receiver.tls));
     let mut failure = Failure::Unreachable;
-    for addr in allowed {
+    for &addr in allowed {
         let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => {
@@ -334,14 +418,26 @@ pub async fn connect(
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
-        match tokio::time::timeout_at(deadline, connector.connect(name.clone(), tcp)).await {
+        let tls = match tokio::time::timeout_at(deadline, connector.connect(name.clone(), tcp))
+            .await
+        {
             Err(_) => return Err(Failure::Timeout),
-            Ok(Ok(tls)) => return Ok(tls),
+            Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::warn!(receiver = %receiver.name, %addr, error = %e, "receiver TLS handshake failed");
                 failure = Failure::Tls;
+                continue;
             }
-        }
+        };
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(64 * 1024)
+            .handshake::<_, WipedBody>(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|_| Failure::Unreachable)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        return Ok((addr, sender));
     }
     Err(failure)
 }
@@ -353,10 +449,12 @@ pub struct Answer {
     pub body: Zeroizing<Vec<u8>>,
 }
 
-/// Sends the request over the open connection and reads the answer, within the receiver's
-/// total time (counted from `started`).
+/// Sends the request and reads the answer, within the receiver's total time (counted from
+/// `started`), then keeps the connection for the next forward. A reused connection the PSP
+/// closed before the request was written is replaced by a new one: hyper hands back a
+/// request it never wrote.
 pub async fn exchange(
-    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    connection: Connection,
     plan: &Plan,
     body: Zeroizing<Vec<u8>>,
     started: Instant,
@@ -381,17 +479,35 @@ pub async fn exchange(
     let request = builder
         .body(WipedBody(Some(WipedBuf { bytes: body, at: 0 })))
         .map_err(|_| Failure::InvalidPath)?;
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(64 * 1024)
-        .handshake::<_, WipedBody>(io)
-        .await
-        .map_err(|_| Failure::ConnectionLost)?;
     let exchange = async move {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|_| Failure::ConnectionLost)?;
+        let Connection {
+            mut addr,
+            mut sender,
+            reused,
+            allowed,
+        } = connection;
+        let response = if sender.ready().await.is_ok() {
+            match sender.try_send_request(request).await {
+                Ok(response) => response,
+                Err(mut e) => match e.take_message() {
+                    // Never written: safe on a new connection.
+                    Some(request) if reused => {
+                        let (a, s, response) =
+                            resend(receiver, &allowed, deadline, request).await?;
+                        (addr, sender) = (a, s);
+                        response
+                    }
+                    _ => return Err(Failure::ConnectionLost),
+                },
+            }
+        } else if reused {
+            // Closed while idle: nothing was written to it.
+            let (a, s, response) = resend(receiver, &allowed, deadline, request).await?;
+            (addr, sender) = (a, s);
+            response
+        } else {
+            return Err(Failure::ConnectionLost);
+        };
         let (parts, mut incoming) = response.into_parts();
         let declared = parts
             .headers
@@ -418,27 +534,40 @@ pub async fn exchange(
             }
             body.extend_from_slice(&data);
         }
+        // Read to its end: the connection can carry the next forward.
+        receiver.pool.put(addr, sender);
         Ok(Answer {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body,
         })
     };
-    // The connection is driven beside the exchange, and closed when this returns.
-    let both = async {
-        tokio::pin!(exchange);
-        tokio::pin!(connection);
-        let mut connection_done = false;
-        loop {
-            tokio::select! {
-                answer = &mut exchange => return answer,
-                _ = &mut connection, if !connection_done => connection_done = true,
-            }
-        }
-    };
-    tokio::time::timeout_at(deadline, both)
+    tokio::time::timeout_at(deadline, exchange)
         .await
         .map_err(|_| Failure::Timeout)?
+}
+
+/// A request a reused connection never wrote, sent on a new one.
+async fn resend(
+    receiver: &Receiver,
+    allowed: &[SocketAddr],
+    deadline: tokio::time::Instant,
+    request: http::Request<WipedBody>,
+) -> Result<
+    (
+        SocketAddr,
+        SendRequest,
+        http::Response<hyper::body::Incoming>,
+    ),
+    Failure,
+> {
+    let (addr, mut sender) = open(receiver, allowed, deadline).await?;
+    sender.ready().await.map_err(|_| Failure::ConnectionLost)?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|_| Failure::ConnectionLost)?;
+    Ok((addr, sender, response))
 }
 
 /// The answer as the caller gets it: status, headers and body with every card number masked

@@ -71,6 +71,8 @@ pub struct Receiver {
     /// JSON field names whose values the answer keeps unmasked unless they hold the card
     /// sent (a PSP's 16-digit payment reference, say).
     pub unmasked_fields: HashSet<String>,
+    /// Idle connections, reused by later forwards.
+    pub pool: super::Pool,
 }
 
 pub struct ConfiguredHeader {
@@ -304,6 +306,7 @@ impl Receiver {
             connect_timeout,
             allow_private_network: raw.allow_private_network,
             unmasked_fields: raw.unmasked_fields.into_iter().collect(),
+            pool: super::Pool::default(),
         })
     }
 }

@@ -484,3 +484,55 @@ fn a_bad_receivers_file_stops_the_start_with_its_reason() {
         .expect("started with an open credential file");
     assert!(out.contains("acme.auth is open to others"), "{out}");
 }
+
+#[test]
+fn forwards_reuse_their_connection_to_the_psp() {
+    let f = Forwarding::new("forward-pool");
+    let daemon = f.setup.start();
+    let router = f.setup.client(&daemon, &f.setup.router());
+    let customer = router.post("/v1/customers", &serde_json::json!({"name": "Ada"}));
+    let customer = customer.json()["id"].as_str().unwrap().to_owned();
+    let source = tokenize(&router, &test_pan(75));
+    let attached = router.post(
+        &format!("/v1/customers/{customer}/tokens"),
+        &serde_json::json!({"source": source}),
+    );
+    let stored = attached.json()["id"].as_str().unwrap().to_owned();
+    let forward = |change: &dyn Fn(&mut serde_json::Value)| {
+        let mut request = payment("acme", &stored);
+        change(&mut request);
+        let res = router.post("/v1/forward", &request);
+        assert_eq!(res.status, 200, "{}", res.body);
+        assert_eq!(res.json()["status"], 201, "{}", res.body);
+    };
+    for _ in 0..5 {
+        forward(&|_| {});
+    }
+    assert_eq!(f.psp.count(), 5);
+    assert_eq!(
+        f.psp.connections(),
+        1,
+        "each forward opened its own connection"
+    );
+    // The PSP closes the connection after its answer: the next forward opens another.
+    forward(&|r| r["headers"]["x-stub-close"] = "1".into());
+    forward(&|_| {});
+    assert_eq!(f.psp.connections(), 2);
+    // A reload makes new receivers: their connections are new too.
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon
+        .output()
+        .contains("reloaded certificates, CRLs, policies and receivers")
+    {
+        assert!(Instant::now() < deadline, "{}", daemon.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    forward(&|_| {});
+    assert_eq!(f.psp.connections(), 3);
+    assert_eq!(f.psp.count(), 8);
+}

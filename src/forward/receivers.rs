@@ -579,4 +579,47 @@ mod tests {
         let bad_name = "name = \"Acme\"\nurl = \"https://psp.example\"\npaths = [\"/\"]\nmethods = [\"POST\"]\nprojects = [\"*\"]\n";
         assert!(Receiver::from_raw(toml::from_str(bad_name).unwrap(), Path::new(".")).is_err());
     }
+
+    /// The example in `deploy/` loads, once the files it names exist.
+    #[test]
+    fn the_example_receivers_file_loads() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cardvault-receivers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("psp")).unwrap();
+        let example = include_str!("../../deploy/receivers.example.toml");
+        std::fs::write(dir.join("receivers.toml"), example).unwrap();
+        let ca = crate::pki::Authority::new("example PSP CA").unwrap();
+        let client = ca
+            .client(&crate::pki::ClientSpec::named("cardvault"))
+            .unwrap();
+        let private = |name: &str, text: &str| {
+            let path = dir.join("psp").join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        private("acme.auth", "Bearer sk_live_example\n");
+        private("globex.key", "AQE1234example");
+        private("globex-client.key", &client.key_pem);
+        std::fs::write(dir.join("psp/globex-client.pem"), &client.cert_pem).unwrap();
+        let loaded = Receivers::load(&dir.join("receivers.toml")).unwrap();
+        assert_eq!(loaded.len(), 2);
+        let globex = loaded.get("globex").unwrap();
+        assert_eq!(globex.base_path, "/pal/servlet/Payment/v68");
+        assert!(globex
+            .allows(&Project::parse("shop-a").unwrap(), "POST", "/authorise")
+            .is_ok());
+        let acme = loaded.get("acme").unwrap();
+        assert!(acme.headers.iter().any(|h| h.secret && h.name == "authorization"));
+        assert!(acme.headers.iter().any(|h| !h.secret && h.name == "acme-version"));
+        // A credential file others can read is refused.
+        std::fs::set_permissions(
+            dir.join("psp/acme.auth"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let refused = Receivers::load(&dir.join("receivers.toml")).err().unwrap();
+        assert!(refused.to_string().contains("open to others"), "{refused}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

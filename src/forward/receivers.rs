@@ -610,8 +610,14 @@ mod tests {
             .allows(&Project::parse("shop-a").unwrap(), "POST", "/authorise")
             .is_ok());
         let acme = loaded.get("acme").unwrap();
-        assert!(acme.headers.iter().any(|h| h.secret && h.name == "authorization"));
-        assert!(acme.headers.iter().any(|h| !h.secret && h.name == "acme-version"));
+        assert!(acme
+            .headers
+            .iter()
+            .any(|h| h.secret && h.name == "authorization"));
+        assert!(acme
+            .headers
+            .iter()
+            .any(|h| !h.secret && h.name == "acme-version"));
         // A credential file others can read is refused.
         std::fs::set_permissions(
             dir.join("psp/acme.auth"),

@@ -70,7 +70,7 @@ fn policy_explain_names_the_identity_and_what_it_may_do() {
     assert!(ok, "{out}");
     assert!(out.contains("identity router"), "{out}");
     assert!(
-        out.contains("customers, detokenize, fingerprint, read, tokenize"),
+        out.contains("customers, detokenize, fingerprint, forward, read, tokenize"),
         "{out}"
     );
     assert!(out.contains("BIN-8, last 4 and fingerprints"), "{out}");

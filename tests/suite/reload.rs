@@ -67,7 +67,7 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     let established_health = setup.client(&daemon, &late).connect().unwrap();
     write(&crl, &setup.ca.crl(&[&early.serial, &late.serial]).unwrap());
     hangup(&daemon);
-    wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
+    wait_for_log(&daemon, "reloaded certificates, CRLs, policies and receivers", 1);
     assert!(
         health(&late).is_err(),
         "revoked by the reload, still accepted"
@@ -125,7 +125,7 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     let detok = serde_json::json!({"token": card});
     assert_eq!(checkout.post("/v1/detokenize", &detok).status, 403);
     hangup(&daemon);
-    wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 2);
+    wait_for_log(&daemon, "reloaded certificates, CRLs, policies and receivers", 2);
     assert_eq!(checkout.post("/v1/detokenize", &detok).status, 200);
     daemon.stop();
 
@@ -154,7 +154,7 @@ fn a_crl_added_to_the_config_takes_effect_on_reload() {
     );
     turn_on_crl(&setup);
     hangup(&daemon);
-    wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
+    wait_for_log(&daemon, "reloaded certificates, CRLs, policies and receivers", 1);
     assert!(
         health(&revoked).is_err(),
         "the CRL added by the reload was not used"
@@ -226,7 +226,7 @@ fn an_open_connection_is_refused_once_the_crl_expires() {
     let next_update = whole_seconds_from_now(4);
     write(&crl, &setup.ca.crl_until(&[], next_update).unwrap());
     hangup(&daemon);
-    wait_for_log(&daemon, "reloaded certificates, CRLs and policies", 1);
+    wait_for_log(&daemon, "reloaded certificates, CRLs, policies and receivers", 1);
 
     let router = setup.router();
     let mut session = setup.client(&daemon, &router).session();

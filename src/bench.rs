@@ -1135,7 +1135,7 @@ async fn drive(
                 ),
                 None => break,
             },
-            Work::DetokenizeCustomer(tokens) => {
+            Work::DetokenizeCustomer(tokens) | Work::Direct(tokens, _) => {
                 let id = tokens
                     .get((worker + i) % tokens.len().max(1))
                     .map_or("", String::as_str);
@@ -1193,16 +1193,6 @@ async fn drive(
                     .get((worker + i) % tokens.len().max(1))
                     .map_or("", String::as_str);
                 client.request("POST", "/v1/forward", Some(&forward_json(id)))
-            }
-            Work::Direct(tokens, _) => {
-                let id = tokens
-                    .get((worker + i) % tokens.len().max(1))
-                    .map_or("", String::as_str);
-                client.request(
-                    "POST",
-                    "/v1/detokenize",
-                    Some(&format!(r#"{{"token":"{id}","reason":"mit"}}"#)),
-                )
             }
         };
         let started = Instant::now();

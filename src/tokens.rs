@@ -167,6 +167,21 @@ impl Project {
         }
     }
 
+    /// A config's list of projects: `None` for `["*"]` (every project), else the set; `Err`
+    /// names the first invalid name.
+    pub fn parse_list(
+        names: &[String],
+    ) -> Result<Option<std::collections::HashSet<Project>>, String> {
+        if names.iter().any(|p| p == "*") {
+            return Ok(None);
+        }
+        names
+            .iter()
+            .map(|p| Project::parse(p).map_err(|_| format!("invalid project name {p:?}")))
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
     pub fn default_project() -> Project {
         Project("default".to_owned())
     }

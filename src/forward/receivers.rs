@@ -230,17 +230,7 @@ impl Receiver {
         if raw.projects.is_empty() {
             return Err(at("projects lists no project (use [\"*\"] for all)"));
         }
-        let projects = if raw.projects.iter().any(|p| p == "*") {
-            None
-        } else {
-            let mut set = HashSet::new();
-            for p in &raw.projects {
-                set.insert(
-                    Project::parse(p).map_err(|_| at(&format!("invalid project name {p:?}")))?,
-                );
-            }
-            Some(set)
-        };
+        let projects = Project::parse_list(&raw.projects).map_err(|e| at(&e))?;
         let resolve = |p: &PathBuf| {
             if p.is_absolute() {
                 p.clone()

@@ -577,18 +577,8 @@ impl Identity {
                 "identity {name:?} lists no projects (use [\"*\"] for all)"
             ));
         }
-        let projects = if entry.projects.iter().any(|p| p == "*") {
-            None
-        } else {
-            let mut set = HashSet::new();
-            for p in &entry.projects {
-                set.insert(
-                    Project::parse(p)
-                        .map_err(|_| format!("identity {name:?}: invalid project name {p:?}"))?,
-                );
-            }
-            Some(set)
-        };
+        let projects =
+            Project::parse_list(&entry.projects).map_err(|e| format!("identity {name:?}: {e}"))?;
         let defaults = Limits::default();
         let limits = Limits {
             detokenize_per_second: entry.detokenize_per_second,

@@ -427,19 +427,8 @@ fn redirects_come_back_and_every_refusal_has_its_code_and_audit_line() {
 
     // A receiver removed from the file is refused at the next SIGHUP.
     f.write_receivers(false);
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon
-        .output()
-        .contains("reloaded certificates, CRLs, policies and receivers")
-    {
-        assert!(Instant::now() < deadline, "{}", daemon.output());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    hangup(&daemon);
+    wait_for_log(&daemon, RELOADED, 1);
     let third = tokenize(&router, &pan);
     let gone = router.post("/v1/forward", &payment("extra", &third));
     assert_eq!(gone.code(), "receiver_not_found");
@@ -519,19 +508,8 @@ fn forwards_reuse_their_connection_to_the_psp() {
     forward(&|_| {});
     assert_eq!(f.psp.connections(), 2);
     // A reload makes new receivers: their connections are new too.
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon
-        .output()
-        .contains("reloaded certificates, CRLs, policies and receivers")
-    {
-        assert!(Instant::now() < deadline, "{}", daemon.output());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    hangup(&daemon);
+    wait_for_log(&daemon, RELOADED, 1);
     forward(&|_| {});
     assert_eq!(f.psp.connections(), 3);
     assert_eq!(f.psp.count(), 8);

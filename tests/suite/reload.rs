@@ -1,19 +1,7 @@
 //! Certificate revocation and `SIGHUP`: a revoked client certificate fails the handshake, a
 //! reload takes new CRLs and policies without dropping established connections, and a bad
 //! reload changes nothing.
-
-use std::time::{Duration, Instant};
-
 use crate::support::*;
-
-fn hangup(daemon: &Daemon) {
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
 
 /// Adds `crl = "crl.pem"` to the config's `[tls]` (the file itself is the test's to write).
 fn turn_on_crl(setup: &Setup) {
@@ -22,19 +10,6 @@ fn turn_on_crl(setup: &Setup) {
         "client_ca = \"ca.pem\"\ncrl = \"crl.pem\"\n",
     );
     write(&setup.config, &config);
-}
-
-/// Waits until the daemon has logged `needle` `count` times.
-fn wait_for_log(daemon: &Daemon, needle: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.output().matches(needle).count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in:\n{}",
-            daemon.output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -67,7 +42,7 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     let established_health = setup.client(&daemon, &late).connect().unwrap();
     write(&crl, &setup.ca.crl(&[&early.serial, &late.serial]).unwrap());
     hangup(&daemon);
-    wait_for_log(&daemon, "reloaded certificates, CRLs, policies and receivers", 1);
+    wait_for_log(&daemon, RELOADED, 1);
     assert!(
         health(&late).is_err(),
         "revoked by the reload, still accepted"
@@ -125,7 +100,7 @@ fn revoked_certificates_fail_the_handshake_before_and_after_a_reload() {
     let detok = serde_json::json!({"token": card});
     assert_eq!(checkout.post("/v1/detokenize", &detok).status, 403);
     hangup(&daemon);
-    wait_for_log(&daemon, "reloaded certificates, CRLs, policies and receivers", 2);
+    wait_for_log(&daemon, RELOADED, 2);
     assert_eq!(checkout.post("/v1/detokenize", &detok).status, 200);
     daemon.stop();
 
@@ -154,7 +129,7 @@ fn a_crl_added_to_the_config_takes_effect_on_reload() {
     );
     turn_on_crl(&setup);
     hangup(&daemon);
-    wait_for_log(&daemon, "reloaded certificates, CRLs, policies and receivers", 1);
+    wait_for_log(&daemon, RELOADED, 1);
     assert!(
         health(&revoked).is_err(),
         "the CRL added by the reload was not used"
@@ -226,7 +201,7 @@ fn an_open_connection_is_refused_once_the_crl_expires() {
     let next_update = whole_seconds_from_now(4);
     write(&crl, &setup.ca.crl_until(&[], next_update).unwrap());
     hangup(&daemon);
-    wait_for_log(&daemon, "reloaded certificates, CRLs, policies and receivers", 1);
+    wait_for_log(&daemon, RELOADED, 1);
 
     let router = setup.router();
     let mut session = setup.client(&daemon, &router).session();

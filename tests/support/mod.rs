@@ -1181,3 +1181,29 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut: &std::sync::atomic::AtomicB
     }
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
+
+/// What the daemon logs after a `SIGHUP` reload that took.
+pub const RELOADED: &str = "reloaded certificates, CRLs, policies and receivers";
+
+/// Sends the daemon `SIGHUP`.
+pub fn hangup(daemon: &Daemon) {
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Waits until the daemon has logged `needle` `count` times.
+pub fn wait_for_log(daemon: &Daemon, needle: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.output().matches(needle).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in:\n{}",
+            daemon.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -514,3 +514,36 @@ fn forwards_reuse_their_connection_to_the_psp() {
     assert_eq!(f.psp.connections(), 3);
     assert_eq!(f.psp.count(), 8);
 }
+
+#[test]
+fn detokenization_limits_count_forwards() {
+    let f = Forwarding::new("forward-limits");
+    let policy = std::fs::read_to_string(&f.setup.policy).unwrap();
+    write(
+        &f.setup.policy,
+        &format!(
+            "{policy}\n[[identity]]\nname = \"slow-router\"\nuri_san = \"spiffe://cardvault.test/slow-router\"\n\
+             permissions = [\"tokenize\", \"forward\"]\nprojects = [\"*\"]\n\
+             detokenize_per_second = 0.1\ndetokenize_burst = 1\n"
+        ),
+    );
+    let daemon = f.setup.start();
+    let router = f
+        .setup
+        .client(&daemon, &f.setup.identity(&spec("slow-router")));
+    let first = tokenize(&router, &test_pan(76));
+    let second = tokenize(&router, &test_pan(77));
+    assert_eq!(
+        router.post("/v1/forward", &payment("acme", &first)).status,
+        200
+    );
+    let refused = router.post("/v1/forward", &payment("acme", &second));
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.code(), "rate_limited");
+    assert_eq!(f.psp.count(), 1);
+    let audit = std::fs::read_to_string(f.setup.root().join("audit/audit.log")).unwrap();
+    assert!(
+        audit.contains("\"event\":\"limit.detokenize\""),
+        "the refusal is not audited"
+    );
+}

@@ -680,7 +680,15 @@ async fn forward(
         ..Default::default()
     };
     let token = ObjectId::parse(request.token.expose()).ok();
-    let outcome = run_forward(&state, &grant, &request, token.as_ref(), &mut forwarded).await;
+    let outcome = run_forward(
+        &state,
+        &grant,
+        &request,
+        token.as_ref(),
+        &mut forwarded,
+        started,
+    )
+    .await;
     forwarded.ms = crate::forward::millis(started);
     if let Err((e, _)) = &outcome {
         if e.code == ApiError::NOT_FOUND.code {
@@ -711,16 +719,12 @@ async fn run_forward(
     request: &crate::forward::ForwardRequest,
     token: Option<&ObjectId>,
     forwarded: &mut crate::audit::Forwarded,
+    started: Instant,
 ) -> Result<serde_json::Value, (ApiError, bool)> {
     use crate::forward::{template, Plan};
     let before = |e: ApiError| (e, false);
-    let started = Instant::now();
-    if crate::forward::check_path(&request.path).is_ok() {
-        forwarded.path = request
-            .path
-            .split_once('?')
-            .map_or(request.path.as_str(), |(p, _)| p)
-            .to_owned();
+    if let Some(path) = crate::forward::audit_path(&request.path) {
+        forwarded.path = path.to_owned();
     }
     let receivers = Arc::clone(&state.receivers.read().unwrap_or_else(|p| p.into_inner()));
     let plan = Plan::new(&receivers, grant.project(), request).map_err(|f| before(f.into()))?;

@@ -97,13 +97,16 @@ pub struct Plan {
     method: http::Method,
     /// The path to send: the receiver's base path and the caller's path.
     target: String,
-    /// The caller's path without its query: what the audit trail records.
-    pub audit_path: String,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
     body: Option<Value>,
     form: bool,
-    /// Whether the body asks for the CVC.
-    pub wants_cvc: bool,
+}
+
+/// What the audit trail records of a forward's path: the path without its query, once it
+/// passed [`check_path`] (a refused path is not recorded).
+pub fn audit_path(path: &str) -> Option<&str> {
+    check_path(path).ok()?;
+    Some(path.split_once('?').map_or(path, |(p, _)| p))
 }
 
 /// A path a forward may name: absolute, printable, no dot segments, no encoded separators or
@@ -176,7 +179,6 @@ impl Plan {
             headers.push((header, value));
         }
         let mut form = false;
-        let mut wants_cvc = false;
         if let Some(body) = &request.body {
             let media = content_type
                 .as_deref()
@@ -193,26 +195,19 @@ impl Plan {
                 Some(m) if m == "application/json" || m.ends_with("+json") => false,
                 Some(_) => return Err(Failure::UnsupportedContentType),
             };
-            wants_cvc = template::check(body, form).map_err(|e| match e {
+            template::check(body, form).map_err(|e| match e {
                 template::TemplateError::Placeholder => Failure::InvalidPlaceholder,
                 template::TemplateError::FormBody => Failure::InvalidBody,
             })?;
         }
         let target = format!("{}{}", receiver.base_path, request.path);
-        let audit_path = request
-            .path
-            .split_once('?')
-            .map_or(request.path.as_str(), |(p, _)| p)
-            .to_owned();
         Ok(Plan {
             receiver,
             method,
             target,
-            audit_path,
             headers,
             body: request.body.clone(),
             form,
-            wants_cvc,
         })
     }
 
@@ -330,11 +325,6 @@ impl Pool {
                 since: Instant::now(),
             });
         }
-    }
-
-    /// Idle connections now (for tests and metrics).
-    pub fn idle(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 

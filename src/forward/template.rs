@@ -172,9 +172,9 @@ impl Write for Count {
 /// Renders a checked body as JSON with the card put in, into wiping memory.
 pub fn render_json(body: &Value, card: &Card<'_>) -> Zeroizing<Vec<u8>> {
     let mut count = Count::default();
-    write_json(&mut count, body, card, true);
+    write_json(&mut count, body, card);
     let mut out = Zeroizing::new(Vec::with_capacity(count.0));
-    write_json(&mut *out, body, card, true);
+    write_json(&mut *out, body, card);
     out
 }
 
@@ -187,7 +187,7 @@ pub fn render_form(body: &Value, card: &Card<'_>) -> Zeroizing<Vec<u8>> {
     out
 }
 
-fn write_json<W: Write>(out: &mut W, value: &Value, card: &Card<'_>, _top: bool) {
+fn write_json<W: Write>(out: &mut W, value: &Value, card: &Card<'_>) {
     match value {
         Value::String(s) => write_json_string(out, s, card),
         Value::Array(items) => {
@@ -196,7 +196,7 @@ fn write_json<W: Write>(out: &mut W, value: &Value, card: &Card<'_>, _top: bool)
                 if i > 0 {
                     let _ = out.write_all(b",");
                 }
-                write_json(out, item, card, false);
+                write_json(out, item, card);
             }
             let _ = out.write_all(b"]");
         }
@@ -215,7 +215,7 @@ fn write_json<W: Write>(out: &mut W, value: &Value, card: &Card<'_>, _top: bool)
                 first = false;
                 let _ = serde_json::to_writer(&mut *out, key);
                 let _ = out.write_all(b":");
-                write_json(out, item, card, false);
+                write_json(out, item, card);
             }
             let _ = out.write_all(b"}");
         }

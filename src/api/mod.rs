@@ -781,6 +781,7 @@ async fn run_forward(
             .flatten()
             .collect(),
         unmasked_fields: &plan.receiver.unmasked_fields,
+        cvc: card.cvc,
     };
     crate::forward::masked_answer(&answer, &masker).map_err(|f| (ApiError::from(f), used))
 }

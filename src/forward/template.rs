@@ -355,6 +355,9 @@ pub struct Masker<'a> {
     pub secrets: Vec<&'a str>,
     /// Field names whose values only the card-sent rule applies to.
     pub unmasked_fields: &'a HashSet<String>,
+    /// The CVC sent, if one was: a JSON value equal to it is masked wherever it stands (a
+    /// caller could put `{{card.cvc}}` in a field the PSP echoes, a description say).
+    pub cvc: Option<&'a str>,
 }
 
 /// Field names a PSP may echo a CVC under (compared without case, `_` or `-`).
@@ -480,7 +483,13 @@ impl Masker<'_> {
     }
 
     fn json_under(&self, value: &mut Value, exempt: bool) {
+        let is_cvc = |text: &str| self.cvc.is_some_and(|c| c == text);
         match value {
+            Value::String(s) if is_cvc(s) => {
+                zeroize::Zeroize::zeroize(s);
+                *s = "***".into();
+            }
+            Value::Number(n) if is_cvc(&n.to_string()) => *value = Value::String("***".into()),
             Value::String(s) => {
                 let masked = self.text(s, exempt);
                 if masked != *s {
@@ -627,7 +636,24 @@ mod tests {
             pan: "4242424242424242",
             secrets: vec!["sk_live_secret123"],
             unmasked_fields: unmasked,
+            cvc: None,
         }
+    }
+
+    #[test]
+    fn the_cvc_sent_is_masked_in_any_json_field() {
+        let none = HashSet::new();
+        let m = Masker {
+            cvc: Some("737"),
+            ..masker(&none)
+        };
+        let mut v =
+            serde_json::json!({"description": "737", "n": 737, "amount": 1000, "other": "738"});
+        m.json(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"description": "***", "n": "***", "amount": 1000, "other": "738"})
+        );
     }
 
     #[test]

@@ -99,7 +99,7 @@ fn payment(receiver: &str, token: &str) -> serde_json::Value {
         "method": "POST",
         "path": "/v1/payments",
         "headers": {"content-type": "application/json", "idempotency-key": "iv_123"},
-        "body": {"amount": 1000, "card": {
+        "body": {"amount": 1000, "description": "{{card.cvc}}", "card": {
             "number": "{{card.number}}", "exp_month": "{{card.exp_month | number}}",
             "exp_year": "{{card.exp_year}}", "cvc": "{{card.cvc}}", "name": "{{card.holder_name}}"}},
         "reason": "cit",
@@ -158,6 +158,14 @@ fn a_forward_sends_the_card_to_the_psp_and_masks_the_answer() {
         format!("************{last4}")
     );
     assert_eq!(echoed["body"]["card"]["cvc"], "***");
+    // The CVC put in a field the PSP echoes is masked too.
+    assert_eq!(body["description"], "737");
+    assert_eq!(echoed["body"]["description"], "***");
+    assert!(
+        !res.body.contains("\"737\""),
+        "the CVC reached the router: {}",
+        res.body
+    );
     assert_eq!(echoed["headers"]["authorization"], "[redacted]");
     assert_eq!(
         answer["headers"]["x-echo-number"],

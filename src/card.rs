@@ -153,7 +153,7 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
         }
         sum += v;
     }
-    !digits.is_empty() && sum % 10 == 0
+    !digits.is_empty() && sum.is_multiple_of(10)
 }
 
 /// True when `text` could hold a card number: 12 or more digits in a row, with up to

@@ -93,18 +93,52 @@ impl AdminClient {
         Ok((rustls::StreamOwned::new(conn, tcp), addr.to_string()))
     }
 
-    fn request_head(&self, method: &str, path: &str, length: usize) -> String {
-        format!(
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n",
+    fn request_head(
+        &self,
+        method: &str,
+        path: &str,
+        length: u64,
+        headers: &[(&str, &str)],
+    ) -> String {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {length}\r\nconnection: close\r\n",
             self.authority
-        )
+        );
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        {
+            head.push_str("content-type: application/json\r\n");
+        }
+        for (name, value) in headers {
+            head.push_str(name);
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        head
     }
 
     /// One request on its own connection; the body is wiped after sending.
     pub fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Reply, String> {
+        self.send_with(method, path, &[], body)
+    }
+
+    /// [`AdminClient::send`] with more headers (`vault-project`).
+    pub fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Reply, String> {
         let (mut tls, addr) = self.connect()?;
         let body = body.unwrap_or_default();
-        let mut request = Zeroizing::new(self.request_head(method, path, body.len()).into_bytes());
+        let mut request = Zeroizing::new(
+            self.request_head(method, path, body.len() as u64, headers)
+                .into_bytes(),
+        );
         request.extend_from_slice(body);
         tls.write_all(&request)
             .and_then(|()| tls.flush())
@@ -122,11 +156,30 @@ impl AdminClient {
     /// `POST path` with no body: a 200 reply's body is streamed into `out` (`Ok(None)`);
     /// any other reply comes back whole. A body cut short is an error.
     pub fn download(&self, path: &str, out: &mut dyn Write) -> Result<Option<Reply>, String> {
+        self.stream("POST", path, &[], &mut std::io::empty(), 0, out)
+    }
+
+    /// `method path` with a body of `length` bytes sent as `body` yields it, then as
+    /// [`AdminClient::download`]: a 200 reply's body streamed into `out`, any other whole.
+    pub fn stream(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &mut dyn Read,
+        length: u64,
+        out: &mut dyn Write,
+    ) -> Result<Option<Reply>, String> {
         use std::io::BufRead;
         let (mut tls, addr) = self.connect()?;
-        tls.write_all(self.request_head("POST", path, 0).as_bytes())
-            .and_then(|()| tls.flush())
+        tls.write_all(self.request_head(method, path, length, headers).as_bytes())
             .map_err(|e| format!("sending to {addr}: {e}"))?;
+        let sent = std::io::copy(&mut body.take(length), &mut tls)
+            .map_err(|e| format!("sending to {addr}: {e}"))?;
+        if sent != length {
+            return Err(format!("the request body was {sent} bytes, not {length}"));
+        }
+        tls.flush().map_err(|e| format!("sending to {addr}: {e}"))?;
         let mut reader = std::io::BufReader::new(tls);
         let cut = |e: std::io::Error| format!("the reply from {addr} was cut short: {e}");
         let mut head = String::new();

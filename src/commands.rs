@@ -1486,6 +1486,358 @@ pub fn store_copy(from: &Path, to: &Path) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// The project header for an operator command.
+fn project_header(project: &str) -> [(&'static str, &str); 1] {
+    [(crate::api::PROJECT_HEADER, project)]
+}
+
+fn expect_status(
+    reply: crate::client::Reply,
+    ok: &[u16],
+) -> Result<serde_json::Value, CommandError> {
+    if ok.contains(&reply.status) {
+        return Ok(reply.body);
+    }
+    expect_ok(crate::client::Reply {
+        status: if reply.status == 200 {
+            500
+        } else {
+            reply.status
+        },
+        body: reply.body,
+    })
+}
+
+/// `cardvault keys import-key`: prints the vault's current OpenPGP import key (made first
+/// when there is none, or a new one with `rotate`), armored, for the sender; or removes one.
+pub fn keys_import_key(
+    connect: &Connect,
+    project: &str,
+    algorithm: &str,
+    rotate: bool,
+    remove: Option<&str>,
+) -> Result<(), CommandError> {
+    let (_, client) = connect.open()?;
+    if let Some(fingerprint) = remove {
+        let reply = client
+            .send_with(
+                "DELETE",
+                &format!("/v1/admin/import-keys/{fingerprint}"),
+                &project_header(project),
+                None,
+            )
+            .map_err(keys_error)?;
+        expect_status(reply, &[204])?;
+        eprintln!(
+            "import key {fingerprint} removed: files encrypted to it can no longer be imported"
+        );
+        return Ok(());
+    }
+    let body = serde_json::json!({"algorithm": algorithm, "rotate": rotate}).to_string();
+    let reply = client
+        .send_with(
+            "POST",
+            "/v1/admin/import-keys",
+            &project_header(project),
+            Some(body.as_bytes()),
+        )
+        .map_err(keys_error)?;
+    let reply = expect_status(reply, &[200, 201])?;
+    let fingerprint = at(&reply, "/key/fingerprint").as_str().unwrap_or_default();
+    let made = at(&reply, "/created").as_bool().unwrap_or(false);
+    eprintln!(
+        "{} import key {fingerprint} ({}); {} key(s) held. Hand the public key below to the sender:",
+        if made { "new" } else { "current" },
+        at(&reply, "/key/algorithm").as_str().unwrap_or_default(),
+        at(&reply, "/keys").as_array().map_or(0, Vec::len)
+    );
+    print!(
+        "{}",
+        at(&reply, "/key/public_key").as_str().unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Counts what passes through, for the progress line.
+struct Counting<R> {
+    inner: R,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Writes the results file, and keeps the counts and a progress line on a terminal.
+struct Results {
+    file: std::io::BufWriter<std::fs::File>,
+    pending: Vec<u8>,
+    rows: u64,
+    failed: u64,
+    trailer: Option<String>,
+    started: std::time::Instant,
+    shown: std::time::Instant,
+    terminal: bool,
+}
+
+impl Results {
+    fn line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if line.starts_with(b"# ") {
+            self.trailer = Some(String::from_utf8_lossy(line).trim().to_owned());
+            return Ok(());
+        }
+        if !line.starts_with(b"row,") {
+            self.rows += 1;
+            let status = line
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            if status != b"created" && status != b"duplicate" {
+                self.failed += 1;
+            }
+        }
+        self.file.write_all(line)?;
+        if self.terminal && self.shown.elapsed() > std::time::Duration::from_millis(250) {
+            self.shown = std::time::Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            eprint!(
+                "\rimported {} rows ({:.0} rows/s), {} errors   ",
+                self.rows,
+                self.rows as f64 / secs,
+                self.failed
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Write for Results {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.line(&line)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// `cardvault import`: streams an encrypted card file to the vault and writes the results.
+pub fn import(
+    connect: &Connect,
+    project: &str,
+    file: &Path,
+    out: &Path,
+    signer: Option<&Path>,
+) -> Result<(), CommandError> {
+    use std::io::IsTerminal;
+    let (_, client) = connect.open()?;
+    let fail = |m: String| CommandError::Keys(m);
+    let input = std::fs::File::open(file).map_err(|e| fail(format!("{}: {e}", file.display())))?;
+    let size = input
+        .metadata()
+        .map_err(|e| fail(format!("{}: {e}", file.display())))?
+        .len();
+    let signer_key = match signer {
+        Some(path) => std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?,
+        None => Vec::new(),
+    };
+    let partial = out.with_extension("partial");
+    let results_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|e| fail(format!("{}: {e}", partial.display())))?;
+    let terminal = std::io::stderr().is_terminal();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut body = std::io::Read::chain(
+        &signer_key[..],
+        Counting {
+            inner: std::io::BufReader::with_capacity(256 * 1024, input),
+            read: std::sync::Arc::clone(&sent),
+        },
+    );
+    let mut results = Results {
+        file: std::io::BufWriter::new(results_file),
+        pending: Vec::new(),
+        rows: 0,
+        failed: 0,
+        trailer: None,
+        started: std::time::Instant::now(),
+        shown: std::time::Instant::now(),
+        terminal,
+    };
+    let length = signer_key.len().to_string();
+    let mut headers = vec![
+        (crate::api::PROJECT_HEADER, project),
+        ("content-type", "application/pgp-encrypted"),
+    ];
+    if !signer_key.is_empty() {
+        headers.push((crate::api::SIGNER_LENGTH_HEADER, length.as_str()));
+    }
+    if terminal {
+        eprint!("uploading {size} bytes and checking the file...");
+    }
+    let reply = client
+        .stream(
+            "POST",
+            "/v1/import",
+            &headers,
+            &mut body,
+            signer_key.len() as u64 + size,
+            &mut results,
+        )
+        .map_err(fail);
+    if terminal {
+        eprintln!();
+    }
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    if let Some(reply) = reply {
+        let _ = std::fs::remove_file(&partial);
+        expect_ok(reply)?;
+        return Err(fail("the vault sent no results".into()));
+    }
+    results
+        .flush()
+        .map_err(|e| fail(format!("{}: {e}", partial.display())))?;
+    match results.trailer.as_deref() {
+        Some(t) if t.starts_with("# complete") => {
+            std::fs::rename(&partial, out)
+                .map_err(|e| fail(format!("{}: {e}", out.display())))?;
+            eprintln!(
+                "{}; results in {}",
+                t.trim_start_matches("# "),
+                out.display()
+            );
+            Ok(())
+        }
+        other => Err(fail(format!(
+            "the import stopped ({}); rows done so far are in {} and a second run of the same file resumes safely (it creates nothing twice)",
+            other.unwrap_or("the connection was cut").trim_start_matches("# "),
+            partial.display()
+        ))),
+    }
+}
+
+/// `cardvault export request`: records a request; prints its id for the approver.
+pub fn export_request(
+    connect: &Connect,
+    project: &str,
+    recipient: &Path,
+    customers: Option<&Path>,
+) -> Result<(), CommandError> {
+    let (_, client) = connect.open()?;
+    let fail = |m: String| CommandError::Keys(m);
+    let key = std::fs::read_to_string(recipient)
+        .map_err(|e| fail(format!("{}: {e}", recipient.display())))?;
+    let list = match customers {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
+    let body = serde_json::json!({"recipient": key, "customers": list}).to_string();
+    let reply = client
+        .send_with(
+            "POST",
+            "/v1/exports",
+            &project_header(project),
+            Some(body.as_bytes()),
+        )
+        .map_err(keys_error)?;
+    let reply = expect_status(reply, &[201])?;
+    let id = at(&reply, "/id").as_str().unwrap_or_default();
+    eprintln!(
+        "export requested for recipient key {}; another identity with `export` must approve it within 24 h: cardvault export approve {id} ...",
+        at(&reply, "/recipient_fingerprint").as_str().unwrap_or_default()
+    );
+    println!("{id}");
+    Ok(())
+}
+
+/// `cardvault export approve`.
+pub fn export_approve(connect: &Connect, project: &str, id: &str) -> Result<(), CommandError> {
+    let (_, client) = connect.open()?;
+    let reply = client
+        .send_with(
+            "POST",
+            &format!("/v1/exports/{id}/approve"),
+            &project_header(project),
+            Some(b"{}"),
+        )
+        .map_err(keys_error)?;
+    expect_ok(reply)?;
+    eprintln!("export {id} approved; it can be fetched until 24 h after it was requested");
+    Ok(())
+}
+
+/// `cardvault export fetch`: the encrypted file, written to `out` once whole.
+pub fn export_fetch(
+    connect: &Connect,
+    project: &str,
+    id: &str,
+    out: &Path,
+) -> Result<(), CommandError> {
+    let (_, client) = connect.open()?;
+    let fail = |m: String| CommandError::Keys(m);
+    let partial = out.with_extension("partial");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|e| fail(format!("{}: {e}", partial.display())))?;
+    let reply = client.stream(
+        "POST",
+        &format!("/v1/exports/{id}/file"),
+        &project_header(project),
+        &mut std::io::empty(),
+        0,
+        &mut file,
+    );
+    match reply {
+        Ok(None) => {
+            file.sync_all()
+                .map_err(|e| fail(format!("{}: {e}", partial.display())))?;
+            std::fs::rename(&partial, out).map_err(|e| fail(format!("{}: {e}", out.display())))?;
+            eprintln!(
+                "export {id} written to {} (encrypted to its recipient only)",
+                out.display()
+            );
+            Ok(())
+        }
+        Ok(Some(reply)) => {
+            let _ = std::fs::remove_file(&partial);
+            expect_ok(reply).map(|_| ())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(fail(e))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

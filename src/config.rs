@@ -29,6 +29,9 @@ pub struct Config {
     pub policies: PathBuf,
     /// The PSPs forwards may go to (a file, or a folder of `*.toml`); none when unset.
     pub receivers: Option<PathBuf>,
+    /// Where an import's encrypted upload is kept while it is checked and read (ciphertext
+    /// only, mode 0600, removed when the import ends); default: the system's temp folder.
+    pub spool_dir: PathBuf,
     pub tls: TlsFiles,
     pub card_token_ttl: Duration,
     pub cvc_ttl: Duration,
@@ -112,6 +115,7 @@ struct RawConfig {
     keys_dir: PathBuf,
     policies: PathBuf,
     receivers: Option<PathBuf>,
+    spool_dir: Option<PathBuf>,
     tls: RawTls,
     card_token_ttl: Option<String>,
     cvc_ttl: Option<String>,
@@ -365,6 +369,7 @@ impl Config {
             keys_dir: resolve(raw.keys_dir),
             policies: resolve(raw.policies),
             receivers: raw.receivers.map(&resolve),
+            spool_dir: raw.spool_dir.map_or_else(std::env::temp_dir, &resolve),
             tls: TlsFiles {
                 cert: resolve(raw.tls.cert),
                 key: resolve(raw.tls.key),

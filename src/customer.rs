@@ -210,6 +210,17 @@ where
 }
 
 impl ProfilePatch {
+    /// A patch that sets the contact fields given (an import row's).
+    pub fn contact(email: Option<&str>, name: Option<&str>, phone: Option<&str>) -> ProfilePatch {
+        let set = |v: Option<&str>| v.map(|v| Some(v.to_owned()));
+        ProfilePatch {
+            email: set(email),
+            name: set(name),
+            phone: set(phone),
+            ..ProfilePatch::default()
+        }
+    }
+
     /// Applies the patch; on error `profile` may be partly changed, so apply to a copy.
     pub fn apply(self, profile: &mut Profile) -> Result<(), FieldError> {
         if let Some(v) = self.email {

@@ -15,6 +15,7 @@
 //! - `audit`: audit events;
 //! - `api`: HTTP handlers and the one error mapping;
 //! - [`forward`]: forwarding to PSPs (receivers, placeholders, egress checks, masking);
+//! - `portability`: OpenPGP card files in (import) and out (export), and their rows;
 //! - `tls`, [`server`]: rustls configuration and the assembled daemon;
 //! - [`config`], [`dev`], [`pki`], [`commands`]: what the binary needs;
 //! - [`bench`]: the load generator behind `cardvault bench`;
@@ -54,6 +55,7 @@ pub mod crypto;
 mod customer;
 mod limits;
 mod policy;
+mod portability;
 mod store;
 mod tls;
 mod tokens;

@@ -134,6 +134,29 @@ enum Command {
         #[arg(long = "passphrase-file")]
         passphrase_files: Vec<String>,
     },
+    /// Import an OpenPGP-encrypted card file (CSV or JSON Lines) into a project's customers
+    /// and customer tokens (permission `import`); writes one results line per row.
+    Import {
+        #[command(flatten)]
+        connect: Connect,
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// The encrypted file (binary or armored), encrypted to the vault's import key.
+        #[arg(long)]
+        file: PathBuf,
+        /// The results file (CSV; must not exist): row, customer_ref, customer, token, status.
+        #[arg(long)]
+        out: PathBuf,
+        /// The sender's public key: the file must be signed by it.
+        #[arg(long)]
+        signer: Option<PathBuf>,
+    },
+    /// Export a project's customer tokens, encrypted to a recipient's OpenPGP key, under dual
+    /// control (permission `export`).
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
     /// Submit one custodian's share to a sealed vault (with the custodian's own certificate).
     Unseal {
         #[command(flatten)]
@@ -178,6 +201,42 @@ impl Connect {
             url: self.url.first().cloned(),
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// Record an export request; prints its id. Nothing leaves until another identity approves.
+    Request {
+        #[command(flatten)]
+        connect: Connect,
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// The recipient's OpenPGP public key (armored or binary).
+        #[arg(long)]
+        recipient: PathBuf,
+        /// Only these customers (one `cust_…` per line); default: all of the project's.
+        #[arg(long)]
+        customers: Option<PathBuf>,
+    },
+    /// Approve another identity's export request (within 24 h of it).
+    Approve {
+        id: String,
+        #[command(flatten)]
+        connect: Connect,
+        #[arg(long, default_value = "default")]
+        project: String,
+    },
+    /// Fetch an approved export, encrypted to its recipient only.
+    Fetch {
+        id: String,
+        #[command(flatten)]
+        connect: Connect,
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// Where to write it (must not exist; written as FILE.partial, then renamed).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -271,6 +330,24 @@ enum KeysCommand {
         #[command(flatten)]
         connect: Connect,
     },
+    /// The vault's OpenPGP import key (permission `import`): made if there is none, sealed by
+    /// the KEK in the store; prints the armored public key to hand to the sending PSP.
+    ImportKey {
+        #[command(flatten)]
+        connect: Connect,
+        /// A project the identity holds `import` on (the key itself is vault-wide).
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// rsa4096 (what every PSP's tooling reads) or curve25519.
+        #[arg(long, default_value = "rsa4096")]
+        algorithm: String,
+        /// Make a new key even if there is one; older keys still decrypt until removed.
+        #[arg(long, conflicts_with = "remove")]
+        rotate: bool,
+        /// Remove the import key of this fingerprint.
+        #[arg(long)]
+        remove: Option<String>,
+    },
     /// Replace the KEK: k current custodians prove custody, new shares for a new list.
     Rekey {
         #[command(flatten)]
@@ -322,6 +399,37 @@ fn main() -> ExitCode {
             command: PolicyCommand::Explain { config, cert },
         } => cardvault::commands::policy_explain(config, cert),
         Command::Dev { dir, listen } => cardvault::commands::dev(dir, listen),
+        Command::Import {
+            connect,
+            project,
+            file,
+            out,
+            signer,
+        } => cardvault::commands::import(&connect.to_lib(), project, file, out, signer.as_deref()),
+        Command::Export { command } => match command {
+            ExportCommand::Request {
+                connect,
+                project,
+                recipient,
+                customers,
+            } => cardvault::commands::export_request(
+                &connect.to_lib(),
+                project,
+                recipient,
+                customers.as_deref(),
+            ),
+            ExportCommand::Approve {
+                id,
+                connect,
+                project,
+            } => cardvault::commands::export_approve(&connect.to_lib(), project, id),
+            ExportCommand::Fetch {
+                id,
+                connect,
+                project,
+                out,
+            } => cardvault::commands::export_fetch(&connect.to_lib(), project, id, out),
+        },
         Command::Keys { command } => match command {
             KeysCommand::Init {
                 config,
@@ -340,6 +448,19 @@ fn main() -> ExitCode {
                 cardvault::commands::keys_status(&connect.to_lib(), *json)
             }
             KeysCommand::Rotate { connect } => cardvault::commands::keys_rotate(&connect.to_lib()),
+            KeysCommand::ImportKey {
+                connect,
+                project,
+                algorithm,
+                rotate,
+                remove,
+            } => cardvault::commands::keys_import_key(
+                &connect.to_lib(),
+                project,
+                algorithm,
+                *rotate,
+                remove.as_deref(),
+            ),
             KeysCommand::Rekey {
                 connect,
                 shares,

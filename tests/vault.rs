@@ -51,6 +51,9 @@ mod reload;
 #[path = "suite/forward.rs"]
 mod forward;
 
+#[path = "suite/portability.rs"]
+mod portability;
+
 #[path = "suite/oracle.rs"]
 mod oracle;
 

@@ -279,6 +279,16 @@ impl From<VaultError> for ApiError {
             VaultError::Forbidden => ApiError::FORBIDDEN,
             VaultError::RateLimited => ApiError::RATE_LIMITED,
             VaultError::ReloadRefused => ApiError::INTERNAL,
+            VaultError::Refused { code, message } => {
+                let status = match *code {
+                    "self_approval" => StatusCode::FORBIDDEN,
+                    "export_expired" => StatusCode::GONE,
+                    "export_not_approved" | "export_already_approved" => StatusCode::CONFLICT,
+                    "key_generation_failed" | "client_gone" => StatusCode::INTERNAL_SERVER_ERROR,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                ApiError::new(status, code, message)
+            }
             VaultError::NoCustody => ApiError::new(
                 StatusCode::CONFLICT,
                 "no_custody",

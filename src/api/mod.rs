@@ -7,6 +7,8 @@
 
 mod admin;
 mod error;
+mod portability;
+pub use portability::SIGNER_LENGTH_HEADER;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,6 +60,20 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(resource("/admin/keys/rekey").route(web::post().to(admin::rekey)))
             .service(resource("/admin/keys/migrate").route(web::post().to(admin::migrate)))
             .service(resource("/admin/backup").route(web::post().to(admin::backup)))
+            .service(resource("/admin/import-keys").route(web::post().to(portability::import_key)))
+            .service(
+                resource("/admin/import-keys/{fingerprint}")
+                    .route(web::delete().to(portability::remove_import_key)),
+            )
+            .service(resource("/import").route(web::post().to(portability::import)))
+            .service(resource("/exports").route(web::post().to(portability::request_export)))
+            .service(
+                resource("/exports/{id}/approve")
+                    .route(web::post().to(portability::approve_export)),
+            )
+            .service(
+                resource("/exports/{id}/file").route(web::post().to(portability::fetch_export)),
+            )
             .service(resource("/cards").route(web::post().to(tokenize)))
             .service(resource("/cards/{id}").route(web::get().to(card)))
             .service(resource("/detokenize").route(web::post().to(detokenize)))

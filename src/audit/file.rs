@@ -120,6 +120,8 @@ struct Line<'a> {
     reference: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     forward: Option<super::Forwarded>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    bulk: Option<crate::vault::Bulk>,
     prev: String,
 }
 
@@ -461,6 +463,7 @@ impl Inner {
             reason: e.reason,
             reference: e.reference,
             forward: e.forward.cloned(),
+            bulk: e.bulk.cloned(),
             prev: chain.prev.clone(),
         };
         let mut text = serde_json::to_string(&line).map_err(|e| AuditError(e.to_string()))?;
@@ -806,6 +809,7 @@ pub fn rotate_key(log: &Path, key_path: &Path, stamp: &str) -> Result<(u64, Path
             reason: Some(&continues),
             reference: None,
             forward: None,
+            bulk: None,
         })?
         .wait_blocking()?;
         sink.maintain();
@@ -1032,6 +1036,7 @@ mod tests {
             reason: None,
             reference: None,
             forward: None,
+            bulk: None,
         }
     }
 

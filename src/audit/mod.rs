@@ -75,6 +75,8 @@ pub struct AuditEvent<'a> {
     pub reference: Option<&'a str>,
     /// What a forward to a PSP did.
     pub forward: Option<&'a Forwarded>,
+    /// The counts of an import or an export.
+    pub bulk: Option<&'a crate::vault::Bulk>,
 }
 
 /// A forward's line: where it went and what came back; never a body or a header's value.

@@ -170,6 +170,16 @@ impl Kek {
     pub fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, CryptoError> {
         KeyMaterial::from_slice(&self.key.open(aad, wrapped)?)
     }
+
+    /// Seals key material that is not an AES key (an OpenPGP secret key), or a record the
+    /// vault keeps beside its keys (an export request).
+    pub fn seal(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.key.seal(aad, plain)
+    }
+
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        self.key.open(aad, sealed)
+    }
 }
 
 impl fmt::Debug for Kek {
@@ -298,7 +308,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Decodes lowercase or uppercase hex into wiping memory.
 pub fn unhex(text: &str) -> Option<Zeroizing<Vec<u8>>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);

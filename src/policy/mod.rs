@@ -71,10 +71,16 @@ pub enum Permission {
     Metrics,
     /// Take an online backup of the store (ciphertext and wrapped keys), vault-wide.
     Backup,
+    /// Import an OpenPGP-encrypted card file into the project's customers, and manage the
+    /// vault's import keys.
+    Import,
+    /// Request, approve (another identity's request) and fetch an OpenPGP-encrypted export of
+    /// the project's customer tokens.
+    Export,
 }
 
 impl Permission {
-    const ALL: [Permission; 10] = [
+    const ALL: [Permission; 12] = [
         Permission::Tokenize,
         Permission::Read,
         Permission::Customers,
@@ -85,6 +91,8 @@ impl Permission {
         Permission::Fingerprint,
         Permission::Metrics,
         Permission::Backup,
+        Permission::Import,
+        Permission::Export,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +107,8 @@ impl Permission {
             Permission::Fingerprint => "fingerprint",
             Permission::Metrics => "metrics",
             Permission::Backup => "backup",
+            Permission::Import => "import",
+            Permission::Export => "export",
         }
     }
 
@@ -145,6 +155,8 @@ permission_marker!(Unseal, Permission::Unseal);
 permission_marker!(Keys, Permission::Keys);
 permission_marker!(Metrics, Permission::Metrics);
 permission_marker!(Backup, Permission::Backup);
+permission_marker!(Import, Permission::Import);
+permission_marker!(Export, Permission::Export);
 
 /// What an identity may see of a card beyond scheme, BIN-6, last 4, expiry and holder name.
 ///

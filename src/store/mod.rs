@@ -187,6 +187,11 @@ impl Batch {
         self
     }
 
+    pub fn expect_no_customer(&mut self, project: &str, id: &str) -> &mut Batch {
+        self.checks.push((Space::Customers, key(project, id), None));
+        self
+    }
+
     pub fn remove_customer(&mut self, project: &str, id: &str) -> &mut Batch {
         self.writes.push((Space::Customers, key(project, id), None));
         self

@@ -29,9 +29,9 @@ redacted_debug!(TokenMeta, CustomerView, TokenView, Attached);
 
 /// What is sealed in a customer token's metadata blob.
 #[derive(Clone, Serialize, Deserialize)]
-struct TokenMeta {
-    card: CardMeta,
-    recurring: Option<Recurring>,
+pub(super) struct TokenMeta {
+    pub(super) card: CardMeta,
+    pub(super) recurring: Option<Recurring>,
 }
 
 #[derive(Clone, Serialize)]
@@ -74,7 +74,7 @@ pub struct TokenPatch {
     pub recurring: Option<Recurring>,
 }
 
-fn json<T: Serialize>(value: &T, id: &str) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+pub(super) fn json<T: Serialize>(value: &T, id: &str) -> Result<Zeroizing<Vec<u8>>, VaultError> {
     serde_json::to_vec(value)
         .map(Zeroizing::new)
         .map_err(|_| VaultError::Integrity(id.to_owned()))
@@ -746,7 +746,7 @@ fn current_pan(
     seal(keys, Blob::TokenPan, project, id, &digits)
 }
 
-fn open_profile(
+pub(super) fn open_profile(
     keys: &ProjectKeys,
     project: &Project,
     id: &str,
@@ -765,7 +765,7 @@ fn open_profile(
     )
 }
 
-fn open_token_meta(
+pub(super) fn open_token_meta(
     keys: &ProjectKeys,
     project: &Project,
     id: &str,

@@ -78,6 +78,7 @@ impl Vault {
             reason: purpose.reason.as_deref(),
             reference: purpose.reference.as_deref(),
             forward: Some(forwarded),
+            bulk: None,
         };
         self.audit.record(&event)?.wait().await?;
         Ok(())

@@ -28,11 +28,13 @@ mod forward;
 mod idempotency;
 mod keys;
 mod meta;
+mod portability;
 
 pub use customers::{TokenPatch, TokenView};
 pub use forward::Ready;
 pub use idempotency::Begin;
 pub use keys::{seal_new_store, store_kek_ids, KeySettings, KeySource, GCM_NONCE_LIMIT};
+pub use portability::{Bulk, EXPORT_TTL_SECS};
 
 use crate::audit::{Actor, AuditEvent, AuditSink, AuditTicket, Outcome};
 use crate::card::{Cvc, Expiry, HolderName, Pan};
@@ -106,6 +108,12 @@ pub enum VaultError {
     /// Only for audit records of a refused `SIGHUP` reload.
     #[error("reload refused")]
     ReloadRefused,
+    /// An import or export step refused as asked (self-approval, an expired request...).
+    #[error("{message}")]
+    Refused {
+        code: &'static str,
+        message: &'static str,
+    },
 }
 
 impl VaultError {
@@ -134,6 +142,7 @@ impl VaultError {
             VaultError::Forbidden => "forbidden",
             VaultError::RateLimited => "rate_limited",
             VaultError::ReloadRefused => "reload_refused",
+            VaultError::Refused { code, .. } => code,
         }
     }
 
@@ -411,7 +420,7 @@ impl CvcEntry {
     fn new(masked: [u8; 4], expires: Duration) -> CvcEntry {
         let ms = u64::try_from(expires.as_millis())
             .unwrap_or(u64::MAX)
-            .saturating_add(u64::from(expires.subsec_nanos() % 1_000_000 > 0))
+            .saturating_add(u64::from(!expires.subsec_nanos().is_multiple_of(1_000_000)))
             .min((1 << 48) - 1);
         let [a, b, c, d, e, f, _, _] = ms.to_le_bytes();
         CvcEntry {
@@ -1075,6 +1084,7 @@ impl Vault {
             reason: purpose.reason.as_deref(),
             reference: purpose.reference.as_deref(),
             forward: None,
+            bulk: None,
         };
         Ok(self.audit.record(&event)?)
     }

@@ -100,7 +100,7 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged(engine: Engine) {
                                 let Some(card) = pick(&seen.lock().unwrap(), &mut rng) else {
                                     continue;
                                 };
-                                let (path, body) = if rng.next() % 2 == 0 {
+                                let (path, body) = if rng.next().is_multiple_of(2) {
                                     ("/v1/detokenize".to_owned(), json!({"token": card}))
                                 } else {
                                     (

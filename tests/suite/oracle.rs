@@ -46,7 +46,7 @@ fn luhn_valid(digits: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The first `n` Luhn-valid 16-digit numbers with the leading digits and last 4 the caller was

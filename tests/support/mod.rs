@@ -112,6 +112,25 @@ name = "dave"
 uri_san = "spiffe://cardvault.test/dave"
 permissions = ["unseal"]
 
+# Imports card files; two exporters, so that one can approve the other's export.
+[[identity]]
+name = "migrator"
+uri_san = "spiffe://cardvault.test/migrator"
+permissions = ["import"]
+projects = ["*"]
+
+[[identity]]
+name = "exporter-a"
+uri_san = "spiffe://cardvault.test/exporter-a"
+permissions = ["export"]
+projects = ["*"]
+
+[[identity]]
+name = "exporter-b"
+uri_san = "spiffe://cardvault.test/exporter-b"
+permissions = ["export"]
+projects = ["*"]
+
 # Takes online backups and nothing else.
 [[identity]]
 name = "backup"

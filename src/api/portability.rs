@@ -1,0 +1,669 @@
+//! Card portability over HTTP: the import keys, `POST /v1/import` and the export steps.
+//!
+//! An import's upload is kept (ciphertext only, mode 0600, in `spool_dir`) while it is read
+//! twice, each time as a stream: first to its end, to check the file's integrity (OpenPGP's
+//! SEIPDv1 packet, which GnuPG writes, proves it only at the end), its signer when one is
+//! asked for, and its header row; then to import what was checked, row by row. So no row of
+//! a damaged or altered file is ever imported, and memory stays bounded whatever the size.
+//! The results go back as CSV while rows are imported, each line once its row is durable.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::{grant, json, parse_json, read_body, AppState};
+use crate::api::error::ApiError;
+use crate::policy::{Export, Grant, Import};
+use crate::portability::openpgp::{self, Algorithm, PgpError};
+use crate::portability::rows::{csv_field, FileError, RowError, Rows, WipingReader};
+use crate::vault::{Bulk, VaultError};
+
+/// Rows imported at once: enough to keep the store's group commit full.
+const IN_FLIGHT: usize = 32;
+/// The largest encrypted file taken.
+const MAX_UPLOAD: u64 = 16 << 30;
+/// The largest signer key sent before the file.
+const MAX_SIGNER: usize = 64 * 1024;
+/// The header that says the body starts with the signer's public key, of this many bytes.
+pub const SIGNER_LENGTH_HEADER: &str = "import-signer-length";
+
+impl From<PgpError> for ApiError {
+    fn from(e: PgpError) -> ApiError {
+        let status = match e {
+            PgpError::KeyGeneration | PgpError::Write => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        let message = match e {
+            PgpError::NotOpenPgp => "the file is not an OpenPGP message",
+            PgpError::NotEncrypted => "the file is not encrypted",
+            PgpError::WrongKey => "the file is not encrypted to any of the vault's import keys",
+            PgpError::Damaged => {
+                "the file is damaged, truncated or was altered (integrity check failed); nothing was imported"
+            }
+            PgpError::BadSignature => "the file is not signed by the signer given",
+            PgpError::BadKey => "the key is malformed, or has no usable encryption key",
+            PgpError::KeyGeneration => "key generation failed",
+            PgpError::Write => "writing the encrypted file failed",
+        };
+        ApiError::new(status, e.code(), message)
+    }
+}
+
+impl From<&FileError> for ApiError {
+    fn from(e: &FileError) -> ApiError {
+        let message = match e {
+            FileError::Empty => "the file holds no rows",
+            FileError::MissingColumn(_) => {
+                "the header row lacks a required column (number, exp_month, exp_year)"
+            }
+            FileError::BadHeader => "the header row is malformed or names a column twice",
+        };
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), message)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportKeyRequest {
+    #[serde(default)]
+    algorithm: Option<String>,
+    #[serde(default)]
+    rotate: bool,
+}
+
+/// `POST /v1/admin/import-keys`: the current import key (made if there is none, or a new
+/// one with `rotate`), and every key still held.
+pub async fn import_key(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Import>(&req, &state)?;
+    let body: ImportKeyRequest = parse_json(&read_body(&req, payload).await?)?;
+    let algorithm = match body.algorithm.as_deref() {
+        None => Algorithm::Rsa4096,
+        Some(name) => Algorithm::parse(name).ok_or(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_algorithm",
+            "algorithm must be rsa4096 or curve25519",
+        ))?,
+    };
+    let vault = state.vault.clone();
+    // RSA key generation takes seconds: off the worker.
+    let (current, all, made) = web::block(move || vault.import_key(&grant, algorithm, body.rotate))
+        .await
+        .map_err(|_| ApiError::INTERNAL)??;
+    Ok(json(
+        if made {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        &serde_json::json!({"key": current, "keys": all, "created": made}),
+    ))
+}
+
+/// `DELETE /v1/admin/import-keys/{fingerprint}`.
+pub async fn remove_import_key(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Import>(&req, &state)?;
+    let vault = state.vault.clone();
+    let fingerprint = path.into_inner();
+    if fingerprint.is_empty() || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::NOT_FOUND);
+    }
+    web::block(move || vault.remove_import_key(&grant, &fingerprint))
+        .await
+        .map_err(|_| ApiError::INTERNAL)??;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// The upload while it is read: removed when dropped.
+struct Spool(PathBuf);
+
+impl Spool {
+    fn create(dir: &Path) -> Result<(Spool, std::fs::File), ApiError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut name = [0u8; 16];
+        crate::crypto::fill_random(&mut name).map_err(|_| ApiError::INTERNAL)?;
+        let path = dir.join(format!(
+            "cardvault-import-{}.pgp",
+            crate::crypto::hex(&name)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                tracing::error!(error = %e, dir = %dir.display(), "cannot create the import spool file");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "spool_unavailable",
+                    "the upload cannot be kept while it is read (spool_dir); nothing was imported",
+                )
+            })?;
+        Ok((Spool(path), file))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The spool read as an OpenPGP message: decrypted, decompressed, through a wiping buffer.
+fn open_spool(
+    path: &Path,
+    keys: &[openpgp::ImportKey],
+) -> Result<(WipingReader<pgp::composed::Message<'static>>, String), ApiError> {
+    let file = std::fs::File::open(path).map_err(|_| ApiError::INTERNAL)?;
+    let (message, used) = openpgp::open(std::io::BufReader::new(file), keys)?;
+    Ok((WipingReader::new(message), used))
+}
+
+/// Pass one: the file read to its end. Its integrity, its signer and its header are checked;
+/// its rows are counted, nothing is kept.
+fn check_file(
+    path: &Path,
+    keys: &[openpgp::ImportKey],
+    signer: Option<&pgp::composed::SignedPublicKey>,
+) -> Result<(String, u64), ApiError> {
+    let (reader, used) = open_spool(path, keys)?;
+    let mut rows = match Rows::new(reader) {
+        Ok(rows) => rows,
+        Err(Ok(e)) => return Err(ApiError::from(&e)),
+        Err(Err(_)) => return Err(PgpError::Damaged.into()),
+    };
+    let today = crate::vault::this_month();
+    while rows
+        .next_row(today)
+        .map_err(|_| ApiError::from(PgpError::Damaged))?
+        .is_some()
+    {}
+    let count = rows.row;
+    if let Some(signer) = signer {
+        openpgp::verify_signer(rows.reader().get_ref(), signer)?;
+    }
+    Ok((used, count))
+}
+
+/// `POST /v1/import`: the body is the encrypted file (after the signer's key, when
+/// `Import-Signer-Length` is given); the answer is the results, as CSV.
+pub async fn import(
+    req: HttpRequest,
+    mut payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = Arc::new(grant::<Import>(&req, &state)?);
+    let vault = state.vault.clone();
+    let refuse = |e: ApiError, grant: &Grant<Import>| -> ApiError {
+        if let Err(audit) = vault.audit_bulk(
+            grant.actor(),
+            grant.project(),
+            "cards.import",
+            Some(e.code),
+            None,
+            None,
+        ) {
+            return ApiError::from(audit);
+        }
+        e
+    };
+    let keys = vault.import_keys()?;
+    if keys.is_empty() {
+        return Err(refuse(
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "no_import_key",
+                "the vault has no import key yet: make one with `cardvault keys import-key`",
+            ),
+            &grant,
+        ));
+    }
+    let signer_len = match req.headers().get(SIGNER_LENGTH_HEADER) {
+        None => 0,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| (1..=MAX_SIGNER).contains(n))
+            .ok_or(ApiError::INVALID_REQUEST)?,
+    };
+    // The upload, into the spool (the signer's key first, kept in memory).
+    let (spool, mut file) = Spool::create(&state.config.spool_dir)?;
+    let mut signer_bytes = Vec::with_capacity(signer_len);
+    let mut total = 0u64;
+    while let Some(chunk) = payload.next().await {
+        let mut chunk = chunk.map_err(|_| ApiError::INVALID_REQUEST)?;
+        total += chunk.len() as u64;
+        if total > MAX_UPLOAD {
+            return Err(ApiError::BODY_TOO_LARGE);
+        }
+        if signer_bytes.len() < signer_len {
+            let take = (signer_len - signer_bytes.len()).min(chunk.len());
+            signer_bytes.extend_from_slice(&chunk.split_to(take));
+        }
+        if !chunk.is_empty() {
+            // Small blocking writes: the page cache takes them.
+            file.write_all(&chunk).map_err(|e| {
+                tracing::error!(error = %e, "writing the import spool failed");
+                refuse(
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "spool_unavailable",
+                        "the upload cannot be kept while it is read (spool_dir); nothing was imported",
+                    ),
+                    &grant,
+                )
+            })?;
+        }
+    }
+    file.sync_all().map_err(|_| ApiError::INTERNAL)?;
+    drop(file);
+    let signer = if signer_len > 0 {
+        if signer_bytes.len() < signer_len {
+            return Err(ApiError::INVALID_REQUEST);
+        }
+        Some(
+            openpgp::public_key(&signer_bytes)
+                .map_err(|_| refuse(ApiError::from(PgpError::BadKey), &grant))?,
+        )
+    } else {
+        None
+    };
+
+    // Pass one, off the worker.
+    let path = spool.0.clone();
+    let keys = Arc::new(keys);
+    let check_keys = Arc::clone(&keys);
+    let (used_key, expected_rows) =
+        match web::block(move || check_file(&path, &check_keys, signer.as_ref())).await {
+            Ok(Ok(checked)) => checked,
+            Ok(Err(e)) => return Err(refuse(e, &grant)),
+            Err(_) => return Err(ApiError::INTERNAL),
+        };
+
+    // Pass two: rows from a reading thread, imported here, results out as they are durable.
+    let (row_tx, row_rx) = tokio::sync::mpsc::channel::<RowItem>(IN_FLIGHT * 4);
+    let path = spool.0.clone();
+    std::thread::Builder::new()
+        .name("cardvault-import".into())
+        .spawn(move || read_rows(&path, &keys, row_tx))
+        .map_err(|_| ApiError::INTERNAL)?;
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(16);
+    actix_web::rt::spawn(import_rows(
+        vault,
+        grant,
+        row_rx,
+        out_tx,
+        used_key,
+        expected_rows,
+        spool,
+    ));
+    let body = futures_util::stream::unfold(out_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok(HttpResponse::build(StatusCode::OK)
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .content_type("text/csv")
+        .streaming(body))
+}
+
+enum RowItem {
+    Row(
+        u64,
+        Result<Box<crate::portability::rows::ImportRow>, RowError>,
+    ),
+    /// The second reading failed (the spool changed under it): the import stops there.
+    Failed,
+}
+
+fn read_rows(path: &Path, keys: &[openpgp::ImportKey], tx: tokio::sync::mpsc::Sender<RowItem>) {
+    let Ok((reader, _)) = open_spool(path, keys) else {
+        let _ = tx.blocking_send(RowItem::Failed);
+        return;
+    };
+    let Ok(mut rows) = Rows::new(reader) else {
+        let _ = tx.blocking_send(RowItem::Failed);
+        return;
+    };
+    let today = crate::vault::this_month();
+    loop {
+        match rows.next_row(today) {
+            Ok(Some((n, row))) => {
+                if tx
+                    .blocking_send(RowItem::Row(n, row.map(Box::new)))
+                    .is_err()
+                {
+                    return; // the import stopped
+                }
+            }
+            Ok(None) => return,
+            Err(_) => {
+                let _ = tx.blocking_send(RowItem::Failed);
+                return;
+            }
+        }
+    }
+}
+
+/// One results line: `row,customer_ref,customer,token,status`.
+fn result_line(
+    row: u64,
+    customer_ref: Option<&str>,
+    ids: Option<(&str, &str)>,
+    status: &str,
+) -> web::Bytes {
+    let mut line = Vec::with_capacity(96);
+    line.extend_from_slice(row.to_string().as_bytes());
+    line.push(b',');
+    csv_field(&mut line, customer_ref.unwrap_or_default());
+    line.push(b',');
+    let (customer, token) = ids.unwrap_or_default();
+    line.extend_from_slice(customer.as_bytes());
+    line.push(b',');
+    line.extend_from_slice(token.as_bytes());
+    line.push(b',');
+    line.extend_from_slice(status.as_bytes());
+    line.extend_from_slice(b"\r\n");
+    web::Bytes::from(line)
+}
+
+async fn import_rows(
+    vault: Arc<crate::vault::Vault>,
+    grant: Arc<Grant<Import>>,
+    rows: tokio::sync::mpsc::Receiver<RowItem>,
+    out: tokio::sync::mpsc::Sender<Result<web::Bytes, std::io::Error>>,
+    used_key: String,
+    expected_rows: u64,
+    spool: Spool,
+) {
+    let mut counts = Bulk {
+        key: used_key,
+        ..Bulk::default()
+    };
+    let mut stopped: Option<&'static str> = None;
+    let _ = out
+        .send(Ok(web::Bytes::from_static(
+            b"row,customer_ref,customer,token,status\r\n",
+        )))
+        .await;
+    {
+        let items = futures_util::stream::unfold(rows, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let results = items
+            .map(|item| {
+                let vault = Arc::clone(&vault);
+                let grant = Arc::clone(&grant);
+                async move {
+                    match item {
+                        RowItem::Failed => Err("file_damaged"),
+                        RowItem::Row(n, Err(e)) => Ok((n, None, Err(e.code()))),
+                        RowItem::Row(n, Ok(row)) => {
+                            let reference = row.customer_ref.clone();
+                            match vault.import_card(&grant, &row).await {
+                                Ok(done) => Ok((n, reference, Ok(done))),
+                                Err(VaultError::TooManyTokens) => {
+                                    Ok((n, reference, Err("too_many_tokens")))
+                                }
+                                Err(VaultError::Contention) => {
+                                    Ok((n, reference, Err("contention")))
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "import stopped");
+                                    Err(ApiError::from(e).code)
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .buffered(IN_FLIGHT);
+        let mut results = std::pin::pin!(results);
+        while let Some(result) = results.next().await {
+            let line = match result {
+                Err(code) => {
+                    stopped = Some(code);
+                    break;
+                }
+                Ok((n, reference, Ok(done))) => {
+                    counts.rows += 1;
+                    let status = if done.duplicate {
+                        counts.duplicate += 1;
+                        "duplicate"
+                    } else {
+                        counts.created += 1;
+                        "created"
+                    };
+                    result_line(
+                        n,
+                        reference.as_deref(),
+                        Some((&done.customer, &done.token)),
+                        status,
+                    )
+                }
+                Ok((n, reference, Err(code))) => {
+                    counts.rows += 1;
+                    counts.failed += 1;
+                    result_line(n, reference.as_deref(), None, code)
+                }
+            };
+            if out.send(Ok(line)).await.is_err() {
+                stopped = Some("client_gone");
+                break;
+            }
+        }
+    }
+    if stopped.is_none() && counts.rows != expected_rows {
+        stopped = Some("file_damaged");
+    }
+    drop(spool);
+    let audited = vault.audit_bulk(
+        grant.actor(),
+        grant.project(),
+        "cards.import",
+        stopped,
+        None,
+        Some(&counts),
+    );
+    let trailer = match (stopped, audited) {
+        (None, Ok(())) => format!(
+            "# complete rows={} created={} duplicate={} failed={}\r\n",
+            counts.rows, counts.created, counts.duplicate, counts.failed
+        ),
+        (Some(code), _) => format!("# stopped code={code} rows={}\r\n", counts.rows),
+        (None, Err(_)) => format!("# stopped code=audit_unavailable rows={}\r\n", counts.rows),
+    };
+    let _ = out.send(Ok(web::Bytes::from(trailer))).await;
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportRequestBody {
+    recipient: String,
+    #[serde(default)]
+    customers: Option<Vec<String>>,
+}
+
+/// `POST /v1/exports`: records an export request; nothing leaves yet.
+pub async fn request_export(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Export>(&req, &state)?;
+    let body = super::read_body_up_to(&req, payload, 8 << 20).await?;
+    let body: ExportRequestBody = parse_json(&body)?;
+    let vault = state.vault.clone();
+    let (id, fingerprint) =
+        web::block(move || vault.request_export(&grant, body.recipient.as_bytes(), body.customers))
+            .await
+            .map_err(|_| ApiError::INTERNAL)??;
+    Ok(json(
+        StatusCode::CREATED,
+        &serde_json::json!({
+            "id": id,
+            "recipient_fingerprint": fingerprint,
+            "expires_in_seconds": crate::vault::EXPORT_TTL_SECS,
+        }),
+    ))
+}
+
+/// `POST /v1/exports/{id}/approve`: a second identity approves.
+pub async fn approve_export(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Export>(&req, &state)?;
+    let id = path.into_inner();
+    let vault = state.vault.clone();
+    web::block(move || vault.approve_export(&grant, &id))
+        .await
+        .map_err(|_| ApiError::INTERNAL)??;
+    Ok(json(StatusCode::OK, &serde_json::json!({"approved": true})))
+}
+
+/// `POST /v1/exports/{id}/file`: the export, encrypted to its recipient only, streamed as it
+/// is written. The plaintext rows pass from the reading thread to the encrypting one in
+/// wiped buffers; a failure after the first byte ends the stream without its last chunk.
+pub async fn fetch_export(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = grant::<Export>(&req, &state)?;
+    let id = path.into_inner();
+    let vault = state.vault.clone();
+    let plan = {
+        let vault = vault.clone();
+        let grant_ref = grant;
+        web::block(move || vault.export_plan(&grant_ref, &id).map(|p| (p, grant_ref)))
+            .await
+            .map_err(|_| ApiError::INTERNAL)??
+    };
+    let (plan, grant) = plan;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(8);
+    let (plain_tx, plain_rx) = std::sync::mpsc::sync_channel::<zeroize::Zeroizing<Vec<u8>>>(64);
+    let plan = Arc::new(plan);
+    let reader_plan = Arc::clone(&plan);
+    let reader_vault = vault.clone();
+    let rows = std::thread::Builder::new()
+        .name("cardvault-export".into())
+        .spawn(move || {
+            reader_vault.export_rows(&reader_plan, &mut |line| {
+                plain_tx
+                    .send(zeroize::Zeroizing::new(line.to_vec()))
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            })
+        })
+        .map_err(|_| ApiError::INTERNAL)?;
+    std::thread::Builder::new()
+        .name("cardvault-export-pgp".into())
+        .spawn(move || {
+            let sender = tx.clone();
+            let sink = ChunkWriter(move |chunk: &[u8]| {
+                sender
+                    .blocking_send(Ok(web::Bytes::copy_from_slice(chunk)))
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            });
+            let encrypted = openpgp::encrypt_to(&plan.recipient, PlainReader::new(plain_rx), sink);
+            let rows = rows
+                .join()
+                .unwrap_or(Err(VaultError::Integrity("export".into())));
+            let outcome: Result<u64, &'static str> = match (encrypted, rows) {
+                (Ok(()), Ok(n)) => Ok(n),
+                (_, Err(e)) => Err(e.code()),
+                (Err(e), Ok(_)) => Err(e.code()),
+            };
+            if outcome.is_err() {
+                let _ = tx.blocking_send(Err(std::io::Error::other("the export stopped")));
+            }
+            let counts = Bulk {
+                key: plan.recipient_fingerprint.clone(),
+                rows: *outcome.as_ref().unwrap_or(&0),
+                ..Bulk::default()
+            };
+            if let Err(e) = vault.audit_bulk(
+                grant.actor(),
+                &plan.project,
+                "export.fetched",
+                outcome.err(),
+                Some(&plan.id),
+                Some(&counts),
+            ) {
+                tracing::error!(error = %e, "the export could not be audited");
+            }
+        })
+        .map_err(|_| ApiError::INTERNAL)?;
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok(HttpResponse::build(StatusCode::OK)
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .content_type("application/pgp-encrypted")
+        .streaming(body))
+}
+
+/// A `Write` that hands each write to a function.
+struct ChunkWriter<F>(F);
+
+impl<F: FnMut(&[u8]) -> std::io::Result<()>> Write for ChunkWriter<F> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (self.0)(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A `Read` over plaintext lines from the export thread; each is wiped once read.
+struct PlainReader {
+    rx: std::sync::mpsc::Receiver<zeroize::Zeroizing<Vec<u8>>>,
+    current: zeroize::Zeroizing<Vec<u8>>,
+    pos: usize,
+}
+
+impl PlainReader {
+    fn new(rx: std::sync::mpsc::Receiver<zeroize::Zeroizing<Vec<u8>>>) -> PlainReader {
+        PlainReader {
+            rx,
+            current: zeroize::Zeroizing::new(Vec::new()),
+            pos: 0,
+        }
+    }
+}
+
+impl std::io::Read for PlainReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.current.len() {
+            match self.rx.recv() {
+                Ok(next) => {
+                    self.current = next;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let rest = self.current.get(self.pos..).unwrap_or_default();
+        let n = rest.len().min(out.len());
+        if let (Some(to), Some(from)) = (out.get_mut(..n), rest.get(..n)) {
+            to.copy_from_slice(from);
+        }
+        self.pos += n;
+        Ok(n)
+    }
+}

@@ -169,6 +169,196 @@ pub fn run(options: &BenchOptions) -> Result<Vec<Figures>, BenchError> {
     Ok(all)
 }
 
+/// `--import-rows N`: one import of an N-row card file, encrypted to the vault's import key
+/// (RSA-4096), into the bench's own vault.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportFigures {
+    pub rows: u64,
+    pub created: u64,
+    pub file_mib: f64,
+    /// From the first byte sent to the last results line: upload, the integrity pass and the
+    /// import pass.
+    pub seconds: f64,
+    pub rows_per_second: f64,
+    /// The same file imported again: nothing is written, every row is a duplicate.
+    pub rerun_rows_per_second: f64,
+    /// The daemon's resident memory before the import, and its peak (`VmHWM`) after it.
+    pub server_rss_before_mib: Option<f64>,
+    pub server_peak_rss_mib: Option<f64>,
+}
+
+/// Card rows made as they are read: the plaintext is never whole in memory.
+struct GeneratedCards {
+    next: u64,
+    total: u64,
+    line: Vec<u8>,
+    pos: usize,
+}
+
+impl io::Read for GeneratedCards {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.line.len() {
+            self.line.clear();
+            self.pos = 0;
+            if self.next == 0 {
+                self.line
+                    .extend_from_slice(b"number,exp_month,exp_year,customer_ref,email\n");
+            } else if self.next > self.total {
+                return Ok(0);
+            } else {
+                let n = self.next;
+                let body = (n * 7_919_777_113) % 100_000_000_000_000;
+                let pan = crate::card::luhn_complete(&format!("4{body:014}"), 16);
+                let line = format!("{pan},{},2031,cus-{n},c{n}@example.com\n", n % 12 + 1);
+                self.line.extend_from_slice(line.as_bytes());
+            }
+            self.next += 1;
+        }
+        let rest = self.line.get(self.pos..).unwrap_or_default();
+        let n = rest.len().min(out.len());
+        if let (Some(to), Some(from)) = (out.get_mut(..n), rest.get(..n)) {
+            to.copy_from_slice(from);
+        }
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Counts the results lines of an import as they arrive.
+#[derive(Default)]
+struct ImportResults {
+    pending: Vec<u8>,
+    created: u64,
+    trailer: Option<String>,
+}
+
+impl io::Write for ImportResults {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            if line.starts_with(b"# ") {
+                self.trailer = Some(String::from_utf8_lossy(&line).trim().to_owned());
+            } else if line.ends_with(b",created\r\n") {
+                self.created += 1;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Peak resident memory of process `pid` (`VmHWM`), MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// `--import-rows`: makes the file (outside the measured time), then imports it once.
+pub fn import_run(postgres: bool, rows: u64) -> Result<ImportFigures, BenchError> {
+    let mut server = LocalServer::prepare(postgres, 1)?;
+    server.spawn()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(Client::new(&server.target)?.wait_ready())?;
+    let url = server
+        .target
+        .urls
+        .first()
+        .cloned()
+        .ok_or_else(|| setup("no node"))?;
+    let pki = server.dir.join("pki");
+    let admin = crate::client::AdminClient::new(
+        &url,
+        &pki.join("ca.pem"),
+        &pki.join("ops.pem"),
+        &pki.join("ops.key"),
+    )
+    .map_err(setup)?;
+    let reply = admin
+        .send(
+            "POST",
+            "/v1/admin/import-keys",
+            Some(br#"{"algorithm":"rsa4096"}"#),
+        )
+        .map_err(setup)?;
+    let armored = reply
+        .body
+        .pointer("/key/public_key")
+        .and_then(|k| k.as_str())
+        .ok_or_else(|| setup(format!("no import key: {}", reply.body)))?;
+    let recipient = crate::portability::openpgp::public_key(armored.as_bytes()).map_err(setup)?;
+    let path = server.dir.join("cards.csv.pgp");
+    eprintln!("  writing {rows} encrypted rows...");
+    let file = std::fs::File::create(&path)?;
+    crate::portability::openpgp::encrypt_to(
+        &recipient,
+        GeneratedCards {
+            next: 0,
+            total: rows,
+            line: Vec::new(),
+            pos: 0,
+        },
+        io::BufWriter::new(file),
+    )
+    .map_err(setup)?;
+    let size = std::fs::metadata(&path)?.len();
+    let pid = server.children.first().map(Child::id);
+    let before = pid.and_then(rss_mib);
+    let import = || -> Result<(f64, ImportResults), BenchError> {
+        let mut results = ImportResults::default();
+        let started = Instant::now();
+        let reply = admin
+            .stream(
+                "POST",
+                "/v1/import",
+                &[("content-type", "application/pgp-encrypted")],
+                &mut io::BufReader::with_capacity(256 * 1024, std::fs::File::open(&path)?),
+                size,
+                &mut results,
+            )
+            .map_err(setup)?;
+        let seconds = started.elapsed().as_secs_f64();
+        if let Some(reply) = reply {
+            return Err(setup(format!(
+                "import refused: {} {}",
+                reply.status, reply.body
+            )));
+        }
+        match &results.trailer {
+            Some(t) if t.starts_with("# complete") => Ok((seconds, results)),
+            other => Err(setup(format!("import did not complete: {other:?}"))),
+        }
+    };
+    eprintln!("  importing...");
+    let (seconds, results) = import()?;
+    let peak = pid.and_then(peak_rss_mib);
+    eprintln!("  importing again (every row a duplicate)...");
+    let (again, _) = import()?;
+    Ok(ImportFigures {
+        rows,
+        created: results.created,
+        file_mib: size as f64 / (1024.0 * 1024.0),
+        seconds,
+        rows_per_second: rows as f64 / seconds.max(1e-9),
+        rerun_rows_per_second: rows as f64 / again.max(1e-9),
+        server_rss_before_mib: before,
+        server_peak_rss_mib: peak,
+    })
+}
+
 /// One store size of a growth run.
 #[derive(Debug, Clone, Serialize)]
 pub struct GrowthStep {

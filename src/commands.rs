@@ -1154,6 +1154,36 @@ pub fn dev(dir: &Path, listen: &str) -> Result<(), CommandError> {
 }
 
 /// `cardvault bench`: prints a table (or JSON) of throughput and latency per scenario.
+/// `cardvault bench --import-rows N`.
+pub fn bench_import(store: &str, rows: &str, json: bool) -> Result<(), CommandError> {
+    use crate::bench::BenchError;
+    let rows = crate::bench::parse_count(rows)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| BenchError::Setup(format!("{rows:?} is not a count like 1M")))?;
+    let figures = crate::bench::import_run(store == "postgres", rows)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&figures).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let mib = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+    println!("| rows | file MiB | seconds | rows/s | rows/s again | daemon RSS before MiB | daemon peak RSS MiB |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} |",
+        figures.rows,
+        figures.file_mib,
+        figures.seconds,
+        figures.rows_per_second,
+        figures.rerun_rows_per_second,
+        mib(figures.server_rss_before_mib),
+        mib(figures.server_peak_rss_mib)
+    );
+    Ok(())
+}
+
 pub fn bench(
     duration: &str,
     concurrency: usize,

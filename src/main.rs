@@ -80,6 +80,10 @@ enum Command {
         /// the daemon restarted (startup timed), every scenario run; one table row per size.
         #[arg(long, conflicts_with_all = ["target", "fill"])]
         growth: Option<String>,
+        /// Instead of the scenarios: import a card file of this many rows (e.g. 1M), encrypted
+        /// to the vault's RSA-4096 import key, and report rows/s and the daemon's peak memory.
+        #[arg(long, conflicts_with_all = ["target", "fill", "growth"])]
+        import_rows: Option<String>,
     },
     /// Check a config without starting: policies, TLS files and their deadlines, keys_dir;
     /// lists every problem serve would refuse to start on, exits non-zero if any.
@@ -528,7 +532,17 @@ fn main() -> ExitCode {
             ca,
             fill,
             growth,
+            import_rows,
         } => {
+            if let Some(rows) = import_rows {
+                return match cardvault::commands::bench_import(store, rows, *json) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("cardvault: error: {e}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
             // clap's `requires_all` makes --cert, --key and --ca present whenever --target is.
             let target = match (target.is_empty(), cert, key, ca) {
                 (false, Some(cert), Some(key), Some(ca)) => Some(cardvault::bench::Target {

@@ -23,8 +23,8 @@ use crate::portability::openpgp::{self, Algorithm, PgpError};
 use crate::portability::rows::{csv_field, FileError, RowError, Rows, WipingReader};
 use crate::vault::{Bulk, VaultError};
 
-/// Rows imported at once: enough to keep the store's group commit full.
-const IN_FLIGHT: usize = 32;
+/// Rows imported in one transaction, at most.
+const CHUNK: usize = 256;
 /// The largest encrypted file taken.
 const MAX_UPLOAD: u64 = 16 << 30;
 /// The largest signer key sent before the file.
@@ -294,7 +294,7 @@ pub async fn import(
         };
 
     // Pass two: rows from a reading thread, imported here, results out as they are durable.
-    let (row_tx, row_rx) = tokio::sync::mpsc::channel::<RowItem>(IN_FLIGHT * 4);
+    let (row_tx, row_rx) = tokio::sync::mpsc::channel::<RowItem>(CHUNK * 4);
     let path = spool.0.clone();
     std::thread::Builder::new()
         .name("cardvault-import".into())
@@ -379,6 +379,53 @@ fn result_line(
     web::Bytes::from(line)
 }
 
+/// One row's outcome: its number, its reference (when valid), and what it became.
+type Outcome = (
+    u64,
+    Option<String>,
+    Result<crate::vault::Imported, &'static str>,
+);
+
+/// Imports a chunk of rows in one transaction; `Err` stops the import (with its code).
+async fn import_chunk(
+    vault: &crate::vault::Vault,
+    grant: &Grant<Import>,
+    chunk: Vec<RowItem>,
+) -> Result<Vec<Outcome>, &'static str> {
+    let mut good = Vec::with_capacity(chunk.len());
+    for item in &chunk {
+        match item {
+            RowItem::Failed => return Err("file_damaged"),
+            RowItem::Row(_, Ok(row)) => good.push(&**row),
+            RowItem::Row(_, Err(_)) => {}
+        }
+    }
+    let imported = vault.import_cards(grant, &good).await.map_err(|e| {
+        tracing::error!(error = %e, "import stopped");
+        ApiError::from(e).code
+    })?;
+    let mut imported = imported.into_iter();
+    let mut outcomes = Vec::with_capacity(chunk.len());
+    for item in chunk {
+        let RowItem::Row(n, row) = item else {
+            continue;
+        };
+        outcomes.push(match row {
+            Err(e) => (n, None, Err(e.code())),
+            Ok(row) => {
+                let reference = row.customer_ref.clone();
+                match imported.next() {
+                    Some(Ok(done)) => (n, reference, Ok(done)),
+                    Some(Err(VaultError::TooManyTokens)) => (n, reference, Err("too_many_tokens")),
+                    Some(Err(e)) => (n, reference, Err(e.code())),
+                    None => return Err("internal_error"),
+                }
+            }
+        });
+    }
+    Ok(outcomes)
+}
+
 async fn import_rows(
     vault: Arc<crate::vault::Vault>,
     grant: Arc<Grant<Import>>,
@@ -402,66 +449,52 @@ async fn import_rows(
         let items = futures_util::stream::unfold(rows, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
+        // Rows as they come, up to CHUNK in one transaction; two chunks in flight, so one
+        // is prepared while the other waits for its flush.
         let results = items
-            .map(|item| {
+            .ready_chunks(CHUNK)
+            .map(|chunk| {
                 let vault = Arc::clone(&vault);
                 let grant = Arc::clone(&grant);
-                async move {
-                    match item {
-                        RowItem::Failed => Err("file_damaged"),
-                        RowItem::Row(n, Err(e)) => Ok((n, None, Err(e.code()))),
-                        RowItem::Row(n, Ok(row)) => {
-                            let reference = row.customer_ref.clone();
-                            match vault.import_card(&grant, &row).await {
-                                Ok(done) => Ok((n, reference, Ok(done))),
-                                Err(VaultError::TooManyTokens) => {
-                                    Ok((n, reference, Err("too_many_tokens")))
-                                }
-                                Err(VaultError::Contention) => {
-                                    Ok((n, reference, Err("contention")))
-                                }
-                                Err(e) => {
-                                    tracing::error!(error = %e, "import stopped");
-                                    Err(ApiError::from(e).code)
-                                }
-                            }
-                        }
-                    }
-                }
+                async move { import_chunk(&vault, &grant, chunk).await }
             })
-            .buffered(IN_FLIGHT);
+            .buffered(2);
         let mut results = std::pin::pin!(results);
-        while let Some(result) = results.next().await {
-            let line = match result {
+        'chunks: while let Some(chunk) = results.next().await {
+            let chunk = match chunk {
+                Ok(lines) => lines,
                 Err(code) => {
                     stopped = Some(code);
                     break;
                 }
-                Ok((n, reference, Ok(done))) => {
-                    counts.rows += 1;
-                    let status = if done.duplicate {
-                        counts.duplicate += 1;
-                        "duplicate"
-                    } else {
-                        counts.created += 1;
-                        "created"
-                    };
-                    result_line(
-                        n,
-                        reference.as_deref(),
-                        Some((&done.customer, &done.token)),
-                        status,
-                    )
-                }
-                Ok((n, reference, Err(code))) => {
-                    counts.rows += 1;
-                    counts.failed += 1;
-                    result_line(n, reference.as_deref(), None, code)
-                }
             };
-            if out.send(Ok(line)).await.is_err() {
-                stopped = Some("client_gone");
-                break;
+            for (n, reference, outcome) in chunk {
+                counts.rows += 1;
+                let line = match outcome {
+                    Ok(done) => {
+                        let status = if done.duplicate {
+                            counts.duplicate += 1;
+                            "duplicate"
+                        } else {
+                            counts.created += 1;
+                            "created"
+                        };
+                        result_line(
+                            n,
+                            reference.as_deref(),
+                            Some((&done.customer, &done.token)),
+                            status,
+                        )
+                    }
+                    Err(code) => {
+                        counts.failed += 1;
+                        result_line(n, reference.as_deref(), None, code)
+                    }
+                };
+                if out.send(Ok(line)).await.is_err() {
+                    stopped = Some("client_gone");
+                    break 'chunks;
+                }
             }
         }
     }

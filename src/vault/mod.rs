@@ -34,7 +34,7 @@ pub use customers::{TokenPatch, TokenView};
 pub use forward::Ready;
 pub use idempotency::Begin;
 pub use keys::{seal_new_store, store_kek_ids, KeySettings, KeySource, GCM_NONCE_LIMIT};
-pub use portability::{Bulk, EXPORT_TTL_SECS};
+pub use portability::{Bulk, Imported, EXPORT_TTL_SECS};
 
 use crate::audit::{Actor, AuditEvent, AuditSink, AuditTicket, Outcome};
 use crate::card::{Cvc, Expiry, HolderName, Pan};

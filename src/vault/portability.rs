@@ -239,110 +239,153 @@ impl Vault {
         ObjectId::derived(IdKind::Customer, seed.as_bytes()).map_err(VaultError::from)
     }
 
-    /// Imports one row: its customer (made unless the reference's is there) and a customer
-    /// token for its card (unless the customer holds that card already). One transaction;
-    /// durable when it returns.
-    pub async fn import_card(
+    /// Imports rows: for each, its customer (made unless the reference's is there) and a
+    /// customer token for its card (unless the customer holds that card already), all in one
+    /// transaction, durable when it returns. Rows of one customer in one call are applied in
+    /// order. The outer error stops the import (the store failed); a row's own error (a
+    /// customer full of cards) is its outcome.
+    pub async fn import_cards(
         &self,
         grant: &Grant<Import>,
-        row: &ImportRow,
-    ) -> Result<Imported, VaultError> {
+        rows: &[&ImportRow],
+    ) -> Result<Vec<Result<Imported, VaultError>>, VaultError> {
+        struct Touched {
+            id: String,
+            stored: Option<CustomerRecord>,
+            working: CustomerRecord,
+            changed: bool,
+        }
         let project = grant.project();
         let p = project.as_str();
         let keys = self
             .project_keys(project, true)?
             .ok_or(VaultError::NotFound)?;
-        let fingerprint = keys
-            .fingerprint
-            .fingerprint(row.pan.expose_digits().as_bytes());
-        let customer = Self::imported_customer_id(&keys, row, &fingerprint)?;
-        let cust = customer.as_str();
+        let mut prepared = Vec::with_capacity(rows.len());
+        for row in rows {
+            let fingerprint = keys
+                .fingerprint
+                .fingerprint(row.pan.expose_digits().as_bytes());
+            let customer = Self::imported_customer_id(&keys, row, &fingerprint)?;
+            prepared.push((fingerprint, customer));
+        }
         for _ in 0..MAX_ATTEMPTS {
             let now = unix_now();
-            let existing = self.store.customer(p, cust).await?;
-            if let Some(token) = existing
-                .as_ref()
-                .and_then(|c| c.tokens.iter().find(|t| t.fingerprint == fingerprint))
-            {
-                return Ok(Imported {
-                    customer: cust.to_owned(),
-                    token: token.id.clone(),
-                    duplicate: true,
-                });
-            }
             let mut batch = Batch::default();
-            let mut record = match &existing {
-                Some(rec) => {
-                    if rec.tokens.len() >= MAX_TOKENS_PER_CUSTOMER {
-                        return Err(VaultError::TooManyTokens);
+            let mut touched: Vec<Touched> = Vec::new();
+            let mut index: std::collections::HashMap<&str, usize> =
+                std::collections::HashMap::new();
+            let mut outcomes = Vec::with_capacity(rows.len());
+            for (row, (fingerprint, customer)) in rows.iter().zip(&prepared) {
+                let cust = customer.as_str();
+                let slot = match index.get(cust) {
+                    Some(i) => *i,
+                    None => {
+                        let stored = self.store.customer(p, cust).await?;
+                        let working = match &stored {
+                            Some(rec) => rec.clone(),
+                            None => CustomerRecord {
+                                created_at: now,
+                                updated_at: now,
+                                key_version: keys.dek_version,
+                                profile: seal(
+                                    &keys,
+                                    Blob::CustomerProfile,
+                                    project,
+                                    cust,
+                                    &json(&row.profile, cust)?,
+                                )?,
+                                tokens: Vec::new(),
+                            },
+                        };
+                        touched.push(Touched {
+                            id: cust.to_owned(),
+                            stored,
+                            working,
+                            changed: false,
+                        });
+                        index.insert(cust, touched.len() - 1);
+                        touched.len() - 1
                     }
-                    batch.expect_customer(p, cust, rec);
-                    rec.clone()
+                };
+                let entry = touched
+                    .get_mut(slot)
+                    .ok_or_else(|| VaultError::Integrity(cust.to_owned()))?;
+                if let Some(token) = entry
+                    .working
+                    .tokens
+                    .iter()
+                    .find(|t| t.fingerprint == *fingerprint)
+                {
+                    outcomes.push(Ok(Imported {
+                        customer: cust.to_owned(),
+                        token: token.id.clone(),
+                        duplicate: true,
+                    }));
+                    continue;
                 }
-                None => {
-                    batch.expect_no_customer(p, cust);
-                    CustomerRecord {
-                        created_at: now,
-                        updated_at: now,
-                        key_version: keys.dek_version,
-                        profile: seal(
-                            &keys,
-                            Blob::CustomerProfile,
-                            project,
-                            cust,
-                            &json(&row.profile, cust)?,
-                        )?,
-                        tokens: Vec::new(),
-                    }
+                if entry.working.tokens.len() >= MAX_TOKENS_PER_CUSTOMER {
+                    outcomes.push(Err(VaultError::TooManyTokens));
+                    continue;
                 }
-            };
-            let token = ObjectId::generate(IdKind::CustomerToken)?;
-            let tid = token.as_str();
-            let meta = TokenMeta {
-                card: CardMeta {
-                    scheme: row.pan.scheme().as_str().to_owned(),
-                    iin: row.pan.iin().to_owned(),
-                    iin8: row.pan.iin8().map(str::to_owned),
-                    last4: row.pan.last4().to_owned(),
-                    exp_month: row.expiry.month(),
-                    exp_year: row.expiry.year(),
-                    holder_name: row.holder_name.as_ref().map(|h| h.as_str().to_owned()),
+                let token = ObjectId::generate(IdKind::CustomerToken)?;
+                let tid = token.as_str();
+                let meta = TokenMeta {
+                    card: CardMeta {
+                        scheme: row.pan.scheme().as_str().to_owned(),
+                        iin: row.pan.iin().to_owned(),
+                        iin8: row.pan.iin8().map(str::to_owned),
+                        last4: row.pan.last4().to_owned(),
+                        exp_month: row.expiry.month(),
+                        exp_year: row.expiry.year(),
+                        holder_name: row.holder_name.as_ref().map(|h| h.as_str().to_owned()),
+                        fingerprint: fingerprint.clone(),
+                    },
+                    recurring: row.recurring.clone(),
+                };
+                let token_rec = TokenRecord {
+                    customer: cust.to_owned(),
+                    created_at: now,
+                    updated_at: now,
+                    key_version: keys.dek_version,
+                    meta: seal(&keys, Blob::TokenMeta, project, tid, &json(&meta, tid)?)?,
+                    pan: seal(
+                        &keys,
+                        Blob::TokenPan,
+                        project,
+                        tid,
+                        row.pan.expose_digits().as_bytes(),
+                    )?,
+                };
+                batch.expect_no_token(p, tid).put_token(p, tid, &token_rec);
+                entry.working.tokens.push(TokenRef {
+                    id: tid.to_owned(),
                     fingerprint: fingerprint.clone(),
-                },
-                recurring: row.recurring.clone(),
-            };
-            let token_rec = TokenRecord {
-                customer: cust.to_owned(),
-                created_at: now,
-                updated_at: now,
-                key_version: keys.dek_version,
-                meta: seal(&keys, Blob::TokenMeta, project, tid, &json(&meta, tid)?)?,
-                pan: seal(
-                    &keys,
-                    Blob::TokenPan,
-                    project,
-                    tid,
-                    row.pan.expose_digits().as_bytes(),
-                )?,
-            };
-            record.tokens.push(TokenRef {
-                id: tid.to_owned(),
-                fingerprint: fingerprint.clone(),
-            });
-            if existing.is_some() {
-                record.updated_at = now;
-            }
-            batch
-                .put_customer(p, cust, &record)
-                .expect_no_token(p, tid)
-                .put_token(p, tid, &token_rec);
-            if let Some(ticket) = self.store.commit(&batch).await? {
-                self.store.durable(ticket).await?;
-                return Ok(Imported {
+                });
+                if entry.stored.is_some() {
+                    entry.working.updated_at = now;
+                }
+                entry.changed = true;
+                outcomes.push(Ok(Imported {
                     customer: cust.to_owned(),
                     token: tid.to_owned(),
                     duplicate: false,
-                });
+                }));
+            }
+            let mut writes = false;
+            for entry in touched.iter().filter(|t| t.changed) {
+                match &entry.stored {
+                    Some(stored) => batch.expect_customer(p, &entry.id, stored),
+                    None => batch.expect_no_customer(p, &entry.id),
+                };
+                batch.put_customer(p, &entry.id, &entry.working);
+                writes = true;
+            }
+            if !writes {
+                return Ok(outcomes);
+            }
+            if let Some(ticket) = self.store.commit(&batch).await? {
+                self.store.durable(ticket).await?;
+                return Ok(outcomes);
             }
         }
         Err(VaultError::Contention)

@@ -171,12 +171,15 @@ fn audit_lines(setup: &Setup, action: &str) -> Vec<serde_json::Value> {
     found
 }
 
-#[test]
-fn gpg_encrypted_cards_import_once_and_detokenize_to_their_rows() {
+both_engines!(gpg_encrypted_cards_import_once_and_detokenize_to_their_rows);
+
+fn gpg_encrypted_cards_import_once_and_detokenize_to_their_rows(engine: Engine) {
     let Some(gpg) = Gpg::new("import") else {
         return;
     };
-    let setup = Setup::with_settings("import", "spool_dir = \"spool\"\n");
+    let Some(setup) = Setup::on_with(engine, "import", "spool_dir = \"spool\"\n") else {
+        return;
+    };
     std::fs::create_dir(setup.root().join("spool")).unwrap();
     let daemon = setup.start();
     let vault_fpr = vault_import_key(&setup, &daemon, &gpg, "curve25519");

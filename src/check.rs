@@ -40,11 +40,34 @@ pub fn run(config: &Config) -> Findings {
     }
     tls(config, &mut found);
     keys_dir(config, &mut found);
+    spool_dir(config, &mut found);
     hsm(config, &mut found);
     if let crate::store::StoreConfig::Postgres(settings) = &config.store {
         database(settings, &mut found);
     }
     found
+}
+
+/// `spool_dir` (where an import's upload waits, ciphertext only): a folder. Only imports need
+/// it, so a problem with it is a warning; a folder others may write to without the sticky bit
+/// is a problem (they could remove an upload while it is read).
+fn spool_dir(config: &Config, found: &mut Findings) {
+    let dir = &config.spool_dir;
+    match std::fs::metadata(dir) {
+        Err(e) => found.warning(format!(
+            "spool_dir {}: {e}; imports will answer 503 spool_unavailable",
+            dir.display()
+        )),
+        Ok(meta) if !meta.is_dir() => found.warning(format!(
+            "spool_dir {} is not a folder; imports will answer 503 spool_unavailable",
+            dir.display()
+        )),
+        Ok(meta) if meta.permissions().mode() & 0o1002 == 0o002 => found.problem(format!(
+            "spool_dir {} is writable by others without the sticky bit: chmod o-w or +t it",
+            dir.display()
+        )),
+        Ok(_) => {}
+    }
 }
 
 /// `[store.postgres]`'s files: the password file exists and only its owner reads it; the CA

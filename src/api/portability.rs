@@ -126,11 +126,16 @@ pub async fn remove_import_key(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// The upload while it is read: removed when dropped.
-struct Spool(PathBuf);
+/// The upload while it is read: removed when dropped. Both readings go through the file
+/// handle it was written by, never its path again, so the bytes read are the bytes written
+/// even if the folder's entry were replaced meanwhile.
+struct Spool {
+    path: PathBuf,
+    file: std::fs::File,
+}
 
 impl Spool {
-    fn create(dir: &Path) -> Result<(Spool, std::fs::File), ApiError> {
+    fn create(dir: &Path) -> Result<Spool, ApiError> {
         use std::os::unix::fs::OpenOptionsExt;
         let mut name = [0u8; 16];
         crate::crypto::fill_random(&mut name).map_err(|_| ApiError::INTERNAL)?;
@@ -139,6 +144,7 @@ impl Spool {
             crate::crypto::hex(&name)
         ));
         let file = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
@@ -151,22 +157,30 @@ impl Spool {
                     "the upload cannot be kept while it is read (spool_dir); nothing was imported",
                 )
             })?;
-        Ok((Spool(path), file))
+        Ok(Spool { path, file })
+    }
+
+    /// A handle to read it from the start.
+    fn reader(&self) -> Result<std::fs::File, ApiError> {
+        use std::io::Seek;
+        let mut file = self.file.try_clone().map_err(|_| ApiError::INTERNAL)?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .map_err(|_| ApiError::INTERNAL)?;
+        Ok(file)
     }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
 /// The spool read as an OpenPGP message: decrypted, decompressed, through a wiping buffer.
 fn open_spool(
-    path: &Path,
+    file: std::fs::File,
     keys: &[openpgp::ImportKey],
 ) -> Result<(WipingReader<pgp::composed::Message<'static>>, String), ApiError> {
-    let file = std::fs::File::open(path).map_err(|_| ApiError::INTERNAL)?;
     let (message, used) = openpgp::open(std::io::BufReader::new(file), keys)?;
     Ok((WipingReader::new(message), used))
 }
@@ -174,11 +188,11 @@ fn open_spool(
 /// Pass one: the file read to its end. Its integrity, its signer and its header are checked;
 /// its rows are counted, nothing is kept.
 fn check_file(
-    path: &Path,
+    file: std::fs::File,
     keys: &[openpgp::ImportKey],
     signer: Option<&pgp::composed::SignedPublicKey>,
 ) -> Result<(String, u64), ApiError> {
-    let (reader, used) = open_spool(path, keys)?;
+    let (reader, used) = open_spool(file, keys)?;
     let mut rows = match Rows::new(reader) {
         Ok(rows) => rows,
         Err(Ok(e)) => return Err(ApiError::from(&e)),
@@ -240,7 +254,7 @@ pub async fn import(
             .ok_or(ApiError::INVALID_REQUEST)?,
     };
     // The upload, into the spool (the signer's key first, kept in memory).
-    let (spool, mut file) = Spool::create(&state.config.spool_dir)?;
+    let spool = Spool::create(&state.config.spool_dir)?;
     let mut signer_bytes = Vec::with_capacity(signer_len);
     let mut total = 0u64;
     while let Some(chunk) = payload.next().await {
@@ -255,7 +269,7 @@ pub async fn import(
         }
         if !chunk.is_empty() {
             // Small blocking writes: the page cache takes them.
-            file.write_all(&chunk).map_err(|e| {
+            (&spool.file).write_all(&chunk).map_err(|e| {
                 tracing::error!(error = %e, "writing the import spool failed");
                 refuse(
                     ApiError::new(
@@ -268,8 +282,7 @@ pub async fn import(
             })?;
         }
     }
-    file.sync_all().map_err(|_| ApiError::INTERNAL)?;
-    drop(file);
+    spool.file.sync_all().map_err(|_| ApiError::INTERNAL)?;
     let signer = if signer_len > 0 {
         if signer_bytes.len() < signer_len {
             return Err(ApiError::INVALID_REQUEST);
@@ -283,11 +296,11 @@ pub async fn import(
     };
 
     // Pass one, off the worker.
-    let path = spool.0.clone();
+    let file = spool.reader()?;
     let keys = Arc::new(keys);
     let check_keys = Arc::clone(&keys);
     let (used_key, expected_rows) =
-        match web::block(move || check_file(&path, &check_keys, signer.as_ref())).await {
+        match web::block(move || check_file(file, &check_keys, signer.as_ref())).await {
             Ok(Ok(checked)) => checked,
             Ok(Err(e)) => return Err(refuse(e, &grant)),
             Err(_) => return Err(ApiError::INTERNAL),
@@ -295,10 +308,10 @@ pub async fn import(
 
     // Pass two: rows from a reading thread, imported here, results out as they are durable.
     let (row_tx, row_rx) = tokio::sync::mpsc::channel::<RowItem>(CHUNK * 4);
-    let path = spool.0.clone();
+    let file = spool.reader()?;
     std::thread::Builder::new()
         .name("cardvault-import".into())
-        .spawn(move || read_rows(&path, &keys, row_tx))
+        .spawn(move || read_rows(file, &keys, row_tx))
         .map_err(|_| ApiError::INTERNAL)?;
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(16);
     actix_web::rt::spawn(import_rows(
@@ -328,8 +341,12 @@ enum RowItem {
     Failed,
 }
 
-fn read_rows(path: &Path, keys: &[openpgp::ImportKey], tx: tokio::sync::mpsc::Sender<RowItem>) {
-    let Ok((reader, _)) = open_spool(path, keys) else {
+fn read_rows(
+    file: std::fs::File,
+    keys: &[openpgp::ImportKey],
+    tx: tokio::sync::mpsc::Sender<RowItem>,
+) {
+    let Ok((reader, _)) = open_spool(file, keys) else {
         let _ = tx.blocking_send(RowItem::Failed);
         return;
     };

@@ -60,6 +60,26 @@ fn check_judges_the_database_files() {
     assert!(ok && out.contains("no problems"), "{out}");
 }
 
+/// An import's spool folder: missing is a warning (only imports need it); writable by others
+/// without the sticky bit is a problem.
+#[test]
+fn check_judges_the_spool_folder() {
+    let setup = Setup::with_settings("check-spool", "spool_dir = \"spool\"\n");
+    let (ok, out) = setup.try_cli(&["check"]);
+    assert!(
+        ok && out.contains("spool_dir") && out.contains("spool_unavailable"),
+        "{out}"
+    );
+    let spool = setup.root().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, out) = setup.try_cli(&["check"]);
+    assert!(!ok && out.contains("without the sticky bit"), "{out}");
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (ok, out) = setup.try_cli(&["check"]);
+    assert!(ok && !out.contains("spool_dir"), "{out}");
+}
+
 #[test]
 fn policy_explain_names_the_identity_and_what_it_may_do() {
     let setup = Setup::new("explain");

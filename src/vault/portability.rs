@@ -700,3 +700,94 @@ impl Vault {
         Ok(rows)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Peer, Policy};
+    use crate::vault::tests::test_vault;
+
+    fn grant(policy: &Policy, who: &str) -> Grant<Export> {
+        let peer = Arc::new(Peer {
+            uri_sans: vec![who.into()],
+            ..Peer::default()
+        });
+        policy
+            .authorize::<Export>(&peer, &Project::default_project())
+            .unwrap()
+    }
+
+    /// Moves a request's time back by `seconds`, as if it had been made that long ago.
+    fn age(vault: &Vault, id: &str, seconds: i64) {
+        let (mut request, _) = vault.export_request(id).unwrap();
+        request.requested_at -= seconds;
+        let plain = serde_json::to_vec(&request).unwrap();
+        let sealed = vault
+            .root_sealer()
+            .unwrap()
+            .seal(&export_aad(id), &plain)
+            .unwrap();
+        vault
+            .store
+            .put_raw(
+                crate::store::Kind::Keys,
+                SPACE,
+                &format!("{EXPORT_PREFIX}{id}"),
+                &sealed,
+            )
+            .unwrap();
+    }
+
+    fn code<T>(result: Result<T, VaultError>) -> &'static str {
+        result.err().map_or("ok", |e| e.code())
+    }
+
+    #[test]
+    fn an_export_is_approved_by_another_identity_within_24_hours_and_fetched_until_then() {
+        let (vault, _dirs) = test_vault("export-window");
+        let policy = Policy::parse(&[(
+            "t.toml".into(),
+            "[[identity]]\nname='a'\nuri_san='a'\npermissions=['export']\nprojects=['*']\n\
+             [[identity]]\nname='b'\nuri_san='b'\npermissions=['export']\nprojects=['*']"
+                .into(),
+        )])
+        .unwrap();
+        let (a, b) = (grant(&policy, "a"), grant(&policy, "b"));
+        let recipient = ImportKey::generate(Algorithm::Curve25519, "recipient")
+            .unwrap()
+            .public_armored()
+            .unwrap();
+        let (id, _) = vault
+            .request_export(&a, recipient.as_bytes(), None)
+            .unwrap();
+        assert_eq!(code(vault.export_plan(&a, &id)), "export_not_approved");
+        assert_eq!(code(vault.approve_export(&a, &id)), "self_approval");
+        // Just inside the window: approved, and fetchable.
+        age(&vault, &id, EXPORT_TTL_SECS - 60);
+        assert_eq!(code(vault.approve_export(&b, &id)), "ok");
+        assert_eq!(
+            code(vault.approve_export(&b, &id)),
+            "export_already_approved"
+        );
+        assert_eq!(code(vault.export_plan(&a, &id)), "ok");
+        // Past it: nothing leaves, approved or not.
+        age(&vault, &id, 61);
+        assert_eq!(code(vault.export_plan(&a, &id)), "export_expired");
+        assert_eq!(code(vault.export_plan(&b, &id)), "export_expired");
+        let (late, _) = vault
+            .request_export(&a, recipient.as_bytes(), None)
+            .unwrap();
+        age(&vault, &late, EXPORT_TTL_SECS);
+        assert_eq!(code(vault.approve_export(&b, &late)), "export_expired");
+        // A request for something that is not an OpenPGP key, or for ids that are not
+        // customers', is refused.
+        assert_eq!(
+            code(vault.request_export(&a, b"not a key", None)),
+            "invalid_recipient"
+        );
+        assert_eq!(
+            code(vault.request_export(&a, recipient.as_bytes(), Some(vec!["tok_1".into()]))),
+            "invalid_customers"
+        );
+    }
+}

@@ -681,7 +681,7 @@ mod tests {
     #[test]
     fn shipped_policies_parse() {
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        assert_eq!(Policy::load(&example).unwrap().identities.len(), 8);
+        assert_eq!(Policy::load(&example).unwrap().identities.len(), 11);
         assert_eq!(parse(crate::dev::DEV_POLICY).unwrap().identities.len(), 3);
     }
 

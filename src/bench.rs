@@ -324,7 +324,7 @@ pub fn import_run(postgres: bool, rows: u64) -> Result<ImportFigures, BenchError
             .stream(
                 "POST",
                 "/v1/import",
-                &[("content-type", "application/pgp-encrypted")],
+                &[("content-type", "application/octet-stream")],
                 &mut io::BufReader::with_capacity(256 * 1024, std::fs::File::open(&path)?),
                 size,
                 &mut results,

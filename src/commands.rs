@@ -1710,7 +1710,7 @@ pub fn import(
     let length = signer_key.len().to_string();
     let mut headers = vec![
         (crate::api::PROJECT_HEADER, project),
-        ("content-type", "application/pgp-encrypted"),
+        ("content-type", "application/octet-stream"),
     ];
     if !signer_key.is_empty() {
         headers.push((crate::api::SIGNER_LENGTH_HEADER, length.as_str()));

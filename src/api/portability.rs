@@ -8,7 +8,7 @@
 //! The results go back as CSV while rows are imported, each line once its row is durable.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use actix_web::http::StatusCode;
@@ -126,11 +126,10 @@ pub async fn remove_import_key(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// The upload while it is read: removed when dropped. Both readings go through the file
-/// handle it was written by, never its path again, so the bytes read are the bytes written
-/// even if the folder's entry were replaced meanwhile.
+/// The upload while it is read. Its folder entry is removed as soon as it is made: both
+/// readings go through the handle it was written by, so the bytes read are the bytes
+/// written, nothing else can open it, and a crash leaves nothing behind.
 struct Spool {
-    path: PathBuf,
     file: std::fs::File,
 }
 
@@ -143,21 +142,19 @@ impl Spool {
             "cardvault-import-{}.pgp",
             crate::crypto::hex(&name)
         ));
+        let unavailable = |e: std::io::Error| {
+            tracing::error!(error = %e, dir = %dir.display(), "cannot create the import spool file");
+            SPOOL_UNAVAILABLE
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| {
-                tracing::error!(error = %e, dir = %dir.display(), "cannot create the import spool file");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "spool_unavailable",
-                    "the upload cannot be kept while it is read (spool_dir); nothing was imported",
-                )
-            })?;
-        Ok(Spool { path, file })
+            .map_err(unavailable)?;
+        std::fs::remove_file(&path).map_err(unavailable)?;
+        Ok(Spool { file })
     }
 
     /// A handle to read it from the start.
@@ -170,9 +167,34 @@ impl Spool {
     }
 }
 
-impl Drop for Spool {
+const SPOOL_UNAVAILABLE: ApiError = ApiError::new(
+    StatusCode::SERVICE_UNAVAILABLE,
+    "spool_unavailable",
+    "the upload cannot be kept while it is read (spool_dir); nothing was imported",
+);
+
+/// Imports running now; each holds a slot while it lives.
+static IMPORTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Imports at once, at most: each keeps an upload of up to 16 GiB in `spool_dir`.
+const MAX_IMPORTS: usize = 2;
+
+struct ImportSlot;
+
+impl ImportSlot {
+    fn take() -> Option<ImportSlot> {
+        use std::sync::atomic::Ordering;
+        IMPORTS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_IMPORTS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ImportSlot)
+    }
+}
+
+impl Drop for ImportSlot {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        IMPORTS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -185,13 +207,23 @@ fn open_spool(
     Ok((WipingReader::new(message), used))
 }
 
-/// Pass one: the file read to its end. Its integrity, its signer and its header are checked;
-/// its rows are counted, nothing is kept.
+/// What the first reading found: the key that opened the file, the signer checked, the rows.
+struct Checked {
+    key: String,
+    signer: Option<String>,
+    rows: u64,
+}
+
+/// Pass one: the file read to its end. Its integrity, its signer (whose key is parsed here,
+/// off the worker) and its header are checked; its rows are counted, nothing is kept.
 fn check_file(
     file: std::fs::File,
     keys: &[openpgp::ImportKey],
-    signer: Option<&pgp::composed::SignedPublicKey>,
-) -> Result<(String, u64), ApiError> {
+    signer: Option<&[u8]>,
+) -> Result<Checked, ApiError> {
+    let signer = signer
+        .map(|bytes| openpgp::public_key(bytes).map_err(ApiError::from))
+        .transpose()?;
     let (reader, used) = open_spool(file, keys)?;
     let mut rows = match Rows::new(reader) {
         Ok(rows) => rows,
@@ -204,11 +236,32 @@ fn check_file(
         .map_err(|_| ApiError::from(PgpError::Damaged))?
         .is_some()
     {}
-    let count = rows.row;
-    if let Some(signer) = signer {
+    if let Some(signer) = &signer {
         openpgp::verify_signer(rows.reader().get_ref(), signer)?;
     }
-    Ok((used, count))
+    Ok(Checked {
+        key: used,
+        signer: signer.as_ref().map(openpgp::fingerprint_of),
+        rows: rows.row,
+    })
+}
+
+/// A refused import's audit line; the refusal itself unless the line cannot be written.
+async fn refused(vault: &crate::vault::Vault, grant: &Grant<Import>, e: ApiError) -> ApiError {
+    match vault
+        .audit_bulk_async(
+            grant.actor(),
+            grant.project(),
+            "cards.import",
+            Some(e.code),
+            None,
+            None,
+        )
+        .await
+    {
+        Ok(()) => e,
+        Err(audit) => ApiError::from(audit),
+    }
 }
 
 /// `POST /v1/import`: the body is the encrypted file (after the signer's key, when
@@ -220,29 +273,27 @@ pub async fn import(
 ) -> Result<HttpResponse, ApiError> {
     let grant = Arc::new(grant::<Import>(&req, &state)?);
     let vault = state.vault.clone();
-    let refuse = |e: ApiError, grant: &Grant<Import>| -> ApiError {
-        if let Err(audit) = vault.audit_bulk(
-            grant.actor(),
-            grant.project(),
-            "cards.import",
-            Some(e.code),
-            None,
-            None,
-        ) {
-            return ApiError::from(audit);
-        }
-        e
+    let Some(slot) = ImportSlot::take() else {
+        let busy = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_imports",
+            "two imports are running already; retry when one ends",
+        );
+        return Err(refused(&vault, &grant, busy).await);
     };
-    let keys = vault.import_keys()?;
+    let keys = {
+        let vault = vault.clone();
+        web::block(move || vault.import_keys())
+            .await
+            .map_err(|_| ApiError::INTERNAL)??
+    };
     if keys.is_empty() {
-        return Err(refuse(
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "no_import_key",
-                "the vault has no import key yet: make one with `cardvault keys import-key`",
-            ),
-            &grant,
-        ));
+        let none = ApiError::new(
+            StatusCode::CONFLICT,
+            "no_import_key",
+            "the vault has no import key yet: make one with `cardvault keys import-key`",
+        );
+        return Err(refused(&vault, &grant, none).await);
     }
     let signer_len = match req.headers().get(SIGNER_LENGTH_HEADER) {
         None => 0,
@@ -253,8 +304,12 @@ pub async fn import(
             .filter(|n| (1..=MAX_SIGNER).contains(n))
             .ok_or(ApiError::INVALID_REQUEST)?,
     };
-    // The upload, into the spool (the signer's key first, kept in memory).
-    let spool = Spool::create(&state.config.spool_dir)?;
+    // The upload, into the spool (the signer's key first, kept in memory). Writes go to the
+    // page cache; the spool is never synced, since it need not outlive the import.
+    let spool = match Spool::create(&state.config.spool_dir) {
+        Ok(spool) => spool,
+        Err(e) => return Err(refused(&vault, &grant, e).await),
+    };
     let mut signer_bytes = Vec::with_capacity(signer_len);
     let mut total = 0u64;
     while let Some(chunk) = payload.next().await {
@@ -268,43 +323,26 @@ pub async fn import(
             signer_bytes.extend_from_slice(&chunk.split_to(take));
         }
         if !chunk.is_empty() {
-            // Small blocking writes: the page cache takes them.
-            (&spool.file).write_all(&chunk).map_err(|e| {
+            if let Err(e) = (&spool.file).write_all(&chunk) {
                 tracing::error!(error = %e, "writing the import spool failed");
-                refuse(
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "spool_unavailable",
-                        "the upload cannot be kept while it is read (spool_dir); nothing was imported",
-                    ),
-                    &grant,
-                )
-            })?;
+                return Err(refused(&vault, &grant, SPOOL_UNAVAILABLE).await);
+            }
         }
     }
-    spool.file.sync_all().map_err(|_| ApiError::INTERNAL)?;
-    let signer = if signer_len > 0 {
-        if signer_bytes.len() < signer_len {
-            return Err(ApiError::INVALID_REQUEST);
-        }
-        Some(
-            openpgp::public_key(&signer_bytes)
-                .map_err(|_| refuse(ApiError::from(PgpError::BadKey), &grant))?,
-        )
-    } else {
-        None
-    };
+    if signer_bytes.len() < signer_len {
+        return Err(ApiError::INVALID_REQUEST);
+    }
 
     // Pass one, off the worker.
     let file = spool.reader()?;
     let keys = Arc::new(keys);
     let check_keys = Arc::clone(&keys);
-    let (used_key, expected_rows) =
-        match web::block(move || check_file(file, &check_keys, signer.as_ref())).await {
-            Ok(Ok(checked)) => checked,
-            Ok(Err(e)) => return Err(refuse(e, &grant)),
-            Err(_) => return Err(ApiError::INTERNAL),
-        };
+    let signer = (signer_len > 0).then_some(signer_bytes);
+    let checked = match web::block(move || check_file(file, &check_keys, signer.as_deref())).await {
+        Ok(Ok(checked)) => checked,
+        Ok(Err(e)) => return Err(refused(&vault, &grant, e).await),
+        Err(_) => return Err(ApiError::INTERNAL),
+    };
 
     // Pass two: rows from a reading thread, imported here, results out as they are durable.
     let (row_tx, row_rx) = tokio::sync::mpsc::channel::<RowItem>(CHUNK * 4);
@@ -319,9 +357,8 @@ pub async fn import(
         grant,
         row_rx,
         out_tx,
-        used_key,
-        expected_rows,
-        spool,
+        checked,
+        (spool, slot),
     ));
     let body = futures_util::stream::unfold(out_rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -448,85 +485,93 @@ async fn import_rows(
     grant: Arc<Grant<Import>>,
     rows: tokio::sync::mpsc::Receiver<RowItem>,
     out: tokio::sync::mpsc::Sender<Result<web::Bytes, std::io::Error>>,
-    used_key: String,
-    expected_rows: u64,
-    spool: Spool,
+    checked: Checked,
+    held: (Spool, ImportSlot),
 ) {
     let mut counts = Bulk {
-        key: used_key,
+        key: checked.key,
+        signer: checked.signer,
         ..Bulk::default()
     };
     let mut stopped: Option<&'static str> = None;
-    let _ = out
+    if out
         .send(Ok(web::Bytes::from_static(
             b"row,customer_ref,customer,token,status\r\n",
         )))
-        .await;
+        .await
+        .is_err()
     {
-        let items = futures_util::stream::unfold(rows, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        // Rows as they come, up to CHUNK in one transaction; two chunks in flight, so one
-        // is prepared while the other waits for its flush.
-        let results = items
-            .ready_chunks(CHUNK)
-            .map(|chunk| {
-                let vault = Arc::clone(&vault);
-                let grant = Arc::clone(&grant);
-                async move { import_chunk(&vault, &grant, chunk).await }
-            })
-            .buffered(2);
-        let mut results = std::pin::pin!(results);
-        'chunks: while let Some(chunk) = results.next().await {
-            let chunk = match chunk {
-                Ok(lines) => lines,
+        stopped = Some("client_gone");
+    }
+    let items = futures_util::stream::unfold(rows, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    // Rows as they come, up to CHUNK in one transaction; two chunks in flight, so one is
+    // prepared while the other waits for its flush. Once the import stops (the client left,
+    // the store failed), no chunk starts, the ones in flight finish, and every row committed
+    // is counted whether its line went out or not.
+    let mut chunks = std::pin::pin!(items.ready_chunks(CHUNK));
+    let mut in_flight = futures_util::stream::FuturesOrdered::new();
+    let mut more = true;
+    loop {
+        while more && stopped.is_none() && in_flight.len() < 2 {
+            match chunks.next().await {
+                Some(chunk) => in_flight.push_back(import_chunk(&vault, &grant, chunk)),
+                None => more = false,
+            }
+        }
+        let Some(done) = in_flight.next().await else {
+            break;
+        };
+        let lines = match done {
+            Ok(lines) => lines,
+            Err(code) => {
+                stopped.get_or_insert(code);
+                continue;
+            }
+        };
+        for (n, reference, outcome) in lines {
+            counts.rows += 1;
+            let line = match outcome {
+                Ok(done) => {
+                    let status = if done.duplicate {
+                        counts.duplicate += 1;
+                        "duplicate"
+                    } else {
+                        counts.created += 1;
+                        "created"
+                    };
+                    result_line(
+                        n,
+                        reference.as_deref(),
+                        Some((&done.customer, &done.token)),
+                        status,
+                    )
+                }
                 Err(code) => {
-                    stopped = Some(code);
-                    break;
+                    counts.failed += 1;
+                    result_line(n, reference.as_deref(), None, code)
                 }
             };
-            for (n, reference, outcome) in chunk {
-                counts.rows += 1;
-                let line = match outcome {
-                    Ok(done) => {
-                        let status = if done.duplicate {
-                            counts.duplicate += 1;
-                            "duplicate"
-                        } else {
-                            counts.created += 1;
-                            "created"
-                        };
-                        result_line(
-                            n,
-                            reference.as_deref(),
-                            Some((&done.customer, &done.token)),
-                            status,
-                        )
-                    }
-                    Err(code) => {
-                        counts.failed += 1;
-                        result_line(n, reference.as_deref(), None, code)
-                    }
-                };
-                if out.send(Ok(line)).await.is_err() {
-                    stopped = Some("client_gone");
-                    break 'chunks;
-                }
+            if stopped.is_none() && out.send(Ok(line)).await.is_err() {
+                stopped = Some("client_gone");
             }
         }
     }
-    if stopped.is_none() && counts.rows != expected_rows {
+    if stopped.is_none() && counts.rows != checked.rows {
         stopped = Some("file_damaged");
     }
-    drop(spool);
-    let audited = vault.audit_bulk(
-        grant.actor(),
-        grant.project(),
-        "cards.import",
-        stopped,
-        None,
-        Some(&counts),
-    );
+    drop(held);
+    let audited = vault
+        .audit_bulk_async(
+            grant.actor(),
+            grant.project(),
+            "cards.import",
+            stopped,
+            None,
+            Some(&counts),
+        )
+        .await;
     let trailer = match (stopped, audited) {
         (None, Ok(())) => format!(
             "# complete rows={} created={} duplicate={} failed={}\r\n",
@@ -605,18 +650,24 @@ pub async fn fetch_export(
     };
     let (plan, grant) = plan;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(8);
-    let (plain_tx, plain_rx) = std::sync::mpsc::sync_channel::<zeroize::Zeroizing<Vec<u8>>>(64);
+    let (plain_tx, plain_rx) = std::sync::mpsc::sync_channel::<Plain>(64);
     let plan = Arc::new(plan);
     let reader_plan = Arc::clone(&plan);
     let reader_vault = vault.clone();
     let rows = std::thread::Builder::new()
         .name("cardvault-export".into())
         .spawn(move || {
-            reader_vault.export_rows(&reader_plan, &mut |line| {
+            let rows = reader_vault.export_rows(&reader_plan, &mut |line| {
                 plain_tx
-                    .send(zeroize::Zeroizing::new(line.to_vec()))
+                    .send(Plain::Line(zeroize::Zeroizing::new(line.to_vec())))
                     .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
-            })
+            });
+            // Only a complete export is marked so; without the mark the encryptor fails
+            // rather than seal a file that lacks rows.
+            if rows.is_ok() {
+                let _ = plain_tx.send(Plain::Done);
+            }
+            rows
         })
         .map_err(|_| ApiError::INTERNAL)?;
     std::thread::Builder::new()
@@ -632,10 +683,14 @@ pub async fn fetch_export(
             let rows = rows
                 .join()
                 .unwrap_or(Err(VaultError::Integrity("export".into())));
+            // The first cause: the rows failing, else the encryption (a write failing is the
+            // client leaving), rather than the other side stopping because of it.
             let outcome: Result<u64, &'static str> = match (encrypted, rows) {
                 (Ok(()), Ok(n)) => Ok(n),
-                (_, Err(e)) => Err(e.code()),
-                (Err(e), Ok(_)) => Err(e.code()),
+                (_, Err(e)) if e.code() != "client_gone" => Err(e.code()),
+                (Err(PgpError::Write), _) => Err("client_gone"),
+                (Err(e), _) => Err(e.code()),
+                (Ok(()), Err(e)) => Err(e.code()),
             };
             if outcome.is_err() {
                 let _ = tx.blocking_send(Err(std::io::Error::other("the export stopped")));
@@ -680,19 +735,29 @@ impl<F: FnMut(&[u8]) -> std::io::Result<()>> Write for ChunkWriter<F> {
     }
 }
 
-/// A `Read` over plaintext lines from the export thread; each is wiped once read.
+/// What the export thread hands the encrypting one.
+enum Plain {
+    Line(zeroize::Zeroizing<Vec<u8>>),
+    /// Every row was sent.
+    Done,
+}
+
+/// A `Read` over plaintext lines from the export thread; each is wiped once read. The end of
+/// the rows without [`Plain::Done`] is an error, so a partial export is never sealed.
 struct PlainReader {
-    rx: std::sync::mpsc::Receiver<zeroize::Zeroizing<Vec<u8>>>,
+    rx: std::sync::mpsc::Receiver<Plain>,
     current: zeroize::Zeroizing<Vec<u8>>,
     pos: usize,
+    done: bool,
 }
 
 impl PlainReader {
-    fn new(rx: std::sync::mpsc::Receiver<zeroize::Zeroizing<Vec<u8>>>) -> PlainReader {
+    fn new(rx: std::sync::mpsc::Receiver<Plain>) -> PlainReader {
         PlainReader {
             rx,
             current: zeroize::Zeroizing::new(Vec::new()),
             pos: 0,
+            done: false,
         }
     }
 }
@@ -700,12 +765,16 @@ impl PlainReader {
 impl std::io::Read for PlainReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.pos >= self.current.len() {
+            if self.done {
+                return Ok(0);
+            }
             match self.rx.recv() {
-                Ok(next) => {
+                Ok(Plain::Line(next)) => {
                     self.current = next;
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0),
+                Ok(Plain::Done) => self.done = true,
+                Err(_) => return Err(std::io::Error::other("the export's rows stopped")),
             }
         }
         let rest = self.current.get(self.pos..).unwrap_or_default();
@@ -715,5 +784,59 @@ impl std::io::Read for PlainReader {
         }
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn line(text: &str) -> Plain {
+        Plain::Line(zeroize::Zeroizing::new(text.as_bytes().to_vec()))
+    }
+
+    /// Rows that stop without their end mark are an error to the encryptor, so an export
+    /// whose reading failed midway is never sealed as a whole file.
+    #[test]
+    fn the_export_reader_fails_unless_every_row_was_sent() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(line("a,b\r\n")).unwrap();
+        tx.send(line("c,d\r\n")).unwrap();
+        tx.send(Plain::Done).unwrap();
+        let mut all = String::new();
+        PlainReader::new(rx).read_to_string(&mut all).unwrap();
+        assert_eq!(all, "a,b\r\nc,d\r\n");
+
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(line("a,b\r\n")).unwrap();
+        drop(tx);
+        assert!(PlainReader::new(rx).read_to_end(&mut Vec::new()).is_err());
+
+        // And the encryption stops on it.
+        let recipient = openpgp::public_key(
+            openpgp::ImportKey::generate(Algorithm::Curve25519, "r")
+                .unwrap()
+                .public_armored()
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(line("a,b\r\n")).unwrap();
+        drop(tx);
+        let mut out = Vec::new();
+        assert!(openpgp::encrypt_to(&recipient, PlainReader::new(rx), &mut out).is_err());
+    }
+
+    /// At most two imports hold a slot at once; a slot is given back when dropped.
+    #[test]
+    fn imports_take_one_of_two_slots() {
+        let first = ImportSlot::take().unwrap();
+        let second = ImportSlot::take().unwrap();
+        assert!(ImportSlot::take().is_none());
+        drop(first);
+        let third = ImportSlot::take().unwrap();
+        drop((second, third));
     }
 }

@@ -254,6 +254,18 @@ pub fn verify_signer(message: &Message<'_>, signer: &SignedPublicKey) -> Result<
     Err(PgpError::BadSignature)
 }
 
+/// The recipient's encryption subkey: one whose algorithm encrypts and whose binding
+/// signature allows encryption.
+pub fn encryption_key(recipient: &SignedPublicKey) -> Option<&pgp::composed::SignedPublicSubKey> {
+    recipient.public_subkeys.iter().find(|sub| {
+        sub.key.algorithm().can_encrypt()
+            && sub
+                .signatures
+                .iter()
+                .any(|s| s.key_flags().encrypt_comms() || s.key_flags().encrypt_storage())
+    })
+}
+
 /// Encrypts what `plain` yields to `recipient`'s encryption key (AES-256, with an integrity
 /// check), streaming into `out`: nothing of the plaintext is held whole.
 pub fn encrypt_to<R: Read, W: Write>(
@@ -261,17 +273,7 @@ pub fn encrypt_to<R: Read, W: Write>(
     plain: R,
     out: W,
 ) -> Result<(), PgpError> {
-    let key = recipient
-        .public_subkeys
-        .iter()
-        .find(|sub| {
-            sub.key.algorithm().can_encrypt()
-                && sub
-                    .signatures
-                    .iter()
-                    .any(|s| s.key_flags().encrypt_comms() || s.key_flags().encrypt_storage())
-        })
-        .ok_or(PgpError::BadKey)?;
+    let key = encryption_key(recipient).ok_or(PgpError::BadKey)?;
     let mut builder = MessageBuilder::from_reader("cards.csv", plain)
         .seipd_v1(OsRng, SymmetricKeyAlgorithm::AES256);
     builder

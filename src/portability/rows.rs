@@ -203,8 +203,10 @@ impl<R: BufRead> Rows<R> {
         let mut rows = Rows {
             input,
             format,
-            line: Zeroizing::new(Vec::with_capacity(1024)),
-            fields: Zeroizing::new(Vec::with_capacity(1024)),
+            // Room for the longest record (and the byte past it that marks it too long), so
+            // neither buffer ever grows and leaves a copy of a row behind.
+            line: Zeroizing::new(Vec::with_capacity(MAX_RECORD + 1)),
+            fields: Zeroizing::new(Vec::with_capacity(MAX_RECORD + 1)),
             ranges: Vec::with_capacity(COLUMNS.len()),
             index: [None; COLUMNS.len()],
             row: 0,

@@ -39,6 +39,9 @@ const MAX_ATTEMPTS: usize = 16;
 pub struct Bulk {
     /// The import key the file was encrypted to, or the export's recipient key.
     pub key: String,
+    /// The key an imported file's signature was checked against, when one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub signer: Option<String>,
     pub rows: u64,
     #[serde(skip_serializing_if = "is_zero", default)]
     pub created: u64,
@@ -401,6 +404,36 @@ impl Vault {
         object: Option<&str>,
         bulk: Option<&Bulk>,
     ) -> Result<(), VaultError> {
+        self.bulk_line(actor, project, action, code, object, bulk)?
+            .wait_blocking()?;
+        Ok(())
+    }
+
+    /// [`Vault::audit_bulk`] for async callers (an HTTP worker must not block on the log).
+    pub async fn audit_bulk_async(
+        &self,
+        actor: crate::audit::Actor<'_>,
+        project: &Project,
+        action: &'static str,
+        code: Option<&'static str>,
+        object: Option<&str>,
+        bulk: Option<&Bulk>,
+    ) -> Result<(), VaultError> {
+        self.bulk_line(actor, project, action, code, object, bulk)?
+            .wait()
+            .await?;
+        Ok(())
+    }
+
+    fn bulk_line(
+        &self,
+        actor: crate::audit::Actor<'_>,
+        project: &Project,
+        action: &'static str,
+        code: Option<&'static str>,
+        object: Option<&str>,
+        bulk: Option<&Bulk>,
+    ) -> Result<crate::audit::AuditTicket, VaultError> {
         let event = AuditEvent {
             action,
             outcome: if code.is_none() {
@@ -417,8 +450,7 @@ impl Vault {
             forward: None,
             bulk,
         };
-        self.audit.record(&event)?.wait_blocking()?;
-        Ok(())
+        Ok(self.audit.record(&event)?)
     }
 
     fn export_request(&self, id: &str) -> Result<(ExportRequest, Vec<u8>), VaultError> {
@@ -445,12 +477,13 @@ impl Vault {
         customers: Option<Vec<String>>,
     ) -> Result<(String, String), VaultError> {
         let result = (|| {
-            let key = openpgp::public_key(recipient).map_err(|_| {
-                refused(
+            let key = openpgp::public_key(recipient)
+                .ok()
+                .filter(|k| openpgp::encryption_key(k).is_some())
+                .ok_or(refused(
                     "invalid_recipient",
-                    "the recipient key is malformed or has no encryption key",
-                )
-            })?;
+                    "the recipient key is malformed or has no usable encryption subkey",
+                ))?;
             if let Some(list) = &customers {
                 if list.is_empty() || list.len() > MAX_EXPORT_CUSTOMERS {
                     return Err(refused(
@@ -559,8 +592,9 @@ impl Vault {
         result
     }
 
-    /// An approved, unexpired export request, ready to be written. A refusal is audited here;
-    /// the export itself is audited by [`Vault::audit_bulk`] when written.
+    /// An approved, unexpired export request, ready to be written. Audited here, before
+    /// anything leaves: `export.released`, or the refusal as `export.fetched` with its code;
+    /// the export itself is audited as `export.fetched` with its row count once written.
     pub fn export_plan(&self, grant: &Grant<Export>, id: &str) -> Result<ExportPlan, VaultError> {
         let result = (|| {
             let (request, _) = self.export_request(id)?;
@@ -586,16 +620,24 @@ impl Vault {
                 customers: request.customers,
             })
         })();
-        if let Err(e) = &result {
-            self.audit_bulk(
-                grant.actor(),
-                grant.project(),
-                "export.fetched",
-                Some(e.code()),
-                Some(id),
-                None,
-            )?;
-        }
+        // Before the first byte leaves: `export.released` (or the refusal). If the line
+        // cannot be written, nothing leaves.
+        let bulk = result.as_ref().ok().map(|plan| Bulk {
+            key: plan.recipient_fingerprint.clone(),
+            ..Bulk::default()
+        });
+        self.audit_bulk(
+            grant.actor(),
+            grant.project(),
+            if result.is_ok() {
+                "export.released"
+            } else {
+                "export.fetched"
+            },
+            result.as_ref().err().map(VaultError::code),
+            Some(id),
+            bulk.as_ref(),
+        )?;
         result
     }
 
@@ -613,7 +655,9 @@ impl Vault {
         let keys = self
             .project_keys(project, false)?
             .ok_or(VaultError::NotFound)?;
-        let mut line = Zeroizing::new(Vec::with_capacity(512));
+        // Large enough for any row (every field is bounded), so it never grows and leaves a
+        // copy behind.
+        let mut line = Zeroizing::new(Vec::with_capacity(8192));
         let header: Vec<&str> = COLUMNS
             .iter()
             .copied()

@@ -402,10 +402,13 @@ fn damaged_altered_misaddressed_or_unsigned_files_import_nothing() {
     );
     assert!(ok, "{output}");
     assert!(output.contains("complete rows=200 created=200"), "{output}");
-    let refusals: Vec<_> = audit_lines(&setup, "cards.import")
-        .into_iter()
+    let lines = audit_lines(&setup, "cards.import");
+    let refusals: Vec<_> = lines
+        .iter()
         .filter_map(|l| l["code"].as_str().map(str::to_owned))
         .collect();
+    // The import that passed names the signer its signature was checked against.
+    assert_eq!(lines.last().unwrap()["bulk"]["signer"], sender.as_str());
     assert_eq!(
         refusals,
         [
@@ -533,6 +536,11 @@ fn exports_need_a_second_identity_and_decrypt_only_for_the_recipient() {
     let requested = audit_lines(&setup, "export.requested");
     let approved = audit_lines(&setup, "export.approved");
     let fetched = audit_lines(&setup, "export.fetched");
+    // Written before the first byte left, with the recipient's key.
+    let released = audit_lines(&setup, "export.released");
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0]["identity"], "exporter-a");
+    assert_eq!(released[0]["object"], id.as_str());
     assert_eq!(requested.len(), 1);
     assert_eq!(requested[0]["identity"], "exporter-a");
     assert_eq!(

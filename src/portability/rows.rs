@@ -264,7 +264,9 @@ impl<R: BufRead> Rows<R> {
     /// quoted field may hold commas and quotes, not line breaks, so that a stray quote costs
     /// its own row and never swallows the rows after it.
     fn read_record(&mut self) -> std::io::Result<bool> {
-        self.line.zeroize();
+        // The bytes used are wiped; the buffer never grows, so no row lies beyond them (its
+        // whole capacity is wiped when it is dropped).
+        self.line.as_mut_slice().zeroize();
         self.line.clear();
         let (n, ended) = read_line_bounded(&mut self.input, &mut self.line, MAX_RECORD)?;
         if n == 0 {
@@ -272,7 +274,7 @@ impl<R: BufRead> Rows<R> {
         }
         if self.line.len() > MAX_RECORD {
             // Far too long: drop it and what is left of its line; the row is malformed.
-            self.line.zeroize();
+            self.line.as_mut_slice().zeroize();
             self.line.clear();
             self.line.extend_from_slice(b"\x00");
             if !ended {
@@ -282,9 +284,10 @@ impl<R: BufRead> Rows<R> {
         Ok(true)
     }
 
-    /// Splits `line` as one RFC 4180 record (without line breaks in fields) into `fields`/`ranges`; `false` if malformed.
+    /// Splits `line` as one RFC 4180 record (without line breaks in fields) into
+    /// `fields`/`ranges`; `false` if malformed.
     fn split_csv(&mut self) -> bool {
-        self.fields.zeroize();
+        self.fields.as_mut_slice().zeroize();
         self.fields.clear();
         self.ranges.clear();
         let mut line: &[u8] = &self.line;

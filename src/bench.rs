@@ -214,11 +214,7 @@ impl io::Read for GeneratedCards {
             }
             self.next += 1;
         }
-        let rest = self.line.get(self.pos..).unwrap_or_default();
-        let n = rest.len().min(out.len());
-        if let (Some(to), Some(from)) = (out.get_mut(..n), rest.get(..n)) {
-            to.copy_from_slice(from);
-        }
+        let n = crate::portability::rows::copy_out(self.line.get(self.pos..), out);
         self.pos += n;
         Ok(n)
     }
@@ -249,20 +245,6 @@ impl io::Write for ImportResults {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-/// Peak resident memory of process `pid` (`VmHWM`), MiB.
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
 }
 
 /// `--import-rows`: makes the file (outside the measured time), then imports it once.
@@ -770,10 +752,20 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// Resident set size of process `pid`, MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// Peak resident memory of process `pid` (`VmHWM`), MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
+/// A memory field of `/proc/PID/status` (in kB there), MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()

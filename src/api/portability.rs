@@ -777,11 +777,7 @@ impl std::io::Read for PlainReader {
                 Err(_) => return Err(std::io::Error::other("the export's rows stopped")),
             }
         }
-        let rest = self.current.get(self.pos..).unwrap_or_default();
-        let n = rest.len().min(out.len());
-        if let (Some(to), Some(from)) = (out.get_mut(..n), rest.get(..n)) {
-            to.copy_from_slice(from);
-        }
+        let n = crate::portability::rows::copy_out(self.current.get(self.pos..), out);
         self.pos += n;
         Ok(n)
     }

@@ -120,14 +120,20 @@ impl<R: Read> WipingReader<R> {
 
 impl<R: Read> Read for WipingReader<R> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        let available = self.fill_buf()?;
-        let n = available.len().min(out.len());
-        if let (Some(to), Some(from)) = (out.get_mut(..n), available.get(..n)) {
-            to.copy_from_slice(from);
-        }
+        let n = copy_out(Some(self.fill_buf()?), out);
         self.consume(n);
         Ok(n)
     }
+}
+
+/// Copies as much of `from` as `out` takes (for `Read` impls over a buffer); how much.
+pub fn copy_out(from: Option<&[u8]>, out: &mut [u8]) -> usize {
+    let from = from.unwrap_or_default();
+    let n = from.len().min(out.len());
+    if let (Some(to), Some(from)) = (out.get_mut(..n), from.get(..n)) {
+        to.copy_from_slice(from);
+    }
+    n
 }
 
 impl<R: Read> BufRead for WipingReader<R> {

@@ -74,6 +74,29 @@ pub struct TokenPatch {
     pub recurring: Option<Recurring>,
 }
 
+/// A new customer's record, its profile sealed, holding no token yet.
+pub(super) fn new_customer(
+    keys: &ProjectKeys,
+    project: &Project,
+    id: &str,
+    profile: &Profile,
+    now: i64,
+) -> Result<CustomerRecord, VaultError> {
+    Ok(CustomerRecord {
+        created_at: now,
+        updated_at: now,
+        key_version: keys.dek_version,
+        profile: seal(
+            keys,
+            Blob::CustomerProfile,
+            project,
+            id,
+            &json(profile, id)?,
+        )?,
+        tokens: Vec::new(),
+    })
+}
+
 pub(super) fn json<T: Serialize>(value: &T, id: &str) -> Result<Zeroizing<Vec<u8>>, VaultError> {
     serde_json::to_vec(value)
         .map(Zeroizing::new)
@@ -101,20 +124,7 @@ impl Vault {
             .project_keys(project, true)?
             .ok_or(VaultError::NotFound)?;
         let id = ObjectId::generate(IdKind::Customer)?;
-        let now = unix_now();
-        let record = CustomerRecord {
-            created_at: now,
-            updated_at: now,
-            key_version: keys.dek_version,
-            profile: seal(
-                &keys,
-                Blob::CustomerProfile,
-                project,
-                id.as_str(),
-                &json(&profile, id.as_str())?,
-            )?,
-            tokens: Vec::new(),
-        };
+        let record = new_customer(&keys, project, id.as_str(), &profile, unix_now())?;
         let ticket = self
             .store
             .insert_customer(project.as_str(), id.as_str(), &record)

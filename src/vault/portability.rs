@@ -13,7 +13,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::customers::{json, open_profile, open_token_meta, TokenMeta, MAX_TOKENS_PER_CUSTOMER};
+use super::customers::{
+    json, new_customer, open_profile, open_token_meta, TokenMeta, MAX_TOKENS_PER_CUSTOMER,
+};
 use super::{open, seal, unix_now, Blob, CardMeta, ProjectKeys, Vault, VaultError};
 use crate::audit::{AuditEvent, Outcome};
 use crate::crypto::aad;
@@ -286,19 +288,7 @@ impl Vault {
                         let stored = self.store.customer(p, cust).await?;
                         let working = match &stored {
                             Some(rec) => rec.clone(),
-                            None => CustomerRecord {
-                                created_at: now,
-                                updated_at: now,
-                                key_version: keys.dek_version,
-                                profile: seal(
-                                    &keys,
-                                    Blob::CustomerProfile,
-                                    project,
-                                    cust,
-                                    &json(&row.profile, cust)?,
-                                )?,
-                                tokens: Vec::new(),
-                            },
+                            None => new_customer(&keys, project, cust, &row.profile, now)?,
                         };
                         touched.push(Touched {
                             id: cust.to_owned(),

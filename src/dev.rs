@@ -35,7 +35,7 @@ projects = ["*"]
 [[identity]]
 name = "ops"
 uri_san = "spiffe://cardvault.dev/ops"
-permissions = ["keys", "metrics", "backup", "import"]
+permissions = ["keys", "metrics", "backup", "import", "detokenize"]
 projects = ["*"]
 "#;
 

@@ -584,6 +584,18 @@ impl Identity {
                  an identity that cannot tokenize (or that holds detokenize anyway)"
             ));
         }
+        // An import answers which cards a customer holds (`duplicate`, and the same token id
+        // for the same card, which idempotency needs), for cards the importer chose: the same
+        // oracle as fingerprint beside tokenize.
+        if permissions.contains(&Permission::Import)
+            && !permissions.contains(&Permission::Detokenize)
+        {
+            return Err(format!(
+                "identity {name:?}: import without detokenize lets it recover card numbers by \
+                 importing every candidate PAN for a customer and reading which one comes back \
+                 as a duplicate; give import to an identity that holds detokenize anyway"
+            ));
+        }
         if entry.projects.is_empty() && !permissions.iter().all(|p| p.is_vault_wide()) {
             return Err(format!(
                 "identity {name:?} lists no projects (use [\"*\"] for all)"
@@ -671,6 +683,7 @@ mod tests {
             ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['read']\nprojects=['*']\ncolour='red'", "unknown field"),
             ("[[identity]]\nname='a'\nuri_san=''\npermissions=['read']\nprojects=['*']", "empty matcher"),
             ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['tokenize','read','fingerprint']\nprojects=['*']", "recover card numbers"),
+            ("[[identity]]\nname='a'\nuri_san='x'\npermissions=['import']\nprojects=['*']", "import without detokenize"),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();

@@ -116,7 +116,7 @@ permissions = ["unseal"]
 [[identity]]
 name = "migrator"
 uri_san = "spiffe://cardvault.test/migrator"
-permissions = ["import"]
+permissions = ["import", "detokenize"]
 projects = ["*"]
 
 [[identity]]

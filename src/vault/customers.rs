@@ -74,6 +74,26 @@ pub struct TokenPatch {
     pub recurring: Option<Recurring>,
 }
 
+/// A new customer token's record: its metadata and PAN sealed under the active DEK.
+pub(super) fn new_token(
+    keys: &ProjectKeys,
+    project: &Project,
+    id: &str,
+    customer: &str,
+    meta: &TokenMeta,
+    digits: &[u8],
+    now: i64,
+) -> Result<TokenRecord, VaultError> {
+    Ok(TokenRecord {
+        customer: customer.to_owned(),
+        created_at: now,
+        updated_at: now,
+        key_version: keys.dek_version,
+        meta: seal(keys, Blob::TokenMeta, project, id, &json(meta, id)?)?,
+        pan: seal(keys, Blob::TokenPan, project, id, digits)?,
+    })
+}
+
 /// A new customer's record, its profile sealed, holding no token yet.
 pub(super) fn new_customer(
     keys: &ProjectKeys,
@@ -380,14 +400,7 @@ impl Vault {
                         card: card_meta.clone(),
                         recurring: recurring.clone(),
                     };
-                    let token_rec = TokenRecord {
-                        customer: cust.to_owned(),
-                        created_at: now,
-                        updated_at: now,
-                        key_version: keys.dek_version,
-                        meta: seal(&keys, Blob::TokenMeta, project, tid, &json(&meta, tid)?)?,
-                        pan: seal(&keys, Blob::TokenPan, project, tid, &digits)?,
-                    };
+                    let token_rec = new_token(&keys, project, tid, cust, &meta, &digits, now)?;
                     let mut updated_customer = customer_rec.clone();
                     // A token made by a caller that may not see fingerprints takes no part in
                     // deduplication, later attaches included: if it did, a fingerprint holder's

@@ -282,6 +282,26 @@ pub struct ShownCard {
 }
 
 impl CardMeta {
+    /// What may be shown of a card, with its fingerprint (made by the caller, who may need it
+    /// before this).
+    fn of(
+        pan: &Pan,
+        expiry: &Expiry,
+        holder_name: Option<&HolderName>,
+        fingerprint: String,
+    ) -> CardMeta {
+        CardMeta {
+            scheme: pan.scheme().as_str().to_owned(),
+            iin: pan.iin().to_owned(),
+            iin8: pan.iin8().map(str::to_owned),
+            last4: pan.last4().to_owned(),
+            exp_month: expiry.month(),
+            exp_year: expiry.year(),
+            holder_name: holder_name.map(|h| h.as_str().to_owned()),
+            fingerprint,
+        }
+    }
+
     /// The metadata as `disclosure` lets its caller see it.
     pub fn shown(self, disclosure: Disclosure) -> ShownCard {
         ShownCard {
@@ -1215,18 +1235,13 @@ fn card_record(
     card: &NewCard,
     ttl: Duration,
 ) -> Result<(CardRecord, CardMeta), VaultError> {
-    let meta = CardMeta {
-        scheme: card.pan.scheme().as_str().to_owned(),
-        iin: card.pan.iin().to_owned(),
-        iin8: card.pan.iin8().map(str::to_owned),
-        last4: card.pan.last4().to_owned(),
-        exp_month: card.expiry.month(),
-        exp_year: card.expiry.year(),
-        holder_name: card.holder_name.as_ref().map(|h| h.as_str().to_owned()),
-        fingerprint: keys
-            .fingerprint
+    let meta = CardMeta::of(
+        &card.pan,
+        &card.expiry,
+        card.holder_name.as_ref(),
+        keys.fingerprint
             .fingerprint(card.pan.expose_digits().as_bytes()),
-    };
+    );
     let meta_plain = meta
         .encode()
         .map_err(|_| VaultError::Integrity(id.to_string()))?;

@@ -14,15 +14,15 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::customers::{
-    json, new_customer, open_profile, open_token_meta, TokenMeta, MAX_TOKENS_PER_CUSTOMER,
+    new_customer, new_token, open_profile, open_token_meta, TokenMeta, MAX_TOKENS_PER_CUSTOMER,
 };
-use super::{open, seal, unix_now, Blob, CardMeta, ProjectKeys, Vault, VaultError};
+use super::{open, unix_now, Blob, CardMeta, ProjectKeys, Vault, VaultError};
 use crate::audit::{AuditEvent, Outcome};
 use crate::crypto::aad;
 use crate::policy::{Export, Grant, Import};
 use crate::portability::openpgp::{self, Algorithm, ImportKey};
 use crate::portability::rows::ImportRow;
-use crate::store::{Batch, CustomerRecord, TokenRecord, TokenRef};
+use crate::store::{Batch, CustomerRecord, TokenRef};
 use crate::tokens::{IdKind, ObjectId, Project};
 
 /// The "project" under which the import keys and export requests sit among the wrapped keys:
@@ -323,32 +323,16 @@ impl Vault {
                 let token = ObjectId::generate(IdKind::CustomerToken)?;
                 let tid = token.as_str();
                 let meta = TokenMeta {
-                    card: CardMeta {
-                        scheme: row.pan.scheme().as_str().to_owned(),
-                        iin: row.pan.iin().to_owned(),
-                        iin8: row.pan.iin8().map(str::to_owned),
-                        last4: row.pan.last4().to_owned(),
-                        exp_month: row.expiry.month(),
-                        exp_year: row.expiry.year(),
-                        holder_name: row.holder_name.as_ref().map(|h| h.as_str().to_owned()),
-                        fingerprint: fingerprint.clone(),
-                    },
+                    card: CardMeta::of(
+                        &row.pan,
+                        &row.expiry,
+                        row.holder_name.as_ref(),
+                        fingerprint.clone(),
+                    ),
                     recurring: row.recurring.clone(),
                 };
-                let token_rec = TokenRecord {
-                    customer: cust.to_owned(),
-                    created_at: now,
-                    updated_at: now,
-                    key_version: keys.dek_version,
-                    meta: seal(&keys, Blob::TokenMeta, project, tid, &json(&meta, tid)?)?,
-                    pan: seal(
-                        &keys,
-                        Blob::TokenPan,
-                        project,
-                        tid,
-                        row.pan.expose_digits().as_bytes(),
-                    )?,
-                };
+                let digits = row.pan.expose_digits().as_bytes();
+                let token_rec = new_token(&keys, project, tid, cust, &meta, digits, now)?;
                 batch.expect_no_token(p, tid).put_token(p, tid, &token_rec);
                 entry.working.tokens.push(TokenRef {
                     id: tid.to_owned(),

@@ -506,15 +506,16 @@ async fn import_rows(
     let items = futures_util::stream::unfold(rows, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    // Rows as they come, up to CHUNK in one transaction; two chunks in flight, so one is
-    // prepared while the other waits for its flush. Once the import stops (the client left,
-    // the store failed), no chunk starts, the ones in flight finish, and every row committed
+    // Rows as they come, up to CHUNK in one transaction, one chunk at a time: chunks commit in
+    // file order, so a customer's first row makes it (with two in flight, a later chunk could
+    // create it first, with a later row's profile). Once the import stops (the client left,
+    // the store failed), no chunk starts, the one in flight finishes, and every row committed
     // is counted whether its line went out or not.
     let mut chunks = std::pin::pin!(items.ready_chunks(CHUNK));
     let mut in_flight = futures_util::stream::FuturesOrdered::new();
     let mut more = true;
     loop {
-        while more && stopped.is_none() && in_flight.len() < 2 {
+        while more && stopped.is_none() && in_flight.is_empty() {
             match chunks.next().await {
                 Some(chunk) => in_flight.push_back(import_chunk(&vault, &grant, chunk)),
                 None => more = false,

@@ -60,7 +60,7 @@ impl ObjectId {
         Self::generate_at(kind, seconds)
     }
 
-    fn generate_at(kind: IdKind, seconds: u64) -> Result<ObjectId, IdError> {
+    pub(crate) fn generate_at(kind: IdKind, seconds: u64) -> Result<ObjectId, IdError> {
         let mut time = [b'0'; TIME_CHARS];
         let mut rest = seconds;
         for slot in time.iter_mut().rev() {
@@ -109,6 +109,32 @@ impl ObjectId {
             }
             digest = ring::digest::digest(&ring::digest::SHA256, digest.as_ref());
         }
+    }
+
+    /// The part of a card id that every card id of the same second shares (`card_` and the
+    /// time characters), with that second. `None` for anything else, a derived id included
+    /// (its time part is zero).
+    pub fn card_second(id: &str) -> Option<(&str, u64)> {
+        let body = id.strip_prefix(IdKind::Card.prefix())?;
+        if body.len() != ID_CHARS || !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return None;
+        }
+        let group = id.get(..IdKind::Card.prefix().len() + TIME_CHARS)?;
+        Some((group, ObjectId::card_group_second(group)?))
+    }
+
+    /// The second of a group as [`ObjectId::card_second`] gives it (`card_` and exactly the
+    /// time characters); `None` for anything else.
+    pub fn card_group_second(group: &str) -> Option<u64> {
+        let time = group.strip_prefix(IdKind::Card.prefix())?;
+        if time.len() != TIME_CHARS {
+            return None;
+        }
+        let seconds = time.bytes().try_fold(0u64, |acc, b| {
+            let digit = ALPHABET.iter().position(|a| *a == b)?;
+            acc.checked_mul(62)?.checked_add(digit as u64)
+        })?;
+        (seconds > 0).then_some(seconds)
     }
 
     /// Parses an id that must be of `kind`.
@@ -251,6 +277,21 @@ mod tests {
         let (x, y) = (at(1_790_000_000), at(1_790_000_000));
         assert_eq!(x.as_str()[..11], y.as_str()[..11]);
         assert_ne!(x, y);
+        // Which is what `card_second` reads back, for card ids only.
+        assert_eq!(
+            ObjectId::card_second(x.as_str()),
+            Some((&x.as_str()[..11], 1_790_000_000))
+        );
+        assert_eq!(ObjectId::card_second(&c.as_str()[..20]), None);
+        assert_eq!(
+            ObjectId::card_group_second(&x.as_str()[..11]),
+            Some(1_790_000_000)
+        );
+        assert_eq!(ObjectId::card_group_second(&x.as_str()[..12]), None);
+        let token = ObjectId::generate_at(IdKind::CustomerToken, 1_790_000_000).unwrap();
+        assert_eq!(ObjectId::card_second(token.as_str()), None);
+        let derived = ObjectId::derived(IdKind::Card, &[7; 32]).unwrap();
+        assert_eq!(ObjectId::card_second(derived.as_str()), None);
     }
 
     #[test]

@@ -3,13 +3,23 @@
 //! Trees: `cards`, `customers`, `customer_tokens`, `idempotency` and `keys`, each keyed by
 //! `project \0 id`; `meta` for store-wide values. Two sweep indexes, keyed by a time rounded
 //! down to its 64-second bucket (8 bytes, big-endian, sign bit flipped, so keys sort by time)
-//! then `project \0 id`, with empty values:
-//! `card_sweep` (when the sweeper next has work on a card, [`CardRecord::sweep_at`]) and
-//! `idempotency_sweep` (when a record was created). An entry is written before its record, so
-//! a crash leaves at worst an entry without a record, which the sweeper drops. A card's entry
-//! is moved only by the sweeper. A use never makes the PAN's erasure due earlier than the
-//! entry (the PAN goes with the use); it may make the tombstone's removal due earlier (a
-//! `card_token_ttl` over the 7-day retention), which then waits for the entry at expiry.
+//! then a key in a record tree, with empty values:
+//! - `card_sweep`: when the sweeper next has work on a group of cards
+//!   ([`CardRecord::sweep_at`]). A group is the cards of one project whose ids were made in the
+//!   same second (`project \0 card_` and the id's six time characters): they share their
+//!   expiry, so one entry stands for all of them and a tokenization writes an entry only when
+//!   it is the first of its second (a set in memory remembers the entries written). A card
+//!   whose id carries no time (and every entry of the per-card layout of format 3) has an
+//!   entry of its own, keyed by its full key.
+//! - `idempotency_sweep`: when a record was created, one entry per record.
+//!
+//! An entry is written before its record, so a crash leaves at worst an entry without a
+//! record, which the sweeper drops. An entry is moved only by the sweeper, which visits every
+//! card of the group, then puts the entry at the group's next due time: the earliest expiry
+//! among cards that still hold a PAN, otherwise the latest end of retention. So no PAN
+//! outlives its expiry by more than a sweep, and a tombstone may wait for its group's last
+//! one (no card data; `card_token_ttl` at most). A use never makes the PAN's erasure due
+//! earlier (the PAN goes with the use).
 //! Compare-and-swap is sled's own; a [`Batch`] is one sled transaction over the trees it
 //! touches.
 //!
@@ -58,6 +68,10 @@ pub(super) struct Generation {
     meta: sled::Tree,
     card_sweep: sled::Tree,
     idempotency_sweep: sled::Tree,
+    /// `card_sweep` entries this opening wrote for new cards: a tokenization writes its
+    /// group's entry only if it is not here (cleared when it grows past
+    /// [`INDEXED_REMEMBERED`]).
+    indexed: Mutex<std::collections::HashSet<Vec<u8>>>,
     pub(super) commit: GroupCommit,
 }
 
@@ -106,6 +120,7 @@ impl Generation {
             keys: db.open_tree("keys")?,
             card_sweep: db.open_tree("card_sweep")?,
             idempotency_sweep: db.open_tree("idempotency_sweep")?,
+            indexed: Mutex::default(),
             commit: GroupCommit::start(db.clone(), meta.clone(), log, id, commit)
                 .map_err(StoreError::Thread)?,
             meta,
@@ -113,9 +128,20 @@ impl Generation {
         })
     }
 
-    /// Indexes a card at its [`CardRecord::sweep_at`]; written before the record.
+    /// Indexes a card's group at the card's [`CardRecord::sweep_at`], unless this opening
+    /// already did; written before the record. The lock is held over the insert, so a card
+    /// that finds its entry remembered is written after the entry, and sled recovers writes
+    /// in order.
     fn index_card(&self, k: &[u8], rec: &CardRecord) -> Result<(), StoreError> {
-        self.card_sweep.insert(sweep_key(rec.sweep_at(), k), &[])?;
+        let entry = sweep_key(rec.sweep_at(), card_group(k).map_or(k, |(group, _)| group));
+        let mut indexed = self.indexed.lock().unwrap_or_else(|p| p.into_inner());
+        if !indexed.contains(&entry) {
+            self.card_sweep.insert(entry.as_slice(), &[])?;
+            if indexed.len() >= INDEXED_REMEMBERED {
+                indexed.clear();
+            }
+            indexed.insert(entry);
+        }
         Ok(())
     }
 
@@ -213,9 +239,28 @@ const SWEEP_INDEX_PENDING: &[u8] = b"sweep_index_pending";
 /// The store format that brought the sweep indexes.
 const SWEEP_INDEX_FORMAT: u32 = 3;
 
-/// Seconds of one index bucket. Entries are keyed by bucket, then by record key: the ids are
-/// random, so the entries of a busy second spread over the bucket's pages instead of all
-/// landing on the tree's last page. (Keyed by the exact time, every insert went to one page:
+/// How many entries [`Generation::indexed`] remembers: a few minutes of new groups across
+/// projects (one per project and second), a few hundred KiB.
+const INDEXED_REMEMBERED: usize = 4096;
+
+/// How long after its second a group is left alone by the sweeper: a tokenization takes its
+/// id and writes its record within it, so no card joins a group the sweeper has moved on from.
+/// (It matters only with a `card_token_ttl` shorter than this; the PAN's erasure then waits
+/// for it.)
+const GROUP_SETTLED: i64 = 60;
+
+/// The group of a card key (`project \0 card_` and the time characters) and its second, if
+/// its id carries a time.
+fn card_group(k: &[u8]) -> Option<(&[u8], i64)> {
+    let at = k.iter().position(|b| *b == 0)?;
+    let id = std::str::from_utf8(k.get(at + 1..)?).ok()?;
+    let (prefix, second) = crate::tokens::ObjectId::card_second(id)?;
+    Some((k.get(..at + 1 + prefix.len())?, i64::try_from(second).ok()?))
+}
+
+/// Seconds of one index bucket. Entries are keyed by bucket, then by group or record key, so
+/// the entries of a busy second spread over the bucket's pages instead of all landing on the
+/// tree's last page. (Keyed by the exact time, every insert went to one page:
 /// measured, tokenize lost a fifth of its throughput.)
 const SWEEP_BUCKET: i64 = 64;
 
@@ -565,55 +610,76 @@ impl Sled {
         })
     }
 
-    /// See [`super::Store::cards_due`].
-    pub fn cards_due(
-        &self,
-        now: i64,
-        after: Option<&super::SweepCursor>,
-        limit: usize,
-    ) -> Result<Vec<super::DueCard>, StoreError> {
+    /// See [`super::Store::sweep_cards`]. Entry by entry in time order, up to `now`'s bucket:
+    /// every card of the entry's group (or its one card) is visited, then the entry is put at
+    /// the group's next due time (see the module's text), or removed with the group's last
+    /// card. The new entry is written before the old one goes: a crash between the two leaves
+    /// the group indexed twice, which costs one more visit, never not at all. An entry due
+    /// again within its own bucket stays where it is for the next sweep.
+    pub fn sweep_cards(&self, now: i64, visit: super::SweepVisit<'_>) -> Result<(), StoreError> {
         use std::ops::Bound;
-        self.with(|g| {
-            let start = match after {
-                Some((at, project, id)) => Bound::Excluded(sweep_key(*at, &key(project, id))),
-                None => Bound::Unbounded,
-            };
-            // Every bucket up to `now`'s, whose cards may be due a few seconds later.
-            let end = Bound::Excluded(sweep_key(now.saturating_add(SWEEP_BUCKET), &[]));
-            let mut due = Vec::new();
-            for item in g.card_sweep.range::<Vec<u8>, _>((start, end)).take(limit) {
-                let (entry, _) = item?;
-                let (at, k) = split_sweep_key(&entry).ok_or(Malformed)?;
-                let (project, id) = split_key(k).ok_or(Malformed)?;
-                let record = match g.cards.get(k)? {
-                    Some(v) => CardRecord::decode(&v).ok(),
-                    None => None,
-                };
-                due.push(super::DueCard {
+        let end = sweep_key(now.saturating_add(SWEEP_BUCKET), &[]);
+        let mut start = Bound::Unbounded;
+        loop {
+            let next = self.with(|g| {
+                let range = (start.clone(), Bound::Excluded(end.clone()));
+                Ok(g.card_sweep.range::<Vec<u8>, _>(range).next().transpose()?)
+            })?;
+            let Some((entry, _)) = next else { break };
+            start = Bound::Excluded(entry.to_vec());
+            let (at, part) = split_sweep_key(&entry).ok_or(Malformed)?;
+            let (project, name) = split_key(part).ok_or(Malformed)?;
+            let group = crate::tokens::ObjectId::card_group_second(&name);
+            if group.is_some_and(|second| second as i64 > now.saturating_sub(GROUP_SETTLED)) {
+                continue;
+            }
+            let members: Vec<(String, Option<CardRecord>)> = self.with(|g| match group {
+                Some(_) => g
+                    .cards
+                    .scan_prefix(part)
+                    .map(|item| {
+                        let (k, v) = item?;
+                        let (_, id) = split_key(&k).ok_or(Malformed)?;
+                        Ok((id, CardRecord::decode(&v).ok()))
+                    })
+                    .collect(),
+                None => Ok(vec![(
+                    name.clone(),
+                    g.cards.get(part)?.and_then(|v| CardRecord::decode(&v).ok()),
+                )]),
+            })?;
+            // The earliest expiry among cards still holding a PAN, the latest end of retention
+            // among the others.
+            let (mut pan_due, mut kept_due) = (None::<i64>, None::<i64>);
+            for (id, record) in members {
+                let card = super::DueCard {
                     at,
-                    project,
+                    project: project.clone(),
                     id,
                     record,
-                });
+                };
+                if let Some(now_holds) = visit(&card)? {
+                    let due = now_holds.sweep_at();
+                    if now_holds.pan.is_some() {
+                        pan_due = Some(pan_due.map_or(due, |d| d.min(due)));
+                    } else {
+                        kept_due = Some(kept_due.map_or(due, |d| d.max(due)));
+                    }
+                }
             }
-            Ok(due)
-        })
-    }
-
-    /// See [`super::Store::card_swept`]: the new entry first, so a crash between the two
-    /// leaves the card indexed (twice, which the sweeper tidies), never not at all.
-    pub fn card_swept(&self, card: &super::DueCard, next: Option<i64>) -> Result<(), StoreError> {
-        if next.map(bucket) == Some(card.at) {
-            return Ok(());
+            let next = pan_due.or(kept_due);
+            if next.map(bucket) == Some(at) {
+                continue;
+            }
+            self.write(|g| {
+                if let Some(next) = next {
+                    g.card_sweep.insert(sweep_key(next, part), &[])?;
+                }
+                g.card_sweep.remove(&*entry)?;
+                Ok(())
+            })?;
         }
-        self.write(|g| {
-            let k = key(&card.project, &card.id);
-            if let Some(next) = next {
-                g.card_sweep.insert(sweep_key(next, &k), &[])?;
-            }
-            g.card_sweep.remove(sweep_key(card.at, &k))?;
-            Ok(())
-        })
+        Ok(())
     }
 
     /// See [`super::Store::build_sweep_indexes`]. Entries are a set, so one written by a
@@ -1040,21 +1106,53 @@ mod tests {
         }
     }
 
+    /// The ids a sweep at `now` visits, each left as it is.
     fn due_ids(store: &Sled, now: i64) -> Vec<String> {
-        let mut ids: Vec<String> = store
-            .cards_due(now, None, usize::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let mut ids = Vec::new();
+        store
+            .sweep_cards(now, &mut |card| {
+                ids.push(card.id.clone());
+                Ok(card.record.clone())
+            })
+            .unwrap();
         ids.sort();
         ids
     }
 
-    /// The index names the cards due and no others, in pages, and follows a card moved by
-    /// the sweeper; an entry whose card is gone comes back as such.
+    /// A sweep at `now` as the vault's: erases due PANs, removes due tombstones. Returns how
+    /// many cards it visited.
+    fn sweep(store: &Sled, now: i64) -> usize {
+        let mut visited = 0;
+        store
+            .sweep_cards(now, &mut |card| {
+                visited += 1;
+                let Some(record) = card.record.clone() else {
+                    return Ok(None);
+                };
+                if record.sweep_at() > now {
+                    return Ok(Some(record));
+                }
+                if record.pan.is_none() {
+                    assert!(store.remove_card_if(&card.project, &card.id, &record)?);
+                    return Ok(None);
+                }
+                let erased = CardRecord {
+                    pan: None,
+                    ..record
+                };
+                let swapped =
+                    store.swap_card(&card.project, &card.id, |_| Ok::<_, ()>(erased.clone()))?;
+                assert!(matches!(swapped, Swap::Swapped(..)));
+                Ok(Some(erased))
+            })
+            .unwrap();
+        visited
+    }
+
+    /// The index names the cards due and no others, by 64-second bucket, and follows a card
+    /// the sweeper changed; an entry whose card is gone is dropped.
     #[test]
-    fn cards_due_reads_only_the_indexed_due_cards() {
+    fn a_sweep_visits_only_the_indexed_due_cards() {
         let (store, dir) = temp_store("due");
         for i in 0..300 {
             let _ = store
@@ -1066,34 +1164,90 @@ mod tests {
             .unwrap();
         let used = card(9_000, Some(-TOMBSTONE_RETENTION_SECS + 640));
         let _ = store.insert_card("q", "tombstone", &used).unwrap();
-        // By 64-second bucket: a card comes with the bucket it is due in.
         assert_eq!(due_ids(&store, 639), Vec::<String>::new());
         assert_eq!(due_ids(&store, 640), ["tombstone"]);
         assert_eq!(due_ids(&store, 1_279), ["tombstone"]);
         assert_eq!(due_ids(&store, 1_280), ["expired", "tombstone"]);
-        // Paged: a cursor resumes after the last card read.
-        let first = store.cards_due(1_280, None, 1).unwrap();
-        assert_eq!(
-            (first.len(), first[0].at, first[0].id.as_str()),
-            (1, 640, "tombstone")
-        );
-        let cursor = (first[0].at, first[0].project.clone(), first[0].id.clone());
-        let rest = store.cards_due(1_280, Some(&cursor), 10).unwrap();
-        assert_eq!(rest.len(), 1);
-        assert_eq!((rest[0].at, rest[0].id.as_str()), (1_280, "expired"));
-        assert!(rest[0].record.as_ref().is_some_and(|r| r.pan.is_some()));
-        // The sweeper moves it; once removed, its entry goes with it.
-        store
-            .card_swept(&rest[0], Some(1_280 + TOMBSTONE_RETENTION_SECS))
-            .unwrap();
-        assert_eq!(due_ids(&store, 6_399), ["tombstone"]);
-        assert!(store.remove_card_if("q", "tombstone", &used).unwrap());
-        let gone = store.cards_due(1_280, None, 10).unwrap();
-        assert!(gone[0].record.is_none(), "a removed card read as present");
-        store.card_swept(&gone[0], None).unwrap();
-        assert_eq!(due_ids(&store, 6_399).len(), 0);
+        // Erased, its entry moves to the end of its retention; the tombstone goes.
+        assert_eq!(sweep(&store, 1_280), 2);
+        assert!(store.card("p", "expired").unwrap().unwrap().pan.is_none());
+        assert!(store.card("q", "tombstone").unwrap().is_none());
+        assert_eq!(due_ids(&store, 6_399), Vec::<String>::new());
         assert_eq!(due_ids(&store, 6_400).len(), 300);
-        assert_eq!(store.count_cards().unwrap(), 301);
+        let mut later = due_ids(&store, 6_400);
+        later.push("expired".into());
+        later.sort();
+        assert_eq!(due_ids(&store, 1_280 + TOMBSTONE_RETENTION_SECS), later);
+        // A card removed behind the index's back: its entry goes at its visit.
+        assert!(store
+            .remove_card_if("p", "live000", &card(6_400, None))
+            .unwrap());
+        assert_eq!(sweep(&store, 6_400), 300);
+        assert_eq!(due_ids(&store, 6_400), Vec::<String>::new());
+        assert_eq!(store.count_cards().unwrap(), 300);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Cards whose ids were made in the same second share one index entry: a thousand of them
+    /// write one. The sweep visits the group at its expiry (every PAN erased), at the end of
+    /// its retention (every tombstone removed, one used early included), and never between.
+    /// A group is left alone in the minute after its second.
+    #[test]
+    fn cards_of_one_second_share_one_sweep_entry() {
+        use crate::tokens::{IdKind, ObjectId};
+        let (store, dir) = temp_store("group");
+        let r = TOMBSTONE_RETENTION_SECS;
+        let id = |second| ObjectId::generate_at(IdKind::Card, second).unwrap();
+        let mut first = Vec::new();
+        for _ in 0..1_000 {
+            let id = id(1_000);
+            let _ = store
+                .insert_card("p", id.as_str(), &card(1_290, None))
+                .unwrap();
+            first.push(id);
+        }
+        for _ in 0..3 {
+            let _ = store
+                .insert_card("p", id(1_001).as_str(), &card(1_290, None))
+                .unwrap();
+        }
+        let _ = store
+            .insert_card("p", id(1_250).as_str(), &card(1_260, None))
+            .unwrap();
+        let entries = || store.0.current().unwrap().card_sweep.len();
+        assert_eq!(entries(), 3, "one entry per group");
+        // One card of the first group used early: its tombstone is due before its group's.
+        let used = |c: &CardRecord| {
+            Ok::<_, ()>(CardRecord {
+                used_at: Some(1_100),
+                pan: None,
+                ..c.clone()
+            })
+        };
+        let _ = store.swap_card("p", first[7].as_str(), used).unwrap();
+        assert_eq!(sweep(&store, 1_279), 0);
+        // The group of second 1250 (10 s tokens) waits out its minute.
+        assert_eq!(sweep(&store, 1_290), 1_003);
+        let held = |ids: &[ObjectId]| {
+            ids.iter()
+                .filter(|i| {
+                    store
+                        .card("p", i.as_str())
+                        .unwrap()
+                        .is_some_and(|c| c.pan.is_some())
+                })
+                .count()
+        };
+        assert_eq!(held(&first), 0, "a PAN outlived its expiry");
+        assert_eq!(store.count_cards().unwrap(), 1_004);
+        assert_eq!(sweep(&store, 1_310), 1);
+        assert_eq!(entries(), 3);
+        // Tombstones wait for their group's retention, then go together.
+        assert_eq!(sweep(&store, 1_100 + r), 0);
+        assert!(store.card("p", first[7].as_str()).unwrap().is_some());
+        assert_eq!(sweep(&store, 1_290 + r), 1_004);
+        assert_eq!((entries(), store.count_cards().unwrap()), (0, 0));
         drop(store);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -88,8 +88,10 @@ pub enum StoreError {
 /// to it; this build reads every format up to its own and refuses a store from a newer one
 /// (whose records it might misread or half-rewrite). 2: card metadata in the binary layout
 /// (`vault::meta`); 1 (unrecorded): before it. 3: sweep indexes (on sled, a store of an
-/// earlier format has its indexes built by its first sweep after the upgrade).
-pub const FORMAT: u32 = 3;
+/// earlier format has its indexes built by its first sweep after the upgrade). 4: on sled, a
+/// card sweep entry stands for the cards of one second (format 3's per-card entries are still
+/// read; an earlier build would drop the new ones unread).
+pub const FORMAT: u32 = 4;
 const FORMAT_KEY: &[u8] = b"format";
 
 /// The outcome of a compare-and-swap loop ([`Store::swap_card`], [`Store::swap_token`], ...).
@@ -255,6 +257,12 @@ pub struct DueCard {
 
 /// Where a sweep pass has got to: `(at, project, id)` of the last card it read.
 pub type SweepCursor = (i64, String, String);
+
+/// The sweeper's work on one due card: returns what the card holds after it (`None`: gone).
+pub type SweepVisit<'a> = &'a mut dyn FnMut(&DueCard) -> Result<Option<CardRecord>, StoreError>;
+
+/// Cards read per query by the PostgreSQL sweep.
+const SWEEP_PAGE: usize = 512;
 
 /// A compare-and-swap of one meta row: what it must hold now, what it then holds (`None`:
 /// absent).
@@ -552,26 +560,28 @@ impl Store {
         }
     }
 
-    /// Cards due for the sweeper at `now` (their [`CardRecord::sweep_at`] at most `now`, as
-    /// indexed), in sweep order after `after`, at most `limit`. On sled the index is by
-    /// 64-second bucket, so cards due up to a minute after `now` may come too: the caller
-    /// checks each record.
-    pub fn cards_due(
-        &self,
-        now: i64,
-        after: Option<&SweepCursor>,
-        limit: usize,
-    ) -> Result<Vec<DueCard>, StoreError> {
-        engine!(self, s => s.cards_due(now, after, limit))
-    }
-
-    /// Records that the sweeper dealt with `card`: it is next due at `next` (`None`: the
-    /// record is gone). On sled this moves its index entry; PostgreSQL's index follows the
-    /// record by itself.
-    pub fn card_swept(&self, card: &DueCard, next: Option<i64>) -> Result<(), StoreError> {
+    /// Visits the cards due for the sweeper at `now` (their [`CardRecord::sweep_at`] at
+    /// most `now`, as indexed). `visit` returns what the card holds after it (`None`: gone),
+    /// and the index follows. On sled the index is by 64-second bucket and by group (the
+    /// cards of one project and second), so cards due later may come too: `visit` checks
+    /// each record. On PostgreSQL, pages of [`SWEEP_PAGE`] in index order; its index follows
+    /// the record by itself.
+    pub fn sweep_cards(&self, now: i64, visit: SweepVisit<'_>) -> Result<(), StoreError> {
         match self {
-            Store::Sled(s) => s.card_swept(card, next),
-            Store::Postgres(_) => Ok(()),
+            Store::Sled(s) => s.sweep_cards(now, visit),
+            Store::Postgres(pg) => {
+                let mut after = None;
+                loop {
+                    let due = pg.cards_due(now, after.as_ref(), SWEEP_PAGE)?;
+                    let Some(last) = due.last() else {
+                        return Ok(());
+                    };
+                    after = Some((last.at, last.project.clone(), last.id.clone()));
+                    for card in &due {
+                        visit(card)?;
+                    }
+                }
+            }
         }
     }
 

@@ -1003,7 +1003,8 @@ impl Postgres {
         }))
     }
 
-    /// See [`super::Store::cards_due`]: read through `cards_by_sweep`.
+    /// Cards due at `now` in sweep order after `after`, at most `limit`, read through
+    /// `cards_by_sweep`: the pages of [`super::Store::sweep_cards`].
     pub fn cards_due(
         &self,
         now: i64,
@@ -2259,6 +2260,13 @@ mod tests {
         }
     }
 
+    fn engine(store: &super::super::Store) -> &Postgres {
+        match store {
+            super::super::Store::Postgres(pg) => pg,
+            super::super::Store::Sled(_) => unreachable!("a PostgreSQL store"),
+        }
+    }
+
     /// The generated `sweep_at` column reads every kind of card record as
     /// `CardRecord::sweep_at` does; `cards_due` pages through the due ones in order; the
     /// idempotency sweep deletes by the generated `created_at`, old records only.
@@ -2300,7 +2308,7 @@ mod tests {
                 .wait(store.insert_card("q", &format!("x{i}"), &card(now + 1, 3)))
                 .unwrap();
         }
-        let all = store.cards_due(i64::MAX, None, 100).unwrap();
+        let all = engine(&store).cards_due(i64::MAX, None, 100).unwrap();
         assert_eq!(all.len(), cases.len() + 50);
         for (id, record) in &cases {
             let due = all.iter().find(|d| d.id == *id).unwrap();
@@ -2308,10 +2316,10 @@ mod tests {
             assert_eq!(due.record.as_ref(), Some(record), "{id}");
         }
         // Due now: the expired one and the old tombstone, in order, one page at a time.
-        let first = store.cards_due(now, None, 1).unwrap();
+        let first = engine(&store).cards_due(now, None, 1).unwrap();
         assert_eq!(first[0].id, "b-expired");
         let cursor = (first[0].at, first[0].project.clone(), first[0].id.clone());
-        let rest = store.cards_due(now, Some(&cursor), 10).unwrap();
+        let rest = engine(&store).cards_due(now, Some(&cursor), 10).unwrap();
         let ids: Vec<_> = rest.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["e-old-tombstone"]);
         // A change of the record moves its column with it.
@@ -2323,7 +2331,7 @@ mod tests {
                 })
             }))
             .unwrap();
-        let ids: Vec<_> = store
+        let ids: Vec<_> = engine(&store)
             .cards_due(now, None, 10)
             .unwrap()
             .into_iter()

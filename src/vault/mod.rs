@@ -1114,34 +1114,27 @@ impl Vault {
     /// every change is a compare-and-swap, and a card changed meanwhile is read again.
     fn sweep_cards(&self, now: i64) -> Result<CardSweep, StoreError> {
         let mut sweep = CardSweep::default();
-        let mut after = None;
-        loop {
-            let due = self.store.cards_due(now, after.as_ref(), SWEEP_BATCH)?;
-            let Some(last) = due.last() else { break };
-            after = Some((last.at, last.project.clone(), last.id.clone()));
-            for card in &due {
-                sweep.read += 1;
-                let next = self.sweep_card(card, now, &mut sweep)?;
-                self.store.card_swept(card, next)?;
-            }
-        }
+        self.store.sweep_cards(now, &mut |card| {
+            sweep.read += 1;
+            self.sweep_card(card, now, &mut sweep)
+        })?;
         Ok(sweep)
     }
 
-    /// The sweeper's work on one due card; returns when the card is next due (`None`: gone).
+    /// The sweeper's work on one due card; returns what it holds after (`None`: gone).
     fn sweep_card(
         &self,
         card: &crate::store::DueCard,
         now: i64,
         sweep: &mut CardSweep,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Option<CardRecord>, StoreError> {
         let Some(record) = &card.record else {
             return Ok(None);
         };
         let (project, id) = (&card.project, &card.id);
         if record.sweep_at() > now {
-            // Used since it was indexed: due later.
-            return Ok(Some(record.sweep_at()));
+            // Not due yet (used since it was indexed, or due later in its bucket or group).
+            return Ok(Some(record.clone()));
         }
         if record.pan.is_some() {
             let swap = self
@@ -1165,8 +1158,7 @@ impl Vault {
             return Ok(None);
         }
         // Changed by the sweep or by a request meanwhile: due as it now reads.
-        let current = self.store.wait(self.store.card(project, id))?;
-        Ok(current.map(|r| r.sweep_at()))
+        self.store.wait(self.store.card(project, id))
     }
 
     /// Reads the store's card count for metrics (on sled, writing its pending changes first).
@@ -1351,9 +1343,6 @@ pub(crate) struct CardSweep {
     pub expired: usize,
     pub forgotten: usize,
 }
-
-/// Cards a sweep reads at a time.
-const SWEEP_BATCH: usize = 512;
 
 /// Background upkeep: CVC expiry every second; card-token expiry and idempotency-key
 /// retention at the first tick (with, on a store of an earlier format, the one-time build of

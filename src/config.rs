@@ -49,6 +49,8 @@ pub struct Config {
     pub audit_path: PathBuf,
     /// The audit log is rotated past this size (`[audit] rotate_mb`; 0: never).
     pub audit_rotate_bytes: u64,
+    /// Rotated parts are compressed into `PART.gz` (`[audit] compress`, default true).
+    pub audit_compress: bool,
     /// The file this was loaded from, read again on `SIGHUP` for the TLS files and policies.
     pub source: Option<PathBuf>,
     /// This daemon's name among the nodes of one store (`[node] name`; default: the host
@@ -174,6 +176,7 @@ struct RawPostgres {
 struct RawAudit {
     path: PathBuf,
     rotate_mb: Option<u64>,
+    compress: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -390,6 +393,7 @@ impl Config {
                 .rotate_mb
                 .unwrap_or(DEFAULT_AUDIT_ROTATE_MB)
                 .saturating_mul(1 << 20),
+            audit_compress: raw.audit.compress.unwrap_or(true),
             source: None,
             node: node_name(raw.node.name)?,
         };

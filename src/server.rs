@@ -160,6 +160,9 @@ fn open_audit(config: &Config) -> Result<(FileAndLog, std::fs::File), StartupErr
     let sink = FileSink::open(&config.audit_path, key)?;
     sink.set_node(&config.node);
     sink.set_rotation(config.audit_rotate_bytes);
+    if config.audit_compress {
+        sink.set_compression()?;
+    }
     Ok((FileAndLog(sink), lock))
 }
 

@@ -168,6 +168,8 @@ struct Inner {
     node: std::sync::OnceLock<String>,
     /// Size past which the log is rotated (0: never).
     rotate_bytes: std::sync::atomic::AtomicU64,
+    /// Asks the compressor thread to compress the plain parts (`[audit] compress`).
+    compressor: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     chain: Mutex<Chain>,
     /// The writer sleeps on this (with `chain`) while there is nothing to write.
     wake: Condvar,
@@ -226,13 +228,15 @@ fn part_path(path: &Path, seq: u64) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The parts a size rotation left beside `path`, oldest first.
+/// The parts a size rotation left beside `path`, oldest first. A part compressed into
+/// `PART.gz` is listed under that name, unless the plain part is still there too (a
+/// compression cut short), then under the plain one.
 pub fn parts(path: &Path) -> Vec<PathBuf> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Vec::new();
     };
     let prefix = format!("{}.", name.to_string_lossy());
-    let mut found: Vec<PathBuf> = fs::read_dir(if dir.as_os_str().is_empty() {
+    let mut found: Vec<(String, bool, PathBuf)> = fs::read_dir(if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
@@ -240,17 +244,133 @@ pub fn parts(path: &Path) -> Vec<PathBuf> {
     .into_iter()
     .flatten()
     .flatten()
-    .filter(|e| {
+    .filter_map(|e| {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        name.strip_prefix(&prefix)
-            .is_some_and(|seq| seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit()))
+        let rest = name.strip_prefix(&prefix)?;
+        let (seq, gz) = rest
+            .strip_suffix(GZ_SUFFIX)
+            .map_or((rest, false), |seq| (seq, true));
+        (seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| (seq.to_owned(), gz, path.with_file_name(e.file_name())))
     })
-    .map(|e| path.with_file_name(e.file_name()))
     .collect();
-    // Zero-padded: the names sort as the sequence numbers do.
+    // Zero-padded: the names sort as the sequence numbers do; the plain part first.
     found.sort();
-    found
+    found.dedup_by(|later, earlier| later.0 == earlier.0);
+    found.into_iter().map(|(_, _, path)| path).collect()
+}
+
+/// The suffix of a compressed part.
+const GZ_SUFFIX: &str = ".gz";
+
+/// deflate level of compressed parts: 1, the fastest (measured on audit lines, see
+/// docs/performance.md).
+const GZ_LEVEL: u32 = 1;
+
+fn is_gz(path: &Path) -> bool {
+    path.as_os_str().to_string_lossy().ends_with(GZ_SUFFIX)
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// A log file's text: a part named `*.gz` is decompressed (a damaged one is an error).
+pub fn read_log(path: &Path) -> std::io::Result<String> {
+    if !is_gz(path) {
+        return fs::read_to_string(path);
+    }
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::io::BufReader::new(File::open(path)?))
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Compresses the plain parts beside `path` into `PART.gz` (0600), oldest first; returns
+/// how many. Each is written as `PART.gz.partial`, synced, read back and compared with the
+/// part byte for byte, renamed, and only then is the part removed, each step made durable
+/// before the next: a crash leaves the plain part, or both (then the next run removes the
+/// plain one once the two compare equal). Nothing is removed on doubt.
+pub fn compress_parts(path: &Path) -> std::io::Result<usize> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let sync_dir = || File::open(&dir)?.sync_all();
+    let mut compressed = 0;
+    for part in parts(path) {
+        if is_gz(&part) {
+            continue;
+        }
+        let gz = with_suffix(&part, GZ_SUFFIX);
+        if !gz.exists() {
+            let partial = with_suffix(&gz, ".partial");
+            match fs::remove_file(&partial) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let out = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&partial)?;
+            let mut encoder = flate2::write::GzEncoder::new(
+                std::io::BufWriter::with_capacity(1 << 16, out),
+                flate2::Compression::new(GZ_LEVEL),
+            );
+            std::io::copy(&mut File::open(&part)?, &mut encoder)?;
+            encoder
+                .finish()?
+                .into_inner()
+                .map_err(std::io::IntoInnerError::into_error)?
+                .sync_all()?;
+            if !same_bytes(&part, &partial)? {
+                fs::remove_file(&partial)?;
+                return Err(std::io::Error::other(format!(
+                    "{} did not read back as {}",
+                    partial.display(),
+                    part.display()
+                )));
+            }
+            fs::rename(&partial, &gz)?;
+            sync_dir()?;
+        } else if !same_bytes(&part, &gz)? {
+            return Err(std::io::Error::other(format!(
+                "{} and {} differ: both kept",
+                part.display(),
+                gz.display()
+            )));
+        }
+        fs::remove_file(&part)?;
+        sync_dir()?;
+        compressed += 1;
+    }
+    Ok(compressed)
+}
+
+/// Whether the plain file `plain` holds exactly what the compressed file `gz` decompresses
+/// to.
+fn same_bytes(plain: &Path, gz: &Path) -> std::io::Result<bool> {
+    /// Up to 64 KiB: as much as the reader gives before its end.
+    fn chunk(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(1 << 16);
+        r.take(1 << 16).read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+    let mut a = std::io::BufReader::new(File::open(plain)?);
+    let mut b = flate2::read::GzDecoder::new(std::io::BufReader::new(File::open(gz)?));
+    loop {
+        let (x, y) = (chunk(&mut a)?, chunk(&mut b)?);
+        if x != y {
+            return Ok(false);
+        }
+        if x.is_empty() {
+            return Ok(true);
+        }
+    }
 }
 
 fn head_path(path: &Path) -> PathBuf {
@@ -278,8 +398,8 @@ impl FileSink {
             let Some(part) = parts(path).pop() else {
                 return Ok(None);
             };
-            let line = last_line(&part)
-                .map_err(|e| fail(e.to_string()))?
+            let line = part_last_line(&part)
+                .map_err(|e| fail(format!("{}: {e}", part.display())))?
                 .ok_or_else(|| fail(format!("{} is empty", part.display())))?;
             let (seq, mac, _) = check_line(&key, &line).ok_or_else(|| {
                 fail(format!(
@@ -325,6 +445,7 @@ impl FileSink {
             key,
             node: std::sync::OnceLock::new(),
             rotate_bytes: std::sync::atomic::AtomicU64::new(0),
+            compressor: Mutex::new(None),
             chain: Mutex::new(Chain {
                 head,
                 identity,
@@ -367,6 +488,33 @@ impl FileSink {
     /// Rotates the log once it holds `bytes` or more (checked every second; 0: never).
     pub fn set_rotation(&self, bytes: u64) {
         self.inner.rotate_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Compresses parts into `PART.gz` ([`compress_parts`]) on a thread of its own: those
+    /// left plain now (a crash, an earlier build), then each one a rotation makes.
+    pub fn set_compression(&self) -> Result<(), AuditError> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let path = self.inner.path.clone();
+        std::thread::Builder::new()
+            .name("cardvault-audit-gz".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    while rx.try_recv().is_ok() {}
+                    match compress_parts(&path) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(parts = n, "audit parts compressed"),
+                        Err(e) => tracing::warn!(path = %path.display(), error = %e, "audit parts not compressed; tried again at the next rotation or start"),
+                    }
+                }
+            })
+            .map_err(|e| AuditError(format!("cannot start the audit compressor: {e}")))?;
+        let _ = tx.send(());
+        *self
+            .inner
+            .compressor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        Ok(())
     }
 }
 
@@ -594,6 +742,14 @@ impl Inner {
             match self.rotate() {
                 Ok(part) => {
                     tracing::info!(part = %part.display(), "audit log rotated");
+                    if let Some(compressor) = self
+                        .compressor
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                    {
+                        let _ = compressor.send(());
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(path = %self.path.display(), error = %e, "audit log not rotated; retrying");
@@ -698,6 +854,19 @@ impl Inner {
             .and_then(|line| check_line(&self.key, &line))
             .map_or(0, |(seq, _, _)| seq)
     }
+}
+
+/// [`last_line`] of a part, compressed or not.
+fn part_last_line(part: &Path) -> std::io::Result<Option<String>> {
+    if !is_gz(part) {
+        return last_line(part);
+    }
+    let text = read_log(part)?;
+    Ok(match text.strip_suffix('\n') {
+        None if text.is_empty() => None,
+        None => Some("\u{0}incomplete".into()),
+        Some(body) => Some(body.rsplit('\n').next().unwrap_or(body).to_owned()),
+    })
 }
 
 /// The last complete line of the log, if any. An incomplete last line is returned as is, so
@@ -955,7 +1124,7 @@ pub fn verify_files(
         let head = last
             .then(|| fs::read_to_string(head_path(path)).ok())
             .flatten();
-        let log = fs::read_to_string(path)
+        let log = read_log(path)
             .map_err(|e| AuditError(format!("cannot read {}: {e}", path.display())))?;
         let continues = rotated || i > 0;
         // A live log begun by a rotation and still empty: the head names the part's last line.
@@ -1415,6 +1584,85 @@ mod tests {
         );
         fs::write(&newest, text).unwrap();
         assert!(!reopen_fails(&path));
+    }
+
+    /// Parts compress into `PART.gz` (0600) that read back as they were; `verify_files`
+    /// takes them as it takes plain ones, and a start on an empty live log continues from a
+    /// compressed part. A compression cut short (a `.partial` left, or the plain part still
+    /// beside its `.gz`) is finished by the next run; a plain part that differs from its
+    /// `.gz` is kept, both are; a damaged `.gz` fails verification.
+    #[test]
+    fn compressed_parts_read_back_verify_and_continue_the_chain() {
+        use std::os::unix::fs::PermissionsExt;
+        let (sink, path, key) = sink("gz");
+        sink.set_rotation(1);
+        for _ in 0..3 {
+            for _ in 0..20 {
+                written(&sink, &event("card.tokenize"));
+            }
+            sink.maintain();
+        }
+        drop(sink);
+        let plain = parts(&path);
+        assert_eq!(plain.len(), 3);
+        let texts: Vec<String> = plain
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap())
+            .collect();
+        let partial = with_suffix(&plain[2], ".gz.partial");
+        fs::write(&partial, b"cut short").unwrap();
+        assert_eq!(compress_parts(&path).unwrap(), 3);
+        let gz = parts(&path);
+        let named: Vec<PathBuf> = plain.iter().map(|p| with_suffix(p, ".gz")).collect();
+        assert_eq!(gz, named);
+        for (part, text) in gz.iter().zip(&texts) {
+            assert_eq!(read_log(part).unwrap(), *text);
+            assert!(fs::metadata(part).unwrap().len() < text.len() as u64 / 2);
+            let mode = fs::metadata(part).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(!partial.exists() && plain.iter().all(|p| !p.exists()));
+        // The plain part back beside its `.gz`: listed, then removed.
+        fs::write(&plain[1], &texts[1]).unwrap();
+        assert_eq!(parts(&path)[1], plain[1]);
+        assert_eq!(compress_parts(&path).unwrap(), 1);
+        assert!(!plain[1].exists());
+        fs::write(&plain[1], "something else\n").unwrap();
+        assert!(compress_parts(&path).is_err());
+        assert!(
+            plain[1].exists() && gz[1].exists(),
+            "a differing copy was removed"
+        );
+        fs::remove_file(&plain[1]).unwrap();
+        let all = || {
+            let mut files = parts(&path);
+            files.push(path.clone());
+            files
+        };
+        assert_eq!(
+            verify_files(&all(), &key, false).unwrap().1,
+            Verdict::Intact(60, 1, 60)
+        );
+        let sink = FileSink::open(
+            &path,
+            AuditKey::load(&path.with_file_name(KEY_FILE)).unwrap(),
+        )
+        .unwrap();
+        written(&sink, &event("card.tokenize"));
+        drop(sink);
+        assert_eq!(
+            verify_files(&all(), &key, false).unwrap().1,
+            Verdict::Intact(61, 1, 61)
+        );
+        let mut bytes = fs::read(&gz[1]).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        fs::write(&gz[1], bytes).unwrap();
+        let refused = verify_files(&all(), &key, false).map(|v| v.1);
+        assert!(
+            matches!(&refused, Err(e) if e.0.contains(&*gz[1].to_string_lossy())),
+            "{refused:?}"
+        );
     }
 
     fn reopen_fails(path: &Path) -> bool {

@@ -3,6 +3,7 @@
 //! requests before they act.
 
 use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -470,8 +471,9 @@ fn rotating_the_audit_key_continues_the_chain_in_a_new_file(engine: Engine) {
 }
 
 /// `[audit] rotate_mb`: past the size the serving daemon renames its log into a part named by
-/// its last seq and goes on in a new one; `audit verify` with no file checks the parts and the
-/// live log as one chain, across a restart; without the part, the set fails.
+/// its last seq and goes on in a new one; the part is compressed (`[audit] compress`, the
+/// default) into a 0600 `.gz` that gzip reads back; `audit verify` with no file checks the
+/// parts and the live log as one chain, across a restart; without the part, the set fails.
 #[test]
 fn the_audit_log_rotates_by_size_and_verifies_as_one_chain() {
     let setup = Setup::new("audit-size");
@@ -489,6 +491,7 @@ fn the_audit_log_rotates_by_size_and_verifies_as_one_chain() {
             .filter(|p| {
                 let name = p.file_name().unwrap().to_string_lossy().into_owned();
                 name.strip_prefix("audit.log.")
+                    .map(|s| s.strip_suffix(".gz").unwrap_or(s))
                     .is_some_and(|s| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
             })
             .collect();
@@ -509,17 +512,33 @@ fn the_audit_log_rotates_by_size_and_verifies_as_one_chain() {
             });
         }
     });
+    let compressed = || {
+        let found = parts();
+        found.len() == 1 && found[0].to_string_lossy().ends_with(".gz")
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while parts().is_empty() && Instant::now() < deadline {
+    while !compressed() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(parts().len(), 1, "no part after 1 MiB of audit");
-    let part = std::fs::read_to_string(&parts()[0]).unwrap();
+    assert!(compressed(), "the part was not compressed: {:?}", parts());
+    let gz = parts()[0].clone();
+    let mode = std::fs::metadata(&gz).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", gz.display());
+    let unzipped = std::process::Command::new("gzip")
+        .arg("-dc")
+        .arg(&gz)
+        .output()
+        .unwrap();
+    assert!(unzipped.status.success());
+    let part = String::from_utf8(unzipped.stdout).unwrap();
     assert!(part.len() >= 1 << 20, "rotated at {} bytes", part.len());
+    let size = std::fs::metadata(&gz).unwrap().len();
+    assert!(size * 3 < part.len() as u64, "{size} bytes compressed");
     let last: serde_json::Value = serde_json::from_str(part.lines().last().unwrap()).unwrap();
-    assert!(parts()[0]
+    assert!(gz
         .to_string_lossy()
-        .ends_with(&format!("{:020}", last["seq"].as_u64().unwrap())));
+        .ends_with(&format!("{:020}.gz", last["seq"].as_u64().unwrap())));
     // The daemon goes on in the new file, chained to the part.
     assert_eq!(
         router

@@ -352,10 +352,14 @@ pub struct GrowthStep {
     pub figures: Vec<Figures>,
     /// The daemon's resident memory after the step's scenarios.
     pub rss_mib: Option<f64>,
-    /// The sled folder after the step's scenarios, per card token in it then.
+    /// The store after the step's scenarios (the sled folder, or the PostgreSQL database),
+    /// per card token in it then.
     pub store_bytes_per_token: Option<f64>,
     /// Audit log growth during the step per line written (fills write no audit lines).
     pub audit_bytes_per_line: Option<f64>,
+    /// Bytes per line of the compressed audit parts so far (what the audit costs at steady
+    /// state, once lines are rotated out of the live log).
+    pub audit_part_bytes_per_line: Option<f64>,
 }
 
 /// `--growth`: for each size, stop the daemon, fill the store up to it, start the daemon (its
@@ -416,10 +420,11 @@ pub fn growth(options: &BenchOptions) -> Result<Vec<GrowthStep>, BenchError> {
             tokens,
             startup_seconds,
             rss_mib,
-            store_bytes_per_token: (!options.postgres && tokens_after > 0)
+            store_bytes_per_token: (tokens_after > 0 && store_bytes > 0)
                 .then(|| store_bytes as f64 / tokens_after as f64),
             audit_bytes_per_line: (lines > 0)
                 .then(|| audit_after.saturating_sub(audit_before) as f64 / lines as f64),
+            audit_part_bytes_per_line: server.audit_parts(),
             figures,
         };
         if !options.json {
@@ -441,8 +446,8 @@ pub fn growth_table(steps: &[GrowthStep]) -> String {
         out.push_str(&format!(" {:>22} {:>8}", format!("{s} req/s"), "p99 ms"));
     }
     out.push_str(&format!(
-        " {:>8} {:>11} {:>13}\n",
-        "rss MiB", "store B/tok", "audit B/line"
+        " {:>8} {:>11} {:>13} {:>13}\n",
+        "rss MiB", "store B/tok", "audit B/line", "parts B/line"
     ));
     for step in steps {
         out.push_str(&format!(
@@ -457,10 +462,11 @@ pub fn growth_table(steps: &[GrowthStep]) -> String {
         }
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
         out.push_str(&format!(
-            " {:>8} {:>11} {:>13}\n",
+            " {:>8} {:>11} {:>13} {:>13}\n",
             opt(step.rss_mib),
             opt(step.store_bytes_per_token),
-            opt(step.audit_bytes_per_line)
+            opt(step.audit_bytes_per_line),
+            opt(step.audit_part_bytes_per_line)
         ));
     }
     out
@@ -697,28 +703,56 @@ impl LocalServer {
         Ok(())
     }
 
-    /// Lines in the audit logs and their rotated parts.
-    fn audit_lines(&self) -> u64 {
+    /// The audit logs and their rotated parts (compressed or not), as `(path, lines)`.
+    fn audit_files(&self) -> Vec<(PathBuf, u64)> {
         std::fs::read_dir(self.dir.join("audit"))
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                !name.ends_with(".head") && !name.ends_with(".lock")
+            .map(|e| e.path())
+            .filter(|path| {
+                let name = path.to_string_lossy();
+                !name.ends_with(".head") && !name.ends_with(".lock") && !name.ends_with(".partial")
             })
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .map(|bytes| bytes.iter().filter(|b| **b == b'\n').count() as u64)
-            .sum()
+            .filter_map(|path| {
+                let text = crate::audit::file::read_log(&path).ok()?;
+                let lines = text.bytes().filter(|b| *b == b'\n').count() as u64;
+                Some((path, lines))
+            })
+            .collect()
     }
 
-    /// Bytes under the sled store's folder (0 on PostgreSQL), and under the audit folder.
+    /// Lines in the audit logs and their rotated parts.
+    fn audit_lines(&self) -> u64 {
+        self.audit_files().iter().map(|(_, lines)| lines).sum()
+    }
+
+    /// Bytes per line of the compressed parts, if there are any yet.
+    fn audit_parts(&self) -> Option<f64> {
+        let (bytes, lines) = self
+            .audit_files()
+            .iter()
+            .filter(|(path, _)| path.to_string_lossy().ends_with(".gz"))
+            .fold((0u64, 0u64), |(b, l), (path, lines)| {
+                let size = std::fs::metadata(path).map_or(0, |m| m.len());
+                (b + size, l + lines)
+            });
+        (lines > 0).then(|| bytes as f64 / lines as f64)
+    }
+
+    /// Bytes of the store (the sled folder, or PostgreSQL's `cardvault` database: tables,
+    /// indexes and TOAST, without the WAL), and under the audit folder.
     fn disk(&self) -> (u64, u64) {
-        (
-            dir_bytes(&self.dir.join("data")),
-            dir_bytes(&self.dir.join("audit")),
-        )
+        let store = match &self.postgres {
+            None => dir_bytes(&self.dir.join("data")),
+            Some(cluster) => cluster
+                .psql("cardvault", "SELECT pg_database_size('cardvault')")
+                .ok()
+                .and_then(|out| String::from_utf8(out.stdout).ok())
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or(0),
+        };
+        (store, dir_bytes(&self.dir.join("audit")))
     }
 
     /// User + system CPU seconds the server process has used so far (Linux `/proc`).

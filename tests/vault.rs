@@ -1057,12 +1057,23 @@ fn bench_command_drives_every_scenario_without_errors() {
 }
 
 /// A growth run fills the store to each size, restarts the daemon over it and measures: one
-/// step per size, with the tokens counted, the startup timed and the disk per token given.
+/// step per size, with the tokens counted, the startup timed and the disk per token given
+/// (the sled folder, or the PostgreSQL database, which the fill writes in transactions of
+/// rows).
 #[test]
 fn bench_growth_measures_each_store_size() {
+    growth_run("sled");
+    if support::pg::available() {
+        growth_run("postgres");
+    }
+}
+
+fn growth_run(store: &str) {
     let out = std::process::Command::new(BIN)
         .args([
             "bench",
+            "--store",
+            store,
             "--growth",
             "0,3k",
             "--scenario",
@@ -1092,7 +1103,7 @@ fn bench_growth_measures_each_store_size() {
         assert!(step["startup_seconds"].as_f64().unwrap() > 0.0, "{step}");
         assert!(
             step["store_bytes_per_token"].as_f64().unwrap() > 0.0,
-            "{step}"
+            "{store}: {step}"
         );
         assert!(
             step["audit_bytes_per_line"].as_f64().unwrap() > 0.0,

@@ -1610,6 +1610,27 @@ impl Postgres {
         self.entries(table)
     }
 
+    /// Inserts new card records of one project in one statement (the bench's fill; blocking).
+    pub fn insert_cards(
+        &self,
+        project: &str,
+        cards: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<&str> = cards.iter().map(|(id, _)| id.as_str()).collect();
+        let values: Vec<&[u8]> = cards.iter().map(|(_, value)| value.as_slice()).collect();
+        self.block(self.with(|conn| async move {
+            conn.client
+                .execute(
+                    "INSERT INTO cards (project, id, value) \
+                     SELECT $1, * FROM UNNEST($2::text[], $3::bytea[])",
+                    &[&project, &ids, &values],
+                )
+                .await
+                .map_err(classify)?;
+            Ok(())
+        }))
+    }
+
     pub fn put_raw(
         &self,
         table: Table,

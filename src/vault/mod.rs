@@ -703,7 +703,7 @@ impl Vault {
             u8::from(now.month()),
         );
         let threads = threads.max(1);
-        let one = |n: u64| -> Result<(), VaultError> {
+        let make = |n: u64| -> Result<(ObjectId, CardRecord), VaultError> {
             let digits = format!("5{:014}", n % 100_000_000_000_000);
             let card = NewCard {
                 pan: Pan::parse(&crate::card::luhn_complete(&digits, 16))
@@ -716,22 +716,42 @@ impl Vault {
             let id = ObjectId::generate(IdKind::Card)?;
             let (record, _) =
                 card_record(&keys, project, &id, &card, self.settings.card_token_ttl)?;
-            // Not awaited one by one: the flush at the end makes them all durable.
-            let _ticket = self.store.wait(self.store.insert_card(
-                project.as_str(),
-                id.as_str(),
-                &record,
-            ))?;
+            Ok((id, record))
+        };
+        // On PostgreSQL a statement of rows at a time, not a commit (a WAL flush) per row.
+        let pg = match &self.store {
+            Store::Postgres(pg) => Some(pg),
+            Store::Sled(_) => None,
+        };
+        let fill = |numbers: std::iter::StepBy<std::ops::Range<u64>>| -> Result<(), VaultError> {
+            let mut rows = Vec::with_capacity(FILL_BATCH);
+            for n in numbers {
+                let (id, record) = make(n)?;
+                let Some(pg) = pg else {
+                    // Not awaited one by one: the flush at the end makes them all durable.
+                    let _ticket = self.store.wait(self.store.insert_card(
+                        project.as_str(),
+                        id.as_str(),
+                        &record,
+                    ))?;
+                    continue;
+                };
+                rows.push((id.as_str().to_owned(), record.encode()));
+                if rows.len() == FILL_BATCH {
+                    pg.insert_cards(project.as_str(), &rows)?;
+                    rows.clear();
+                }
+            }
+            if let Some(pg) = pg.filter(|_| !rows.is_empty()) {
+                pg.insert_cards(project.as_str(), &rows)?;
+            }
             Ok(())
         };
         std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|t| {
-                    scope.spawn(move || {
-                        (first + t..first + count)
-                            .step_by(threads as usize)
-                            .try_for_each(one)
-                    })
+                    let fill = &fill;
+                    scope.spawn(move || fill((first + t..first + count).step_by(threads as usize)))
                 })
                 .collect();
             workers.into_iter().try_for_each(|w| {
@@ -1343,6 +1363,9 @@ pub(crate) struct CardSweep {
     pub expired: usize,
     pub forgotten: usize,
 }
+
+/// Cards per statement of a bench fill on PostgreSQL.
+const FILL_BATCH: usize = 1_000;
 
 /// Background upkeep: CVC expiry every second; card-token expiry and idempotency-key
 /// retention at the first tick (with, on a store of an earlier format, the one-time build of

@@ -246,19 +246,26 @@ fn check_file(
     })
 }
 
+/// Waits, without blocking the worker, for an audit line made by
+/// [`crate::vault::Vault::audit_bulk`].
+async fn written(
+    line: Result<crate::audit::AuditTicket, crate::vault::VaultError>,
+) -> Result<(), crate::vault::VaultError> {
+    line?.wait().await?;
+    Ok(())
+}
+
 /// A refused import's audit line; the refusal itself unless the line cannot be written.
 async fn refused(vault: &crate::vault::Vault, grant: &Grant<Import>, e: ApiError) -> ApiError {
-    match vault
-        .audit_bulk_async(
-            grant.actor(),
-            grant.project(),
-            "cards.import",
-            Some(e.code),
-            None,
-            None,
-        )
-        .await
-    {
+    let line = vault.audit_bulk(
+        grant.actor(),
+        grant.project(),
+        "cards.import",
+        Some(e.code),
+        None,
+        None,
+    );
+    match written(line).await {
         Ok(()) => e,
         Err(audit) => ApiError::from(audit),
     }
@@ -563,16 +570,15 @@ async fn import_rows(
         stopped = Some("file_damaged");
     }
     drop(held);
-    let audited = vault
-        .audit_bulk_async(
-            grant.actor(),
-            grant.project(),
-            "cards.import",
-            stopped,
-            None,
-            Some(&counts),
-        )
-        .await;
+    let audited = written(vault.audit_bulk(
+        grant.actor(),
+        grant.project(),
+        "cards.import",
+        stopped,
+        None,
+        Some(&counts),
+    ))
+    .await;
     let trailer = match (stopped, audited) {
         (None, Ok(())) => format!(
             "# complete rows={} created={} duplicate={} failed={}\r\n",
@@ -701,14 +707,15 @@ pub async fn fetch_export(
                 rows: *outcome.as_ref().unwrap_or(&0),
                 ..Bulk::default()
             };
-            if let Err(e) = vault.audit_bulk(
+            let line = vault.audit_bulk(
                 grant.actor(),
                 &plan.project,
                 "export.fetched",
                 outcome.err(),
                 Some(&plan.id),
                 Some(&counts),
-            ) {
+            );
+            if let Err(e) = line.and_then(|ticket| Ok(ticket.wait_blocking()?)) {
                 tracing::error!(error = %e, "the export could not be audited");
             }
         })

@@ -163,7 +163,8 @@ impl Vault {
                 None,
                 Some(&info.fingerprint),
                 None,
-            )?;
+            )?
+            .wait_blocking()?;
         }
         result
     }
@@ -223,7 +224,8 @@ impl Vault {
             result.as_ref().err().map(VaultError::code),
             Some(fingerprint),
             None,
-        )?;
+        )?
+        .wait_blocking()?;
         result
     }
 
@@ -368,38 +370,9 @@ impl Vault {
         Err(VaultError::Contention)
     }
 
-    /// The one audit line of an import, export step or key change, with its counts.
+    /// The one audit line of an import, export step or key change, with its counts: await
+    /// its ticket (`wait_blocking` off the runtime, `wait` on it) before acting on it.
     pub fn audit_bulk(
-        &self,
-        actor: crate::audit::Actor<'_>,
-        project: &Project,
-        action: &'static str,
-        code: Option<&'static str>,
-        object: Option<&str>,
-        bulk: Option<&Bulk>,
-    ) -> Result<(), VaultError> {
-        self.bulk_line(actor, project, action, code, object, bulk)?
-            .wait_blocking()?;
-        Ok(())
-    }
-
-    /// [`Vault::audit_bulk`] for async callers (an HTTP worker must not block on the log).
-    pub async fn audit_bulk_async(
-        &self,
-        actor: crate::audit::Actor<'_>,
-        project: &Project,
-        action: &'static str,
-        code: Option<&'static str>,
-        object: Option<&str>,
-        bulk: Option<&Bulk>,
-    ) -> Result<(), VaultError> {
-        self.bulk_line(actor, project, action, code, object, bulk)?
-            .wait()
-            .await?;
-        Ok(())
-    }
-
-    fn bulk_line(
         &self,
         actor: crate::audit::Actor<'_>,
         project: &Project,
@@ -510,7 +483,8 @@ impl Vault {
             result.as_ref().err().map(VaultError::code),
             result.as_ref().ok().map(|(id, _)| id.as_str()),
             bulk.as_ref(),
-        )?;
+        )?
+        .wait_blocking()?;
         result
     }
 
@@ -562,7 +536,8 @@ impl Vault {
             result.as_ref().err().map(VaultError::code),
             Some(id),
             None,
-        )?;
+        )?
+        .wait_blocking()?;
         result
     }
 
@@ -611,7 +586,8 @@ impl Vault {
             result.as_ref().err().map(VaultError::code),
             Some(id),
             bulk.as_ref(),
-        )?;
+        )?
+        .wait_blocking()?;
         result
     }
 

@@ -112,18 +112,18 @@ impl ObjectId {
     }
 
     /// The part of a card id that every card id of the same second shares (`card_` and the
-    /// time characters), with that second. `None` for anything else, a derived id included
-    /// (its time part is zero).
-    pub fn card_second(id: &str) -> Option<(&str, u64)> {
+    /// time characters). `None` for anything else, a derived id included (its time part is
+    /// zero).
+    pub fn card_group(id: &str) -> Option<&str> {
         let body = id.strip_prefix(IdKind::Card.prefix())?;
         if body.len() != ID_CHARS || !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return None;
         }
         let group = id.get(..IdKind::Card.prefix().len() + TIME_CHARS)?;
-        Some((group, ObjectId::card_group_second(group)?))
+        ObjectId::card_group_second(group).map(|_| group)
     }
 
-    /// The second of a group as [`ObjectId::card_second`] gives it (`card_` and exactly the
+    /// The second of a group as [`ObjectId::card_group`] gives it (`card_` and exactly the
     /// time characters); `None` for anything else.
     pub fn card_group_second(group: &str) -> Option<u64> {
         let time = group.strip_prefix(IdKind::Card.prefix())?;
@@ -277,21 +277,18 @@ mod tests {
         let (x, y) = (at(1_790_000_000), at(1_790_000_000));
         assert_eq!(x.as_str()[..11], y.as_str()[..11]);
         assert_ne!(x, y);
-        // Which is what `card_second` reads back, for card ids only.
-        assert_eq!(
-            ObjectId::card_second(x.as_str()),
-            Some((&x.as_str()[..11], 1_790_000_000))
-        );
-        assert_eq!(ObjectId::card_second(&c.as_str()[..20]), None);
+        // Which is what `card_group` and `card_group_second` read back, for card ids only.
+        assert_eq!(ObjectId::card_group(x.as_str()), Some(&x.as_str()[..11]));
+        assert_eq!(ObjectId::card_group(&c.as_str()[..20]), None);
         assert_eq!(
             ObjectId::card_group_second(&x.as_str()[..11]),
             Some(1_790_000_000)
         );
         assert_eq!(ObjectId::card_group_second(&x.as_str()[..12]), None);
         let token = ObjectId::generate_at(IdKind::CustomerToken, 1_790_000_000).unwrap();
-        assert_eq!(ObjectId::card_second(token.as_str()), None);
+        assert_eq!(ObjectId::card_group(token.as_str()), None);
         let derived = ObjectId::derived(IdKind::Card, &[7; 32]).unwrap();
-        assert_eq!(ObjectId::card_second(derived.as_str()), None);
+        assert_eq!(ObjectId::card_group(derived.as_str()), None);
     }
 
     #[test]

@@ -223,9 +223,7 @@ fn open_head(path: &Path) -> Option<File> {
 
 /// The name a size rotation gives the log when its last line is `seq`.
 fn part_path(path: &Path, seq: u64) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".{seq:020}"));
-    PathBuf::from(name)
+    with_suffix(path, &format!(".{seq:020}"))
 }
 
 /// The parts a size rotation left beside `path`, oldest first. A part compressed into
@@ -272,6 +270,7 @@ fn is_gz(path: &Path) -> bool {
     path.as_os_str().to_string_lossy().ends_with(GZ_SUFFIX)
 }
 
+/// `path` with `suffix` added to its name.
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
@@ -374,9 +373,7 @@ fn same_bytes(plain: &Path, gz: &Path) -> std::io::Result<bool> {
 }
 
 fn head_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".head");
-    PathBuf::from(name)
+    with_suffix(path, ".head")
 }
 
 impl FileSink {
@@ -861,12 +858,7 @@ fn part_last_line(part: &Path) -> std::io::Result<Option<String>> {
     if !is_gz(part) {
         return last_line(part);
     }
-    let text = read_log(part)?;
-    Ok(match text.strip_suffix('\n') {
-        None if text.is_empty() => None,
-        None => Some("\u{0}incomplete".into()),
-        Some(body) => Some(body.rsplit('\n').next().unwrap_or(body).to_owned()),
-    })
+    Ok(last_line_of(read_log(part)?.as_bytes()))
 }
 
 /// The last complete line of the log, if any. An incomplete last line is returned as is, so
@@ -885,12 +877,21 @@ fn last_line(path: &Path) -> std::io::Result<Option<String>> {
     file.seek(SeekFrom::Start(start))?;
     let mut tail = Vec::new();
     file.read_to_end(&mut tail)?;
-    // Bytes until the last line is found: the 64 KiB cut may fall inside a character.
-    let Some(body) = tail.strip_suffix(b"\n") else {
-        return Ok(Some("\u{0}incomplete".into()));
+    Ok(last_line_of(&tail))
+}
+
+/// The last complete line of `text` (the end of a log), if it has any; an incomplete last
+/// line comes back as a marker that fails verification. Bytes until the line is found: a cut
+/// of the file may fall inside a character.
+fn last_line_of(text: &[u8]) -> Option<String> {
+    if text.is_empty() {
+        return None;
+    }
+    let Some(body) = text.strip_suffix(b"\n") else {
+        return Some("\u{0}incomplete".into());
     };
     let line = body.rsplit(|b| *b == b'\n').next().unwrap_or(body);
-    Ok(Some(String::from_utf8_lossy(line).into_owned()))
+    Some(String::from_utf8_lossy(line).into_owned())
 }
 
 /// Rotates the audit key (the daemon stopped): the log and its head move aside as

@@ -133,7 +133,7 @@ impl Generation {
     /// that finds its entry remembered is written after the entry, and sled recovers writes
     /// in order.
     fn index_card(&self, k: &[u8], rec: &CardRecord) -> Result<(), StoreError> {
-        let entry = sweep_key(rec.sweep_at(), card_group(k).map_or(k, |(group, _)| group));
+        let entry = sweep_key(rec.sweep_at(), card_group(k).unwrap_or(k));
         let mut indexed = self.indexed.lock().unwrap_or_else(|p| p.into_inner());
         if !indexed.contains(&entry) {
             self.card_sweep.insert(entry.as_slice(), &[])?;
@@ -249,13 +249,13 @@ const INDEXED_REMEMBERED: usize = 4096;
 /// for it.)
 const GROUP_SETTLED: i64 = 60;
 
-/// The group of a card key (`project \0 card_` and the time characters) and its second, if
-/// its id carries a time.
-fn card_group(k: &[u8]) -> Option<(&[u8], i64)> {
+/// The group of a card key (`project \0 card_` and the time characters), if its id carries a
+/// time.
+fn card_group(k: &[u8]) -> Option<&[u8]> {
     let at = k.iter().position(|b| *b == 0)?;
     let id = std::str::from_utf8(k.get(at + 1..)?).ok()?;
-    let (prefix, second) = crate::tokens::ObjectId::card_second(id)?;
-    Some((k.get(..at + 1 + prefix.len())?, i64::try_from(second).ok()?))
+    let group = crate::tokens::ObjectId::card_group(id)?;
+    k.get(..at + 1 + group.len())
 }
 
 /// Seconds of one index bucket. Entries are keyed by bucket, then by group or record key, so
